@@ -1,0 +1,121 @@
+"""``python -m vllm_odb.bench quality``: exact match of a decoding method on the synthetic suite.
+
+Prints one JSON object on the last line of stdout (with ``--json``) holding at least
+``accuracy``, ``nfe``, ``generated_tokens``, ``wall_s`` and per-task accuracy; a progress bar on
+stderr. The prompts come from ``--seed`` (the checkpoints were trained on other seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+from vllm_odb.policies.config import METHODS, DecodeConfig
+
+ENGINES = ("reference",)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ChoiceError(ValueError):
+    pass
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", required=True, help="checkpoint directory (official LLaDA or Dream layout)")
+    ap.add_argument("--method", required=True, help=f"one of {sorted(METHODS)}")
+    ap.add_argument("--engine", default="reference", help=f"one of {list(ENGINES)}")
+    ap.add_argument("--limit", type=int, default=100, help="number of suite examples")
+    ap.add_argument("--seed", type=int, default=0, help="suite seed (prompts are generated from it)")
+    ap.add_argument("--gen-length", type=int, default=64)
+    ap.add_argument("--block-length", type=int, default=32)
+    ap.add_argument("--threshold", type=float, default=None)
+    ap.add_argument("--factor", type=float, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--cache", default=None, help="none, prefix or dual (method default otherwise)")
+    ap.add_argument("--rule", default=None, help="override the method's commit rule")
+    ap.add_argument("--temperature", type=float, default=None)
+    ap.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--dtype", default="float32", help=f"one of {list(DTYPES)}")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--json", action="store_true", help="print the result as one JSON line")
+
+
+def run_quality(args: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+
+    from vllm_odb.reference.generate import generate, response_ids
+    from vllm_odb.reference.loader import load_checkpoint
+    from vllm_odb.tiny.suite import make_suite, score
+
+    if args.engine not in ENGINES:
+        raise ChoiceError(f"unknown engine {args.engine!r}; choose from {list(ENGINES)}")
+    if args.method not in METHODS:
+        raise ChoiceError(f"unknown method {args.method!r}; choose from {sorted(METHODS)}")
+    if args.dtype not in DTYPES:
+        raise ChoiceError(f"unknown dtype {args.dtype!r}; choose from {list(DTYPES)}")
+    cfg = DecodeConfig.for_method(
+        args.method, gen_length=args.gen_length, block_length=args.block_length, threshold=args.threshold,
+        factor=args.factor, steps=args.steps, cache=args.cache, rule=args.rule, temperature=args.temperature)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ckpt = load_checkpoint(args.model, dtype=DTYPES[args.dtype], device=device)
+    tasks = tuple(args.tasks.split(",")) if args.tasks else None
+    suite = make_suite(args.seed, args.limit, tasks)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+
+    per_task = defaultdict(lambda: [0, 0])
+    nfe_total, generated, forwards = 0, 0, 0
+    samples = []
+    bar = tqdm(total=len(suite), desc=f"{args.method} {args.engine}", file=sys.stderr, unit="prompt")
+    t0 = time.time()
+    for i in range(0, len(suite), args.batch_size):
+        chunk = suite[i:i + args.batch_size]
+        prompts = [ckpt.encode_chat(e.prompt) for e in chunk]
+        out = generate(ckpt.model, prompts, cfg, ckpt.special, generator=gen)
+        forwards += out.forwards
+        for ex, canvas, nfe in zip(chunk, out.tokens, out.nfe):
+            resp = response_ids(canvas, ckpt.special)
+            text = ckpt.tokenizer.decode(resp, skip_special_tokens=True)
+            ok = score(text, ex.answer)
+            per_task[ex.task][0] += ok
+            per_task[ex.task][1] += 1
+            nfe_total += nfe
+            generated += len(resp)
+            if len(samples) < 5:
+                samples.append({"task": ex.task, "prompt": ex.prompt, "answer": ex.answer, "output": text})
+        bar.update(len(chunk))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    wall = time.time() - t0
+    bar.close()
+    n = len(suite)
+    correct = sum(c for c, _ in per_task.values())
+    return {
+        "model": args.model, "method": args.method, "engine": args.engine, "seed": args.seed, "limit": n,
+        "gen_length": cfg.gen_length, "block_length": cfg.block_length, "rule": cfg.rule, "cache": cfg.cache,
+        "threshold": cfg.threshold if cfg.rule == "threshold" else None, "dtype": args.dtype, "device": device,
+        "accuracy": correct / n,
+        "per_task": {t: c / m for t, (c, m) in sorted(per_task.items())},
+        "nfe": nfe_total / n, "forwards": forwards, "generated_tokens": generated,
+        "tokens_per_forward": generated / max(1, nfe_total), "wall_s": round(wall, 3), "samples": samples,
+    }
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        result = run_quality(args)
+    except (ChoiceError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"accuracy {result['accuracy']:.3f}  nfe {result['nfe']:.1f}  wall {result['wall_s']}s")
+        for t, a in result["per_task"].items():
+            print(f"  {t:8s} {a:.3f}")
+    return 0

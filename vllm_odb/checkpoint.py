@@ -1,0 +1,262 @@
+"""Checkpoint facts shared by every engine: config parsing and tensor names.
+
+The official LLaDA checkpoints use OLMo-style names (``model.transformer.blocks.{i}.ff_proj``...),
+Dream uses Qwen2 names. Inside vllm-odb every engine uses one layout, the Hugging Face Llama one
+(``model.layers.{i}.self_attn.q_proj``...), so Dream maps to itself and LLaDA maps through the
+table below. The vLLM model classes reuse the same table for their weights mapper.
+
+Nothing here hard-codes a vocabulary size, a special token id or a block size: all come from the
+checkpoint's config.json (and tokenizer files, see ``special_tokens``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+import torch
+
+# (official regex, internal template) pairs for LLaDA. Order matters: the per-block ``ff_out``
+# (down projection) must be tried before the top-level ``transformer.ff_out`` (the LM head).
+_LLADA_RULES: list[tuple[str, str]] = [
+    (r"model\.transformer\.wte\.weight", "model.embed_tokens.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.(q|k|v)_proj\.(weight|bias)", r"model.layers.\1.self_attn.\2_proj.\3"),
+    (r"model\.transformer\.blocks\.(\d+)\.attn_out\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.ff_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.ff_proj\.weight", r"model.layers.\1.mlp.gate_proj.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.up_proj\.weight", r"model.layers.\1.mlp.up_proj.weight"),
+    (r"model\.transformer\.blocks\.(\d+)\.ff_out\.weight", r"model.layers.\1.mlp.down_proj.weight"),
+    (r"model\.transformer\.ln_f\.weight", "model.norm.weight"),
+    (r"model\.transformer\.ff_out\.weight", "lm_head.weight"),
+]
+_LLADA_INVERSE: list[tuple[str, str]] = [
+    (r"model\.embed_tokens\.weight", "model.transformer.wte.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"model.transformer.blocks.\1.attn_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)", r"model.transformer.blocks.\1.\2_proj.\3"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"model.transformer.blocks.\1.attn_out.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"model.transformer.blocks.\1.ff_norm.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", r"model.transformer.blocks.\1.ff_proj.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", r"model.transformer.blocks.\1.up_proj.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", r"model.transformer.blocks.\1.ff_out.weight"),
+    (r"model\.norm\.weight", "model.transformer.ln_f.weight"),
+    (r"lm_head\.weight", "model.transformer.ff_out.weight"),
+]
+
+LLADA_ARCH = "LLaDAModelLM"
+DREAM_ARCH = "DreamModel"
+
+
+def _apply_rules(name: str, rules: list[tuple[str, str]]) -> str:
+    for pattern, template in rules:
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, template, name)
+    raise KeyError(f"unexpected tensor name {name!r}")
+
+
+def official_to_internal(arch: str, name: str) -> str:
+    """Map an official checkpoint tensor name to vllm-odb's (HF Llama) layout."""
+    return _apply_rules(name, _LLADA_RULES) if arch == "llada" else name
+
+
+def internal_to_official(arch: str, name: str) -> str:
+    return _apply_rules(name, _LLADA_INVERSE) if arch == "llada" else name
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The architecture facts an engine needs, read from an official-format config.json."""
+
+    arch: str  # "llada" or "dream"
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int  # embedding rows (may exceed the tokenizer's size)
+    rope_theta: float
+    rms_norm_eps: float
+    qkv_bias: bool
+    tie_word_embeddings: bool
+    rope_in_fp32: bool  # LLaDA rotates q/k in fp32; Dream rotates in the model dtype
+    logits_shift: int  # Dream predicts token i from position i-1 (1); LLaDA from i (0)
+    mask_token_id: int
+    eos_token_id: int
+    pad_token_id: int | None
+    max_position: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_config(cfg: dict) -> "ModelSpec":
+        archs = cfg.get("architectures") or []
+        model_type = str(cfg.get("model_type", "")).lower()
+        if model_type == "llada" or LLADA_ARCH in archs:
+            return _llada_spec(cfg)
+        if model_type == "dream" or DREAM_ARCH in archs:
+            return _dream_spec(cfg)
+        raise ValueError(
+            f"config.json: model_type={cfg.get('model_type')!r}, architectures={archs!r} is neither "
+            f"LLaDA ({LLADA_ARCH}) nor Dream ({DREAM_ARCH})"
+        )
+
+
+def _require(cfg: dict, key: str):
+    if cfg.get(key) is None:
+        raise ValueError(f"config.json: missing {key!r}")
+    return cfg[key]
+
+
+def _llada_spec(cfg: dict) -> ModelSpec:
+    for key, want in (("block_type", "llama"), ("layer_norm_type", "rms")):
+        if cfg.get(key, want) != want:
+            raise NotImplementedError(f"config.json: LLaDA {key}={cfg[key]!r} (only {want!r} is supported)")
+    if cfg.get("activation_type", "silu") not in ("silu", "swiglu"):
+        raise NotImplementedError(f"config.json: LLaDA activation_type={cfg['activation_type']!r}")
+    for key in ("alibi", "attention_layer_norm", "scale_logits", "input_emb_norm"):
+        if cfg.get(key):
+            raise NotImplementedError(f"config.json: LLaDA {key}=true is not supported")
+    if cfg.get("rope") is False:
+        raise NotImplementedError("config.json: LLaDA rope=false is not supported")
+    d_model = int(_require(cfg, "d_model"))
+    n_heads = int(_require(cfg, "n_heads"))
+    n_kv = cfg.get("n_kv_heads")
+    if cfg.get("multi_query_attention"):
+        n_kv = 1
+    n_kv = int(n_kv) if n_kv is not None else n_heads
+    mlp = cfg.get("mlp_hidden_size") or int(cfg.get("mlp_ratio", 4) * d_model)
+    vocab = int(cfg.get("embedding_size") or _require(cfg, "vocab_size"))
+    return ModelSpec(
+        arch="llada",
+        hidden_size=d_model,
+        num_layers=int(_require(cfg, "n_layers")),
+        num_heads=n_heads,
+        num_kv_heads=n_kv,
+        head_dim=d_model // n_heads,
+        intermediate_size=int(mlp),
+        vocab_size=vocab,
+        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        qkv_bias=bool(cfg.get("include_qkv_bias") or cfg.get("include_bias")),
+        tie_word_embeddings=bool(cfg.get("weight_tying", False)),
+        rope_in_fp32=bool(cfg.get("rope_full_precision", True)),
+        logits_shift=0,
+        mask_token_id=int(_require(cfg, "mask_token_id")),
+        eos_token_id=int(_require(cfg, "eos_token_id")),
+        pad_token_id=cfg.get("pad_token_id"),
+        max_position=int(cfg.get("max_sequence_length", 4096)),
+    )
+
+
+def _dream_spec(cfg: dict) -> ModelSpec:
+    hidden = int(_require(cfg, "hidden_size"))
+    heads = int(_require(cfg, "num_attention_heads"))
+    return ModelSpec(
+        arch="dream",
+        hidden_size=hidden,
+        num_layers=int(_require(cfg, "num_hidden_layers")),
+        num_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        intermediate_size=int(_require(cfg, "intermediate_size")),
+        vocab_size=int(_require(cfg, "vocab_size")),
+        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        qkv_bias=True,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        rope_in_fp32=False,
+        logits_shift=1,
+        mask_token_id=int(_require(cfg, "mask_token_id")),
+        eos_token_id=int(_require(cfg, "eos_token_id")),
+        pad_token_id=cfg.get("pad_token_id"),
+        max_position=int(cfg.get("max_position_embeddings", 32768)),
+    )
+
+
+def read_config(path: str) -> dict:
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)
+
+
+def safetensors_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, f) for f in files]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def iter_official_tensors(path: str) -> Iterable[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for file in safetensors_files(path):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def expected_official_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes an official checkpoint of this spec holds (models.md 2.2 / 4.2)."""
+    d, kv = spec.hidden_size, spec.num_kv_heads * spec.head_dim
+    q = spec.num_heads * spec.head_dim
+    internal: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (spec.vocab_size, d), "model.norm.weight": (d,)}
+    if not spec.tie_word_embeddings:
+        internal["lm_head.weight"] = (spec.vocab_size, d)
+    for i in range(spec.num_layers):
+        p = f"model.layers.{i}."
+        internal.update({
+            p + "input_layernorm.weight": (d,),
+            p + "self_attn.q_proj.weight": (q, d),
+            p + "self_attn.k_proj.weight": (kv, d),
+            p + "self_attn.v_proj.weight": (kv, d),
+            p + "self_attn.o_proj.weight": (d, q),
+            p + "post_attention_layernorm.weight": (d,),
+            p + "mlp.gate_proj.weight": (spec.intermediate_size, d),
+            p + "mlp.up_proj.weight": (spec.intermediate_size, d),
+            p + "mlp.down_proj.weight": (d, spec.intermediate_size),
+        })
+        if spec.qkv_bias:
+            internal.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                             p + "self_attn.v_proj.bias": (kv,)})
+    return {internal_to_official(spec.arch, k): v for k, v in internal.items()}
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Ids the decoder needs, all read from the checkpoint (config and tokenizer), never hard-coded."""
+
+    mask_id: int
+    eos_id: int
+    end_ids: tuple[int, ...]  # every id that ends a response: EOS, end-of-turn (EOT / im_end)
+    pad_id: int
+
+
+# Turn-end tokens by their text: LLaDA's <|eot_id|>, Dream/Qwen's <|im_end|>. Looked up in the
+# tokenizer so their ids are whatever the checkpoint says.
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>")
+
+
+def special_tokens(spec: ModelSpec, tokenizer=None, generation_config: dict | None = None) -> SpecialTokens:
+    ends = [spec.eos_token_id]
+    gen_eos = (generation_config or {}).get("eos_token_id")
+    if gen_eos is not None:
+        ends += list(gen_eos) if isinstance(gen_eos, (list, tuple)) else [gen_eos]
+    if tokenizer is not None:
+        if tokenizer.eos_token_id is not None:
+            ends.append(tokenizer.eos_token_id)
+        vocab = tokenizer.get_vocab()
+        ends += [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab]
+    ends = tuple(dict.fromkeys(int(e) for e in ends))
+    if spec.mask_token_id in ends:
+        raise ValueError(f"mask_token_id {spec.mask_token_id} is also an end-of-sequence id")
+    pad = spec.pad_token_id if spec.pad_token_id is not None else spec.eos_token_id
+    return SpecialTokens(mask_id=spec.mask_token_id, eos_id=spec.eos_token_id, end_ids=ends, pad_id=int(pad))

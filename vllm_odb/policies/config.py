@@ -1,0 +1,102 @@
+"""Decoding knobs: one validated dataclass shared by the reference loop and the vLLM sampler.
+
+Every knob has the papers' default; a bad value raises ``ValueError`` naming the knob. ``method``
+presets set several knobs at once (``vanilla`` = LLaDA's low-confidence remasking with one token
+per step and no cache; ``fast-dllm`` = threshold parallel decoding on the dual cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+RULES = ("quota", "threshold", "factor")
+CONFIDENCES = ("prob", "margin", "neg_entropy")
+CACHES = ("none", "prefix", "dual")
+SCHEDULES = ("linear", "dream")
+
+# Named presets: what ``--method`` means. Later policies add their own rows.
+METHODS: dict[str, dict] = {
+    "vanilla": {"rule": "quota", "cache": "none"},
+    "fast-dllm": {"rule": "threshold", "cache": "dual"},
+}
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    gen_length: int = 128
+    block_length: int = 32
+    # Commit rule. quota: a fixed number of tokens per step from ``schedule`` over ``steps``;
+    # threshold: every masked token with confidence >= threshold (at least the best one);
+    # factor: the largest n with (n + 1) * (1 - c_(n)) <= factor (at least one).
+    rule: str = "threshold"
+    steps: int | None = None  # quota rule only; default gen_length (one token per step)
+    schedule: str = "linear"
+    threshold: float = 0.9
+    factor: float = 1.0
+    confidence: str = "prob"  # prob (LLaDA low_confidence, Dream maskgit_plus), margin, neg_entropy
+    temperature: float = 0.0
+    cache: str = "dual"
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        _check_int("gen_length", self.gen_length, 1)
+        _check_int("block_length", self.block_length, 1)
+        if self.gen_length % self.block_length:
+            raise ValueError(f"gen_length={self.gen_length} is not a multiple of block_length={self.block_length}")
+        _check_choice("rule", self.rule, RULES)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_choice("confidence", self.confidence, CONFIDENCES)
+        _check_choice("cache", self.cache, CACHES)
+        if not (isinstance(self.threshold, (int, float)) and 0.0 < self.threshold <= 1.0):
+            raise ValueError(f"threshold={self.threshold!r} must be in (0, 1]")
+        if not (isinstance(self.factor, (int, float)) and self.factor > 0):
+            raise ValueError(f"factor={self.factor!r} must be > 0")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            raise ValueError(f"temperature={self.temperature!r} must be >= 0")
+        if self.steps is not None:
+            _check_int("steps", self.steps, 1)
+            if self.rule != "quota":
+                raise ValueError(f"steps={self.steps} only applies to rule='quota' (rule={self.rule!r})")
+            if self.steps % self.num_blocks:
+                raise ValueError(f"steps={self.steps} is not a multiple of the number of blocks "
+                                 f"(gen_length/block_length = {self.num_blocks})")
+            if self.steps > self.gen_length:
+                raise ValueError(f"steps={self.steps} exceeds gen_length={self.gen_length}")
+        if self.schedule == "dream" and self.num_blocks != 1:
+            raise ValueError("schedule='dream' needs block_length == gen_length (Dream decodes one block)")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    @property
+    def steps_per_block(self) -> int:
+        return (self.steps or self.gen_length) // self.num_blocks
+
+    @classmethod
+    def for_method(cls, method: str, **knobs) -> "DecodeConfig":
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+        return cls.from_dict({**METHODS[method], **{k: v for k, v in knobs.items() if v is not None}})
+
+    @classmethod
+    def from_dict(cls, knobs: dict) -> "DecodeConfig":
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        unknown = sorted(set(knobs) - names)
+        if unknown:
+            raise ValueError(f"unknown decoding knob(s) {unknown}; known: {sorted(names)}")
+        return cls(**knobs)
+
+    def replace(self, **knobs) -> "DecodeConfig":
+        return dataclasses.replace(self, **knobs)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}; choose from {list(choices)}")

@@ -1,0 +1,37 @@
+"""One denoising decision: canvas logits in, predictions and the commit mask out.
+
+This is the function both engines call for every step of the plain decoders; the ODB policies
+(length prediction, drafts, acceptance) build on its outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_odb.policies.commit import commit_factor, commit_threshold, commit_topk
+from vllm_odb.policies.confidence import predict
+from vllm_odb.policies.config import DecodeConfig
+
+
+def decide(
+    logits: torch.Tensor,
+    masked: torch.Tensor,
+    cfg: DecodeConfig,
+    mask_id: int,
+    quota: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [B, N, V] for the N canvas positions of a block; masked [B, N].
+    Returns (x0 [B, N], conf [B, N], commit [B, N] bool, a subset of ``masked``).
+    The mask token itself is never predicted (its logit is dropped before the softmax)."""
+    logits = logits.float().index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
+    x0, conf = predict(logits, cfg.confidence, cfg.temperature, generator)
+    if cfg.rule == "quota":
+        if quota is None:
+            raise ValueError("rule='quota' needs a per-row quota")
+        commit = commit_topk(conf, masked, quota)
+    elif cfg.rule == "threshold":
+        commit = commit_threshold(conf, masked, cfg.threshold)
+    else:
+        commit = commit_factor(conf, masked, cfg.factor)
+    return x0, conf, commit

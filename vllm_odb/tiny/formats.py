@@ -1,0 +1,116 @@
+"""The two tiny checkpoint formats: config.json and tokenizer files shaped like the official ones.
+
+The tokenizer is character level (printable ASCII plus newline) with the official special tokens
+of each family, so chat templates, mask/EOS/EOT lookups and stop strings work exactly as with the
+real checkpoints, only with other ids. The embedding has more rows than the tokenizer has tokens,
+as in the official checkpoints (LLaDA 126464 rows for 126349 tokens).
+"""
+
+from __future__ import annotations
+
+import os
+
+CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
+
+LLADA_SPECIALS = {
+    "bos": "<|startoftext|>",
+    "eos": "<|endoftext|>",
+    "mask": "<|mdm_mask|>",
+    "extra": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+}
+# Restated from the official LLaDA template: bos, then header/content/eot per message, and the
+# assistant header appended unconditionally.
+LLADA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}<|start_header_id|>assistant<|end_header_id|>{{ '\\n\\n' }}"
+)
+
+DREAM_SPECIALS = {
+    "bos": "<|beginoftext|>",
+    "eos": "<|endoftext|>",
+    "mask": "<|mask|>",
+    "extra": ["<|im_start|>", "<|im_end|>"],
+}
+# Qwen2.5 ChatML with its default system prompt (Dream-Instruct's template).
+DREAM_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+FORMATS = {"llada": (LLADA_SPECIALS, LLADA_CHAT_TEMPLATE), "dream": (DREAM_SPECIALS, DREAM_CHAT_TEMPLATE)}
+
+
+def build_tokenizer(fmt: str):
+    """A transformers fast tokenizer for ``fmt`` ("llada" or "dream")."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials, template = FORMATS[fmt]
+    vocab = {c: i for i, c in enumerate(CHARS)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
+    tok.decoder = decoders.Fuse()
+    names = [specials["bos"], specials["eos"], specials["mask"], *specials["extra"]]
+    tok.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=specials["bos"],
+        eos_token=specials["eos"],
+        pad_token=specials["eos"],
+        mask_token=specials["mask"],
+        additional_special_tokens=specials["extra"],
+        chat_template=template,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def model_config(fmt: str, tokenizer, hidden: int, layers: int, heads: int, kv_heads: int, mlp: int,
+                 vocab_rows: int, max_len: int) -> dict:
+    """config.json in the official key style of each family."""
+    ids = tokenizer.get_vocab()
+    specials = FORMATS[fmt][0]
+    mask, eos, bos = ids[specials["mask"]], ids[specials["eos"]], ids[specials["bos"]]
+    if vocab_rows < len(ids):
+        raise ValueError(f"vocab_rows={vocab_rows} < tokenizer size {len(ids)}")
+    if fmt == "llada":
+        return {
+            "architectures": ["LLaDAModelLM"],
+            "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
+                         "AutoModel": "modeling_llada.LLaDAModelLM",
+                         "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
+            "model_type": "llada",
+            "activation_type": "silu", "alibi": False, "attention_layer_norm": False,
+            "attention_dropout": 0.0, "block_type": "llama", "block_group_size": 1,
+            "bias_for_layer_norm": False, "d_model": hidden, "embedding_dropout": 0.0,
+            "embedding_size": vocab_rows, "flash_attention": False, "include_bias": False,
+            "include_qkv_bias": False, "init_device": "meta", "init_fn": "mitchell", "init_std": 0.02,
+            "input_emb_norm": False, "layer_norm_type": "rms", "layer_norm_with_affine": True,
+            "max_sequence_length": max_len, "mlp_hidden_size": mlp, "mlp_ratio": 4,
+            "multi_query_attention": None, "n_heads": heads, "n_kv_heads": kv_heads, "n_layers": layers,
+            "precision": "amp_bf16", "residual_dropout": 0.0, "rms_norm_eps": 1e-5, "rope": True,
+            "rope_full_precision": True, "rope_theta": 500000.0, "scale_logits": False,
+            "torch_dtype": "bfloat16", "use_cache": False, "vocab_size": vocab_rows, "weight_tying": False,
+            "mask_token_id": mask, "eos_token_id": eos, "pad_token_id": eos, "bos_token_id": bos,
+        }
+    return {
+        "architectures": ["DreamModel"],
+        "auto_map": {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},
+        "model_type": "Dream",
+        "attention_dropout": 0.0, "hidden_act": "silu", "hidden_size": hidden, "initializer_range": 0.02,
+        "intermediate_size": mlp, "max_position_embeddings": max_len, "max_window_layers": layers,
+        "num_attention_heads": heads, "num_hidden_layers": layers, "num_key_value_heads": kv_heads,
+        "rms_norm_eps": 1e-6, "rope_scaling": None, "rope_theta": 1000000.0, "sliding_window": None,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": False,
+        "use_sliding_window": False, "vocab_size": vocab_rows,
+        "mask_token_id": mask, "eos_token_id": eos, "pad_token_id": eos, "bos_token_id": eos,
+    }
+
+
+def write_generation_config(path: str, config: dict) -> None:
+    import json
+
+    gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
+           "pad_token_id": config["pad_token_id"]}
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump(gen, f, indent=2)
+        f.write("\n")

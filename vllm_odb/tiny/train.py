@@ -1,0 +1,214 @@
+"""Train a tiny LLaDA- or Dream-format checkpoint on the synthetic suite (masked-diffusion SFT).
+
+    python -m vllm_odb.tiny.train --format llada --out checkpoints/tiny-llada
+    python -m vllm_odb.tiny.train --format dream --out checkpoints/tiny-dream
+
+The response canvas is ``answer <end-of-turn> <EOS> ... <EOS>`` up to the canvas length, as in
+LLaDA's SFT, so the model learns where an answer ends and to fill the rest with EOS. The prompt
+is never masked. Half of each batch uses LLaDA's i.i.d. masking (ratio t ~ U(0, 1)); the other
+half looks like semi-autoregressive decoding (clean prefix, a partly masked 32-token block, fully
+masked suffix), the states the block decoders actually visit. Dream is trained with its shifted
+objective: the logits at position i-1 predict token i.
+
+Seeded and deterministic up to GPU kernel nondeterminism; ``--steps`` fixes the length of a run
+(``--max-minutes`` is only a safety stop, logged if it triggers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from vllm_odb.checkpoint import ModelSpec, special_tokens
+from vllm_odb.reference.model import DiffusionLM, init_weights, save_model
+from vllm_odb.tiny.formats import FORMATS, build_tokenizer, model_config, write_generation_config
+from vllm_odb.tiny.suite import make_suite
+
+SIZES = {  # hidden, layers, heads, kv heads, mlp; even head counts so TP=2 splits them
+    "llada": dict(hidden=256, layers=8, heads=4, kv_heads=4, mlp=768),
+    "dream": dict(hidden=256, layers=8, heads=4, kv_heads=2, mlp=768),
+}
+VOCAB_ROWS = 128
+MAX_LEN = 2048
+TRAIN_SEED_OFFSET = 1_000_003  # training examples never come from the evaluation seeds (0..999)
+
+
+def encode_pool(tokenizer, fmt: str, n: int, seed: int):
+    """Tokenize ``n`` suite examples: right-aligned prompts and answers (+ end-of-turn)."""
+    examples = make_suite(seed, n)
+    end_of_turn = FORMATS[fmt][0]["extra"][-1]  # <|eot_id|> / <|im_end|>
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": e.prompt}],
+                                             add_generation_prompt=True, tokenize=False) for e in examples]
+    p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    a_ids = tokenizer([e.answer + end_of_turn for e in examples], add_special_tokens=False)["input_ids"]
+    pw, aw = max(map(len, p_ids)), max(map(len, a_ids))
+    pad = tokenizer.pad_token_id
+    P = torch.full((n, pw), pad, dtype=torch.long)
+    A = torch.full((n, aw), pad, dtype=torch.long)
+    plen = torch.tensor([len(p) for p in p_ids])
+    alen = torch.tensor([len(a) for a in a_ids])
+    for i, (p, a) in enumerate(zip(p_ids, a_ids)):
+        P[i, pw - len(p):] = torch.tensor(p)
+        A[i, :len(a)] = torch.tensor(a)
+    return P, plen, A, alen
+
+
+def sample_canvas_length(rng: random.Random, min_len: int) -> int:
+    r = rng.random()
+    if r < 0.75:
+        return rng.randint(min_len, 160)
+    if r < 0.92:
+        return rng.choice([192, 256, 384])
+    return rng.choice([512, 1024])
+
+
+def make_batch(pool, idx, canvas_len, eos_id, mask_id, block, gen: torch.Generator, device):
+    P, plen, A, alen = (t[idx] for t in pool)
+    b, pw = P.shape
+    # Trim the shared left padding of this batch.
+    pw_b = int(plen.max())
+    P = P[:, pw - pw_b:]
+    cols = torch.arange(canvas_len)[None]
+    canvas = torch.full((b, canvas_len), eos_id, dtype=torch.long)
+    aw = A.shape[1]
+    take = cols[:, :aw] < alen[:, None]
+    canvas[:, :aw] = torch.where(take, A, canvas[:, :aw])  # canvas_len > longest answer
+    is_pad = cols >= alen[:, None]  # EOS fill after the answer
+    # Masking: half i.i.d. with ratio t, half semi-AR (clean prefix, partly masked block, masked suffix).
+    t = torch.rand(b, 1, generator=gen).clamp_min(1e-3)
+    u = torch.rand(b, canvas_len, generator=gen)
+    iid = u < t
+    start = (torch.rand(b, 1, generator=gen) * (canvas_len // block)).floor().long() * block
+    semi = ((cols >= start) & (cols < start + block) & iid) | (cols >= start + block)
+    use_semi = torch.rand(b, 1, generator=gen) < 0.5
+    masked = torch.where(use_semi, semi, iid)
+    # At least one masked position per row.
+    none = ~masked.any(1)
+    masked[none, 0] = True
+    x = torch.cat([P, torch.where(masked, torch.full_like(canvas, mask_id), canvas)], 1)
+    key_mask = torch.cat([torch.arange(pw_b)[None] >= (pw_b - plen)[:, None], torch.ones_like(masked)], 1)
+    pos = (key_mask.long().cumsum(1) - 1).clamp_min(0)
+    return (x.to(device), pos.to(device), key_mask.to(device), canvas.to(device), masked.to(device),
+            is_pad.to(device), pw_b)
+
+
+def loss_fn(model: DiffusionLM, batch, pad_weight: float) -> torch.Tensor:
+    x, pos, key_mask, target, masked, is_pad, pw = batch
+    logits = model(x, pos, key_mask)
+    shift = model.spec.logits_shift
+    logits = logits[:, pw - shift: x.shape[1] - shift]
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+    w = masked.float() * torch.where(is_pad, pad_weight, 1.0)
+    return (ce.view_as(w) * w).sum() / w.sum()
+
+
+def _official_tokenizer_class(path: str) -> None:
+    """transformers 5 writes its internal class name; the official checkpoints name the fast class."""
+    p = os.path.join(path, "tokenizer_config.json")
+    with open(p) as f:
+        cfg = json.load(f)
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(p, "w") as f:
+        json.dump(cfg, f, indent=2)
+        f.write("\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--format", choices=sorted(SIZES), required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=6000)
+    ap.add_argument("--tokens-per-batch", type=int, default=65536)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--pool", type=int, default=200_000, help="examples tokenized up front")
+    ap.add_argument("--pad-weight", type=float, default=0.3, help="loss weight of EOS fill positions")
+    ap.add_argument("--max-minutes", type=float, default=None, help="safety stop (logged)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--log-every", type=int, default=200)
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    tokenizer = build_tokenizer(args.format)
+    config = model_config(args.format, tokenizer, vocab_rows=VOCAB_ROWS, max_len=MAX_LEN, **SIZES[args.format])
+    spec = ModelSpec.from_config(config)
+    special = special_tokens(spec, tokenizer)
+    model = DiffusionLM(spec)
+    init_weights(model, seed=args.seed)
+    model.to(args.device).train()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{args.format}: {n_params / 1e6:.2f}M parameters on {args.device}", file=sys.stderr)
+
+    pool = encode_pool(tokenizer, args.format, args.pool, args.seed + TRAIN_SEED_OFFSET)
+    min_canvas = int(pool[3].max()) + 1
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    warmup = min(300, args.steps // 10)
+
+    def lr_at(step):
+        if step < warmup:
+            return args.lr * (step + 1) / warmup
+        prog = (step - warmup) / max(1, args.steps - warmup)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * prog)))
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    t0 = time.time()
+    log, ema, stopped_early = [], None, False
+    plen_max = pool[0].shape[1]
+    step = 0
+    while step < args.steps:
+        if step == 60 and args.max_minutes is not None:
+            # Fit the run (and its LR schedule) into the time limit; the log records the steps, and
+            # re-running with --steps N reproduces the run without the time limit.
+            per_step = (time.time() - t0) / step
+            fit = int(60 * args.max_minutes / per_step * 0.97)
+            if fit < args.steps:
+                print(f"{per_step * 1e3:.0f} ms/step: --steps {args.steps} -> {fit} to fit --max-minutes", file=sys.stderr)
+                args.steps = fit
+        if args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes:
+            stopped_early = True
+            print(f"safety stop after {step} steps ({args.max_minutes} min)", file=sys.stderr)
+            break
+        canvas_len = sample_canvas_length(rng, min_canvas)
+        bs = max(8, args.tokens_per_batch // (plen_max + canvas_len))
+        idx = torch.randint(0, args.pool, (bs,), generator=gen)
+        batch = make_batch(pool, idx, canvas_len, special.eos_id, special.mask_id, 32, gen, args.device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        with autocast:
+            loss = loss_fn(model, batch, args.pad_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % args.log_every == 0 or step == args.steps - 1:
+            rec = {"step": step, "loss": round(ema, 4), "lr": lr_at(step), "s": round(time.time() - t0, 1)}
+            log.append(rec)
+            print(json.dumps(rec), file=sys.stderr, flush=True)
+        step += 1
+
+    model.eval()
+    save_model(model, args.out, config)
+    write_generation_config(args.out, config)
+    tokenizer.save_pretrained(args.out)
+    _official_tokenizer_class(args.out)
+    with open(os.path.join(args.out, "training_log.json"), "w") as f:
+        json.dump({"args": vars(args), "parameters": n_params, "steps_done": step,
+                   "stopped_early": stopped_early, "seconds": round(time.time() - t0, 1), "log": log}, f, indent=1)
+        f.write("\n")
+    print(f"saved {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
