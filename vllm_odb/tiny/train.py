@@ -62,47 +62,46 @@ def encode_pool(tokenizer, fmt: str, n: int, seed: int):
 
 
 def sample_canvas_length(rng: random.Random, min_len: int) -> int:
+    """Mostly short canvases (where the answer is a large part of the loss), sometimes long ones so
+    that EOS is predicted confidently far from the answer. Lengths are multiples of 32 so that a
+    run sees few distinct shapes (each new shape costs kernel selection on the GPU)."""
     r = rng.random()
     if r < 0.75:
-        return rng.randint(min_len, 160)
+        return rng.choice(range(-(-min_len // 32) * 32, 161, 32))
     if r < 0.92:
         return rng.choice([192, 256, 384])
     return rng.choice([512, 1024])
 
 
-def make_batch(pool, idx, canvas_len, eos_id, mask_id, block, gen: torch.Generator, device):
+def make_batch(pool, idx, canvas_len, eos_id, mask_id, block, gen: torch.Generator):
+    """A batch of examples sharing one prompt length (so no padding and no attention mask: the
+    GPU runs its flash kernel). Everything stays on the pool's device."""
     P, plen, A, alen = (t[idx] for t in pool)
     b, pw = P.shape
-    # Trim the shared left padding of this batch.
-    pw_b = int(plen.max())
-    P = P[:, pw - pw_b:]
-    cols = torch.arange(canvas_len)[None]
-    canvas = torch.full((b, canvas_len), eos_id, dtype=torch.long)
-    aw = A.shape[1]
-    take = cols[:, :aw] < alen[:, None]
-    canvas[:, :aw] = torch.where(take, A, canvas[:, :aw])  # canvas_len > longest answer
+    width = int(plen[0])
+    P = P[:, pw - width:]
+    dev = P.device
+    cols = torch.arange(canvas_len, device=dev)[None]
+    canvas = torch.full((b, canvas_len), eos_id, dtype=torch.long, device=dev)
+    aw = A.shape[1]  # canvas_len > longest answer
+    canvas[:, :aw] = torch.where(cols[:, :aw] < alen[:, None], A, canvas[:, :aw])
     is_pad = cols >= alen[:, None]  # EOS fill after the answer
     # Masking: half i.i.d. with ratio t, half semi-AR (clean prefix, partly masked block, masked suffix).
-    t = torch.rand(b, 1, generator=gen).clamp_min(1e-3)
-    u = torch.rand(b, canvas_len, generator=gen)
-    iid = u < t
-    start = (torch.rand(b, 1, generator=gen) * (canvas_len // block)).floor().long() * block
+    t = torch.rand(b, 1, generator=gen, device=dev).clamp_min(1e-3)
+    iid = torch.rand(b, canvas_len, generator=gen, device=dev) < t
+    start = (torch.rand(b, 1, generator=gen, device=dev) * (canvas_len // block)).floor().long() * block
     semi = ((cols >= start) & (cols < start + block) & iid) | (cols >= start + block)
-    use_semi = torch.rand(b, 1, generator=gen) < 0.5
+    use_semi = torch.rand(b, 1, generator=gen, device=dev) < 0.5
     masked = torch.where(use_semi, semi, iid)
-    # At least one masked position per row.
-    none = ~masked.any(1)
-    masked[none, 0] = True
+    masked[:, 0] |= ~masked.any(1)  # at least one masked position per row
     x = torch.cat([P, torch.where(masked, torch.full_like(canvas, mask_id), canvas)], 1)
-    key_mask = torch.cat([torch.arange(pw_b)[None] >= (pw_b - plen)[:, None], torch.ones_like(masked)], 1)
-    pos = (key_mask.long().cumsum(1) - 1).clamp_min(0)
-    return (x.to(device), pos.to(device), key_mask.to(device), canvas.to(device), masked.to(device),
-            is_pad.to(device), pw_b)
+    pos = torch.arange(x.shape[1], device=dev)[None].expand(b, -1)
+    return x, pos, canvas, masked, is_pad, width
 
 
 def loss_fn(model: DiffusionLM, batch, pad_weight: float) -> torch.Tensor:
-    x, pos, key_mask, target, masked, is_pad, pw = batch
-    logits = model(x, pos, key_mask)
+    x, pos, target, masked, is_pad, pw = batch
+    logits = model(x, pos)
     shift = model.spec.logits_shift
     logits = logits[:, pw - shift: x.shape[1] - shift]
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
@@ -137,8 +136,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
+    if args.device.startswith("cuda"):
+        # cuDNN attention builds a plan per shape; the flash / memory-efficient kernels do not.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        torch.backends.cuda.matmul.allow_tf32 = True
     rng = random.Random(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
     tokenizer = build_tokenizer(args.format)
     config = model_config(args.format, tokenizer, vocab_rows=VOCAB_ROWS, max_len=MAX_LEN, **SIZES[args.format])
     spec = ModelSpec.from_config(config)
@@ -149,9 +151,14 @@ def main(argv=None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.format}: {n_params / 1e6:.2f}M parameters on {args.device}", file=sys.stderr)
 
-    pool = encode_pool(tokenizer, args.format, args.pool, args.seed + TRAIN_SEED_OFFSET)
+    pool = tuple(t.to(args.device) for t in encode_pool(tokenizer, args.format, args.pool, args.seed + TRAIN_SEED_OFFSET))
     min_canvas = int(pool[3].max()) + 1
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    # Examples grouped by prompt length: a batch draws from one group.
+    plens = pool[1].cpu()
+    groups = {int(n): (plens == n).nonzero().flatten().to(args.device) for n in plens.unique()}
+    dgen = torch.Generator(device=args.device).manual_seed(args.seed)
+    cuda = args.device.startswith("cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01, fused=cuda)
     warmup = min(300, args.steps // 10)
 
     def lr_at(step):
@@ -162,15 +169,17 @@ def main(argv=None) -> int:
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else torch.autocast("cpu", enabled=False)
     t0 = time.time()
-    log, ema, stopped_early = [], None, False
+    log, loss_sum, stopped_early = [], None, False
     plen_max = pool[0].shape[1]
     step = 0
     while step < args.steps:
-        if step == 60 and args.max_minutes is not None:
+        if step == 40:
+            t40 = time.time()
+        if step == 140 and args.max_minutes is not None:
             # Fit the run (and its LR schedule) into the time limit; the log records the steps, and
             # re-running with --steps N reproduces the run without the time limit.
-            per_step = (time.time() - t0) / step
-            fit = int(60 * args.max_minutes / per_step * 0.97)
+            per_step = (time.time() - t40) / 100
+            fit = int(step + (60 * args.max_minutes - (time.time() - t0)) / per_step * 0.95)
             if fit < args.steps:
                 print(f"{per_step * 1e3:.0f} ms/step: --steps {args.steps} -> {fit} to fit --max-minutes", file=sys.stderr)
                 args.steps = fit
@@ -179,9 +188,10 @@ def main(argv=None) -> int:
             print(f"safety stop after {step} steps ({args.max_minutes} min)", file=sys.stderr)
             break
         canvas_len = sample_canvas_length(rng, min_canvas)
+        group = groups[int(plens[rng.randrange(len(plens))])]
         bs = max(8, args.tokens_per_batch // (plen_max + canvas_len))
-        idx = torch.randint(0, args.pool, (bs,), generator=gen)
-        batch = make_batch(pool, idx, canvas_len, special.eos_id, special.mask_id, 32, gen, args.device)
+        idx = group[torch.randint(0, len(group), (bs,), generator=dgen, device=args.device)]
+        batch = make_batch(pool, idx, canvas_len, special.eos_id, special.mask_id, 32, dgen)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         with autocast:
@@ -190,9 +200,11 @@ def main(argv=None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         if step % args.log_every == 0 or step == args.steps - 1:
-            rec = {"step": step, "loss": round(ema, 4), "lr": lr_at(step), "s": round(time.time() - t0, 1)}
+            mean = loss_sum.item() / (1 if step == 0 else args.log_every)  # one host sync per log line
+            loss_sum = None
+            rec = {"step": step, "loss": round(mean, 4), "lr": lr_at(step), "s": round(time.time() - t0, 1)}
             log.append(rec)
             print(json.dumps(rec), file=sys.stderr, flush=True)
         step += 1
