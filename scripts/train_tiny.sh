@@ -4,7 +4,7 @@
 # Checkpoints are trained in $WORK (default /tmp/tiny-train) and packed, since few files come back.
 # Steps: STEPS (default 6000); MAXMIN caps each run's minutes (the run shrinks its step count to fit).
 set -euo pipefail
-OUT=${OUT:-out}; WORK=${WORK:-/tmp/tiny-train}; STEPS=${STEPS:-6000}; MAXMIN=${MAXMIN:-7}; LIMIT=${LIMIT:-500}
+OUT=${OUT:-out}; WORK=${WORK:-/tmp/tiny-train}; STEPS=${STEPS:-6000}; MAXMIN=${MAXMIN:-7}; LIMIT=${LIMIT:-300}
 mkdir -p "$OUT" "$WORK"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 for fmt in llada dream; do

@@ -42,7 +42,7 @@ TRAIN_SEED_OFFSET = 1_000_003  # training examples never come from the evaluatio
 
 
 def encode_pool(tokenizer, fmt: str, n: int, seed: int):
-    """Tokenize ``n`` suite examples: right-aligned prompts and answers (+ end-of-turn)."""
+    """Tokenize ``n`` suite examples: left-aligned prompts and answers (+ end-of-turn), padded."""
     examples = make_suite(seed, n)
     end_of_turn = FORMATS[fmt][0]["extra"][-1]  # <|eot_id|> / <|im_end|>
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": e.prompt}],
@@ -53,12 +53,10 @@ def encode_pool(tokenizer, fmt: str, n: int, seed: int):
     pad = tokenizer.pad_token_id
     P = torch.full((n, pw), pad, dtype=torch.long)
     A = torch.full((n, aw), pad, dtype=torch.long)
-    plen = torch.tensor([len(p) for p in p_ids])
-    alen = torch.tensor([len(a) for a in a_ids])
     for i, (p, a) in enumerate(zip(p_ids, a_ids)):
-        P[i, pw - len(p):] = torch.tensor(p)
+        P[i, :len(p)] = torch.tensor(p)
         A[i, :len(a)] = torch.tensor(a)
-    return P, plen, A, alen
+    return P, torch.tensor([len(p) for p in p_ids]), A, torch.tensor([len(a) for a in a_ids])
 
 
 def sample_canvas_length(rng: random.Random, min_len: int) -> int:
@@ -73,37 +71,41 @@ def sample_canvas_length(rng: random.Random, min_len: int) -> int:
     return rng.choice([512, 1024])
 
 
-def make_batch(pool, idx, canvas_len, eos_id, mask_id, block, gen: torch.Generator):
-    """A batch of examples sharing one prompt length (so no padding and no attention mask: the
-    GPU runs its flash kernel). Everything stays on the pool's device."""
+def make_batch(pool, idx, width, eos_id, mask_id, block, gen: torch.Generator):
+    """Rows of one total ``width`` and mixed tasks, with no padding: each prompt starts at
+    position 0 and its canvas (answer, end-of-turn, EOS fill) takes the rest of the row, so the
+    canvas length varies per row and no attention mask is needed (the GPU runs its flash kernel).
+    Returns ids, target, the canvas mask, the masked positions and the EOS-fill positions."""
     P, plen, A, alen = (t[idx] for t in pool)
-    b, pw = P.shape
-    width = int(plen[0])
-    P = P[:, pw - width:]
+    b = P.shape[0]
     dev = P.device
-    cols = torch.arange(canvas_len, device=dev)[None]
-    canvas = torch.full((b, canvas_len), eos_id, dtype=torch.long, device=dev)
-    aw = A.shape[1]  # canvas_len > longest answer
-    canvas[:, :aw] = torch.where(cols[:, :aw] < alen[:, None], A, canvas[:, :aw])
-    is_pad = cols >= alen[:, None]  # EOS fill after the answer
+    cols = torch.arange(width, device=dev)[None]
+    rel = cols - plen[:, None]  # position inside the canvas (negative in the prompt)
+    in_canvas = rel >= 0
+    prompt_part = P.gather(1, cols.clamp(max=P.shape[1] - 1).expand(b, -1))
+    answer_part = A.gather(1, rel.clamp(0, A.shape[1] - 1))
+    target = torch.where(in_canvas, torch.where(rel < alen[:, None], answer_part, eos_id), prompt_part)
+    is_pad = rel >= alen[:, None]
     # Masking: half i.i.d. with ratio t, half semi-AR (clean prefix, partly masked block, masked suffix).
     t = torch.rand(b, 1, generator=gen, device=dev).clamp_min(1e-3)
-    iid = torch.rand(b, canvas_len, generator=gen, device=dev) < t
-    start = (torch.rand(b, 1, generator=gen, device=dev) * (canvas_len // block)).floor().long() * block
-    semi = ((cols >= start) & (cols < start + block) & iid) | (cols >= start + block)
+    iid = torch.rand(b, width, generator=gen, device=dev) < t
+    n_blocks = ((width - plen) // block).clamp_min(1)[:, None]
+    start = (torch.rand(b, 1, generator=gen, device=dev) * n_blocks).floor().long() * block
+    semi = ((rel >= start) & (rel < start + block) & iid) | (rel >= start + block)
     use_semi = torch.rand(b, 1, generator=gen, device=dev) < 0.5
-    masked = torch.where(use_semi, semi, iid)
-    masked[:, 0] |= ~masked.any(1)  # at least one masked position per row
-    x = torch.cat([P, torch.where(masked, torch.full_like(canvas, mask_id), canvas)], 1)
-    pos = torch.arange(x.shape[1], device=dev)[None].expand(b, -1)
-    return x, pos, canvas, masked, is_pad, width
+    masked = torch.where(use_semi, semi, iid) & in_canvas
+    first = plen[:, None] == cols
+    masked |= first & ~masked.any(1, keepdim=True)  # at least one masked position per row
+    x = torch.where(masked, mask_id, target)
+    return x, target, masked, is_pad
 
 
 def loss_fn(model: DiffusionLM, batch, pad_weight: float) -> torch.Tensor:
-    x, pos, target, masked, is_pad, pw = batch
+    x, target, masked, is_pad = batch
+    pos = torch.arange(x.shape[1], device=x.device)[None].expand_as(x)
     logits = model(x, pos)
-    shift = model.spec.logits_shift
-    logits = logits[:, pw - shift: x.shape[1] - shift]
+    if model.spec.logits_shift:  # Dream: position i-1 predicts token i
+        logits, target, masked, is_pad = logits[:, :-1], target[:, 1:], masked[:, 1:], is_pad[:, 1:]
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
     w = masked.float() * torch.where(is_pad, pad_weight, 1.0)
     return (ce.view_as(w) * w).sum() / w.sum()
@@ -153,9 +155,6 @@ def main(argv=None) -> int:
 
     pool = tuple(t.to(args.device) for t in encode_pool(tokenizer, args.format, args.pool, args.seed + TRAIN_SEED_OFFSET))
     min_canvas = int(pool[3].max()) + 1
-    # Examples grouped by prompt length: a batch draws from one group.
-    plens = pool[1].cpu()
-    groups = {int(n): (plens == n).nonzero().flatten().to(args.device) for n in plens.unique()}
     dgen = torch.Generator(device=args.device).manual_seed(args.seed)
     cuda = args.device.startswith("cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01, fused=cuda)
@@ -187,11 +186,10 @@ def main(argv=None) -> int:
             stopped_early = True
             print(f"safety stop after {step} steps ({args.max_minutes} min)", file=sys.stderr)
             break
-        canvas_len = sample_canvas_length(rng, min_canvas)
-        group = groups[int(plens[rng.randrange(len(plens))])]
-        bs = max(8, args.tokens_per_batch // (plen_max + canvas_len))
-        idx = group[torch.randint(0, len(group), (bs,), generator=dgen, device=args.device)]
-        batch = make_batch(pool, idx, canvas_len, special.eos_id, special.mask_id, 32, dgen)
+        width = plen_max + sample_canvas_length(rng, min_canvas)
+        bs = max(8, args.tokens_per_batch // width)
+        idx = torch.randint(0, args.pool, (bs,), generator=dgen, device=args.device)
+        batch = make_batch(pool, idx, width, special.eos_id, special.mask_id, 32, dgen)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         with autocast:
