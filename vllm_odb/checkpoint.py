@@ -123,6 +123,13 @@ def _llada_spec(cfg: dict) -> ModelSpec:
             raise NotImplementedError(f"config.json: LLaDA {key}=true is not supported")
     if cfg.get("rope") is False:
         raise NotImplementedError("config.json: LLaDA rope=false is not supported")
+    # include_bias puts biases on every linear layer (attn_out and the MLP too); only q/k/v bias
+    # (include_qkv_bias) is supported, as in the released checkpoints (no biases at all).
+    for key in ("include_bias", "bias_for_layer_norm"):
+        if cfg.get(key):
+            raise NotImplementedError(f"config.json: LLaDA {key}=true is not supported")
+    if cfg.get("layer_norm_with_affine") is False:
+        raise NotImplementedError("config.json: LLaDA layer_norm_with_affine=false is not supported")
     d_model = int(_require(cfg, "d_model"))
     n_heads = int(_require(cfg, "n_heads"))
     n_kv = cfg.get("n_kv_heads")
@@ -142,7 +149,7 @@ def _llada_spec(cfg: dict) -> ModelSpec:
         vocab_size=vocab,
         rope_theta=float(cfg.get("rope_theta", 10000.0)),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-        qkv_bias=bool(cfg.get("include_qkv_bias") or cfg.get("include_bias")),
+        qkv_bias=bool(cfg.get("include_qkv_bias")),
         tie_word_embeddings=bool(cfg.get("weight_tying", False)),
         rope_in_fp32=bool(cfg.get("rope_full_precision", True)),
         logits_shift=0,
@@ -154,6 +161,10 @@ def _llada_spec(cfg: dict) -> ModelSpec:
 
 
 def _dream_spec(cfg: dict) -> ModelSpec:
+    if cfg.get("rope_scaling"):
+        raise NotImplementedError(f"config.json: Dream rope_scaling={cfg['rope_scaling']!r} is not supported")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise NotImplementedError(f"config.json: Dream hidden_act={cfg['hidden_act']!r} (only 'silu' is supported)")
     hidden = int(_require(cfg, "hidden_size"))
     heads = int(_require(cfg, "num_attention_heads"))
     return ModelSpec(

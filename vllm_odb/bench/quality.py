@@ -39,6 +39,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cache", default=None, help="none, prefix or dual (method default otherwise)")
     ap.add_argument("--rule", default=None, help="override the method's commit rule")
     ap.add_argument("--temperature", type=float, default=None)
+    ap.add_argument("--alp-threshold", type=float, default=None, help="ODB length prediction confidence")
+    ap.add_argument("--alp-min-length", type=int, default=None)
+    ap.add_argument("--ridge-rows", type=int, default=None, help="jump-share draft budget (query rows per forward)")
+    ap.add_argument("--max-draft-positions", type=int, default=None)
     ap.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--dtype", default="float32", help=f"one of {list(DTYPES)}")
@@ -61,7 +65,9 @@ def run_quality(args: argparse.Namespace) -> dict:
         raise ChoiceError(f"unknown dtype {args.dtype!r}; choose from {list(DTYPES)}")
     cfg = DecodeConfig.for_method(
         args.method, gen_length=args.gen_length, block_length=args.block_length, threshold=args.threshold,
-        factor=args.factor, steps=args.steps, cache=args.cache, rule=args.rule, temperature=args.temperature)
+        factor=args.factor, steps=args.steps, cache=args.cache, rule=args.rule, temperature=args.temperature,
+        alp_threshold=args.alp_threshold, alp_min_length=args.alp_min_length, ridge_rows=args.ridge_rows,
+        max_draft_positions=args.max_draft_positions)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = load_checkpoint(args.model, dtype=DTYPES[args.dtype], device=device)
     tasks = tuple(args.tasks.split(",")) if args.tasks else None
@@ -70,6 +76,7 @@ def run_quality(args: argparse.Namespace) -> dict:
 
     per_task = defaultdict(lambda: [0, 0])
     nfe_total, generated, forwards = 0, 0, 0
+    totals = defaultdict(int)
     samples = []
     bar = tqdm(total=len(suite), desc=f"{args.method} {args.engine}", file=sys.stderr, unit="prompt")
     t0 = time.time()
@@ -78,6 +85,8 @@ def run_quality(args: argparse.Namespace) -> dict:
         prompts = [ckpt.encode_chat(e.prompt) for e in chunk]
         out = generate(ckpt.model, prompts, cfg, ckpt.special, generator=gen)
         forwards += out.forwards
+        for key, values in out.stats.items():
+            totals[key] += sum(values)
         for ex, canvas, nfe in zip(chunk, out.tokens, out.nfe):
             resp = response_ids(canvas, ckpt.special)
             text = ckpt.tokenizer.decode(resp, skip_special_tokens=True)
@@ -86,6 +95,7 @@ def run_quality(args: argparse.Namespace) -> dict:
             per_task[ex.task][1] += 1
             nfe_total += nfe
             generated += len(resp)
+            totals["actual_length"] += min(len(resp) + 1, cfg.gen_length)  # + the end marker
             if len(samples) < 5:
                 samples.append({"task": ex.task, "prompt": ex.prompt, "answer": ex.answer, "output": text})
         bar.update(len(chunk))
@@ -99,10 +109,16 @@ def run_quality(args: argparse.Namespace) -> dict:
         "model": args.model, "method": args.method, "engine": args.engine, "seed": args.seed, "limit": n,
         "gen_length": cfg.gen_length, "block_length": cfg.block_length, "rule": cfg.rule, "cache": cfg.cache,
         "threshold": cfg.threshold if cfg.rule == "threshold" else None, "dtype": args.dtype, "device": device,
+        "alp": cfg.alp, "early_stop": cfg.early_stop, "jump": cfg.jump, "ridge_rows": cfg.ridge_rows if cfg.jump else None,
         "accuracy": correct / n,
         "per_task": {t: c / m for t, (c, m) in sorted(per_task.items())},
         "nfe": nfe_total / n, "forwards": forwards, "generated_tokens": generated,
-        "tokens_per_forward": generated / max(1, nfe_total), "wall_s": round(wall, 3), "samples": samples,
+        "tokens_per_forward": generated / max(1, nfe_total),
+        "refresh_tokens": totals["refresh_tokens"] / n,
+        "predicted_length": totals["canvas_length"] / n, "actual_length": totals["actual_length"] / n,
+        "drafted_per_forward": totals["drafted_accepted"] / max(1, totals["cached_forwards"]),
+        "query_rows_per_forward": totals["query_rows"] / max(1, totals["cached_forwards"]),
+        "wall_s": round(wall, 3), "samples": samples,
     }
 
 

@@ -19,6 +19,10 @@ SCHEDULES = ("linear", "dream")
 METHODS: dict[str, dict] = {
     "vanilla": {"rule": "quota", "cache": "none"},
     "fast-dllm": {"rule": "threshold", "cache": "dual"},
+    # ODB-dLLM's ablation ladder: + adaptive length and early termination, + jump-share, both.
+    "odb-alp": {"rule": "threshold", "cache": "dual", "alp": True, "early_stop": True},
+    "odb-jump": {"rule": "threshold", "cache": "dual", "jump": True, "early_stop": True},
+    "odb": {"rule": "threshold", "cache": "dual", "alp": True, "early_stop": True, "jump": True},
 }
 
 
@@ -37,6 +41,18 @@ class DecodeConfig:
     confidence: str = "prob"  # prob (LLaDA low_confidence, Dream maskgit_plus), margin, neg_entropy
     temperature: float = 0.0
     cache: str = "dual"
+    # ODB-dLLM. Adaptive length prediction: at each refresh, cut the canvas after the block where
+    # an end marker is first predicted with confidence >= alp_threshold (not before
+    # alp_min_length canvas positions). Early stop: a finished block holding an end marker ends
+    # the request. Jump-share: drafts verified in the same forward, as many as the draft budget
+    # (ridge_rows query rows per forward for the whole batch) allows, up to max_draft_positions.
+    alp: bool = False
+    alp_threshold: float = 0.9
+    alp_min_length: int = 0
+    early_stop: bool = False
+    jump: bool = False
+    ridge_rows: int = 256
+    max_draft_positions: int = 8
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -48,11 +64,11 @@ class DecodeConfig:
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("confidence", self.confidence, CONFIDENCES)
         _check_choice("cache", self.cache, CACHES)
-        if not (isinstance(self.threshold, (int, float)) and 0.0 < self.threshold <= 1.0):
+        if not (_is_number(self.threshold) and 0.0 < self.threshold <= 1.0):
             raise ValueError(f"threshold={self.threshold!r} must be in (0, 1]")
-        if not (isinstance(self.factor, (int, float)) and self.factor > 0):
+        if not (_is_number(self.factor) and self.factor > 0):
             raise ValueError(f"factor={self.factor!r} must be > 0")
-        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+        if not (_is_number(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature={self.temperature!r} must be >= 0")
         if self.steps is not None:
             _check_int("steps", self.steps, 1)
@@ -63,6 +79,24 @@ class DecodeConfig:
                                  f"(gen_length/block_length = {self.num_blocks})")
             if self.steps > self.gen_length:
                 raise ValueError(f"steps={self.steps} exceeds gen_length={self.gen_length}")
+        for name in ("alp", "early_stop", "jump"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
+        if not (_is_number(self.alp_threshold) and 0.0 < self.alp_threshold <= 1.0):
+            raise ValueError(f"alp_threshold={self.alp_threshold!r} must be in (0, 1]")
+        _check_int("alp_min_length", self.alp_min_length, 0)
+        _check_int("ridge_rows", self.ridge_rows, 1)
+        _check_int("max_draft_positions", self.max_draft_positions, 0)
+        if self.alp and self.cache == "none":
+            raise ValueError("alp=true needs cache='dual' or 'prefix' (it reads the refresh forward)")
+        if self.jump:
+            if self.cache != "dual":
+                raise ValueError(f"jump=true needs cache='dual' (cache={self.cache!r}): drafts read the suffix cache")
+            if self.rule == "quota":
+                raise ValueError("jump=true needs rule='threshold' or 'factor' (a fixed quota has no verification)")
+            if self.ridge_rows < self.block_length:
+                raise ValueError(f"ridge_rows={self.ridge_rows} is below block_length={self.block_length}: "
+                                 "the draft budget must hold at least the block itself")
         if self.schedule == "dream" and self.num_blocks != 1:
             raise ValueError("schedule='dream' needs block_length == gen_length (Dream decodes one block)")
 
@@ -90,6 +124,10 @@ class DecodeConfig:
 
     def replace(self, **knobs) -> "DecodeConfig":
         return dataclasses.replace(self, **knobs)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_int(name: str, value, minimum: int) -> None:

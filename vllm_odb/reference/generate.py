@@ -3,34 +3,50 @@
 It is the oracle the vLLM engine is checked against and the research-code-equivalent baseline of
 the benchmarks, so it stays plain. One step, top to bottom:
 
-    forward (no cache | refresh that rebuilds the cache | cached step on the block)
+    forward: no cache | refresh (full forward, rebuilds the cache; ALP reads it) |
+             cached step on the block | jump-share step (block + drafts as extra query rows)
       -> logits of the block's canvas positions (Dream: from the position before, see below)
-      -> policy decides (policies.decide)
-      -> commit into the canvas
+      -> policy decides (policies.decide; jump-share: per branch, then policies.jump.accept)
+      -> the new block state
 
-Batches: prompts are left-padded; padded keys are masked and positions count real tokens only,
-so a request decodes the same alone and in a batch. Dream predicts token i from position i-1, so
-for Dream a cached step's query window starts one position before the block.
+After a block: early termination if it holds an end marker. Batches: prompts are left-padded;
+padded keys are masked and positions count real tokens only, so a request decodes the same alone
+and in a batch. A request whose canvas ALP cut shorter has the keys past its end masked (the
+tensor is cut at the longest live canvas). Dream predicts token i from position i-1, so for Dream
+a cached step's query window starts one position before the block.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from vllm_odb.checkpoint import SpecialTokens
-from vllm_odb.policies import DecodeConfig, decide, dream_quota, linear_quota
+from vllm_odb.policies import DecodeConfig, decide, dream_quota, linear_quota, predict
+from vllm_odb.policies.jump import (
+    DraftBudget,
+    accept,
+    branch_blocks,
+    branch_layout,
+    build_drafts,
+    draft_family,
+    plan_drafts,
+)
+from vllm_odb.policies.length import Marker, marker_hits, predict_length
 from vllm_odb.reference.model import DiffusionLM
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class GenerateOutput:
-    tokens: list[list[int]]  # the decoded canvas of each request (gen_length ids)
+    tokens: list[list[int]]  # each request's canvas (gen_length ids; EOS after an early stop / cut)
     nfe: list[int]  # forwards each request took part in
     forwards: int  # forwards of the batch
-    stats: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)  # per-request lists, see generate()
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +65,11 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return ids, real
 
 
+def end_markers(special: SpecialTokens, stop: list[list[int]] | None = None) -> list[Marker]:
+    """End-of-response markers: the checkpoint's end ids and the request's tokenized stop strings."""
+    return [(e,) for e in special.end_ids] + [tuple(s) for s in (stop or []) if s]
+
+
 @torch.no_grad()
 def generate(
     model: DiffusionLM,
@@ -57,56 +78,163 @@ def generate(
     special: SpecialTokens,
     generator: torch.Generator | None = None,
     on_forward: Callable[[], None] | None = None,
+    stop: list[list[int]] | None = None,
 ) -> GenerateOutput:
+    """Decode ``prompts`` (token ids) with ``cfg``. ``stop``: tokenized stop strings (ALP and
+    early termination treat them as end markers, like EOS and end-of-turn).
+
+    ``stats`` holds per request: ``canvas_length`` (after ALP), ``refresh_tokens`` (tokens the
+    refresh forwards processed), ``drafted_accepted`` (drafted tokens adopted), ``query_rows``
+    (query rows of the request's cached forwards), ``cached_forwards``."""
     device = next(model.parameters()).device
+    mask_id = special.mask_id
     shift = model.spec.logits_shift
     prompt_ids, prompt_real = left_pad(prompts, special.pad_id, device)
     batch, plen = prompt_ids.shape
     glen, blen = cfg.gen_length, cfg.block_length
     if plen + glen > model.spec.max_position:
         raise ValueError(f"prompt ({plen}) + gen_length ({glen}) exceeds the model's max_position ({model.spec.max_position})")
-    x = torch.cat([prompt_ids, torch.full((batch, glen), special.mask_id, dtype=torch.long, device=device)], 1)
+    markers = end_markers(special, stop)
+    jump = cfg.jump
+    if jump and cfg.temperature > 0:
+        log.warning("jump-share verification is greedy; speculation is off at temperature %s", cfg.temperature)
+        jump = False
+    budget = DraftBudget(cfg.ridge_rows, cfg.max_draft_positions)
+
+    x = torch.cat([prompt_ids, torch.full((batch, glen), mask_id, dtype=torch.long, device=device)], 1)
     key_mask = torch.cat([prompt_real, torch.ones((batch, glen), dtype=torch.bool, device=device)], 1)
     pos = (key_mask.long().cumsum(1) - 1).clamp_min(0)
+    length = torch.full((batch,), glen, dtype=torch.long, device=device)  # live canvas per request
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
     nfe = torch.zeros(batch, dtype=torch.long, device=device)
+    refresh_tokens = torch.zeros(batch, dtype=torch.long, device=device)
+    drafted = torch.zeros(batch, dtype=torch.long, device=device)
+    query_rows = torch.zeros(batch, dtype=torch.long, device=device)
+    cached_forwards = torch.zeros(batch, dtype=torch.long, device=device)
     forwards = 0
+    cols = torch.arange(glen, device=device)
 
     for b in range(cfg.num_blocks):
+        done |= b * blen >= length
+        if bool(done.all()):
+            break
+        live = ~done
         s, e = plen + b * blen, plen + (b + 1) * blen
         q0 = s - shift  # first query row of a cached step (Dream reads the block from one earlier)
-        masked = x[:, s:e] == special.mask_id
+        masked = (x[:, s:e] == mask_id) & live[:, None]
         quota = linear_quota(masked.sum(1), cfg.steps_per_block) if cfg.schedule == "linear" else None
         cache = None
+        adopted = None  # (x0, conf) of the branch adopted last: jump-share drafts come from it
         step = 0
         while masked.any():
             if cfg.rule == "quota" and step >= cfg.steps_per_block:
                 raise RuntimeError("quota schedule ended with masked positions left")
+            n_live = int(masked.any(1).sum())
+            new_block = None
             if cfg.cache == "none":
                 logits = model(x, pos, key_mask)[:, q0:e - shift]
             elif step == 0:  # refresh: one full forward rebuilds the cache and takes the first step
-                logits, kv = model(x, pos, key_mask, return_kv=True)
-                logits = logits[:, q0:e - shift]
+                logits_all, kv = model(x, pos, key_mask, return_kv=True)
+                refresh_tokens += torch.where(live, key_mask.sum(1), 0)
+                if cfg.alp:
+                    x0_all, conf_all = predict(_drop_mask(logits_all[:, s - shift:x.shape[1] - shift], mask_id))
+                    scan = (x[:, s:] == mask_id) & key_mask[:, s:] & live[:, None]
+                    length = torch.where(live, predict_length(x0_all, conf_all, scan, b * blen, length, markers,
+                                                              cfg.alp_threshold, blen, cfg.alp_min_length), length)
+                    key_mask[:, plen:] &= cols[None, :x.shape[1] - plen] < length[:, None]
+                    keep = plen + int(length.max())
+                    x, key_mask, pos = x[:, :keep], key_mask[:, :keep], pos[:, :keep]
+                    kv = [(k[:, :, :keep], v[:, :, :keep]) for k, v in kv]
+                logits = logits_all[:, q0:e - shift]
                 cache = kv if cfg.cache == "dual" else [(k[:, :, :q0], v[:, :, :q0]) for k, v in kv]
+            elif jump and adopted is not None:
+                new_block, adopted, rows, accepted = _jump_step(
+                    model, x, pos, key_mask, cache, s, e, shift, masked, adopted, budget, n_live, cfg, mask_id)
+                query_rows += torch.where(masked.any(1), rows, 0)
+                drafted += torch.where(masked.any(1), accepted, 0)
+                cached_forwards += masked.any(1)
             elif cfg.cache == "dual":  # block rows only; prefix and suffix keys from the cache
                 logits = model(x[:, q0:e], pos[:, q0:e], key_mask, past=cache, splice=(q0, e))[:, :blen]
             else:  # prefix cache: block and suffix rows against the cached prefix
                 logits = model(x[:, q0:], pos[:, q0:], key_mask, past=cache)[:, :blen]
+            if cfg.cache != "none" and step > 0 and new_block is None:
+                query_rows += torch.where(masked.any(1), (e if cfg.cache == "dual" else x.shape[1]) - q0, 0)
+                cached_forwards += masked.any(1)
             forwards += 1
             if on_forward is not None:
                 on_forward()
-            if cfg.rule == "quota":
-                step_quota = quota[:, step] if quota is not None else torch.full(
-                    (batch,), dream_quota(masked.sum().item() / batch, step, cfg.steps_per_block), device=device)
-            else:
-                step_quota = None
-            x0, _, commit = decide(logits, masked, cfg, special.mask_id, step_quota, generator)
             nfe += masked.any(1)
-            x[:, s:e] = torch.where(commit, x0, x[:, s:e])
-            masked &= ~commit
+            if new_block is None:
+                if cfg.rule == "quota":
+                    step_quota = quota[:, step] if quota is not None else torch.full(
+                        (batch,), dream_quota(masked.sum().item() / batch, step, cfg.steps_per_block), device=device)
+                else:
+                    step_quota = None
+                x0, conf, commit = decide(logits, masked, cfg, mask_id, step_quota, generator)
+                new_block = torch.where(commit, x0, x[:, s:e])
+                adopted = (x0, conf)
+            x[:, s:e] = torch.where(masked.any(1, keepdim=True), new_block, x[:, s:e])
+            masked = (x[:, s:e] == mask_id) & live[:, None]
             step += 1
+        if cfg.early_stop:
+            done |= live & marker_hits(x[:, plen:e], markers).any(1)
 
-    canvas = x[:, plen:].tolist()
-    return GenerateOutput(tokens=canvas, nfe=nfe.tolist(), forwards=forwards)
+    canvas = x[:, plen:]
+    canvas = torch.where(canvas == mask_id, special.eos_id, canvas)  # never decoded: cut or stopped early
+    canvas = torch.cat([canvas, torch.full((batch, glen - canvas.shape[1]), special.eos_id, device=device)], 1)
+    stats = {
+        "canvas_length": length.tolist(),
+        "refresh_tokens": refresh_tokens.tolist(),
+        "drafted_accepted": drafted.tolist(),
+        "query_rows": query_rows.tolist(),
+        "cached_forwards": cached_forwards.tolist(),
+    }
+    return GenerateOutput(tokens=canvas.tolist(), nfe=nfe.tolist(), forwards=forwards, stats=stats)
+
+
+def _drop_mask(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    return logits.float().index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
+
+
+def _jump_step(model, x, pos, key_mask, cache, s, e, shift, masked, adopted, budget, n_live, cfg, mask_id):
+    """One jump-share forward: the base block plus drafts as extra query rows over the dual cache.
+    Returns the adopted block, the adopted branch's (x0, conf), query rows and drafted tokens
+    accepted per request."""
+    batch, blen = masked.shape
+    q0 = s - shift
+    window = blen + shift
+    p_row, shared = plan_drafts(budget, n_live, window, masked.sum(1))
+    p = int(p_row.max())
+    block = x[:, s:e]
+    family = draft_family(p, device=x.device)
+    positions, tokens = build_drafts(adopted[0], adopted[1], masked, max(p, 1))
+    positions, tokens = positions[:, :p], tokens[:, :p]
+    draft_valid = ~(family[None] & (torch.arange(p, device=x.device)[None, None] >= p_row[:, None, None])).any(2)
+    blocks = branch_blocks(block, positions, tokens, family)  # [B, 1 + D, K]
+    nb = blocks.shape[1]
+    win = torch.cat([x[:, q0:s, None].expand(-1, -1, nb).transpose(1, 2), blocks], 2) if shift else blocks
+    lay = branch_layout(win, draft_valid, shared, masked, shift)
+    q = lay.tokens.shape[1]
+    q_pos = pos[:, q0:e].gather(1, lay.offset)
+    real = lay.branch >= 0
+    keys = torch.cat([key_mask[:, :q0], real, key_mask[:, e:]], 1)
+    attn = torch.ones((batch, q, keys.shape[1]), dtype=torch.bool, device=x.device)
+    attn[:, :, q0:q0 + q] = lay.attn
+    logits = model(lay.tokens, q_pos, keys, past=cache, splice=(q0, e), attn_mask=attn)
+    idx = lay.pred_row.reshape(batch, -1)  # [B, (1 + D) * K]
+    br_logits = logits.gather(1, idx[:, :, None].expand(-1, -1, logits.shape[-1])).view(batch, nb, blen, -1)
+    br_masked = (blocks == mask_id) & masked.any(1)[:, None, None]
+    x0, conf, commit = decide(br_logits.view(batch * nb, blen, -1), br_masked.view(batch * nb, blen), cfg, mask_id)
+    x0, conf, commit = (t.view(batch, nb, blen) for t in (x0, conf, commit))
+    choice = accept(commit, x0, positions, tokens, family, draft_valid) if p > 0 else torch.zeros(
+        batch, dtype=torch.long, device=x.device)
+    pick = choice[:, None, None].expand(-1, 1, blen)
+    chosen_block = blocks.gather(1, pick)[:, 0]
+    chosen_commit = commit.gather(1, pick)[:, 0]
+    chosen_x0, chosen_conf = x0.gather(1, pick)[:, 0], conf.gather(1, pick)[:, 0]
+    new_block = torch.where(chosen_commit, chosen_x0, chosen_block)
+    sizes = torch.cat([torch.zeros(1, dtype=torch.long, device=x.device), family.sum(1)])
+    return new_block, (chosen_x0, chosen_conf), lay.num_rows, sizes[choice]
 
 
 def response_ids(canvas: list[int], special: SpecialTokens) -> list[int]:

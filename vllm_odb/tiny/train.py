@@ -65,7 +65,7 @@ def sample_canvas_length(rng: random.Random, min_len: int) -> int:
     run sees few distinct shapes (each new shape costs kernel selection on the GPU)."""
     r = rng.random()
     if r < 0.75:
-        return rng.choice(range(-(-min_len // 32) * 32, 161, 32))
+        return rng.choice(range(-(-min_len // 32) * 32, 161, 32))  # 32 .. 160
     if r < 0.92:
         return rng.choice([192, 256, 384])
     return rng.choice([512, 1024])
@@ -155,6 +155,8 @@ def main(argv=None) -> int:
 
     pool = tuple(t.to(args.device) for t in encode_pool(tokenizer, args.format, args.pool, args.seed + TRAIN_SEED_OFFSET))
     min_canvas = int(pool[3].max()) + 1
+    pool_plen, pool_alen = pool[1].cpu(), pool[3].cpu()
+    fits_by_width: dict[int, torch.Tensor] = {}
     dgen = torch.Generator(device=args.device).manual_seed(args.seed)
     cuda = args.device.startswith("cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01, fused=cuda)
@@ -186,9 +188,16 @@ def main(argv=None) -> int:
             stopped_early = True
             print(f"safety stop after {step} steps ({args.max_minutes} min)", file=sys.stderr)
             break
-        width = plen_max + sample_canvas_length(rng, min_canvas)
+        # Row width = an anchor prompt's length + a canvas length; rows whose prompt and answer fit
+        # take the rest of the width as canvas. Rows with prompts near the anchor get canvases near
+        # the drawn length, so every prompt also meets short canvases (as ALP's cuts produce).
+        anchor = int(pool_plen[rng.randrange(args.pool)])
+        width = anchor + sample_canvas_length(rng, min_canvas)
+        fits = fits_by_width.get(width)
+        if fits is None:
+            fits = fits_by_width[width] = (pool_plen + pool_alen < width).nonzero().flatten().to(args.device)
         bs = max(8, args.tokens_per_batch // width)
-        idx = torch.randint(0, args.pool, (bs,), generator=dgen, device=args.device)
+        idx = fits[torch.randint(0, len(fits), (bs,), generator=dgen, device=args.device)]
         batch = make_batch(pool, idx, width, special.eos_id, special.mask_id, 32, dgen)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
