@@ -18,6 +18,10 @@ for fmt in llada dream; do
       --gen-length 64 --block-length 32 --batch-size 250 --json 2>/dev/null | tail -1 > "$WORK/quality-$fmt-$method.json" || true
     python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[1], r['accuracy'], r['per_task'], r['nfe'])" "$WORK/quality-$fmt-$method.json" || true
   done
+  # A canvas of one block, the shortest an ALP cut leaves.
+  python3 -m vllm_odb.bench quality --model "$WORK/tiny-$fmt" --method fast-dllm --limit "$LIMIT" --seed 0 \
+    --gen-length 32 --block-length 32 --threshold 1.0 --batch-size 250 --json 2>/dev/null | tail -1 > "$WORK/quality-$fmt-gen32.json" || true
+  python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[1], r['accuracy'], r['per_task'], r['nfe'])" "$WORK/quality-$fmt-gen32.json" || true
 done
 tail -n 3 "$WORK"/train-*.log
 for fmt in llada dream; do tar -cf "$OUT/tiny-$fmt.tar" -C "$WORK" "tiny-$fmt"; done
