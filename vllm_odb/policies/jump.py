@@ -173,7 +173,8 @@ def branch_layout(window_tokens: torch.Tensor, draft_valid: torch.Tensor, shared
     # Where each branch's prediction for block position t comes from: its own row at offset t
     # (window offset t holds position t - shift), else the base row at that offset.
     inverse = torch.full((b, nb * w), -1, dtype=torch.long, device=dev)
-    inverse.scatter_(1, order, torch.arange(q, device=dev)[None].expand(b, -1))
+    # Padding rows (requests with fewer real rows than the longest) map to nothing.
+    inverse.scatter_(1, order, torch.where(real, torch.arange(q, device=dev)[None], -1))
     inv = inverse.view(b, nb, w)[:, :, :k]
     base_rows = inv[:, :1].expand(-1, nb, -1)
     pred_row = torch.where(inv >= 0, inv, base_rows)

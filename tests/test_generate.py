@@ -1,0 +1,215 @@
+"""The reference generate loop on the shipped tiny checkpoints (fp32, CPU)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_odb.policies import DecodeConfig, decide
+from vllm_odb.reference.generate import _jump_step, generate, response_ids
+from vllm_odb.reference.loader import load_checkpoint
+from vllm_odb.tiny.suite import make_suite, score
+
+ROOT = Path(__file__).resolve().parents[1]
+FORMATS = ("llada", "dream")
+
+
+@pytest.fixture(scope="module", params=FORMATS)
+def ckpt(request):
+    return load_checkpoint(str(ROOT / "checkpoints" / f"tiny-{request.param}"))
+
+
+def _answers(ckpt, out):
+    return [ckpt.tokenizer.decode(response_ids(c, ckpt.special), skip_special_tokens=True) for c in out.tokens]
+
+
+def _accuracy(ckpt, suite, cfg):
+    out = generate(ckpt.model, [ckpt.encode_chat(e.prompt) for e in suite], cfg, ckpt.special)
+    return sum(score(a, e.answer) for a, e in zip(_answers(ckpt, out), suite)) / len(suite), out
+
+
+def test_suite_subset_accuracy(ckpt):
+    """Held-out seed: vanilla >= 90 %, Fast-dLLM threshold 0.9 >= 85 % (gen 64 >= 2x answers)."""
+    suite = make_suite(7, 40)
+    acc_vanilla, out = _accuracy(ckpt, suite, DecodeConfig.for_method("vanilla", gen_length=64))
+    assert acc_vanilla >= 0.9
+    assert out.nfe == [64] * len(suite)  # one token per step
+    acc_fast, out = _accuracy(ckpt, suite, DecodeConfig.for_method("fast-dllm", gen_length=64))
+    assert acc_fast >= 0.85
+    assert max(out.nfe) < 64
+
+
+def test_eos_fills_the_canvas_confidently(ckpt):
+    """After the answer the model predicts EOS over the rest of the canvas with high confidence."""
+    suite = make_suite(11, 10)
+    out = generate(ckpt.model, [ckpt.encode_chat(e.prompt) for e in suite],
+                   DecodeConfig.for_method("fast-dllm", gen_length=128), ckpt.special)
+    m, shift = ckpt.special.mask_id, ckpt.model.spec.logits_shift
+    for ex, canvas in zip(suite, out.tokens):
+        prompt = ckpt.encode_chat(ex.prompt)
+        resp = response_ids(canvas, ckpt.special)
+        keep = len(resp) + 1  # answer and its end-of-turn marker
+        ids = torch.tensor([prompt + canvas[:keep] + [m] * (128 - keep)])
+        logits = ckpt.model(ids, torch.arange(ids.shape[1])[None])
+        pred = logits[0, len(prompt) + keep - shift: ids.shape[1] - shift].softmax(-1)
+        conf, tok = pred.max(-1)
+        assert (tok == ckpt.special.eos_id).all()
+        assert conf.min() > 0.9
+
+
+@pytest.mark.parametrize("method,cache", [("vanilla", "none"), ("fast-dllm", "none"), ("fast-dllm", "prefix"),
+                                          ("fast-dllm", "dual"), ("odb", "dual")])
+def test_batch_invariance(ckpt, method, cache):
+    """Each request decodes the same alone and inside a batch of prompts of other lengths."""
+    suite = make_suite(3, 5)
+    prompts = [ckpt.encode_chat(e.prompt) for e in suite]
+    assert len({len(p) for p in prompts}) > 1
+    cfg = DecodeConfig.for_method(method, gen_length=64, cache=cache)
+    together = generate(ckpt.model, prompts, cfg, ckpt.special)
+    for i, p in enumerate(prompts):
+        alone = generate(ckpt.model, [p], cfg, ckpt.special)
+        assert alone.tokens[0] == together.tokens[i]
+        assert alone.nfe[0] == together.nfe[i]
+
+
+def test_cache_modes_agree_when_each_block_is_decided_at_its_refresh(ckpt):
+    """With a threshold so low that every block is committed by its first (full) forward, no
+    cache, prefix cache and dual cache must produce identical tokens."""
+    prompts = [ckpt.encode_chat(e.prompt) for e in make_suite(5, 4)]
+    outs = [generate(ckpt.model, prompts, DecodeConfig(gen_length=64, threshold=1e-6, cache=c), ckpt.special)
+            for c in ("none", "prefix", "dual")]
+    assert outs[0].tokens == outs[1].tokens == outs[2].tokens
+    assert outs[0].nfe == [2] * len(prompts)
+
+
+def test_cached_steps_differ_from_uncached_only_by_cache_staleness(ckpt):
+    """Multi-step blocks (threshold 1.0): the three cache modes still answer correctly."""
+    suite = make_suite(9, 10)
+    for cache in ("none", "prefix", "dual"):
+        acc, out = _accuracy(ckpt, suite, DecodeConfig(gen_length=64, threshold=1.0, cache=cache))
+        assert acc >= 0.8, cache
+        assert max(out.nfe) > 2
+
+
+def test_odb_shortens_and_stops_early_without_losing_answers(ckpt):
+    suite = make_suite(13, 12)
+    acc_fast, fast = _accuracy(ckpt, suite, DecodeConfig.for_method("fast-dllm", gen_length=128))
+    acc_odb, odb = _accuracy(ckpt, suite, DecodeConfig.for_method("odb", gen_length=128))
+    assert acc_odb >= acc_fast - 1 / len(suite)
+    assert sum(odb.nfe) <= 0.5 * sum(fast.nfe)
+    assert sum(odb.stats["refresh_tokens"]) <= 0.6 * sum(fast.stats["refresh_tokens"])
+    for canvas, length, resp_len in zip(odb.tokens, odb.stats["canvas_length"], map(len, (
+            response_ids(c, ckpt.special) for c in odb.tokens))):
+        assert length % 32 == 0 and resp_len < length <= 128
+        assert len(canvas) == 128 and ckpt.special.mask_id not in canvas
+
+
+def test_jump_share_step_equals_two_plain_steps(ckpt):
+    """Exactness: when the draft set equals what the base step commits, one jump-share forward
+    reaches the state of two plain Fast-dLLM (dual cache) steps, token for token."""
+    model, sp = ckpt.model, ckpt.special
+    shift = model.spec.logits_shift
+    cfg = DecodeConfig(gen_length=32, threshold=1.0, cache="dual", jump=True, ridge_rows=4096)
+    for ex in make_suite(21, 6):
+        prompt = ckpt.encode_chat(ex.prompt)
+        plen = len(prompt)
+        x = torch.tensor([prompt + [sp.mask_id] * 32])
+        pos = torch.arange(x.shape[1])[None]
+        keys = torch.ones_like(x, dtype=torch.bool)
+        s, e = plen, plen + 32
+        q0 = s - shift
+        logits, cache = model(x, pos, keys, return_kv=True)
+        masked = x[:, s:e] == sp.mask_id
+        x0, conf, commit = decide(logits[:, q0:e - shift], masked, cfg, sp.mask_id)  # the refresh step
+        x[:, s:e] = torch.where(commit, x0, x[:, s:e])
+
+        def plain(xs):
+            m = xs[:, s:e] == sp.mask_id
+            lg = model(xs[:, q0:e], pos[:, q0:e], keys, past=cache, splice=(q0, e))[:, :32]
+            return decide(lg, m, cfg, sp.mask_id)
+
+        x0_1, conf_1, c1 = plain(x)
+        if int(c1.sum()) >= int((x[:, s:e] == sp.mask_id).sum()):
+            continue  # the first plain step finishes the block: nothing to draft
+        step1 = torch.where(c1, x0_1, x[:, s:e])
+        x2 = x.clone()
+        x2[:, s:e] = step1
+        x0_2, _, c2 = plain(x2)
+        two_steps = torch.where(c2, x0_2, step1)
+
+        # Drafts = exactly what the plain step commits: make those positions the most confident.
+        k = int(c1.sum())
+        adopted = (x0_1, torch.where(c1, 2.0, 0.0))
+        jcfg = cfg.replace(max_draft_positions=k)
+        new_block, _, rows, accepted = _jump_step(model, x, pos, keys, cache, s, e, shift,
+                                                  x[:, s:e] == sp.mask_id, adopted,
+                                                  __import__("vllm_odb.policies.jump", fromlist=["DraftBudget"]).DraftBudget(4096, k),
+                                                  1, jcfg, sp.mask_id)
+        assert int(accepted[0]) == k
+        assert new_block.tolist() == two_steps.tolist()
+        break
+    else:
+        pytest.skip("no prompt needed two plain steps in its first block")
+
+
+def test_jump_share_accepts_drafts_and_saves_forwards(ckpt):
+    suite = make_suite(17, 4)
+    prompts = [ckpt.encode_chat(e.prompt) for e in suite]
+    base = DecodeConfig.for_method("fast-dllm", gen_length=64, threshold=1.0).replace(early_stop=True)
+    jump = base.replace(jump=True)
+    nfe_plain, nfe_jump, accepted = 0, 0, 0
+    for p in prompts:  # batch 1: the whole draft budget is one request's
+        a = generate(ckpt.model, [p], base, ckpt.special)
+        b = generate(ckpt.model, [p], jump, ckpt.special)
+        assert response_ids(a.tokens[0], ckpt.special) == response_ids(b.tokens[0], ckpt.special)
+        nfe_plain += a.nfe[0]
+        nfe_jump += b.nfe[0]
+        accepted += b.stats["drafted_accepted"][0]
+        assert max(b.stats["query_rows"][0], 0) <= jump.ridge_rows * max(1, b.stats["cached_forwards"][0])
+    assert accepted > 0
+    assert nfe_jump < nfe_plain
+
+
+def test_jump_share_without_budget_room_is_plain_decoding(ckpt):
+    """A budget that holds only the block leaves no room for drafts (as a large batch does:
+    the budget is shared by the live requests): jump-share then decodes exactly like plain."""
+    prompts = [ckpt.encode_chat(e.prompt) for e in make_suite(19, 6)]
+    cfg = DecodeConfig.for_method("odb-jump", gen_length=64, threshold=1.0, ridge_rows=32)
+    plain = generate(ckpt.model, prompts, cfg.replace(jump=False), ckpt.special)
+    out = generate(ckpt.model, prompts, cfg, ckpt.special)
+    assert sum(out.stats["drafted_accepted"]) == 0
+    assert out.tokens == plain.tokens
+    assert out.nfe == plain.nfe
+
+
+def test_jump_share_off_at_temperature(ckpt, caplog):
+    cfg = DecodeConfig.for_method("odb", gen_length=64, temperature=0.5)
+    with caplog.at_level(logging.WARNING):
+        out = generate(ckpt.model, [ckpt.encode_chat("Reverse the word apple.")], cfg, ckpt.special,
+                       generator=torch.Generator().manual_seed(0))
+    assert "speculation is off" in caplog.text
+    assert out.stats["drafted_accepted"] == [0]
+
+
+def test_stop_strings_end_the_response(ckpt):
+    """A stop string is an end marker: ALP may cut at it and early termination stops there."""
+    prompt = ckpt.encode_chat("Sort these letters: q d m a")
+    stop = ckpt.tokenizer(" m", add_special_tokens=False)["input_ids"]
+    cfg = DecodeConfig.for_method("odb", gen_length=96)
+    out = generate(ckpt.model, [prompt], cfg, ckpt.special, stop=[stop])
+    text = ckpt.tokenizer.decode(response_ids(out.tokens[0], ckpt.special), skip_special_tokens=True)
+    assert text.startswith("a d m")
+    assert out.stats["canvas_length"] == [32]
+
+
+def test_bad_inputs(ckpt):
+    cfg = DecodeConfig.for_method("fast-dllm", gen_length=64)
+    with pytest.raises(ValueError, match="empty"):
+        generate(ckpt.model, [[]], cfg, ckpt.special)
+    with pytest.raises(ValueError, match="max_position"):
+        generate(ckpt.model, [[1] * ckpt.model.spec.max_position], cfg, ckpt.special)
+    with pytest.raises(ValueError, match="block_length"):
+        DecodeConfig.for_method("fast-dllm", gen_length=100, block_length=32)

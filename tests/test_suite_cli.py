@@ -1,0 +1,104 @@
+"""The synthetic suite, the tiny formats' tokenizers, the command lines and the plugin entry point."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from vllm_odb.tiny.formats import FORMATS, build_tokenizer
+from vllm_odb.tiny.suite import LONGEST_ANSWER, TASKS, make_suite, score
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_suite_is_seeded_balanced_and_bounded():
+    a, b, c = make_suite(0, 200), make_suite(0, 200), make_suite(1, 200)
+    assert a == b and a != c
+    assert {e.task for e in a} == set(TASKS)
+    assert max(len(e.answer) for e in make_suite(0, 5000)) == LONGEST_ANSWER
+    assert len({len(e.answer) for e in a}) > 5  # answers of varied lengths
+
+
+def test_suite_answers_are_right():
+    for e in make_suite(2, 300):
+        if e.task == "add":
+            a, b = map(int, e.prompt.split()[2].rstrip("?").split("+"))
+            assert e.answer.endswith(f"so {a + b}")
+        elif e.task == "sort":
+            letters = e.prompt.split(": ")[1].split()
+            assert e.answer == " ".join(sorted(letters))
+        elif e.task == "reverse":
+            assert e.answer == e.prompt.split()[-1].rstrip(".")[::-1]
+        elif e.task == "count":
+            words = e.prompt.split()
+            assert e.answer == str(words[-1].rstrip("?").count(words[4]))
+
+
+def test_unknown_task_and_scoring():
+    with pytest.raises(ValueError, match="unknown task"):
+        make_suite(0, 3, ("add", "poetry"))
+    assert score(" 42 \n", "42") and not score("42.", "42")
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_tokenizer_round_trip_and_templates(fmt):
+    tok = build_tokenizer(fmt)
+    text = "What is 47+38? Show the column sums."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and tok.decode(ids) == text  # character level, lossless
+    rendered = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    if fmt == "llada":
+        assert rendered == ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n" + text +
+                            "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    else:
+        assert rendered == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" + text +
+                            "<|im_end|>\n<|im_start|>assistant\n")
+    specials = FORMATS[fmt][0]
+    for name in [specials["mask"], specials["eos"], *specials["extra"]]:
+        assert tok(name, add_special_tokens=False)["input_ids"] == [tok.convert_tokens_to_ids(name)]
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_quality_command_json_and_errors():
+    r = _run("vllm_odb.bench", "quality", "--model", "checkpoints/tiny-dream", "--method", "odb", "--engine",
+             "reference", "--limit", "5", "--seed", "4", "--gen-length", "64", "--block-length", "32", "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("accuracy", "nfe", "generated_tokens", "wall_s", "per_task", "refresh_tokens", "predicted_length",
+                "actual_length", "drafted_per_forward", "query_rows_per_forward"):
+        assert key in result
+    assert "prompt" in r.stderr  # the progress bar
+    bad = _run("vllm_odb.bench", "quality", "--model", "checkpoints/tiny-dream", "--method", "nope")
+    assert bad.returncode == 2 and "fast-dllm" in bad.stderr and "vanilla" in bad.stderr
+    bad = _run("vllm_odb.bench", "quality", "--model", "checkpoints/tiny-dream", "--method", "vanilla", "--engine", "x")
+    assert bad.returncode == 2 and "reference" in bad.stderr
+    bad = _run("vllm_odb.bench", "quality", "--model", "checkpoints/tiny-dream", "--method", "fast-dllm",
+               "--gen-length", "100", "--block-length", "32")
+    assert bad.returncode == 2 and "gen_length=100" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_generate_command():
+    r = _run("vllm_odb.generate", "--model", "checkpoints/tiny-llada", "Reverse the word planet.")
+    assert r.returncode == 0, r.stderr
+    assert "tenalp" in r.stdout
+    bad = _run("vllm_odb.generate", "--model", "checkpoints/tiny-llada", "--threshold", "1.5", "hi")
+    assert bad.returncode == 2 and "threshold" in bad.stderr
+
+
+def test_plugin_entry_point_declared_and_idempotent():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert meta["project"]["entry-points"]["vllm.general_plugins"] == {"odb": "vllm_odb:register"}
+    assert "vllm==0.26.0" in meta["project"]["dependencies"]
+    import vllm_odb
+
+    vllm_odb.register()
+    vllm_odb.register()  # idempotent
+    assert vllm_odb._registered

@@ -1,0 +1,61 @@
+"""``python -m vllm_odb.generate``: answer prompts with a dLLM checkpoint.
+
+    python -m vllm_odb.generate --model checkpoints/tiny-llada "What is 47+38? Show the column sums."
+
+Runs the reference engine (pure PyTorch, CPU or GPU). Prints each response and the decoding
+statistics (forwards, canvas length after adaptive length prediction, drafted tokens accepted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from vllm_odb.policies.config import METHODS, DecodeConfig
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vllm_odb.generate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("prompts", nargs="*", help="user messages (default: three suite questions)")
+    ap.add_argument("--model", default="checkpoints/tiny-llada")
+    ap.add_argument("--method", default="odb", help=f"one of {sorted(METHODS)}")
+    ap.add_argument("--gen-length", type=int, default=128)
+    ap.add_argument("--block-length", type=int, default=32)
+    ap.add_argument("--threshold", type=float, default=None)
+    ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args(argv)
+    from vllm_odb.reference.generate import generate, response_ids
+    from vllm_odb.reference.loader import load_checkpoint
+
+    prompts = args.prompts or ["What is 47+38? Show the column sums.", "Sort these letters: q d m a",
+                               "Reverse the word planet."]
+    try:
+        cfg = DecodeConfig.for_method(args.method, gen_length=args.gen_length, block_length=args.block_length,
+                                      threshold=args.threshold)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        ckpt = load_checkpoint(args.model, device=device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    stop = [ckpt.tokenizer(s, add_special_tokens=False)["input_ids"] for s in args.stop]
+    t0 = time.time()
+    out = generate(ckpt.model, [ckpt.encode_chat(p) for p in prompts], cfg, ckpt.special, stop=stop)
+    wall = time.time() - t0
+    for i, (p, canvas) in enumerate(zip(prompts, out.tokens)):
+        text = ckpt.tokenizer.decode(response_ids(canvas, ckpt.special), skip_special_tokens=True)
+        for s in args.stop:
+            text = text.split(s)[0]
+        print(f"> {p}\n{text}")
+        print(json.dumps({"nfe": out.nfe[i], **{k: v[i] for k, v in out.stats.items()}}))
+    print(f"[{args.method} on {device}: {out.forwards} forwards, {wall:.2f}s]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
