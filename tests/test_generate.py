@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from vllm_odb.policies import DecodeConfig, decide
+from vllm_odb.policies.jump import DraftBudget
 from vllm_odb.reference.generate import _jump_step, generate, response_ids
 from vllm_odb.reference.loader import load_checkpoint
 from vllm_odb.tiny.suite import make_suite, score
@@ -145,8 +146,7 @@ def test_jump_share_step_equals_two_plain_steps(ckpt):
         adopted = (x0_1, torch.where(c1, 2.0, 0.0))
         jcfg = cfg.replace(max_draft_positions=k)
         new_block, _, rows, accepted = _jump_step(model, x, pos, keys, cache, s, e, shift,
-                                                  x[:, s:e] == sp.mask_id, adopted,
-                                                  __import__("vllm_odb.policies.jump", fromlist=["DraftBudget"]).DraftBudget(4096, k),
+                                                  x[:, s:e] == sp.mask_id, adopted, DraftBudget(4096, k),
                                                   1, jcfg, sp.mask_id)
         assert int(accepted[0]) == k
         assert new_block.tolist() == two_steps.tolist()

@@ -19,47 +19,47 @@ from typing import Iterable
 
 import torch
 
-# (official regex, internal template) pairs for LLaDA. Order matters: the per-block ``ff_out``
-# (down projection) must be tried before the top-level ``transformer.ff_out`` (the LM head).
-_LLADA_RULES: list[tuple[str, str]] = [
-    (r"model\.transformer\.wte\.weight", "model.embed_tokens.weight"),
-    (r"model\.transformer\.blocks\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
-    (r"model\.transformer\.blocks\.(\d+)\.(q|k|v)_proj\.(weight|bias)", r"model.layers.\1.self_attn.\2_proj.\3"),
-    (r"model\.transformer\.blocks\.(\d+)\.attn_out\.weight", r"model.layers.\1.self_attn.o_proj.weight"),
-    (r"model\.transformer\.blocks\.(\d+)\.ff_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"model\.transformer\.blocks\.(\d+)\.ff_proj\.weight", r"model.layers.\1.mlp.gate_proj.weight"),
-    (r"model\.transformer\.blocks\.(\d+)\.up_proj\.weight", r"model.layers.\1.mlp.up_proj.weight"),
-    (r"model\.transformer\.blocks\.(\d+)\.ff_out\.weight", r"model.layers.\1.mlp.down_proj.weight"),
-    (r"model\.transformer\.ln_f\.weight", "model.norm.weight"),
-    (r"model\.transformer\.ff_out\.weight", "lm_head.weight"),
+# LLaDA's official names and ours, one row per tensor kind; both directions use this table.
+# Fields: {i} a layer index, {p} one of q/k/v, {t} weight or bias. Order matters: the per-block
+# ``ff_out`` (down projection) is listed before the top-level ``transformer.ff_out`` (the LM head).
+_LLADA_NAMES: list[tuple[str, str]] = [
+    ("model.transformer.wte.weight", "model.embed_tokens.weight"),
+    ("model.transformer.blocks.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("model.transformer.blocks.{i}.{p}_proj.{t}", "model.layers.{i}.self_attn.{p}_proj.{t}"),
+    ("model.transformer.blocks.{i}.attn_out.weight", "model.layers.{i}.self_attn.o_proj.weight"),
+    ("model.transformer.blocks.{i}.ff_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("model.transformer.blocks.{i}.ff_proj.weight", "model.layers.{i}.mlp.gate_proj.weight"),
+    ("model.transformer.blocks.{i}.up_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
+    ("model.transformer.blocks.{i}.ff_out.weight", "model.layers.{i}.mlp.down_proj.weight"),
+    ("model.transformer.ln_f.weight", "model.norm.weight"),
+    ("model.transformer.ff_out.weight", "lm_head.weight"),
 ]
-_LLADA_INVERSE: list[tuple[str, str]] = [
-    (r"model\.embed_tokens\.weight", "model.transformer.wte.weight"),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"model.transformer.blocks.\1.attn_norm.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)", r"model.transformer.blocks.\1.\2_proj.\3"),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"model.transformer.blocks.\1.attn_out.weight"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"model.transformer.blocks.\1.ff_norm.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", r"model.transformer.blocks.\1.ff_proj.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", r"model.transformer.blocks.\1.up_proj.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", r"model.transformer.blocks.\1.ff_out.weight"),
-    (r"model\.norm\.weight", "model.transformer.ln_f.weight"),
-    (r"lm_head\.weight", "model.transformer.ff_out.weight"),
-]
+_FIELDS = {"i": r"(?P<i>\d+)", "p": r"(?P<p>[qkv])", "t": r"(?P<t>weight|bias)"}
+
+
+def _pattern(template: str) -> re.Pattern:
+    parts = re.split(r"\{(\w)\}", template)  # literal, field, literal, ...
+    return re.compile("".join(re.escape(x) if k % 2 == 0 else _FIELDS[x] for k, x in enumerate(parts)))
+
+
+_LLADA_FORWARD = [(_pattern(src), dst) for src, dst in _LLADA_NAMES]
+_LLADA_INVERSE = [(_pattern(dst), src) for src, dst in _LLADA_NAMES]
 
 LLADA_ARCH = "LLaDAModelLM"
 DREAM_ARCH = "DreamModel"
 
 
-def _apply_rules(name: str, rules: list[tuple[str, str]]) -> str:
+def _apply_rules(name: str, rules: list[tuple[re.Pattern, str]]) -> str:
     for pattern, template in rules:
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, template, name)
+        m = pattern.fullmatch(name)
+        if m:
+            return template.format(**m.groupdict())
     raise KeyError(f"unexpected tensor name {name!r}")
 
 
 def official_to_internal(arch: str, name: str) -> str:
     """Map an official checkpoint tensor name to vllm-odb's (HF Llama) layout."""
-    return _apply_rules(name, _LLADA_RULES) if arch == "llada" else name
+    return _apply_rules(name, _LLADA_FORWARD) if arch == "llada" else name
 
 
 def internal_to_official(arch: str, name: str) -> str:

@@ -51,7 +51,9 @@ class DecodeConfig:
     alp_min_length: int = 0
     early_stop: bool = False
     jump: bool = False
-    ridge_rows: int = 256
+    # Default: the H100 ridge point measured by scripts/measure_ridge.py (753.5 TFLOP/s bf16 matmul /
+    # 2999 GB/s copy = 251 FLOP/byte; benchmarks/results/gpu/ridge-h100.json).
+    ridge_rows: int = 251
     max_draft_positions: int = 8
     extra: dict = field(default_factory=dict, compare=False)
 

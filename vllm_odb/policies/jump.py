@@ -55,7 +55,7 @@ class DraftBudget:
     """Query rows one forward may carry across the batch: the ridge point (peak FLOP/s over
     memory bandwidth; for a bf16 GEMM the arithmetic intensity of N rows is about N)."""
 
-    ridge_rows: int = 256
+    ridge_rows: int = 251  # measured H100 ridge point, see DecodeConfig.ridge_rows
     max_positions: int = 8
 
     def __post_init__(self):
