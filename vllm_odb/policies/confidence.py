@@ -10,6 +10,11 @@ def gumbel_noise(shape, generator: torch.Generator | None, device) -> torch.Tens
     return -torch.log(-torch.log(u.clamp_min(1e-300)))
 
 
+def drop_token(logits: torch.Tensor, token_id: int) -> torch.Tensor:
+    """fp32 logits with ``token_id`` made impossible (the mask token is never a prediction)."""
+    return logits.float().index_fill(-1, torch.tensor([token_id], device=logits.device), float("-inf"))
+
+
 def predict(
     logits: torch.Tensor,
     kind: str = "prob",

@@ -8,7 +8,7 @@ per step and no cache; ``fast-dllm`` = threshold parallel decoding on the dual c
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 RULES = ("quota", "threshold", "factor")
 CONFIDENCES = ("prob", "margin", "neg_entropy")
@@ -55,7 +55,6 @@ class DecodeConfig:
     # 2999 GB/s copy = 251 FLOP/byte; benchmarks/results/gpu/ridge-h100.json).
     ridge_rows: int = 251
     max_draft_positions: int = 8
-    extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         _check_int("gen_length", self.gen_length, 1)
@@ -118,7 +117,7 @@ class DecodeConfig:
 
     @classmethod
     def from_dict(cls, knobs: dict) -> "DecodeConfig":
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(knobs) - names)
         if unknown:
             raise ValueError(f"unknown decoding knob(s) {unknown}; known: {sorted(names)}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from vllm_odb.policies.commit import commit_factor, commit_threshold, commit_topk
-from vllm_odb.policies.confidence import predict
+from vllm_odb.policies.confidence import drop_token, predict
 from vllm_odb.policies.config import DecodeConfig
 
 
@@ -24,8 +24,7 @@ def decide(
     """logits [B, N, V] for the N canvas positions of a block; masked [B, N].
     Returns (x0 [B, N], conf [B, N], commit [B, N] bool, a subset of ``masked``).
     The mask token itself is never predicted (its logit is dropped before the softmax)."""
-    logits = logits.float().index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
-    x0, conf = predict(logits, cfg.confidence, cfg.temperature, generator)
+    x0, conf = predict(drop_token(logits, mask_id), cfg.confidence, cfg.temperature, generator)
     if cfg.rule == "quota":
         if quota is None:
             raise ValueError("rule='quota' needs a per-row quota")

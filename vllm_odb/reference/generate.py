@@ -26,6 +26,7 @@ import torch
 
 from vllm_odb.checkpoint import SpecialTokens
 from vllm_odb.policies import DecodeConfig, decide, dream_quota, linear_quota, predict
+from vllm_odb.policies.confidence import drop_token
 from vllm_odb.policies.jump import (
     DraftBudget,
     accept,
@@ -137,7 +138,7 @@ def generate(
                 logits_all, kv = model(x, pos, key_mask, return_kv=True)
                 refresh_tokens += torch.where(live, key_mask.sum(1), 0)
                 if cfg.alp:
-                    x0_all, conf_all = predict(_drop_mask(logits_all[:, s - shift:x.shape[1] - shift], mask_id))
+                    x0_all, conf_all = predict(drop_token(logits_all[:, s - shift:x.shape[1] - shift], mask_id))
                     scan = (x[:, s:] == mask_id) & key_mask[:, s:] & live[:, None]
                     length = torch.where(live, predict_length(x0_all, conf_all, scan, b * blen, length, markers,
                                                               cfg.alp_threshold, blen, cfg.alp_min_length), length)
@@ -190,10 +191,6 @@ def generate(
         "cached_forwards": cached_forwards.tolist(),
     }
     return GenerateOutput(tokens=canvas.tolist(), nfe=nfe.tolist(), forwards=forwards, stats=stats)
-
-
-def _drop_mask(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
-    return logits.float().index_fill(-1, torch.tensor([mask_id], device=logits.device), float("-inf"))
 
 
 def _jump_step(model, x, pos, key_mask, cache, s, e, shift, masked, adopted, budget, n_live, cfg, mask_id):
