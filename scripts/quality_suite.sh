@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Quality figures of BENCHMARKS.md on the CPU reference engine (shipped checkpoints, seed 0).
-#   PART=ladder bash scripts/cpu_quality.sh [outdir]   # default outdir benchmarks/results/quality
+# Quality figures of BENCHMARKS.md: the reference engine (CUDA if present, else CPU; fp32) on the
+# shipped checkpoints, suite seed 0.
+#   PART=ladder bash scripts/quality_suite.sh [outdir]   # default outdir benchmarks/results/quality
 # PART: foundation (vanilla / fast-dllm at gen 64), ladder (ODB ablation at gen 128) or all.
 set -euo pipefail
 out=${1:-benchmarks/results/quality}; mkdir -p "$out"
@@ -16,7 +17,7 @@ for m in llada dream; do
   # ODB ablation ladder, gen 128 >= 4x the longest answer, batch 1 (the draft budget is per forward).
   for t in 0.9 1.0; do
     for meth in fast-dllm odb-alp odb-jump odb; do
-      q --model checkpoints/tiny-$m --method $meth --limit 100 --gen-length 128 --block-length 32 --threshold $t \
+      q --model checkpoints/tiny-$m --method $meth --limit 200 --gen-length 128 --block-length 32 --threshold $t \
         --batch-size 1 > "$out/$m-$meth-g128-t$t.json"
     done
   done
