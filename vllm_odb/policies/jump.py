@@ -195,21 +195,21 @@ def accept(commit: torch.Tensor, x0: torch.Tensor, positions: torch.Tensor, toke
     # v[b, branch, i]: the branch commits drafted position i with its drafted token.
     pos = positions[:, None, :].expand(b, nb, p)
     v = commit.gather(2, pos) & (x0.gather(2, pos) == tokens[:, None, :])
-    # States: index 0 = base (empty set), 1..D = drafts.
-    sets = torch.cat([torch.zeros((1, p), dtype=torch.bool, device=dev), family], 0)  # [1+D, p]
+    # States: index 0 = base (empty set), 1..D = drafts. The subset structure is planned once on
+    # the host from the family (one small transfer), not per comparison.
+    states = [frozenset()] + [frozenset(i for i, f in enumerate(row) if f) for row in family.tolist()]
     valid = torch.cat([torch.ones((b, 1), dtype=torch.bool, device=dev), draft_valid], 1)
     reach = torch.zeros((b, nb), dtype=torch.bool, device=dev)
     reach[:, 0] = True
-    size = sets.sum(1)
     # Process states by size so every strict subset is settled first.
-    for target in sorted(range(1, nb), key=lambda i: int(size[i])):
+    for target in sorted(range(1, nb), key=lambda i: len(states[i])):
         ok = torch.zeros(b, dtype=torch.bool, device=dev)
         for src in range(nb):
-            if src == target or not bool((sets[src] <= sets[target]).all()) or int(size[src]) >= int(size[target]):
-                continue
-            diff = sets[target] & ~sets[src]
-            ok |= reach[:, src] & (v[:, src] | ~diff[None]).all(1)
+            if states[src] < states[target]:
+                diff = sorted(states[target] - states[src])
+                ok |= reach[:, src] & v[:, src, diff].all(1)
         reach[:, target] = ok & valid[:, target]
+    size = torch.tensor([len(st) for st in states], device=dev)
     # Furthest reachable state; family order breaks ties.
     score = torch.where(reach, size[None].expand(b, -1) * nb + (nb - torch.arange(nb, device=dev))[None], -1)
     return score.argmax(1)
