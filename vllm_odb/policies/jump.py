@@ -135,7 +135,6 @@ def branch_layout(window_tokens: torch.Tensor, draft_valid: torch.Tensor, shared
     b, nb, w = window_tokens.shape
     k = w - shift
     dev = window_tokens.device
-    d = nb - 1
     # Window offsets a draft needs in the shared layout: masked positions and (shift) the one before.
     need = torch.zeros((b, w), dtype=torch.bool, device=dev)
     need[:, shift:] = base_masked

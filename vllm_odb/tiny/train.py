@@ -171,7 +171,6 @@ def main(argv=None) -> int:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else torch.autocast("cpu", enabled=False)
     t0 = time.time()
     log, loss_sum, stopped_early = [], None, False
-    plen_max = pool[0].shape[1]
     step = 0
     while step < args.steps:
         if step == 40:
