@@ -2,16 +2,40 @@
 
 __version__ = "0.1.0"
 
+# Architectures the official checkpoints declare -> our vLLM model classes (lazy: no CUDA at import).
+ARCHITECTURES = {
+    "LLaDAModelLM": "vllm_odb.models.diffusion_lm:LLaDAForDiffusionLM",
+    "DreamModel": "vllm_odb.models.diffusion_lm:DreamForDiffusionLM",
+}
+# config.json model_type -> our config class name in vllm_odb.models.configs.
+CONFIG_CLASSES = {"llada": "LLaDAConfig", "Dream": "DreamConfig"}
+
 _registered = False
 
 
 def register() -> None:
-    """vLLM general-plugin entry point. Idempotent and importable without a GPU.
+    """vLLM general-plugin entry point (``vllm.general_plugins``), called in every vLLM process.
 
-    It is called in every vLLM process (front end, engine core, workers). The vLLM model classes
-    are registered here once they exist (see the vLLM-architectures issue); today it only marks
-    the plugin as loaded."""
+    Idempotent and GPU-free. Registers LLaDA and Dream as generate models (without it vLLM would
+    take ``DreamModel`` for a pooling model), their config classes (no ``trust_remote_code``),
+    the engine config hook, and applies the version-checked patches (vllm_odb/patches)."""
     global _registered
     if _registered:
         return
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+    from vllm.transformers_utils.config import _CONFIG_REGISTRY
+
+    from vllm_odb import patches
+    from vllm_odb.models import configs
+    from vllm_odb.models.hook import ODBConfigHook
+
+    patches.apply_all()
+    supported = set(ModelRegistry.get_supported_archs())
+    for arch, target in ARCHITECTURES.items():
+        if arch not in supported:
+            ModelRegistry.register_model(arch, target)
+        MODELS_CONFIG_MAP[arch] = ODBConfigHook
+    for model_type, name in CONFIG_CLASSES.items():
+        _CONFIG_REGISTRY[model_type] = getattr(configs, name)
     _registered = True

@@ -57,6 +57,11 @@ def _apply_rules(name: str, rules: list[tuple[re.Pattern, str]]) -> str:
     raise KeyError(f"unexpected tensor name {name!r}")
 
 
+def llada_name_rules() -> list[tuple[re.Pattern, str]]:
+    """LLaDA official-name patterns and their internal templates (for vLLM's WeightsMapper)."""
+    return list(_LLADA_FORWARD)
+
+
 def official_to_internal(arch: str, name: str) -> str:
     """Map an official checkpoint tensor name to vllm-odb's (HF Llama) layout."""
     return _apply_rules(name, _LLADA_FORWARD) if arch == "llada" else name

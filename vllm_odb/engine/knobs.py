@@ -1,0 +1,110 @@
+"""Decoding knobs on the vLLM engine: engine defaults and per-request overrides.
+
+Engine defaults come from ``--additional-config '{"odb": {...}}'`` (``LLM(additional_config=...)``);
+a request overrides them through ``SamplingParams.extra_args`` (offline) or ``vllm_xargs`` (HTTP).
+Both end as one ``DecodeConfig`` (policies/config.py), so the knob names, defaults and error
+messages are the reference loop's. The few engine rules on top:
+
+- ``block_length`` fixes vLLM's canvas (``diffusion_config.canvas_length``), so it is an engine
+  knob: a request may repeat it, never change it.
+- ``gen_length`` defaults to ``max_tokens`` rounded up to whole blocks (the canvas a request asks
+  for), or the engine default when the request leaves ``max_tokens`` unset.
+- ``temperature`` is vLLM's own ``SamplingParams.temperature`` (0 = greedy), not an extra arg.
+- The engine runs the dual cache with the threshold or factor rule (Fast-dLLM and ODB modes); the
+  fixed-quota and uncached modes stay in the reference engine.
+
+Pure Python: imported by the front end (request validation), the scheduler patch and the worker.
+"""
+
+from __future__ import annotations
+
+import math
+
+from vllm_odb.policies.config import METHODS, DecodeConfig
+
+ENGINE_SECTION = "odb"  # --additional-config '{"odb": {...}}'
+ENGINE_RULES = ("threshold", "factor")
+ENGINE_CACHES = ("dual",)
+# Knobs the engine does not run yet (ODB in vLLM is its own issue); refused by name, never ignored.
+NOT_IN_ENGINE_YET = ("alp", "jump")
+REQUEST_ONLY_NOT_KNOBS = ("temperature",)
+MODE_KNOBS = ("rule", "cache", "alp", "early_stop", "jump")  # what a method preset sets
+
+
+def _engine_checks(cfg: DecodeConfig, where: str) -> DecodeConfig:
+    if cfg.rule not in ENGINE_RULES:
+        raise ValueError(f"{where}rule={cfg.rule!r}: the vLLM engine decodes with {list(ENGINE_RULES)} "
+                         "(the fixed-quota rule runs in the reference engine)")
+    if cfg.cache not in ENGINE_CACHES:
+        raise ValueError(f"{where}cache={cfg.cache!r}: the vLLM engine runs cache='dual' "
+                         "(other cache modes run in the reference engine)")
+    for name in NOT_IN_ENGINE_YET:
+        if getattr(cfg, name):
+            raise ValueError(f"{where}{name}=true is not available on the vLLM engine yet")
+    return cfg
+
+
+def _from_knobs(knobs: dict, where: str) -> DecodeConfig:
+    knobs = dict(knobs)
+    method = knobs.pop("method", "fast-dllm")
+    if method not in METHODS:
+        raise ValueError(f"{where}method={method!r}; choose from {sorted(METHODS)}")
+    try:
+        return DecodeConfig.from_dict({**METHODS[method], **knobs})
+    except ValueError as e:
+        raise ValueError(f"{where}{e}") from None
+
+
+def engine_config(additional_config: dict | None) -> DecodeConfig:
+    """The engine's default ``DecodeConfig`` from vLLM's ``additional_config``."""
+    section = (additional_config or {}).get(ENGINE_SECTION, {})
+    if not isinstance(section, dict):
+        raise ValueError(f"additional_config.{ENGINE_SECTION} must be a JSON object, got {section!r}")
+    for name in REQUEST_ONLY_NOT_KNOBS:
+        if name in section:
+            raise ValueError(f"additional_config.{ENGINE_SECTION}.{name}: set temperature per request "
+                             "(SamplingParams.temperature)")
+    where = f"additional_config.{ENGINE_SECTION}: "
+    return _engine_checks(_from_knobs(section, where), where)
+
+
+def default_gen_length(engine: DecodeConfig, max_tokens: int | None) -> int:
+    if max_tokens is None:
+        return engine.gen_length
+    return max(1, math.ceil(max_tokens / engine.block_length)) * engine.block_length
+
+
+def request_config(engine: DecodeConfig, extra_args: dict | None, temperature: float = 0.0,
+                   max_tokens: int | None = None) -> DecodeConfig:
+    """One request's ``DecodeConfig``: the engine defaults, then ``extra_args`` (bad or unknown
+    knobs raise ``ValueError`` naming them), then vLLM's temperature."""
+    args = dict(extra_args or {})
+    where = "extra_args: "
+    for name in REQUEST_ONLY_NOT_KNOBS:
+        if name in args:
+            raise ValueError(f"{where}{name} is not an extra arg; use SamplingParams.temperature")
+    if "block_length" in args and args["block_length"] != engine.block_length:
+        raise ValueError(f"{where}block_length={args['block_length']!r}: this engine's canvas is "
+                         f"block_length={engine.block_length} (set it for the engine with "
+                         f"--additional-config '{{\"{ENGINE_SECTION}\": {{\"block_length\": N}}}}')")
+    base = {k: v for k, v in _public(engine).items() if k not in ("gen_length", "temperature")}
+    if "method" in args:  # a preset replaces the engine's mode knobs; the others stay
+        base = {k: v for k, v in base.items() if k not in MODE_KNOBS}
+    knobs = {**base, **args}
+    knobs.setdefault("gen_length", default_gen_length(engine, max_tokens))
+    if temperature is not None:
+        knobs["temperature"] = float(temperature)
+    return _engine_checks(_from_knobs(knobs, where), where)
+
+
+def _public(cfg: DecodeConfig) -> dict:
+    import dataclasses
+
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def live_gen_length(cfg: DecodeConfig, prompt_len: int, max_model_len: int, shift: int) -> int:
+    """The canvas a request decodes on the engine: ``gen_length``, cut to whole blocks that fit in
+    ``max_model_len`` (the last block's query reaches ``shift`` positions past the canvas)."""
+    room = (max_model_len - prompt_len - shift) // cfg.block_length * cfg.block_length
+    return max(0, min(cfg.gen_length, room))

@@ -1,0 +1,167 @@
+"""``ODBModelState``: LLaDA/Dream's hook into vLLM 0.26's V2 model runner (DiffusionGemma's route).
+
+What vLLM's diffusion path gives us: each running request is scheduled as ``width`` draft slots
+(``diffusion_config.canvas_length``) after its committed tokens, with no AR bonus token, and the
+sampler may commit 0..width of them per step. What this state adds:
+
+- bidirectional attention: ``causal=False`` in the attention metadata of every step;
+- the dual cache: a decode step's keys are the whole sequence, prompt + canvas, so the sequence
+  length handed to attention is prompt + live canvas, not vLLM's ``num_computed + query``
+  (the suffix's slots exist thanks to patches/scheduler_lookahead.py and hold the KV the last
+  refresh wrote);
+- Dream's shifted logits: Dream predicts token i from position i-1, so its query window is the
+  position before the block plus the block (width = block + 1). vLLM schedules the window at
+  ``[s, s + width)``; positions and KV slots are moved one back here, so the window is
+  ``[s - 1, s + block)``, the same rows the reference loop queries;
+- the request table (per-request knobs and canvases) and the sampler that decodes
+  (``custom_sampler``).
+
+All per-step writes go to persistent buffers (the runner's positions and slot mappings, our
+``seq_lens``), so FULL CUDA-graph replays of decode steps see them. No worker subclass is needed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from vllm.config.compilation import CUDAGraphMode
+from vllm.v1.worker.gpu.attn_utils import build_attn_metadata
+from vllm.v1.worker.gpu.buffer_utils import async_copy_to_gpu
+from vllm.v1.worker.gpu.model_states.default import DefaultModelState
+
+from vllm_odb.engine.refresh import kv_slots
+from vllm_odb.engine.requests import RequestTable
+from vllm_odb.policies import DecodeConfig
+
+
+def _end_markers(spec, generation_config: dict) -> list[tuple[int, ...]]:
+    ends = [spec.eos_token_id]
+    gen_eos = (generation_config or {}).get("eos_token_id")
+    if gen_eos is not None:
+        ends += list(gen_eos) if isinstance(gen_eos, (list, tuple)) else [gen_eos]
+    return [(int(e),) for e in dict.fromkeys(ends)]
+
+
+class ODBModelState(DefaultModelState):
+    num_new_sampled_tokens_per_step = 0  # diffusion: no AR bonus token
+
+    def __init__(self, vllm_config, model, encoder_cache, device):
+        super().__init__(vllm_config, model, encoder_cache, device)
+        hf = self.model_config.hf_config
+        self.spec = hf.spec
+        self.shift = self.spec.logits_shift
+        engine = DecodeConfig(**hf.odb_engine)
+        try:
+            gen_cfg = self.model_config.try_get_generation_config() or {}
+        except Exception:  # a checkpoint without generation_config.json
+            gen_cfg = {}
+        self.table = RequestTable(self.max_num_reqs, self.max_model_len, engine, self.shift,
+                                  self.spec.mask_token_id, self.spec.eos_token_id,
+                                  _end_markers(self.spec, gen_cfg), device)
+        self.width = self.table.width
+        if vllm_config.num_speculative_tokens != self.width:
+            raise RuntimeError(f"vLLM schedules {vllm_config.num_speculative_tokens} canvas slots per "
+                               f"request, the decoder needs {self.width} (block_length + shift)")
+        self.seq_lens_buf = torch.zeros(self.max_num_reqs, dtype=torch.int32, device=device)
+        self.seq_len_override = np.zeros(self.max_num_reqs, dtype=np.int32)
+        # The step's gathered block tables (batch-row order) and the KV kernel block size, for the
+        # refresh forward's slots and Dream's moved window.
+        self.block_tables: torch.Tensor | None = None
+        self.kernel_block_size: int | None = None
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(self, req_index: int, new_req_data) -> None:
+        super().add_request(req_index, new_req_data)
+        self.table.add(req_index, new_req_data.req_id, new_req_data.prompt_token_ids or [],
+                       new_req_data.prefill_token_ids, new_req_data.sampling_params)
+
+    def remove_request(self, req_id: str) -> None:
+        self.table.remove(req_id)
+
+    def custom_sampler(self, sampler: Any) -> tuple[Any, Any] | None:
+        from vllm_odb.engine.sampler import ODBSampler
+
+        return ODBSampler(self, sampler), None
+
+    # ---- attention ------------------------------------------------------------------------
+    def prepare_attn(self, input_batch, cudagraph_mode, block_tables, slot_mappings, attn_groups,
+                     kv_cache_config, for_capture: bool = False) -> dict[str, Any]:
+        if cudagraph_mode == CUDAGraphMode.FULL:
+            num_reqs, num_tokens = input_batch.num_reqs_after_padding, input_batch.num_tokens_after_padding
+        else:
+            num_reqs, num_tokens = input_batch.num_reqs, input_batch.num_tokens
+        self.seq_lens_buf[:num_reqs].copy_(input_batch.seq_lens[:num_reqs])
+        if not for_capture:
+            self.block_tables = block_tables[0]
+            self._calibrate(input_batch, kv_cache_config, slot_mappings)
+            self._dual_cache_and_shift(input_batch, slot_mappings)
+        return build_attn_metadata(
+            attn_groups=attn_groups,
+            num_reqs=num_reqs,
+            num_tokens=num_tokens,
+            query_start_loc_gpu=input_batch.query_start_loc[: num_reqs + 1],
+            query_start_loc_cpu=torch.from_numpy(input_batch.query_start_loc_np[: num_reqs + 1]),
+            max_query_len=int(input_batch.num_scheduled_tokens.max()),
+            seq_lens=self.seq_lens_buf[:num_reqs],
+            max_seq_len=self.max_model_len,
+            block_tables=block_tables,
+            slot_mappings=slot_mappings,
+            kv_cache_config=kv_cache_config,
+            causal=False,
+            for_cudagraph_capture=for_capture,
+        )
+
+    def decode_rows(self, input_batch) -> np.ndarray:
+        """Batch rows that run a decode step (the canvas), not a prompt prefill."""
+        n = input_batch.num_reqs
+        return np.flatnonzero(~input_batch.is_prefilling_np[:n] & (input_batch.num_scheduled_tokens[:n] == self.width))
+
+    def _dual_cache_and_shift(self, input_batch, slot_mappings) -> None:
+        rows = self.decode_rows(input_batch)
+        if len(rows) == 0:
+            return
+        slots = input_batch.idx_mapping_np[rows]
+        ends = np.array([self._end(s) for s in slots], dtype=np.int32)
+        override = np.zeros(input_batch.num_reqs, dtype=np.int32)
+        override[rows] = ends
+        lens = async_copy_to_gpu(override, device=self.device)
+        n = input_batch.num_reqs
+        torch.maximum(self.seq_lens_buf[:n], lens, out=self.seq_lens_buf[:n])
+        if self.shift:
+            starts = input_batch.query_start_loc_np[rows]
+            tok = (starts[:, None] + np.arange(self.width)[None]).reshape(-1)
+            tok_rows = np.repeat(rows, self.width)
+            tok_g = async_copy_to_gpu(tok.astype(np.int64), device=self.device)
+            rows_g = async_copy_to_gpu(tok_rows.astype(np.int64), device=self.device)
+            pos = input_batch.positions[tok_g] - self.shift
+            input_batch.positions[tok_g] = pos
+            kbs = self.kernel_block_size
+            table = self.block_tables[rows_g]
+            slot = table.gather(1, (pos // kbs)[:, None])[:, 0].long() * kbs + pos % kbs
+            slot_mappings[0, tok_g] = slot.to(slot_mappings.dtype)
+
+    def _end(self, slot: int) -> int:
+        req = self.table.get(slot)
+        return 0 if req is None else req.end
+
+    def _calibrate(self, input_batch, kv_cache_config, slot_mappings) -> None:
+        """Find the block size the block tables count in (the attention kernel's), once, by
+        reproducing the runner's slot mapping of this step's first token."""
+        if self.kernel_block_size is not None or input_batch.num_reqs == 0:
+            return
+        block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+        first = int(input_batch.query_start_loc_np[0])
+        count = int(input_batch.num_scheduled_tokens[0])
+        pos = input_batch.positions[first:first + count]
+        want = slot_mappings[0, first:first + count].long()
+        for kbs in sorted({d for d in range(1, block_size + 1) if block_size % d == 0}, reverse=True):
+            if torch.equal(kv_slots(self.block_tables[0], pos, kbs), want):
+                self.kernel_block_size = kbs
+                return
+        raise RuntimeError("vllm-odb could not reproduce vLLM's KV slot mapping from the block table; "
+                           "this vLLM build lays out its paged cache differently than 0.26.0")
+
+    def prepare_dummy_inputs(self, num_reqs: int, num_tokens: int) -> dict[str, Any]:
+        return super().prepare_dummy_inputs(num_reqs, num_tokens)

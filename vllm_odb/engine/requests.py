@@ -1,0 +1,96 @@
+"""Per-request decoding state of the vLLM engine, indexed by the runner's request slot.
+
+Host side: each request's ``DecodeConfig``, prompt length, live canvas and current block. GPU
+side: ``tokens[slot]`` = prompt, committed blocks and the canvas still being decoded (masks where
+undecided), the sequence the refresh forward reads and the draft slots are cut from.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from vllm_odb.engine.knobs import live_gen_length, request_config
+from vllm_odb.policies import DecodeConfig
+from vllm_odb.policies.length import Marker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ODBRequest:
+    req_id: str
+    cfg: DecodeConfig
+    prompt_len: int
+    gen: int  # live canvas length (tokens), whole blocks
+    start: int  # first position of the current block
+    finished: bool = False  # canvas done or ended early: emits EOS blocks until vLLM stops it
+    stats: dict = field(default_factory=lambda: {"nfe": 0, "refreshes": 0, "refresh_tokens": 0,
+                                                 "idle_forwards": 0})
+
+    @property
+    def end(self) -> int:
+        return self.prompt_len + self.gen
+
+
+class RequestTable:
+    def __init__(self, max_num_reqs: int, max_model_len: int, engine: DecodeConfig, shift: int,
+                 mask_id: int, eos_id: int, markers: list[Marker], device):
+        self.engine = engine
+        self.block = engine.block_length
+        self.shift = shift
+        self.width = engine.block_length + shift  # query rows of a decode step (vLLM's canvas)
+        self.max_model_len = max_model_len
+        self.mask_id = mask_id
+        self.eos_id = eos_id
+        self.markers = markers
+        self.device = device
+        # + one block of room past max_model_len for EOS fill after the last block
+        self.tokens = torch.full((max_num_reqs, max_model_len + self.width + self.block), mask_id,
+                                 dtype=torch.long, device=device)
+        self.reqs: list[ODBRequest | None] = [None] * max_num_reqs
+        self.slot_of: dict[str, int] = {}
+
+    def add(self, slot: int, req_id: str, prompt_ids: list[int], prefill_ids: list[int] | None,
+            sampling_params) -> ODBRequest:
+        """A new request, or one resumed after preemption (its committed blocks come back as part of
+        ``prefill_ids``; decoding continues with the next block)."""
+        self.remove(req_id)
+        sp = sampling_params
+        warmup = req_id.startswith("_warmup_")  # vLLM's kernel warm-up: run the path, decode nothing
+        try:
+            cfg = self.engine if warmup else request_config(
+                self.engine, getattr(sp, "extra_args", None), getattr(sp, "temperature", 0.0),
+                getattr(sp, "max_tokens", None))
+        except ValueError as e:  # validated in the front end (patches/diffusion_params.py); never
+            log.error("request %s: %s; it ends without output", req_id, e)  # crash the engine
+            cfg, warmup = self.engine, True
+        plen = len(prompt_ids)
+        ids = list(prefill_ids) if prefill_ids else list(prompt_ids)
+        gen = live_gen_length(cfg, plen, self.max_model_len, self.shift)
+        req = ODBRequest(req_id=req_id, cfg=cfg, prompt_len=plen, gen=gen, start=len(ids))
+        row = self.tokens[slot]
+        row.fill_(self.mask_id)
+        row[: len(ids)] = torch.tensor(ids, dtype=torch.long, device=self.device)
+        self.reqs[slot] = req
+        self.slot_of[req_id] = slot
+        if warmup or req.start >= req.end:
+            self.finish(slot)
+        return req
+
+    def remove(self, req_id: str) -> None:
+        slot = self.slot_of.pop(req_id, None)
+        if slot is not None:
+            self.reqs[slot] = None
+
+    def finish(self, slot: int) -> None:
+        """No more decoding: the canvas from the current block on reads EOS, so the next step
+        commits EOS and vLLM stops the request."""
+        req = self.reqs[slot]
+        req.finished = True
+        self.tokens[slot, req.start:] = self.eos_id
+
+    def get(self, slot: int) -> ODBRequest | None:
+        return self.reqs[slot] if 0 <= slot < len(self.reqs) else None

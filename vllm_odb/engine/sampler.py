@@ -1,0 +1,188 @@
+"""``ODBSampler``: block-diffusion decoding on vLLM's V2 runner, through the shared policy core.
+
+The runner hands over the logits of every decode request's query window (``width`` rows) after
+each forward. Per request and step, top to bottom (the reference loop's order, policies shared):
+
+    block logits (Dream: from the position before each slot) -> policies.decide -> new block
+    block complete?  no  -> the block goes back as the next step's draft slots (num_sampled 0)
+                     yes -> commit it (num_sampled = block), then, unless the request is done,
+                            refresh: one forward over prompt + canvas rewrites the cache and
+                            takes the next block's first step (engine/refresh.py)
+
+A prompt's prefill step ends the same way (refresh, first step of block 0). A block that the
+refresh step already completes is committed on the next step. A finished request (canvas done, or
+an end marker with ``early_stop``) commits EOS blocks until vLLM's stop check ends it.
+
+Logits are read in tiles over requests (``_TILE_BYTES`` of fp32 work each), so the sampler never
+holds more than a bounded slice of [requests x block, vocab] in fp32 at once. One host sync per
+step (which blocks completed) decides the refreshes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from vllm.v1.worker.gpu.sample.output import SamplerOutput
+
+from vllm_odb.engine.refresh import refresh
+from vllm_odb.policies import decide
+from vllm_odb.policies.length import marker_hits
+
+_NO_PENALTIES = SimpleNamespace(output_bin_counts=None)
+_TILE_BYTES = 1 << 30  # fp32 bytes of [rows, vocab] decided at once (decide keeps ~4 copies)
+
+
+class ODBSampler:
+    def __init__(self, state, base_sampler):
+        self.state = state
+        self.table = state.table
+        self.sampling_states = base_sampler.sampling_states
+        self.req_states = base_sampler.req_states
+        self.block = self.table.block
+        self.width = self.table.width
+        self.shift = self.table.shift
+        n = state.max_num_reqs
+        self._sampled = torch.zeros((n, self.width), dtype=torch.int32, device=state.device)
+        self._num_sampled = torch.zeros(n, dtype=torch.int32, device=state.device)
+        self._num_rejected = torch.zeros(n, dtype=torch.int32, device=state.device)
+        self._cols = torch.arange(self.block, device=state.device)
+
+    # ---- the runner's sampler surface -------------------------------------------------------
+    @property
+    def penalties_state(self):
+        return _NO_PENALTIES  # no penalties on the diffusion path; the runner reads this stub
+
+    def add_request(self, req_idx: int, prompt_len: int, sampling_params) -> None:
+        self.sampling_states.add_request(req_idx, sampling_params)
+
+    def apply_staged_writes(self) -> None:
+        self.sampling_states.apply_staged_writes()
+
+    # ---- one step -----------------------------------------------------------------------------
+    def __call__(self, logits: torch.Tensor, input_batch, draft_logits=None) -> SamplerOutput:
+        table = self.table
+        n = input_batch.num_reqs
+        slots_np = input_batch.idx_mapping_np[:n]
+        sampled = self._sampled[:n]
+        num_sampled = self._num_sampled[:n]
+        num_rejected = self._num_rejected[:n]
+        sampled.zero_()
+        num_sampled.zero_()
+        num_rejected.zero_()
+        if input_batch.num_draft_tokens == 0:  # an all-prefill batch: the runner gives each row
+            nlog = np.zeros(n, dtype=np.int64)  # one logit (its last token), which we do not use
+        else:
+            nlog = np.diff(input_batch.cu_num_logits_np[: n + 1])
+        dec_rows = [r for r in np.flatnonzero(nlog > 0) if table.get(int(slots_np[r])) is not None]
+        refresh_jobs: list[tuple[int, int]] = []  # (slot, batch row)
+
+        if dec_rows:
+            self._decode(logits, input_batch, dec_rows, sampled, num_sampled, refresh_jobs)
+            rows_t = torch.tensor(dec_rows, device=sampled.device)
+            num_rejected[rows_t] = self.width - num_sampled[rows_t]
+
+        # Prompts whose prefill completes this step: their first block starts with a refresh.
+        for r in np.flatnonzero(nlog == 0):
+            slot = int(slots_np[r])
+            req = table.get(slot)
+            done = (input_batch.num_computed_prefill_tokens_np[r] + input_batch.num_scheduled_tokens[r]
+                    >= input_batch.prefill_len_np[r])
+            if req is not None and done and not req.finished:
+                refresh_jobs.append((slot, int(r)))
+        if refresh_jobs:
+            self._refresh(refresh_jobs)
+
+        touched = sorted({int(slots_np[r]) for r in dec_rows} | {s for s, _ in refresh_jobs}
+                         | {int(slots_np[r]) for r in np.flatnonzero(nlog == 0)
+                            if table.get(int(slots_np[r])) is not None})
+        self._write_drafts(touched)
+        return SamplerOutput(sampled_token_ids=sampled, logprobs_tensors=None, num_nans=None,
+                             num_sampled=num_sampled, num_rejected=num_rejected)
+
+    def _decode(self, logits, input_batch, dec_rows, sampled, num_sampled, refresh_jobs) -> None:
+        table, blk = self.table, self.block
+        slots_np = input_batch.idx_mapping_np
+        cu = input_batch.cu_num_logits_np
+        device = sampled.device
+        reqs = [table.get(int(slots_np[r])) for r in dec_rows]
+        slots = torch.tensor([int(slots_np[r]) for r in dec_rows], device=device)
+        cols = torch.tensor([q.start for q in reqs], device=device)[:, None] + self._cols[None]
+        block = table.tokens[slots[:, None], cols]  # [D, block]
+        masked = block == table.mask_id
+        new = block.clone()
+        # Logit rows 0..block-1 of each request's window predict its block slots (for Dream the
+        # window starts one position early, so row j is position s-1+j and predicts slot j).
+        first_row = torch.tensor([int(cu[r]) for r in dec_rows], device=device)
+        groups: dict = defaultdict(list)
+        for i, q in enumerate(reqs):
+            if not q.finished:
+                groups[q.cfg].append(i)
+        vocab = logits.shape[-1]
+        tile = max(1, _TILE_BYTES // (blk * vocab * 4))
+        for cfg, members in groups.items():
+            for a in range(0, len(members), tile):
+                idx = torch.tensor(members[a:a + tile], device=device)
+                rows = (first_row[idx][:, None] + self._cols[None]).reshape(-1)
+                lg = logits[rows].view(len(idx), blk, vocab)
+                x0, _, commit = decide(lg, masked[idx], cfg, table.mask_id)
+                new[idx] = torch.where(commit, x0, block[idx])
+        table.tokens[slots[:, None], cols] = new
+        complete = ~(new == table.mask_id).any(1)
+        ends = marker_hits(new, table.markers).any(1)
+        flags = torch.stack([complete, ends, masked.any(1)], 1).tolist()  # the step's host sync
+        done_rows = []
+        for i, (r, q) in enumerate(zip(dec_rows, reqs)):
+            is_complete, has_end, had_masks = flags[i]
+            q.stats["nfe" if had_masks else "idle_forwards"] += 1
+            if not is_complete:
+                continue
+            done_rows.append(i)
+            q.start += blk
+            if q.finished or q.start >= q.end or (q.cfg.early_stop and has_end):
+                table.finish(int(slots_np[r]))
+            else:
+                refresh_jobs.append((int(slots_np[r]), int(r)))
+        if done_rows:
+            d = torch.tensor(done_rows, device=device)
+            out_rows = torch.tensor([dec_rows[i] for i in done_rows], device=device)
+            sampled[out_rows, :blk] = new[d].to(sampled.dtype)
+            num_sampled[out_rows] = blk
+
+    def _refresh(self, jobs: list[tuple[int, int]]) -> None:
+        """Refresh forward for each (slot, batch row), then the first step of its new block."""
+        table, blk = self.table, self.block
+        state = self.state
+        reqs = [table.get(s) for s, _ in jobs]
+        logits = refresh(state.model, table.tokens, [(s, r, q.end, q.start) for (s, r), q in zip(jobs, reqs)],
+                         state.block_tables, state.kernel_block_size, blk, self.shift)
+        device = logits.device
+        slots = torch.tensor([s for s, _ in jobs], device=device)
+        cols = torch.tensor([q.start for q in reqs], device=device)[:, None] + self._cols[None]
+        block = table.tokens[slots[:, None], cols]
+        masked = block == table.mask_id
+        new = block.clone()
+        groups: dict = defaultdict(list)
+        for i, q in enumerate(reqs):
+            groups[q.cfg].append(i)
+            q.stats["nfe"] += 1
+            q.stats["refreshes"] += 1
+            q.stats["refresh_tokens"] += q.end
+        for cfg, members in groups.items():
+            idx = torch.tensor(members, device=device)
+            x0, _, commit = decide(logits[idx], masked[idx], cfg, table.mask_id)
+            new[idx] = torch.where(commit, x0, block[idx])
+        table.tokens[slots[:, None], cols] = new
+
+    def _write_drafts(self, slots: list[int]) -> None:
+        """Next step's query window of each request: ``tokens[s - shift : s - shift + width]``."""
+        if not slots:
+            return
+        table = self.table
+        device = table.tokens.device
+        slot_t = torch.tensor(slots, device=device)
+        starts = torch.tensor([table.get(s).start - self.shift for s in slots], device=device)
+        cols = starts[:, None] + torch.arange(self.width, device=device)[None]
+        self.req_states.draft_tokens[slot_t, : self.width] = table.tokens[slot_t[:, None], cols]

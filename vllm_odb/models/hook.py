@@ -1,0 +1,90 @@
+"""The engine config hook for LLaDA and Dream (vLLM's ``MODELS_CONFIG_MAP``).
+
+It runs inside ``VllmConfig.__post_init__`` in every process that builds the config, and turns the
+engine knobs (``--additional-config '{"odb": {...}}'``) into vLLM settings:
+
+- the canvas: ``diffusion_config.canvas_length = block_length + shift`` (Dream's query window
+  starts one position before the block, because Dream predicts token i from position i-1);
+- bidirectional paged attention: ``use_non_causal`` and, unless the user chose one, the Triton
+  backend (it runs fp32 and bf16 non-causal attention over the paged cache with CUDA graphs;
+  FlashInfer cannot run non-causal decode batches and is refused);
+- no prefix caching and no chunked prefill (bidirectional KV depends on later tokens), with a
+  token budget that holds a whole prompt;
+- CUDA-graph capture sizes that cover ``max_num_seqs`` canvases;
+- the server's default ``max_tokens`` (generation config ``max_new_tokens``) = the engine's
+  ``gen_length``, so a request that names no length gets the engine's canvas;
+- ``hf_config.odb_engine``: the resolved engine ``DecodeConfig``, read by the request validation
+  patch (front end), the scheduler patch and the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vllm_odb.engine.knobs import engine_config
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_NUM_SEQS = 64  # [B x canvas, vocab] logits per step; raise it with --max-num-seqs
+
+
+def verify_and_update(vllm_config) -> None:
+    from vllm.config.diffusion import DiffusionConfig
+    from vllm.config.scheduler import SchedulerConfig
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    model_config = vllm_config.model_config
+    hf_config = model_config.hf_config
+    cfg = engine_config(vllm_config.additional_config)
+    shift = hf_config.spec.logits_shift
+    canvas = cfg.block_length + shift
+
+    dc = vllm_config.diffusion_config
+    if dc is None:
+        vllm_config.diffusion_config = DiffusionConfig(canvas_length=canvas)
+    elif dc.canvas_length != canvas:
+        raise ValueError(
+            f"diffusion_config.canvas_length={dc.canvas_length} does not match block_length="
+            f"{cfg.block_length} (+{shift} for this model's shifted logits = {canvas}); set the block "
+            "with --additional-config '{\"odb\": {\"block_length\": N}}' and leave --diffusion-config out")
+    hf_config.canvas_length = canvas
+    hf_config.odb_engine = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+
+    attention = vllm_config.attention_config
+    if attention.backend == AttentionBackendEnum.FLASHINFER:
+        raise ValueError("attention_backend=FLASHINFER cannot run LLaDA/Dream's bidirectional decode "
+                         "steps; use TRITON_ATTN (the default here) or FLASH_ATTN")
+    attention.use_non_causal = True
+    if attention.backend is None:
+        attention.backend = AttentionBackendEnum.TRITON_ATTN
+
+    if vllm_config.cache_config.enable_prefix_caching:
+        log.info("vllm-odb: prefix caching is off for diffusion LMs (bidirectional KV)")
+        vllm_config.cache_config.enable_prefix_caching = False
+
+    sc = vllm_config.scheduler_config
+    sc.enable_chunked_prefill = False
+    sc.max_num_batched_tokens = max(sc.max_num_batched_tokens, model_config.max_model_len)
+    if sc.max_num_seqs >= SchedulerConfig.DEFAULT_MAX_NUM_SEQS:
+        sc.max_num_seqs = DEFAULT_MAX_NUM_SEQS
+
+    cc = vllm_config.compilation_config
+    if cc.max_cudagraph_capture_size is None:
+        cc.max_cudagraph_capture_size = sc.max_num_seqs * canvas
+
+    overrides = model_config.override_generation_config
+    if "max_new_tokens" not in overrides:
+        overrides["max_new_tokens"] = cfg.gen_length
+
+
+class ODBConfigHook:
+    """``VerifyAndUpdateConfig`` for ``LLaDAModelLM`` and ``DreamModel`` (duck-typed so this module
+    imports without vLLM's model package)."""
+
+    @classmethod
+    def verify_and_update_config(cls, vllm_config) -> None:
+        verify_and_update(vllm_config)
+
+    @staticmethod
+    def verify_and_update_model_config(model_config) -> None:
+        return

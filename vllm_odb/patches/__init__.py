@@ -1,0 +1,42 @@
+"""Version-checked patches of vLLM internals, applied by ``vllm_odb.register()``.
+
+Each patch names the vLLM function it wraps and why (README.md here). They are written against
+vLLM 0.26.0 and refuse any other version: ``apply_all`` raises ``RuntimeError`` naming both
+versions rather than patching code it was not written for. Every patch is a wrapper that falls
+through to vLLM's own code for models that are not ours, so other models are unaffected.
+"""
+
+from __future__ import annotations
+
+SUPPORTED_VLLM = "0.26.0"
+
+_applied: set[str] = set()
+
+
+def check_vllm_version(version: str | None = None) -> None:
+    if version is None:
+        import vllm
+
+        version = vllm.__version__
+    if version != SUPPORTED_VLLM:
+        raise RuntimeError(
+            f"vllm-odb patches vLLM internals written for vllm=={SUPPORTED_VLLM}; found vllm=={version}. "
+            f"Install vllm=={SUPPORTED_VLLM} (pip install 'vllm=={SUPPORTED_VLLM}')."
+        )
+
+
+def apply_all() -> list[str]:
+    """Apply every patch once per process; returns the names applied so far."""
+    check_vllm_version()
+    from vllm_odb.patches import diffusion_params, scheduler_lookahead
+
+    for module in (diffusion_params, scheduler_lookahead):
+        if module.NAME not in _applied:
+            module.apply()
+            _applied.add(module.NAME)
+    return sorted(_applied)
+
+
+def is_odb_model(hf_config) -> bool:
+    """Our models carry the resolved engine knobs (set by models/hook.py)."""
+    return getattr(hf_config, "odb_engine", None) is not None

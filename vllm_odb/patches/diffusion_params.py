@@ -1,0 +1,59 @@
+"""Patch: ``SamplingParams._validate_diffusion`` (vllm/sampling_params.py, 0.26.0).
+
+vLLM's diffusion path rejects every request whose temperature is not 1.0 (it was written for
+DiffusionGemma's fixed temperature schedule), so greedy decoding (``temperature=0``), which
+LLaDA's and Dream's papers report and Dream's generation_config asks for, fails validation. For
+our models this replacement accepts any temperature >= 0 (the decoding policy uses it: 0 = argmax,
+> 0 = Gumbel sampling), keeps vLLM's refusals that still hold (min_p, seed, min_tokens,
+logit_bias, bad_words, allowed_token_ids; logprobs, which the engine does not produce), and
+validates the decoding knobs in ``extra_args`` here, in the front end, so a bad knob is a
+``ValueError`` naming it (HTTP 400 on the server) instead of an engine failure. When the request
+names a ``gen_length``, ``max_tokens`` is capped at it: the canvas is all there is to return.
+Other models go to vLLM's original method.
+"""
+
+from __future__ import annotations
+
+NAME = "diffusion_params"
+_SAMPLING_EPS = 1e-5
+
+
+def validate_odb_request(params, hf_config) -> None:
+    from vllm_odb.engine.knobs import request_config
+    from vllm_odb.policies import DecodeConfig
+
+    refused = [name for name, bad in (
+        ("min_p", params.min_p > _SAMPLING_EPS),
+        ("seed", params.seed is not None),
+        ("min_tokens", params.min_tokens > 0),
+        ("logit_bias", bool(params.logit_bias)),
+        ("bad_words", bool(params.bad_words)),
+        ("allowed_token_ids", bool(params.allowed_token_ids)),
+        ("logprobs", params.logprobs is not None),
+        ("prompt_logprobs", params.prompt_logprobs is not None),
+    ) if bad]
+    if refused:
+        raise ValueError(f"{', '.join(refused)}: not supported for diffusion LMs on vllm-odb")
+    engine = DecodeConfig(**hf_config.odb_engine)
+    cfg = request_config(engine, params.extra_args, params.temperature, params.max_tokens)
+    if params.extra_args and "gen_length" in params.extra_args:
+        if params.max_tokens is None or params.max_tokens > cfg.gen_length:
+            params.max_tokens = cfg.gen_length
+
+
+def apply() -> None:
+    from vllm.sampling_params import SamplingParams
+
+    from vllm_odb.patches import is_odb_model
+
+    original = SamplingParams._validate_diffusion
+    if getattr(original, "_odb_patched", False):
+        return
+
+    def _validate_diffusion(self, model_config):
+        if is_odb_model(model_config.hf_config):
+            return validate_odb_request(self, model_config.hf_config)
+        return original(self, model_config)
+
+    _validate_diffusion._odb_patched = True
+    SamplingParams._validate_diffusion = _validate_diffusion
