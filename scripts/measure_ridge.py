@@ -12,35 +12,14 @@ memory bound. That is ``DecodeConfig.ridge_rows``.
 import argparse
 import json
 
-import torch
-
-
-def timed(fn, iters):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1e3 / iters
+from vllm_odb.bench.ceilings import measure
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    flops = 2 * n ** 3 / timed(lambda: a @ b, 50)
-    src = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    bandwidth = 2 * src.numel() / timed(lambda: dst.copy_(src), 20)
-    result = {"device": torch.cuda.get_device_name(), "bf16_matmul_tflops": round(flops / 1e12, 1),
-              "copy_bandwidth_gbs": round(bandwidth / 1e9, 1), "ridge_flop_per_byte": round(flops / bandwidth, 1),
-              "ridge_rows": int(flops / bandwidth)}
+    result = measure()
     print(json.dumps(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -29,6 +29,7 @@ def main() -> int:
     ap.add_argument("--block-length", type=int, default=16)
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     ap.add_argument("--out")
     args = ap.parse_args()
     faulthandler.dump_traceback_later(500, exit=True)
@@ -57,6 +58,7 @@ def main() -> int:
     t0 = time.time()
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=512, gpu_memory_utilization=0.4,
               max_num_seqs=max(16, args.n), enforce_eager=args.mode == "eager", seed=0,
+              tensor_parallel_size=args.tp, disable_custom_all_reduce=args.tp > 1,
               additional_config={"odb": {"block_length": args.block_length, "gen_length": args.gen_length,
                                          "threshold": args.threshold}})
     t_init = time.time() - t0
@@ -80,7 +82,7 @@ def main() -> int:
         rows.append({"i": i, "prompt_len": len(prompts[i]), "ref": r, "alone": cut(a), "batched": cut(b),
                      "alone_match": cut(a) == r, "batched_match": cut(b) == r})
     summary = {
-        "model": args.model, "mode": args.mode, "dtype": args.dtype, "n": args.n,
+        "model": args.model, "mode": args.mode, "dtype": args.dtype, "n": args.n, "tp": args.tp,
         "gen_length": args.gen_length, "block_length": args.block_length, "threshold": args.threshold,
         "alone_match": sum(x["alone_match"] for x in rows), "batched_match": sum(x["batched_match"] for x in rows),
         "prompt_lens": sorted({x["prompt_len"] for x in rows}),

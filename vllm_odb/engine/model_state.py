@@ -31,17 +31,10 @@ from vllm.v1.worker.gpu.attn_utils import build_attn_metadata
 from vllm.v1.worker.gpu.buffer_utils import async_copy_to_gpu
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
+from vllm_odb.checkpoint import special_tokens
 from vllm_odb.engine.refresh import kv_slots
 from vllm_odb.engine.requests import RequestTable
 from vllm_odb.policies import DecodeConfig
-
-
-def _end_markers(spec, generation_config: dict) -> list[tuple[int, ...]]:
-    ends = [spec.eos_token_id]
-    gen_eos = (generation_config or {}).get("eos_token_id")
-    if gen_eos is not None:
-        ends += list(gen_eos) if isinstance(gen_eos, (list, tuple)) else [gen_eos]
-    return [(int(e),) for e in dict.fromkeys(ends)]
 
 
 class ODBModelState(DefaultModelState):
@@ -59,7 +52,7 @@ class ODBModelState(DefaultModelState):
             gen_cfg = {}
         self.table = RequestTable(self.max_num_reqs, self.max_model_len, engine, self.shift,
                                   self.spec.mask_token_id, self.spec.eos_token_id,
-                                  _end_markers(self.spec, gen_cfg), device)
+                                  [(e,) for e in special_tokens(self.spec, None, gen_cfg).end_ids], device)
         self.width = self.table.width
         if vllm_config.num_speculative_tokens != self.width:
             raise RuntimeError(f"vLLM schedules {vllm_config.num_speculative_tokens} canvas slots per "

@@ -20,6 +20,9 @@ step (which blocks completed) decides the refreshes.
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -33,6 +36,9 @@ from vllm_odb.policies.length import marker_hits
 
 _NO_PENALTIES = SimpleNamespace(output_bin_counts=None)
 _TILE_BYTES = 1 << 30  # fp32 bytes of [rows, vocab] decided at once (decide keeps ~4 copies)
+# VLLM_ODB_PROFILE=path: append one JSON line per engine step (wall time since the previous step
+# ended, what ran). Adds a device sync per step; for benchmarks only.
+_PROFILE_ENV = "VLLM_ODB_PROFILE"
 
 
 class ODBSampler:
@@ -49,6 +55,8 @@ class ODBSampler:
         self._num_sampled = torch.zeros(n, dtype=torch.int32, device=state.device)
         self._num_rejected = torch.zeros(n, dtype=torch.int32, device=state.device)
         self._cols = torch.arange(self.block, device=state.device)
+        self._profile = os.environ.get(_PROFILE_ENV)
+        self._last_end = None
 
     # ---- the runner's sampler surface -------------------------------------------------------
     @property
@@ -92,6 +100,7 @@ class ODBSampler:
                     >= input_batch.prefill_len_np[r])
             if req is not None and done and not req.finished:
                 refresh_jobs.append((slot, int(r)))
+        t_refresh = time.perf_counter()
         if refresh_jobs:
             self._refresh(refresh_jobs)
 
@@ -99,8 +108,22 @@ class ODBSampler:
                          | {int(slots_np[r]) for r in np.flatnonzero(nlog == 0)
                             if table.get(int(slots_np[r])) is not None})
         self._write_drafts(touched)
+        if self._profile:
+            self._record(input_batch, dec_rows, refresh_jobs, t_refresh)
         return SamplerOutput(sampled_token_ids=sampled, logprobs_tensors=None, num_nans=None,
                              num_sampled=num_sampled, num_rejected=num_rejected)
+
+    def _record(self, input_batch, dec_rows, refresh_jobs, t_refresh) -> None:
+        torch.cuda.synchronize()
+        now = time.perf_counter()
+        row = {"step_s": None if self._last_end is None else now - self._last_end,
+               "refresh_s": now - t_refresh if refresh_jobs else 0.0,
+               "decode_reqs": len(dec_rows), "refresh_reqs": len(refresh_jobs),
+               "refresh_tokens": sum(self.table.get(s).end for s, _ in refresh_jobs),
+               "tokens": int(input_batch.num_tokens), "reqs": int(input_batch.num_reqs)}
+        with open(self._profile, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self._last_end = now
 
     def _decode(self, logits, input_batch, dec_rows, sampled, num_sampled, refresh_jobs) -> None:
         table, blk = self.table, self.block

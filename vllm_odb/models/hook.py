@@ -25,7 +25,11 @@ from vllm_odb.engine.knobs import engine_config
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_NUM_SEQS = 64  # [B x canvas, vocab] logits per step; raise it with --max-num-seqs
+# Each step materializes [requests x canvas, vocab] logits, which vLLM's memory profile does not
+# reserve. vLLM's own defaults for max_num_seqs (128 and up) are cut to this; the hook cannot tell
+# a default from a value the user typed, so an explicit value >= 128 is cut too (as vLLM does for
+# DiffusionGemma); values below 128 are kept.
+DEFAULT_MAX_NUM_SEQS = 64
 
 
 def verify_and_update(vllm_config) -> None:

@@ -1,0 +1,31 @@
+"""GPU checks of the vLLM engine (marked ``gpu``; skipped without CUDA or vLLM).
+
+Each test runs ``scripts/vllm_parity.py`` in a subprocess (a vLLM engine per process): vLLM's
+greedy outputs must equal the reference loop's, token for token, alone and batched.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("fmt", ["llada", "dream"])
+def test_vllm_matches_reference_eager(fmt, tmp_path):
+    pytest.importorskip("vllm")
+    out = tmp_path / "parity.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "vllm_parity.py"), "--model", str(ROOT / "checkpoints" / f"tiny-{fmt}"),
+         "--mode", "eager", "--n", "8", "--gen-length", "64", "--block-length", "16", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["alone_match"] == summary["batched_match"] == 8

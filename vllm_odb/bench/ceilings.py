@@ -1,0 +1,42 @@
+"""The GPU's measured ceilings: bf16 matmul FLOP/s and device-to-device copy bandwidth.
+
+Their ratio is the ridge point (FLOP/byte), which is also the number of query rows a forward can
+carry before it stops being memory bound (``DecodeConfig.ridge_rows``); the copy bandwidth over
+the weight bytes is the floor of a memory-bound decode step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def timed(fn, iters: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / iters
+
+
+def _matmul_flops(n: int = 8192) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    return 2 * n ** 3 / timed(lambda: a @ b, 50)
+
+
+def _copy_bandwidth(nbytes: int = 2 ** 30) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * nbytes / timed(lambda: dst.copy_(src), 20)  # read + write
+
+
+def measure() -> dict:
+    flops, bandwidth = _matmul_flops(), _copy_bandwidth()
+    torch.cuda.empty_cache()
+    return {"device": torch.cuda.get_device_name(), "bf16_matmul_tflops": round(flops / 1e12, 1),
+            "copy_bandwidth_gbs": round(bandwidth / 1e9, 1), "ridge_flop_per_byte": round(flops / bandwidth, 1),
+            "ridge_rows": int(flops / bandwidth)}
