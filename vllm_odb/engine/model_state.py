@@ -155,6 +155,3 @@ class ODBModelState(DefaultModelState):
                 return
         raise RuntimeError("vllm-odb could not reproduce vLLM's KV slot mapping from the block table; "
                            "this vLLM build lays out its paged cache differently than 0.26.0")
-
-    def prepare_dummy_inputs(self, num_reqs: int, num_tokens: int) -> dict[str, Any]:
-        return super().prepare_dummy_inputs(num_reqs, num_tokens)

@@ -10,9 +10,10 @@ rewind (``num_computed_tokens`` back to 0 for one step, which re-schedules the w
 through the scheduler's token budget and needs the scheduler, the GPU-side counters and async
 scheduling's placeholders to agree on a negative step) and a side forward run by the engine
 itself. We run the side forward, from the sampler, right after the step that finished the
-previous block (or the prompt's prefill): the refresh costs exactly what it costs the research
-code (one forward over the sequence; no extra forward over the canvas, because its logits give
-the block's first step), needs no scheduler change, and leaves vLLM's bookkeeping untouched: the
+previous block (or the prompt's prefill): its logits give the block's first step, so a block
+costs what it costs the research code, with two known extras: vLLM's own prefill forward over the
+prompt is redone by the first refresh, and a block the refresh step already completes is committed
+by one more (idle) canvas forward, since a step can commit one block only. It needs no scheduler change, and leaves vLLM's bookkeeping untouched: the
 positions it rewrites are ones vLLM already considers computed, or the canvas, which the next
 step's query overwrites anyway. What it gives up: the scheduler does not budget refresh tokens
 (a step with refreshes takes longer than its scheduled tokens suggest), and pipeline parallelism
