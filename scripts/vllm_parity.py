@@ -1,6 +1,12 @@
-"""Token parity: vLLM engine vs the reference loop, same Fast-dLLM mode, on a shipped tiny checkpoint.
+"""Token parity: vLLM engine vs the reference loop, same decoding mode, on a shipped tiny checkpoint.
 
     python scripts/vllm_parity.py --model checkpoints/tiny-llada --mode eager --out parity.json
+    python scripts/vllm_parity.py --model checkpoints/tiny-dream --method odb-alp --select speculative
+
+``--method``: the reference loop's method; the engine gets the same knobs through
+``additional_config`` or (``--select speculative``, odb methods) ``speculative_config={"method": "odb"}``.
+Also compares NFE: the engine's ``vllm_odb:forwards`` counter over the alone runs against the
+reference loop's summed NFE.
 
 Decodes ``--n`` suite prompts (mixed tasks, so mixed prompt lengths) greedily with
 ``LLM(...).generate`` (every prompt alone, then all in one batch) and with the reference loop
@@ -30,6 +36,9 @@ def main() -> int:
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
+    ap.add_argument("--method", choices=("fast-dllm", "odb-alp"), default="fast-dllm")
+    ap.add_argument("--select", choices=("additional", "speculative"), default="additional",
+                    help="how the engine is told the method")
     ap.add_argument("--out")
     args = ap.parse_args()
     faulthandler.dump_traceback_later(500, exit=True)
@@ -37,6 +46,7 @@ def main() -> int:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from vllm_odb.engine.metrics import snapshot
     from vllm_odb.policies import DecodeConfig
     from vllm_odb.reference.generate import generate, response_ids
     from vllm_odb.reference.loader import load_checkpoint
@@ -46,10 +56,13 @@ def main() -> int:
     ck = load_checkpoint(args.model, dtype=dtype, device="cuda")
     examples = make_suite(args.seed, args.n)
     prompts = [ck.encode_chat(e.prompt) for e in examples]
-    cfg = DecodeConfig.for_method("fast-dllm", gen_length=args.gen_length, block_length=args.block_length,
+    cfg = DecodeConfig.for_method(args.method, gen_length=args.gen_length, block_length=args.block_length,
                                   threshold=args.threshold)
     t0 = time.time()
-    ref = [response_ids(generate(ck.model, [p], cfg, ck.special).tokens[0], ck.special) for p in prompts]
+    outs = [generate(ck.model, [p], cfg, ck.special) for p in prompts]
+    ref = [response_ids(o.tokens[0], ck.special) for o in outs]
+    ref_nfe = sum(o.nfe[0] for o in outs)
+    ref_canvas = sum(o.stats["canvas_length"][0] for o in outs)
     t_ref = time.time() - t0
     end_ids = set(ck.special.end_ids)
     del ck
@@ -59,8 +72,7 @@ def main() -> int:
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=512, gpu_memory_utilization=0.4,
               max_num_seqs=max(16, args.n), enforce_eager=args.mode == "eager", seed=0,
               tensor_parallel_size=args.tp, disable_custom_all_reduce=args.tp > 1,
-              additional_config={"odb": {"block_length": args.block_length, "gen_length": args.gen_length,
-                                         "threshold": args.threshold}})
+              **engine_method(args))
     t_init = time.time() - t0
     sp = SamplingParams(temperature=0.0, max_tokens=args.gen_length)
     def cut(ids):
@@ -69,10 +81,12 @@ def main() -> int:
                 return list(ids[:i])
         return list(ids)
 
+    before = snapshot()
     t0 = time.time()
     alone = [llm.generate([TokensPrompt(prompt_token_ids=p)], sp, use_tqdm=False)[0].outputs[0].token_ids
              for p in prompts]
     t_alone = time.time() - t0
+    after = snapshot()
     t0 = time.time()
     batched = [o.outputs[0].token_ids for o in llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp,
                                                             use_tqdm=False)]
@@ -83,6 +97,10 @@ def main() -> int:
                      "alone_match": cut(a) == r, "batched_match": cut(b) == r})
     summary = {
         "model": args.model, "mode": args.mode, "dtype": args.dtype, "n": args.n, "tp": args.tp,
+        "method": args.method, "select": args.select,
+        "nfe": {"reference": ref_nfe, "vllm": after["forwards"] - before["forwards"],
+                "vllm_idle_forwards": after["idle_forwards"] - before["idle_forwards"]},
+        "canvas": {"reference": ref_canvas, "vllm": after["canvas_predicted"] - before["canvas_predicted"]},
         "gen_length": args.gen_length, "block_length": args.block_length, "threshold": args.threshold,
         "alone_match": sum(x["alone_match"] for x in rows), "batched_match": sum(x["batched_match"] for x in rows),
         "prompt_lens": sorted({x["prompt_len"] for x in rows}),
@@ -92,12 +110,24 @@ def main() -> int:
     if args.out:
         json.dump({"summary": summary, "rows": rows}, open(args.out, "w"), indent=1)
     print(json.dumps(summary))
-    ok = summary["alone_match"] == args.n and summary["batched_match"] == args.n
+    ok = (summary["alone_match"] == args.n and summary["batched_match"] == args.n
+          and summary["nfe"]["reference"] == summary["nfe"]["vllm"]
+          and summary["canvas"]["reference"] == summary["canvas"]["vllm"])
     if not ok:
         for x in rows:
             if not (x["alone_match"] and x["batched_match"]):
                 print("MISMATCH", json.dumps(x))
     return 0 if ok else 1
+
+
+def engine_method(args) -> dict:
+    """LLM(...) keyword arguments that select ``args.method`` on the engine."""
+    section = {"block_length": args.block_length, "gen_length": args.gen_length, "threshold": args.threshold}
+    if args.select == "speculative":
+        if args.method != "odb-alp":
+            raise SystemExit("--select speculative selects the odb method (odb-alp on the engine today)")
+        return {"additional_config": {"odb": section}, "speculative_config": {"method": "odb"}}
+    return {"additional_config": {"odb": {**section, "method": args.method}}}
 
 
 if __name__ == "__main__":

@@ -299,10 +299,9 @@ def test_engine_config_factor_rule_allowed():
     ({"method": "vanilla"}, "rule"),  # the preset is rule='quota', cache='none'
     ({"cache": "none"}, "cache"),
     ({"cache": "prefix"}, "cache"),
-    ({"alp": True}, "alp"),
     ({"jump": True}, "jump"),
-    ({"method": "odb-alp"}, "alp"),
-    ({"method": "odb-jump"}, "jump"),
+    ({"alp_threshold": 0}, "alp_threshold"),
+    ({"alp": "yes"}, "alp"),
     ({"temperature": 0.5}, "temperature"),
     ({"threshold": 2}, "threshold"),
     ({"method": "nope"}, "method"),
@@ -319,7 +318,30 @@ def test_engine_config_section_must_be_an_object(section):
         engine_config({"odb": section})
 
 
+@pytest.mark.parametrize("method", ["odb-alp", "odb"])
+def test_engine_runs_alp_and_early_stop(method):
+    cfg = engine_config({"odb": {"method": method}})
+    assert (cfg.alp, cfg.early_stop, cfg.jump) == (True, True, False)
+
+
+def test_engine_preset_with_jump_runs_without_it_and_says_so(caplog, monkeypatch):
+    from vllm_odb.engine import knobs
+
+    monkeypatch.setattr(knobs, "_warned", set())
+    with caplog.at_level("WARNING", logger="vllm_odb.engine.knobs"):
+        cfg = engine_config({"odb": {"method": "odb-jump"}})
+        engine_config({"odb": {"method": "odb-jump"}})
+    assert (cfg.jump, cfg.early_stop) == (False, True)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "jump" in warnings[0] and "odb-jump" in warnings[0]
+
+
 ENGINE = engine_config({"odb": {"block_length": 16, "gen_length": 64, "threshold": 0.8}})
+
+
+def test_request_method_odb_runs_alp():
+    cfg = request_config(ENGINE, {"method": "odb", "alp_threshold": 0.7}, 0.0, None)
+    assert (cfg.alp, cfg.alp_threshold, cfg.early_stop, cfg.jump, cfg.threshold) == (True, 0.7, True, False, 0.8)
 
 
 @pytest.mark.parametrize("max_tokens, gen", [(100, 112), (16, 16), (17, 32), (1, 16), (0, 16), (None, 64)])
@@ -353,8 +375,9 @@ def test_request_temperature_comes_from_sampling_params():
     ({"gen_length": 40}, "gen_length"),
     ({"temperature": 0.5}, "temperature"),
     ({"method": "vanilla"}, "rule"),
-    ({"method": "odb"}, "alp"),
     ({"jump": True}, "jump"),
+    ({"method": "odb", "jump": True}, "jump"),
+    ({"alp_min_length": -1}, "alp_min_length"),
     ({"cache": "none"}, "cache"),
     ({"steps": 4}, "steps"),
 ])
@@ -396,7 +419,7 @@ def test_validation_accepts_good_knobs(odb_model_config):
 
 
 @pytest.mark.parametrize("extra, name", [({"bogus": 1}, "bogus"), ({"threshold": 1.5}, "threshold"),
-                                         ({"block_length": 32}, "block_length"), ({"method": "odb"}, "alp")])
+                                         ({"block_length": 32}, "block_length"), ({"jump": True}, "jump")])
 def test_validation_bad_knob_names_it(odb_model_config, extra, name):
     with pytest.raises(ValueError, match=rf"\b{name}\b"):
         SamplingParams(temperature=0, extra_args=extra)._validate_diffusion(odb_model_config)
@@ -526,10 +549,13 @@ def test_dream_7b_config_sizes():
 
 def _cpu_shims(mp: pytest.MonkeyPatch) -> None:
     import vllm.config.vllm as vllm_config_module
+    import vllm.engine.arg_utils as arg_utils
     import vllm.platforms as platforms
     from vllm.platforms.cpu import CpuPlatform
 
-    mp.setattr(platforms, "_current_platform", CpuPlatform())
+    cpu = CpuPlatform()
+    mp.setattr(platforms, "_current_platform", cpu)
+    mp.setattr(arg_utils, "current_platform", cpu)  # bound at import (the plugin imports it early)
     mp.setattr(vllm_config_module, "HAS_TRITON", True)  # the diffusion path checks Triton (MRv2)
 
 
@@ -755,3 +781,129 @@ def test_table_slot_lookup(table):
     assert table.slot_of["a"] == 2
     assert table.get(2) is req
     assert table.get(-1) is None and table.get(4) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. "odb" as a speculative method (patches/speculative_odb.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_speculative_config_odb_constructs():
+    from vllm.config.speculative import SpeculativeConfig
+
+    assert SpeculativeConfig(method="odb").method == "odb"
+
+
+def test_speculative_config_other_methods_still_validated():
+    from vllm.config.speculative import SpeculativeConfig
+
+    with pytest.raises(Exception, match="num_speculative_tokens|literal|Input should be"):
+        SpeculativeConfig(method="not-a-method")
+
+
+def _cli(argv):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    return AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", "m"] + argv))
+
+
+@pytest.mark.parametrize("argv, spec, method", [
+    (["--speculative", "odb"], {"method": "odb"}, None),
+    (["--speculative-config", '{"method": "odb", "threshold": 0.8}'], {"method": "odb", "threshold": 0.8}, None),
+    (["--speculative-config", '{"threshold": 0.8}', "--speculative", "odb"], {"method": "odb", "threshold": 0.8}, None),
+    (["--spec-method", "odb"], None, "odb"),
+])
+def test_cli_selects_odb(cpu_vllm, argv, spec, method):
+    args = _cli(argv)
+    assert (args.speculative_config, args.spec_method) == (spec, method)
+
+
+def test_cli_shorthand_conflict_names_both_flags(cpu_vllm, capsys):
+    with pytest.raises(SystemExit):
+        _cli(["--speculative-config", '{"method": "ngram"}', "--speculative", "odb"])
+    assert "--speculative" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["llada", "dream"])
+@pytest.mark.parametrize("spec", [{"method": "odb"}, {"method": "odb", "alp_threshold": 0.7}])
+def test_speculative_odb_becomes_the_decoding_section(cpu_vllm, fmt, spec):
+    vc = _create(fmt, additional_config={"odb": {"block_length": 16}}, speculative_config=spec)
+    assert vc.speculative_config is None  # V2 would refuse a speculator; the canvas sets the slots
+    assert vc.num_speculative_tokens == 16 + SHIFT[fmt]
+    engine = vc.model_config.hf_config.odb_engine
+    assert (engine["alp"], engine["early_stop"], engine["block_length"]) == (True, True, 16)
+    assert engine["alp_threshold"] == spec.get("alp_threshold", 0.9)
+
+
+def test_spec_method_odb_from_cli_builds_the_engine(cpu_vllm):
+    args = _cli(["--spec-method", "odb"])
+    vc = _create("llada", speculative_config=args.speculative_config, spec_method=args.spec_method)
+    assert vc.speculative_config is None and vc.model_config.hf_config.odb_engine["alp"]
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"speculative_config": {"method": "odb", "thresh": 0.8}}, "thresh"),
+    ({"speculative_config": {"method": "odb", "threshold": 3}}, "threshold"),
+    ({"speculative_config": {"method": "odb", "num_speculative_tokens": 4}}, "num_speculative_tokens"),
+    ({"speculative_config": {"method": "odb", "threshold": 0.8},
+      "additional_config": {"odb": {"threshold": 0.7}}}, "threshold"),
+    ({"speculative_config": {"method": "odb"}, "additional_config": {"odb": {"method": "fast-dllm"}}}, "method"),
+    ({"speculative_config": {"method": "odb"}, "spec_tokens": 4}, "spec-tokens"),
+])
+def test_speculative_odb_errors_name_the_knob(cpu_vllm, kwargs, name):
+    with pytest.raises(ValueError, match=rf"{name}") as info:
+        _create("llada", **kwargs)
+    assert "speculative" in str(info.value)
+
+
+def test_speculative_odb_refused_for_other_models():
+    from vllm_odb.patches.speculative_odb import odb_section
+
+    with pytest.raises(ValueError, match="vllm-odb"):
+        odb_section({"method": "odb"}, None, types.SimpleNamespace(architectures=["LlamaForCausalLM"],
+                                                                   model_type="llama"))
+
+
+def test_other_speculative_methods_untouched(cpu_vllm):
+    """Without "odb" the original method runs (here: ngram's own validation)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(model=str(TINY["llada"]), speculative_config={"method": "ngram"})
+    with pytest.raises(Exception, match="num_speculative_tokens"):
+        args.create_speculative_config(types.SimpleNamespace(), types.SimpleNamespace())
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. OpenAI request fields: n, best_of
+# ---------------------------------------------------------------------------------------------
+
+
+def test_validation_refuses_n_above_one(odb_model_config):
+    with pytest.raises(ValueError, match=r"\bn\b.*send the request n times"):
+        SamplingParams(temperature=0.7, n=2)._validate_diffusion(odb_model_config)
+
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_best_of_is_refused_by_name(odb_model_config, api):
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    if api == "chat":
+        req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], best_of=2)
+        params = req.to_sampling_params(16, {})
+    else:
+        req = CompletionRequest(model="m", prompt="hi", best_of=2)
+        params = req.to_sampling_params(16, None)
+    with pytest.raises(ValueError, match=r"\bbest_of\b"):
+        params._validate_diffusion(odb_model_config)
+
+
+def test_best_of_one_is_fine_and_leaves_extra_args_clean(odb_model_config):
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    params = CompletionRequest(model="m", prompt="hi", best_of=1, vllm_xargs={"threshold": 0.7}).to_sampling_params(
+        16, None)
+    params._validate_diffusion(odb_model_config)
+    assert params.extra_args == {"threshold": 0.7}

@@ -18,7 +18,8 @@ def register() -> None:
 
     Idempotent and GPU-free. Registers LLaDA and Dream as generate models (without it vLLM would
     take ``DreamModel`` for a pooling model), their config classes (no ``trust_remote_code``),
-    the engine config hook, and applies the version-checked patches (vllm_odb/patches)."""
+    the engine config hook and the dLLM metrics collector, and applies the version-checked
+    patches (vllm_odb/patches)."""
     global _registered
     if _registered:
         return
@@ -27,6 +28,7 @@ def register() -> None:
     from vllm.transformers_utils.config import _CONFIG_REGISTRY
 
     from vllm_odb import patches
+    from vllm_odb.engine import metrics
     from vllm_odb.models import configs
     from vllm_odb.models.hook import ODBConfigHook
 
@@ -38,4 +40,6 @@ def register() -> None:
         MODELS_CONFIG_MAP[arch] = ODBConfigHook
     for model_type, name in CONFIG_CLASSES.items():
         _CONFIG_REGISTRY[model_type] = getattr(configs, name)
+    metrics.metrics_dir(create=True)  # the engine processes this one starts inherit it
+    metrics.register_collector()  # dLLM counters on /metrics (engine/metrics.py)
     _registered = True

@@ -12,21 +12,26 @@ messages are the reference loop's. The few engine rules on top:
 - ``temperature`` is vLLM's own ``SamplingParams.temperature`` (0 = greedy), not an extra arg.
 - The engine runs the dual cache with the threshold or factor rule (Fast-dLLM and ODB modes); the
   fixed-quota and uncached modes stay in the reference engine.
+- Jump-share is not on the engine yet: a preset that includes it (``odb``, ``odb-jump``) runs
+  without it, with a warning naming the knob; ``jump: true`` asked for explicitly is refused.
 
 Pure Python: imported by the front end (request validation), the scheduler patch and the worker.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 from vllm_odb.policies.config import METHODS, DecodeConfig
 
+log = logging.getLogger(__name__)
+
 ENGINE_SECTION = "odb"  # --additional-config '{"odb": {...}}'
 ENGINE_RULES = ("threshold", "factor")
 ENGINE_CACHES = ("dual",)
-# Knobs the engine does not run yet (ODB in vLLM is its own issue); refused by name, never ignored.
-NOT_IN_ENGINE_YET = ("alp", "jump")
+# Knobs the engine does not run yet: refused by name when asked for, dropped (with a warning) from presets.
+NOT_IN_ENGINE_YET = ("jump",)
 REQUEST_ONLY_NOT_KNOBS = ("temperature",)
 MODE_KNOBS = ("rule", "cache", "alp", "early_stop", "jump")  # what a method preset sets
 
@@ -44,13 +49,27 @@ def _engine_checks(cfg: DecodeConfig, where: str) -> DecodeConfig:
     return cfg
 
 
+_warned: set[str] = set()
+
+
+def engine_preset(method: str, where: str) -> dict:
+    """A method preset as the engine runs it: knobs it lacks are dropped, with a warning once."""
+    if method not in METHODS:
+        raise ValueError(f"{where}method={method!r}; choose from {sorted(METHODS)}")
+    preset = dict(METHODS[method])
+    for name in NOT_IN_ENGINE_YET:
+        if preset.pop(name, False) and method not in _warned:
+            _warned.add(method)
+            log.warning("method=%r: %s is not on the vLLM engine yet; it runs without it", method, name)
+    return preset
+
+
 def _from_knobs(knobs: dict, where: str) -> DecodeConfig:
     knobs = dict(knobs)
     method = knobs.pop("method", "fast-dllm")
-    if method not in METHODS:
-        raise ValueError(f"{where}method={method!r}; choose from {sorted(METHODS)}")
+    preset = engine_preset(method, where)
     try:
-        return DecodeConfig.from_dict({**METHODS[method], **knobs})
+        return DecodeConfig.from_dict({**preset, **knobs})
     except ValueError as e:
         raise ValueError(f"{where}{e}") from None
 

@@ -32,6 +32,7 @@ from vllm.v1.worker.gpu.buffer_utils import async_copy_to_gpu
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
 from vllm_odb.checkpoint import special_tokens
+from vllm_odb.engine.metrics import RequestCounters
 from vllm_odb.engine.refresh import kv_slots
 from vllm_odb.engine.requests import RequestTable
 from vllm_odb.policies import DecodeConfig
@@ -52,7 +53,8 @@ class ODBModelState(DefaultModelState):
             gen_cfg = {}
         self.table = RequestTable(self.max_num_reqs, self.max_model_len, engine, self.shift,
                                   self.spec.mask_token_id, self.spec.eos_token_id,
-                                  [(e,) for e in special_tokens(self.spec, None, gen_cfg).end_ids], device)
+                                  [(e,) for e in special_tokens(self.spec, None, gen_cfg).end_ids], device,
+                                  RequestCounters(enabled=_is_first_rank()))
         self.width = self.table.width
         if vllm_config.num_speculative_tokens != self.width:
             raise RuntimeError(f"vLLM schedules {vllm_config.num_speculative_tokens} canvas slots per "
@@ -155,3 +157,13 @@ class ODBModelState(DefaultModelState):
                 return
         raise RuntimeError("vllm-odb could not reproduce vLLM's KV slot mapping from the block table; "
                            "this vLLM build lays out its paged cache differently than 0.26.0")
+
+
+def _is_first_rank() -> bool:
+    """Metrics are written once per engine: by tensor-parallel rank 0."""
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank() == 0
+    except Exception:  # no distributed state (a unit test building the state by hand)
+        return True

@@ -60,22 +60,21 @@ class DenseAttend:
 
 
 def refresh(model, tokens: torch.Tensor, jobs: list[tuple[int, int, int, int]], block_tables: torch.Tensor,
-            kernel_block_size: int, rows: int, shift: int) -> torch.Tensor:
+            kernel_block_size: int, shift: int) -> tuple[torch.Tensor, list[int]]:
     """Run the refresh forward for ``jobs`` = [(slot, batch_row, length, block_start)]: sequence
     ``tokens[slot, :length]`` at positions 0..length-1, KV written through ``block_tables[batch_row]``.
-    Returns the logits of each job's block, [len(jobs), rows, vocab]: positions
-    ``block_start - shift + i`` (Dream's logits at a position predict the next one)."""
+    Returns the final hidden states of all jobs, concatenated, and each job's first row in them.
+    Row ``offset + p`` is position p; with Dream's shift its logits predict position p + 1."""
     device = tokens.device
-    ids, pos, slots, bounds, pick = [], [], [], [], []
+    ids, pos, slots, bounds, offsets = [], [], [], [], []
     offset = 0
-    for slot, row, length, start in jobs:
+    for slot, row, length, _start in jobs:
         p = torch.arange(length, device=device)
         ids.append(tokens[slot, :length])
         pos.append(p)
         slots.append(kv_slots(block_tables[row], p, kernel_block_size))
         bounds.append((offset, offset + length))
-        pick.append(offset + start - shift + torch.arange(rows, device=device))
+        offsets.append(offset)
         offset += length
     hidden = model.model.refresh_forward(torch.cat(ids), torch.cat(pos), DenseAttend(bounds, torch.cat(slots)))
-    logits = model.compute_logits(hidden[torch.cat(pick)])
-    return logits.view(len(jobs), rows, -1)
+    return hidden, offsets

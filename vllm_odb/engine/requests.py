@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_odb.engine.knobs import live_gen_length, request_config
+from vllm_odb.engine.metrics import COUNTERS, RequestCounters
 from vllm_odb.policies import DecodeConfig
 from vllm_odb.policies.length import Marker
 
@@ -27,8 +28,10 @@ class ODBRequest:
     gen: int  # live canvas length (tokens), whole blocks
     start: int  # first position of the current block
     finished: bool = False  # canvas done or ended early: emits EOS blocks until vLLM stops it
-    stats: dict = field(default_factory=lambda: {"nfe": 0, "refreshes": 0, "refresh_tokens": 0,
-                                                 "idle_forwards": 0})
+    warmup: bool = False  # vLLM's warm-up or a request refused here: not counted in the metrics
+    counted: bool = False  # its stats went to the metrics (when it finished, or when removed)
+    # Per-request counters, named as in engine/metrics.py (forwards = NFE).
+    stats: dict = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
 
     @property
     def end(self) -> int:
@@ -37,7 +40,9 @@ class ODBRequest:
 
 class RequestTable:
     def __init__(self, max_num_reqs: int, max_model_len: int, engine: DecodeConfig, shift: int,
-                 mask_id: int, eos_id: int, markers: list[Marker], device):
+                 mask_id: int, eos_id: int, markers: list[Marker], device,
+                 counters: RequestCounters | None = None):
+        self.counters = counters or RequestCounters(enabled=False)
         self.engine = engine
         self.block = engine.block_length
         self.shift = shift
@@ -70,7 +75,8 @@ class RequestTable:
         plen = len(prompt_ids)
         ids = list(prefill_ids) if prefill_ids else list(prompt_ids)
         gen = live_gen_length(cfg, plen, self.max_model_len, self.shift)
-        req = ODBRequest(req_id=req_id, cfg=cfg, prompt_len=plen, gen=gen, start=len(ids))
+        req = ODBRequest(req_id=req_id, cfg=cfg, prompt_len=plen, gen=gen, start=len(ids), warmup=warmup)
+        req.stats["canvas_requested"] = req.stats["canvas_predicted"] = gen
         row = self.tokens[slot]
         row.fill_(self.mask_id)
         row[: len(ids)] = torch.tensor(ids, dtype=torch.long, device=self.device)
@@ -81,9 +87,20 @@ class RequestTable:
         return req
 
     def remove(self, req_id: str) -> None:
+        """The request left the batch (finished, aborted or preempted)."""
         slot = self.slot_of.pop(req_id, None)
         if slot is not None:
+            self._count(self.reqs[slot])
             self.reqs[slot] = None
+
+    def _count(self, req: ODBRequest) -> None:
+        if not (req.warmup or req.counted):
+            req.counted = True
+            self.counters.add(req.stats)
+
+    def idle(self) -> bool:
+        """No request is still decoding (all ended or emitting their final EOS block)."""
+        return all(r is None or r.finished for r in self.reqs)
 
     def finish(self, slot: int) -> None:
         """No more decoding: the canvas from the current block on reads EOS, so the next step
@@ -91,6 +108,7 @@ class RequestTable:
         req = self.reqs[slot]
         req.finished = True
         self.tokens[slot, req.start:] = self.eos_id
+        self._count(req)  # its decoding is over; an aborted request is counted when removed
 
     def get(self, slot: int) -> ODBRequest | None:
         return self.reqs[slot] if 0 <= slot < len(self.reqs) else None

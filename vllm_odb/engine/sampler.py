@@ -5,9 +5,11 @@ each forward. Per request and step, top to bottom (the reference loop's order, p
 
     block logits (Dream: from the position before each slot) -> policies.decide -> new block
     block complete?  no  -> the block goes back as the next step's draft slots (num_sampled 0)
-                     yes -> commit it (num_sampled = block), then, unless the request is done,
-                            refresh: one forward over prompt + canvas rewrites the cache and
-                            takes the next block's first step (engine/refresh.py)
+                     yes -> commit it (num_sampled = block); done if the canvas is, or (early_stop)
+                            the block holds an end marker; else refresh: one forward over
+                            prompt + live canvas rewrites the cache, its canvas predictions give
+                            ALP's new length (alp), and its block logits take the next block's
+                            first step (engine/refresh.py)
 
 A prompt's prefill step ends the same way (refresh, first step of block 0). A block that the
 refresh step already completes is committed on the next step. A finished request (canvas done, or
@@ -32,10 +34,12 @@ from vllm.v1.worker.gpu.sample.output import SamplerOutput
 
 from vllm_odb.engine.refresh import refresh
 from vllm_odb.policies import decide
-from vllm_odb.policies.length import marker_hits
+from vllm_odb.policies.confidence import drop_token, predict
+from vllm_odb.policies.length import marker_hits, predict_length
 
 _NO_PENALTIES = SimpleNamespace(output_bin_counts=None)
 _TILE_BYTES = 1 << 30  # fp32 bytes of [rows, vocab] decided at once (decide keeps ~4 copies)
+_ALP_ROWS = 256  # canvas rows projected to the vocabulary at once for length prediction
 # VLLM_ODB_PROFILE=path: append one JSON line per engine step (wall time since the previous step
 # ended, what ran). Adds a device sync per step; for benchmarks only.
 _PROFILE_ENV = "VLLM_ODB_PROFILE"
@@ -108,6 +112,7 @@ class ODBSampler:
                          | {int(slots_np[r]) for r in np.flatnonzero(nlog == 0)
                             if table.get(int(slots_np[r])) is not None})
         self._write_drafts(touched)
+        table.counters.flush(force=table.idle())  # the last request's counts land at once
         if self._profile:
             self._record(input_batch, dec_rows, refresh_jobs, t_refresh)
         return SamplerOutput(sampled_token_ids=sampled, logprobs_tensors=None, num_nans=None,
@@ -159,10 +164,12 @@ class ODBSampler:
         done_rows = []
         for i, (r, q) in enumerate(zip(dec_rows, reqs)):
             is_complete, has_end, had_masks = flags[i]
-            q.stats["nfe" if had_masks else "idle_forwards"] += 1
+            q.stats["forwards" if had_masks else "idle_forwards"] += 1
             if not is_complete:
                 continue
             done_rows.append(i)
+            if not q.finished:
+                q.stats["tokens"] += blk
             q.start += blk
             if q.finished or q.start >= q.end or (q.cfg.early_stop and has_end):
                 table.finish(int(slots_np[r]))
@@ -175,29 +182,71 @@ class ODBSampler:
             num_sampled[out_rows] = blk
 
     def _refresh(self, jobs: list[tuple[int, int]]) -> None:
-        """Refresh forward for each (slot, batch row), then the first step of its new block."""
-        table, blk = self.table, self.block
+        """Refresh forward for each (slot, batch row); ALP on its canvas predictions; then the
+        first step of the new block from the same forward."""
+        table, blk, shift = self.table, self.block, self.shift
         state = self.state
         reqs = [table.get(s) for s, _ in jobs]
-        logits = refresh(state.model, table.tokens, [(s, r, q.end, q.start) for (s, r), q in zip(jobs, reqs)],
-                         state.block_tables, state.kernel_block_size, blk, self.shift)
-        device = logits.device
+        hidden, offsets = refresh(state.model, table.tokens, [(s, r, q.end, q.start) for (s, r), q in zip(jobs, reqs)],
+                                  state.block_tables, state.kernel_block_size, shift)
+        device = hidden.device
         slots = torch.tensor([s for s, _ in jobs], device=device)
+        first = torch.tensor([o + q.start - shift for o, q in zip(offsets, reqs)], device=device)
+        logits = state.model.compute_logits(hidden[(first[:, None] + self._cols[None]).reshape(-1)])
+        logits = logits.view(len(jobs), blk, -1)
         cols = torch.tensor([q.start for q in reqs], device=device)[:, None] + self._cols[None]
         block = table.tokens[slots[:, None], cols]
         masked = block == table.mask_id
-        new = block.clone()
         groups: dict = defaultdict(list)
         for i, q in enumerate(reqs):
             groups[q.cfg].append(i)
-            q.stats["nfe"] += 1
+            q.stats["forwards"] += 1
             q.stats["refreshes"] += 1
             q.stats["refresh_tokens"] += q.end
+        self._predict_lengths(hidden, offsets, jobs, reqs)  # reads the canvas before this step commits
+        new = block.clone()
         for cfg, members in groups.items():
             idx = torch.tensor(members, device=device)
             x0, _, commit = decide(logits[idx], masked[idx], cfg, table.mask_id)
             new[idx] = torch.where(commit, x0, block[idx])
         table.tokens[slots[:, None], cols] = new
+
+    def _predict_lengths(self, hidden, offsets, jobs, reqs) -> None:
+        """Adaptive length prediction (policies/length.py) for the refreshed requests with ``alp``:
+        the refresh forward predicts every still-masked canvas position; a confident end marker
+        cuts the live canvas after its block. Later steps attend only to the live canvas (the
+        dual cache's sequence length is ``prompt + gen``) and later refreshes process only it."""
+        table, shift = self.table, self.shift
+        groups: dict = defaultdict(list)
+        for i, q in enumerate(reqs):
+            if q.cfg.alp:
+                groups[q.cfg].append(i)
+        if not groups:
+            return
+        device = hidden.device
+        cut: list[tuple[int, torch.Tensor]] = []
+        for cfg, members in groups.items():
+            width = max(reqs[i].gen for i in members)
+            x0 = torch.full((len(members), width), table.mask_id, dtype=torch.long, device=device)
+            conf = torch.zeros((len(members), width), dtype=torch.float32, device=device)
+            scan = torch.zeros((len(members), width), dtype=torch.bool, device=device)
+            for j, i in enumerate(members):
+                q, slot = reqs[i], jobs[i][0]
+                a = q.start - q.prompt_len  # canvas column of the block start
+                for c in range(a, q.gen, _ALP_ROWS):  # bounded fp32 [rows, vocab] at a time
+                    d = min(q.gen, c + _ALP_ROWS)
+                    rows = offsets[i] + q.prompt_len + c - shift + torch.arange(d - c, device=device)
+                    x0[j, c:d], conf[j, c:d] = predict(drop_token(self.state.model.compute_logits(hidden[rows]),
+                                                                  table.mask_id))
+                scan[j, a:q.gen] = table.tokens[slot, q.start:q.end] == table.mask_id
+            gen = torch.tensor([reqs[i].gen for i in members], device=device)
+            new = predict_length(x0, conf, scan, 0, gen, table.markers, cfg.alp_threshold, cfg.block_length,
+                                 cfg.alp_min_length)
+            cut.extend(zip(members, new))
+        lengths = torch.stack([n for _, n in cut]).tolist()  # one host sync for the step's refreshes
+        for (i, _), g in zip(cut, lengths):
+            reqs[i].gen = int(g)
+            reqs[i].stats["canvas_predicted"] = int(g)
 
     def _write_drafts(self, slots: list[int]) -> None:
         """Next step's query window of each request: ``tokens[s - shift : s - shift + width]``."""

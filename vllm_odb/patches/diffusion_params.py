@@ -5,7 +5,8 @@ DiffusionGemma's fixed temperature schedule), so greedy decoding (``temperature=
 LLaDA's and Dream's papers report and Dream's generation_config asks for, fails validation. For
 our models this replacement accepts any temperature >= 0 (the decoding policy uses it: 0 = argmax,
 > 0 = Gumbel sampling), keeps vLLM's refusals that still hold (min_p, seed, min_tokens,
-logit_bias, bad_words, allowed_token_ids; logprobs, which the engine does not produce), and
+logit_bias, bad_words, allowed_token_ids; logprobs, which the engine does not produce), refuses
+``n > 1`` and the OpenAI ``best_of`` that vLLM would silently ignore, and
 validates the decoding knobs in ``extra_args`` here, in the front end, so a bad knob is a
 ``ValueError`` naming it (HTTP 400 on the server) instead of an engine failure. When the request
 names a ``gen_length``, ``max_tokens`` is capped at it: the canvas is all there is to return.
@@ -16,13 +17,21 @@ from __future__ import annotations
 
 NAME = "diffusion_params"
 _SAMPLING_EPS = 1e-5
+# OpenAI request fields vLLM 0.26 accepts and silently ignores; the request wrapper below carries
+# them into ``extra_args`` under this key so our validation can refuse them by name.
+IGNORED_FIELDS_KEY = "_odb_ignored_openai_fields"
+_IGNORED_FIELDS = ("best_of",)
 
 
 def validate_odb_request(params, hf_config) -> None:
     from vllm_odb.engine.knobs import request_config
     from vllm_odb.policies import DecodeConfig
 
+    extra = dict(params.extra_args or {})
+    ignored = extra.pop(IGNORED_FIELDS_KEY, {}) or {}
     refused = [name for name, bad in (
+        ("n", params.n > 1),
+        *((name, True) for name in sorted(ignored)),
         ("min_p", params.min_p > _SAMPLING_EPS),
         ("seed", params.seed is not None),
         ("min_tokens", params.min_tokens > 0),
@@ -33,7 +42,10 @@ def validate_odb_request(params, hf_config) -> None:
         ("prompt_logprobs", params.prompt_logprobs is not None),
     ) if bad]
     if refused:
-        raise ValueError(f"{', '.join(refused)}: not supported for diffusion LMs on vllm-odb")
+        raise ValueError(f"{', '.join(refused)}: not supported for diffusion LMs on vllm-odb"
+                         + (" (one completion per request; send the request n times)" if "n" in refused else ""))
+    if IGNORED_FIELDS_KEY in (params.extra_args or {}):
+        params.extra_args = extra or None
     engine = DecodeConfig(**hf_config.odb_engine)
     cfg = request_config(engine, params.extra_args, params.temperature, params.max_tokens)
     if params.extra_args and "gen_length" in params.extra_args:
@@ -41,10 +53,35 @@ def validate_odb_request(params, hf_config) -> None:
             params.max_tokens = cfg.gen_length
 
 
+def _carry_ignored_fields(request_cls) -> None:
+    """Wrap ``request_cls.to_sampling_params``: OpenAI fields vLLM ignores (``best_of``) ride along
+    in ``extra_args`` when set, for ``validate_odb_request`` to refuse. Other models never look at
+    that key (``extra_args`` is free-form)."""
+    original = request_cls.to_sampling_params
+    if getattr(original, "_odb_patched", False):
+        return
+
+    def to_sampling_params(self, *args, **kwargs):
+        params = original(self, *args, **kwargs)
+        extra = getattr(self, "model_extra", None) or {}
+        ignored = {k: extra[k] for k in _IGNORED_FIELDS if extra.get(k) not in (None, 1)}
+        if ignored:
+            params.extra_args = {**(params.extra_args or {}), IGNORED_FIELDS_KEY: ignored}
+        return params
+
+    to_sampling_params._odb_patched = True
+    request_cls.to_sampling_params = to_sampling_params
+
+
 def apply() -> None:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.sampling_params import SamplingParams
 
     from vllm_odb.patches import is_odb_model
+
+    for request_cls in (CompletionRequest, ChatCompletionRequest):
+        _carry_ignored_fields(request_cls)
 
     original = SamplingParams._validate_diffusion
     if getattr(original, "_odb_patched", False):
