@@ -32,14 +32,22 @@ import time
 BLOCK, GEN = 16, 64
 
 
-def requests_for(n: int, seed: int):
+def requests_for(model: str, n: int, seed: int):
+    """Suite prompts; completions get the chat-formatted text (the format the tiny models were
+    trained on: raw text makes them guess among near-tied tokens, where any change of batch
+    composition may flip an argmax, and vLLM does not promise batch-invariant numerics)."""
+    from vllm_odb.reference.loader import load_tokenizer
     from vllm_odb.tiny.suite import make_suite
 
+    tok = load_tokenizer(model)
     rng = random.Random(seed)
     out = []
     for i, ex in enumerate(make_suite(seed, n)):
-        out.append({"i": i, "text": ex.prompt, "method": "odb" if i % 2 == 0 else "fast-dllm",
-                    "api": "chat" if i % 4 in (1, 2) else "completions", "abort": rng.random() < 0.2,
+        chat = i % 4 in (1, 2)
+        text = ex.prompt if chat else tok.apply_chat_template([{"role": "user", "content": ex.prompt}],
+                                                               add_generation_prompt=True, tokenize=False)
+        out.append({"i": i, "text": text, "ids": None if chat else tok(text, add_special_tokens=False)["input_ids"], "method": "odb" if i % 2 == 0 else "fast-dllm",
+                    "api": "chat" if chat else "completions", "abort": rng.random() < 0.2,
                     "max_tokens": rng.choice([16, 40, 64])})
     return out
 
@@ -48,6 +56,7 @@ def offline(model: str, reqs: list[dict]) -> None:
     """Fill each request's ``expected`` text and token count from ``LLM`` (stop strings picked from
     a first pass for every third request)."""
     from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
 
     llm = LLM(model=model, dtype="float32", max_model_len=512, gpu_memory_utilization=0.3, seed=0,
               speculative_config={"method": "odb"},
@@ -59,8 +68,8 @@ def offline(model: str, reqs: list[dict]) -> None:
                                 extra_args=None if r["method"] == "odb" else {"method": r["method"]})
             if r["api"] == "chat":
                 o = llm.chat([{"role": "user", "content": r["text"]}], sp, use_tqdm=False)[0]
-            else:
-                o = llm.generate([r["text"]], sp, use_tqdm=False)[0]
+            else:  # the text already holds the template's special tokens
+                o = llm.generate([TokensPrompt(prompt_token_ids=r["ids"])], sp, use_tqdm=False)[0]
             r["expected"], r["expected_tokens"] = o.outputs[0].text, len(o.outputs[0].token_ids)
             r["prompt_tokens"] = len(o.prompt_token_ids)
 
@@ -84,7 +93,7 @@ def body(r: dict, model: str, stream: bool = True) -> dict:
     if r["api"] == "chat":
         b["messages"] = [{"role": "user", "content": r["text"]}]
     else:
-        b["prompt"] = r["text"]
+        b["prompt"] = r.get("ids") or r["text"]  # token ids: the same prompt as offline, no added BOS
     return b
 
 
@@ -180,7 +189,7 @@ def main() -> int:
     faulthandler.dump_traceback_later(560, exit=True)
     import requests
 
-    reqs = requests_for(args.clients, args.seed)
+    reqs = requests_for(args.model, args.clients, args.seed)
     t0 = time.time()
     offline(args.model, reqs)
     t_offline = time.time() - t0
@@ -221,7 +230,9 @@ def main() -> int:
                  or r["usage"]["prompt_tokens"] != r["prompt_tokens"]]
     coarse = [r for r in done if r.get("chunks", 0) > -(-r["expected_tokens"] // BLOCK) + 1]
     kv = ("vllm:kv_cache_usage_perc", start.get("vllm:kv_cache_usage_perc"), end.get("vllm:kv_cache_usage_perc"))
-    odb_metrics = {k: v for k, v in end.items() if k.startswith("vllm_odb:")}
+    # The server's own counts (the offline engine above wrote to the same metrics directory).
+    odb_metrics = {k: round(v - (0 if k.endswith(("per_forward", "ratio")) else start.get(k, 0.0)), 4)
+                   for k, v in end.items() if k.startswith("vllm_odb:")}
     summary = {
         "model": args.model, "clients": args.clients, "completed": len(done), "aborted": len(reqs) - len(done),
         "with_stop": sum(bool(r.get("stop")) for r in reqs), "chat": sum(r["api"] == "chat" for r in reqs),

@@ -24,7 +24,7 @@ import vllm_odb  # noqa: E402
 from test_checkpoint import dream_7b_config, dream_7b_table, llada_8b_config, llada_8b_table  # noqa: E402
 from vllm_odb import patches  # noqa: E402
 from vllm_odb.checkpoint import ModelSpec, expected_official_shapes, read_config  # noqa: E402
-from vllm_odb.engine.knobs import engine_config, live_gen_length, request_config  # noqa: E402
+from vllm_odb.engine.knobs import canvas_width, engine_config, live_gen_length, request_config  # noqa: E402
 from vllm_odb.engine.requests import RequestTable  # noqa: E402
 from vllm_odb.models.configs import DreamConfig, LLaDAConfig  # noqa: E402
 from vllm_odb.models.hook import ODBConfigHook  # noqa: E402
@@ -57,6 +57,7 @@ def _hf_config(fmt: str, engine=None):
     cfg = CONFIG_CLASS[fmt].from_pretrained(str(TINY[fmt]))
     engine = engine or _engine()
     cfg.odb_engine = {f.name: getattr(engine, f.name) for f in dataclasses.fields(engine)}
+    cfg.canvas_length = canvas_width(engine, SHIFT[fmt])
     return cfg
 
 
@@ -299,7 +300,7 @@ def test_engine_config_factor_rule_allowed():
     ({"method": "vanilla"}, "rule"),  # the preset is rule='quota', cache='none'
     ({"cache": "none"}, "cache"),
     ({"cache": "prefix"}, "cache"),
-    ({"jump": True}, "jump"),
+    ({"jump": True, "ridge_rows": 8}, "ridge_rows"),
     ({"alp_threshold": 0}, "alp_threshold"),
     ({"alp": "yes"}, "alp"),
     ({"temperature": 0.5}, "temperature"),
@@ -318,30 +319,34 @@ def test_engine_config_section_must_be_an_object(section):
         engine_config({"odb": section})
 
 
-@pytest.mark.parametrize("method", ["odb-alp", "odb"])
-def test_engine_runs_alp_and_early_stop(method):
+@pytest.mark.parametrize("method, jump", [("odb-alp", False), ("odb", True), ("odb-jump", True)])
+def test_engine_runs_the_odb_methods(method, jump):
     cfg = engine_config({"odb": {"method": method}})
-    assert (cfg.alp, cfg.early_stop, cfg.jump) == (True, True, False)
+    assert (cfg.alp, cfg.early_stop, cfg.jump) == (method != "odb-jump", True, jump)
 
 
-def test_engine_preset_with_jump_runs_without_it_and_says_so(caplog, monkeypatch):
-    from vllm_odb.engine import knobs
-
-    monkeypatch.setattr(knobs, "_warned", set())
-    with caplog.at_level("WARNING", logger="vllm_odb.engine.knobs"):
-        cfg = engine_config({"odb": {"method": "odb-jump"}})
-        engine_config({"odb": {"method": "odb-jump"}})
-    assert (cfg.jump, cfg.early_stop) == (False, True)
-    warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 1 and "jump" in warnings[0] and "odb-jump" in warnings[0]
+@pytest.mark.parametrize("section, width", [({}, 16), ({"method": "odb"}, 251), ({"method": "odb", "ridge_rows": 64}, 64),
+                                            ({"method": "odb", "ridge_rows": 16}, 16)])
+def test_canvas_width_holds_the_draft_budget(section, width):
+    cfg = engine_config({"odb": {"block_length": 16, **section}})
+    assert canvas_width(cfg, 0) == width
+    assert canvas_width(cfg, 1) == max(width, 17)
 
 
 ENGINE = engine_config({"odb": {"block_length": 16, "gen_length": 64, "threshold": 0.8}})
 
 
-def test_request_method_odb_runs_alp():
-    cfg = request_config(ENGINE, {"method": "odb", "alp_threshold": 0.7}, 0.0, None)
+def test_request_method_odb_alp_runs_on_a_plain_engine():
+    cfg = request_config(ENGINE, {"method": "odb-alp", "alp_threshold": 0.7}, 0.0, None)
     assert (cfg.alp, cfg.alp_threshold, cfg.early_stop, cfg.jump, cfg.threshold) == (True, 0.7, True, False, 0.8)
+
+
+JUMP_ENGINE = engine_config({"odb": {"block_length": 16, "gen_length": 64, "method": "odb"}})
+
+
+@pytest.mark.parametrize("extra, jump", [(None, True), ({"method": "fast-dllm"}, False), ({"jump": False}, False)])
+def test_request_on_a_jump_share_engine(extra, jump):
+    assert request_config(JUMP_ENGINE, extra, 0.0, None).jump == jump
 
 
 @pytest.mark.parametrize("max_tokens, gen", [(100, 112), (16, 16), (17, 32), (1, 16), (0, 16), (None, 64)])
@@ -376,7 +381,7 @@ def test_request_temperature_comes_from_sampling_params():
     ({"temperature": 0.5}, "temperature"),
     ({"method": "vanilla"}, "rule"),
     ({"jump": True}, "jump"),
-    ({"method": "odb", "jump": True}, "jump"),
+    ({"method": "odb"}, "jump"),  # jump-share needs an engine whose canvas holds the drafts
     ({"alp_min_length": -1}, "alp_min_length"),
     ({"cache": "none"}, "cache"),
     ({"steps": 4}, "steps"),
@@ -831,9 +836,9 @@ def test_cli_shorthand_conflict_names_both_flags(cpu_vllm, capsys):
 def test_speculative_odb_becomes_the_decoding_section(cpu_vllm, fmt, spec):
     vc = _create(fmt, additional_config={"odb": {"block_length": 16}}, speculative_config=spec)
     assert vc.speculative_config is None  # V2 would refuse a speculator; the canvas sets the slots
-    assert vc.num_speculative_tokens == 16 + SHIFT[fmt]
+    assert vc.num_speculative_tokens == vc.diffusion_config.canvas_length == 251  # the draft budget
     engine = vc.model_config.hf_config.odb_engine
-    assert (engine["alp"], engine["early_stop"], engine["block_length"]) == (True, True, 16)
+    assert (engine["alp"], engine["early_stop"], engine["jump"], engine["block_length"]) == (True, True, True, 16)
     assert engine["alp_threshold"] == spec.get("alp_threshold", 0.9)
 
 
@@ -907,3 +912,9 @@ def test_best_of_one_is_fine_and_leaves_extra_args_clean(odb_model_config):
         16, None)
     params._validate_diffusion(odb_model_config)
     assert params.extra_args == {"threshold": 0.7}
+
+
+def test_canvas_end_of_a_jump_share_engine_leaves_room_for_the_draft_rows():
+    """The last block's query reaches canvas_width - block positions past the canvas."""
+    engine = engine_config({"odb": {"block_length": 16, "gen_length": 64, "method": "odb", "ridge_rows": 48}})
+    assert canvas_end(_request(100, 200, {"gen_length": 64}), _hf_config("llada", engine), 164) == 100 + 32

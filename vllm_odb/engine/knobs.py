@@ -12,26 +12,21 @@ messages are the reference loop's. The few engine rules on top:
 - ``temperature`` is vLLM's own ``SamplingParams.temperature`` (0 = greedy), not an extra arg.
 - The engine runs the dual cache with the threshold or factor rule (Fast-dLLM and ODB modes); the
   fixed-quota and uncached modes stay in the reference engine.
-- Jump-share is not on the engine yet: a preset that includes it (``odb``, ``odb-jump``) runs
-  without it, with a warning naming the knob; ``jump: true`` asked for explicitly is refused.
+- Jump-share is an engine property too: its draft rows need a wider canvas (models/hook.py), so
+  a request may turn ``jump`` off on a jump-share engine, never on elsewhere.
 
 Pure Python: imported by the front end (request validation), the scheduler patch and the worker.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 
 from vllm_odb.policies.config import METHODS, DecodeConfig
 
-log = logging.getLogger(__name__)
-
 ENGINE_SECTION = "odb"  # --additional-config '{"odb": {...}}'
 ENGINE_RULES = ("threshold", "factor")
 ENGINE_CACHES = ("dual",)
-# Knobs the engine does not run yet: refused by name when asked for, dropped (with a warning) from presets.
-NOT_IN_ENGINE_YET = ("jump",)
 REQUEST_ONLY_NOT_KNOBS = ("temperature",)
 MODE_KNOBS = ("rule", "cache", "alp", "early_stop", "jump")  # what a method preset sets
 
@@ -43,33 +38,16 @@ def _engine_checks(cfg: DecodeConfig, where: str) -> DecodeConfig:
     if cfg.cache not in ENGINE_CACHES:
         raise ValueError(f"{where}cache={cfg.cache!r}: the vLLM engine runs cache='dual' "
                          "(other cache modes run in the reference engine)")
-    for name in NOT_IN_ENGINE_YET:
-        if getattr(cfg, name):
-            raise ValueError(f"{where}{name}=true is not available on the vLLM engine yet")
     return cfg
-
-
-_warned: set[str] = set()
-
-
-def engine_preset(method: str, where: str) -> dict:
-    """A method preset as the engine runs it: knobs it lacks are dropped, with a warning once."""
-    if method not in METHODS:
-        raise ValueError(f"{where}method={method!r}; choose from {sorted(METHODS)}")
-    preset = dict(METHODS[method])
-    for name in NOT_IN_ENGINE_YET:
-        if preset.pop(name, False) and method not in _warned:
-            _warned.add(method)
-            log.warning("method=%r: %s is not on the vLLM engine yet; it runs without it", method, name)
-    return preset
 
 
 def _from_knobs(knobs: dict, where: str) -> DecodeConfig:
     knobs = dict(knobs)
     method = knobs.pop("method", "fast-dllm")
-    preset = engine_preset(method, where)
+    if method not in METHODS:
+        raise ValueError(f"{where}method={method!r}; choose from {sorted(METHODS)}")
     try:
-        return DecodeConfig.from_dict({**preset, **knobs})
+        return DecodeConfig.from_dict({**METHODS[method], **knobs})
     except ValueError as e:
         raise ValueError(f"{where}{e}") from None
 
@@ -113,7 +91,11 @@ def request_config(engine: DecodeConfig, extra_args: dict | None, temperature: f
     knobs.setdefault("gen_length", default_gen_length(engine, max_tokens))
     if temperature is not None:
         knobs["temperature"] = float(temperature)
-    return _engine_checks(_from_knobs(knobs, where), where)
+    cfg = _engine_checks(_from_knobs(knobs, where), where)
+    if cfg.jump and not engine.jump:
+        raise ValueError(f"{where}jump=true needs a jump-share engine (method 'odb' or 'odb-jump', e.g. "
+                         "--speculative odb): its canvas holds the draft rows")
+    return cfg
 
 
 def _public(cfg: DecodeConfig) -> dict:
@@ -122,8 +104,16 @@ def _public(cfg: DecodeConfig) -> dict:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
 
 
-def live_gen_length(cfg: DecodeConfig, prompt_len: int, max_model_len: int, shift: int) -> int:
+def canvas_width(cfg: DecodeConfig, shift: int) -> int:
+    """Query rows vLLM schedules per decode step (``diffusion_config.canvas_length``): the block
+    (+ Dream's shift) or, on a jump-share engine, the draft budget of a request alone."""
+    window = cfg.block_length + shift
+    return max(window, cfg.ridge_rows) if cfg.jump else window
+
+
+def live_gen_length(cfg: DecodeConfig, prompt_len: int, max_model_len: int, reach: int) -> int:
     """The canvas a request decodes on the engine: ``gen_length``, cut to whole blocks that fit in
-    ``max_model_len`` (the last block's query reaches ``shift`` positions past the canvas)."""
-    room = (max_model_len - prompt_len - shift) // cfg.block_length * cfg.block_length
+    ``max_model_len`` (the last block's query reaches ``reach`` = canvas width - block positions
+    past the canvas)."""
+    room = (max_model_len - prompt_len - reach) // cfg.block_length * cfg.block_length
     return max(0, min(cfg.gen_length, room))

@@ -56,6 +56,17 @@ class ODBModelState(DefaultModelState):
                                   [(e,) for e in special_tokens(self.spec, None, gen_cfg).end_ids], device,
                                   RequestCounters(enabled=_is_first_rank()))
         self.width = self.table.width
+        # Jump-share engines: every attention layer's impl gets the draft-row side path.
+        self.branch_attention = []
+        if engine.jump:
+            from vllm_odb.engine.branches import BranchAttention
+
+            for layer in model.model.layers:
+                impl = layer.self_attn.attn.impl
+                wrapper = BranchAttention(impl.forward, lambda: self.kernel_block_size)
+                impl.forward = wrapper
+                self.branch_attention.append(wrapper)
+            self._base_offsets = torch.arange(self.width, device=device)
         if vllm_config.num_speculative_tokens != self.width:
             raise RuntimeError(f"vLLM schedules {vllm_config.num_speculative_tokens} canvas slots per "
                                f"request, the decoder needs {self.width} (block_length + shift)")
@@ -88,10 +99,15 @@ class ODBModelState(DefaultModelState):
         else:
             num_reqs, num_tokens = input_batch.num_reqs, input_batch.num_tokens
         self.seq_lens_buf[:num_reqs].copy_(input_batch.seq_lens[:num_reqs])
+        for wrapper in self.branch_attention:
+            wrapper.rows = []
         if not for_capture:
             self.block_tables = block_tables[0]
             self._calibrate(input_batch, kv_cache_config, slot_mappings)
-            self._dual_cache_and_shift(input_batch, slot_mappings)
+            if self.branch_attention:
+                self._branch_rows(input_batch, slot_mappings)
+            else:
+                self._dual_cache_and_shift(input_batch, slot_mappings)
         return build_attn_metadata(
             attn_groups=attn_groups,
             num_reqs=num_reqs,
@@ -136,6 +152,56 @@ class ODBModelState(DefaultModelState):
             table = self.block_tables[rows_g]
             slot = table.gather(1, (pos // kbs)[:, None])[:, 0].long() * kbs + pos % kbs
             slot_mappings[0, tok_g] = slot.to(slot_mappings.dtype)
+
+    def _branch_rows(self, input_batch, slot_mappings) -> None:
+        """Jump-share engines: the dual cache's sequence lengths, and each decode row's positions
+        and KV slots. Row i of a request's canvas sits at ``start - shift + offset[i]``: base rows
+        at their window offset (written to the cache), planned draft rows at their layout offset
+        and padding rows anywhere (neither written: slot -1). Planned requests go to the draft
+        rows' attention (engine/branches.py)."""
+        from vllm_odb.engine.branches import BranchRows
+
+        rows = self.decode_rows(input_batch)
+        if len(rows) == 0:
+            return
+        table, w = self.table, self.table.window
+        n = input_batch.num_reqs
+        slots_np = input_batch.idx_mapping_np[rows]
+        reqs = [table.get(int(s)) for s in slots_np]
+        # Keys: exactly prompt + live canvas (vLLM's own count, num_computed + width, runs past it).
+        ends = np.full(n, -1, dtype=np.int32)
+        ends[rows] = [0 if q is None else q.end for q in reqs]
+        ends_g = async_copy_to_gpu(ends, device=self.device)
+        torch.where(ends_g >= 0, ends_g, self.seq_lens_buf[:n], out=self.seq_lens_buf[:n])
+        offsets, written, branch_rows = [], [], []
+        for r, q in zip(rows, reqs):
+            plan = None if q is None else q.plan
+            used = w if plan is None else plan.num_rows
+            off = self._base_offsets.clone()
+            off[w:] = 0
+            if plan is not None:
+                off[:used] = plan.offsets
+            offsets.append(off)
+            written.append(self._base_offsets < w)
+            if plan is not None and q is not None:
+                first = int(input_batch.query_start_loc_np[r])
+                branch_rows.append(BranchRows(first=first, plan=plan, q0=q.start - self.shift, end=q.end,
+                                              block_table=self.block_tables[r]))
+        starts = input_batch.query_start_loc_np[rows]
+        tok = async_copy_to_gpu((starts[:, None] + np.arange(self.width)[None]).reshape(-1).astype(np.int64),
+                                device=self.device)
+        q0 = async_copy_to_gpu(np.array([0 if q is None else q.start - self.shift for q in reqs], dtype=np.int64),
+                               device=self.device)
+        pos = (q0[:, None] + torch.stack(offsets)).reshape(-1)
+        input_batch.positions[tok] = pos.to(input_batch.positions.dtype)
+        kbs = self.kernel_block_size
+        table_rows = self.block_tables[async_copy_to_gpu(np.repeat(rows, self.width).astype(np.int64),
+                                                         device=self.device)]
+        slot = table_rows.gather(1, (pos // kbs)[:, None])[:, 0].long() * kbs + pos % kbs
+        slot = torch.where(torch.stack(written).reshape(-1), slot, -1)
+        slot_mappings[0, tok] = slot.to(slot_mappings.dtype)
+        for wrapper in self.branch_attention:
+            wrapper.rows = branch_rows
 
     def _end(self, slot: int) -> int:
         req = self.table.get(slot)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_odb.engine.knobs import live_gen_length, request_config
+from vllm_odb.engine.knobs import canvas_width, live_gen_length, request_config
 from vllm_odb.engine.metrics import COUNTERS, RequestCounters
 from vllm_odb.policies import DecodeConfig
 from vllm_odb.policies.length import Marker
@@ -30,6 +30,7 @@ class ODBRequest:
     finished: bool = False  # canvas done or ended early: emits EOS blocks until vLLM stops it
     warmup: bool = False  # vLLM's warm-up or a request refused here: not counted in the metrics
     counted: bool = False  # its stats went to the metrics (when it finished, or when removed)
+    plan: object = None  # jump-share: the branches of its next decode step (engine/branches.JumpPlan)
     # Per-request counters, named as in engine/metrics.py (forwards = NFE).
     stats: dict = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
 
@@ -46,7 +47,8 @@ class RequestTable:
         self.engine = engine
         self.block = engine.block_length
         self.shift = shift
-        self.width = engine.block_length + shift  # query rows of a decode step (vLLM's canvas)
+        self.window = engine.block_length + shift  # the base branch's query rows
+        self.width = canvas_width(engine, shift)  # query rows of a decode step (vLLM's canvas)
         self.max_model_len = max_model_len
         self.mask_id = mask_id
         self.eos_id = eos_id
@@ -74,7 +76,7 @@ class RequestTable:
             cfg, warmup = self.engine, True
         plen = len(prompt_ids)
         ids = list(prefill_ids) if prefill_ids else list(prompt_ids)
-        gen = live_gen_length(cfg, plen, self.max_model_len, self.shift)
+        gen = live_gen_length(cfg, plen, self.max_model_len, self.width - self.block)
         req = ODBRequest(req_id=req_id, cfg=cfg, prompt_len=plen, gen=gen, start=len(ids), warmup=warmup)
         req.stats["canvas_requested"] = req.stats["canvas_predicted"] = gen
         row = self.tokens[slot]
@@ -107,6 +109,7 @@ class RequestTable:
         commits EOS and vLLM stops the request."""
         req = self.reqs[slot]
         req.finished = True
+        req.plan = None
         self.tokens[slot, req.start:] = self.eos_id
         self._count(req)  # its decoding is over; an aborted request is counted when removed
 

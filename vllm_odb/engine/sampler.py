@@ -32,9 +32,11 @@ import numpy as np
 import torch
 from vllm.v1.worker.gpu.sample.output import SamplerOutput
 
+from vllm_odb.engine.branches import plan_jump
 from vllm_odb.engine.refresh import refresh
 from vllm_odb.policies import decide
 from vllm_odb.policies.confidence import drop_token, predict
+from vllm_odb.policies.jump import accept
 from vllm_odb.policies.length import marker_hits, predict_length
 
 _NO_PENALTIES = SimpleNamespace(output_bin_counts=None)
@@ -145,27 +147,43 @@ class ODBSampler:
         # window starts one position early, so row j is position s-1+j and predicts slot j).
         first_row = torch.tensor([int(cu[r]) for r in dec_rows], device=device)
         groups: dict = defaultdict(list)
+        planned = []
         for i, q in enumerate(reqs):
-            if not q.finished:
-                groups[q.cfg].append(i)
+            if q.finished:
+                continue
+            (planned if q.plan is not None else groups[q.cfg]).append(i)
         vocab = logits.shape[-1]
+        adopted_x0 = torch.zeros_like(block)
+        adopted_conf = torch.zeros(block.shape, dtype=torch.float32, device=device)
         tile = max(1, _TILE_BYTES // (blk * vocab * 4))
         for cfg, members in groups.items():
             for a in range(0, len(members), tile):
                 idx = torch.tensor(members[a:a + tile], device=device)
                 rows = (first_row[idx][:, None] + self._cols[None]).reshape(-1)
                 lg = logits[rows].view(len(idx), blk, vocab)
-                x0, _, commit = decide(lg, masked[idx], cfg, table.mask_id)
+                x0, conf, commit = decide(lg, masked[idx], cfg, table.mask_id)
                 new[idx] = torch.where(commit, x0, block[idx])
+                adopted_x0[idx], adopted_conf[idx] = x0, conf
+        accepted = torch.zeros(len(reqs), dtype=torch.long, device=device)
+        for i in planned:
+            new[i], adopted_x0[i], adopted_conf[i], accepted[i] = self._jump_decide(
+                logits, int(cu[dec_rows[i]]), reqs[i], masked[i])
         table.tokens[slots[:, None], cols] = new
-        complete = ~(new == table.mask_id).any(1)
+        masked_after = new == table.mask_id
+        complete = ~masked_after.any(1)
         ends = marker_hits(new, table.markers).any(1)
-        flags = torch.stack([complete, ends, masked.any(1)], 1).tolist()  # the step's host sync
+        # the step's host sync
+        flags = torch.stack([complete, ends, masked.any(1), accepted.bool(), masked_after.sum(1), accepted], 1).tolist()
         done_rows = []
+        live = sum(1 for i, q in enumerate(reqs) if not q.finished and not flags[i][0])
         for i, (r, q) in enumerate(zip(dec_rows, reqs)):
-            is_complete, has_end, had_masks = flags[i]
+            is_complete, has_end, had_masks, _, left, took = flags[i]
             q.stats["forwards" if had_masks else "idle_forwards"] += 1
+            q.stats["drafts_accepted"] += took
+            q.plan = None
             if not is_complete:
+                if q.cfg.jump and not q.finished:
+                    self._plan(q, int(slots_np[r]), new[i], adopted_x0[i], adopted_conf[i], left, live)
                 continue
             done_rows.append(i)
             if not q.finished:
@@ -180,6 +198,31 @@ class ODBSampler:
             out_rows = torch.tensor([dec_rows[i] for i in done_rows], device=device)
             sampled[out_rows, :blk] = new[d].to(sampled.dtype)
             num_sampled[out_rows] = blk
+
+    def _jump_decide(self, logits, first_row: int, q, masked):
+        """One planned request: decide every branch from its rows' logits, adopt the furthest
+        verified draft (policies.jump.accept). Returns the new block, the adopted branch's
+        predictions and the number of drafted tokens adopted."""
+        plan = q.plan
+        nb, blk = plan.blocks.shape
+        lg = logits[first_row + plan.pred_row.reshape(-1)].view(nb, blk, -1)
+        br_masked = (plan.blocks == self.table.mask_id) & masked.any()
+        x0, conf, commit = decide(lg, br_masked, q.cfg, self.table.mask_id)
+        valid = torch.ones((1, plan.family.shape[0]), dtype=torch.bool, device=x0.device)
+        choice = accept(commit[None], x0[None], plan.positions[None], plan.drafted[None], plan.family, valid)
+        pick = choice.view(1, 1).expand(1, blk)
+        chosen = lambda t: t.gather(0, pick)[0]  # noqa: E731
+        new = torch.where(chosen(commit), chosen(x0), chosen(plan.blocks))
+        sizes = torch.cat([torch.zeros(1, dtype=torch.long, device=x0.device), plan.family.sum(1)])
+        return new, chosen(x0), chosen(conf), sizes[choice[0]]
+
+    def _plan(self, q, slot: int, block, x0, conf, masked_left: int, live: int) -> None:
+        """Jump-share: the branches of the request's next step (engine/branches.py); greedy only,
+        as in the reference loop."""
+        if q.cfg.temperature > 0 or masked_left < 2:
+            return
+        before = self.table.tokens[slot, q.start - self.shift:q.start]
+        q.plan = plan_jump(block, before, x0, conf, self.table.mask_id, q.cfg, max(1, live), self.shift, self.width)
 
     def _refresh(self, jobs: list[tuple[int, int]]) -> None:
         """Refresh forward for each (slot, batch row); ALP on its canvas predictions; then the
@@ -205,11 +248,21 @@ class ODBSampler:
             q.stats["refresh_tokens"] += q.end
         self._predict_lengths(hidden, offsets, jobs, reqs)  # reads the canvas before this step commits
         new = block.clone()
+        adopted_x0 = torch.zeros_like(block)
+        adopted_conf = torch.zeros(block.shape, dtype=torch.float32, device=device)
         for cfg, members in groups.items():
             idx = torch.tensor(members, device=device)
-            x0, _, commit = decide(logits[idx], masked[idx], cfg, table.mask_id)
+            x0, conf, commit = decide(logits[idx], masked[idx], cfg, table.mask_id)
             new[idx] = torch.where(commit, x0, block[idx])
+            adopted_x0[idx], adopted_conf[idx] = x0, conf
         table.tokens[slots[:, None], cols] = new
+        jumping = [i for i, q in enumerate(reqs) if q.cfg.jump]
+        if jumping:  # plan the first jump-share step of the block from the refresh's predictions
+            left = (new == table.mask_id).sum(1).tolist()
+            live = sum(1 for n in left if n)
+            for i in jumping:
+                if left[i]:
+                    self._plan(reqs[i], jobs[i][0], new[i], adopted_x0[i], adopted_conf[i], left[i], live)
 
     def _predict_lengths(self, hidden, offsets, jobs, reqs) -> None:
         """Adaptive length prediction (policies/length.py) for the refreshed requests with ``alp``:
@@ -249,7 +302,8 @@ class ODBSampler:
             reqs[i].stats["canvas_predicted"] = int(g)
 
     def _write_drafts(self, slots: list[int]) -> None:
-        """Next step's query window of each request: ``tokens[s - shift : s - shift + width]``."""
+        """Next step's query rows of each request: ``tokens[s - shift : s - shift + width]``, or a
+        jump-share plan's rows (the base window, then the drafts; the rest is padding)."""
         if not slots:
             return
         table = self.table
@@ -258,3 +312,7 @@ class ODBSampler:
         starts = torch.tensor([table.get(s).start - self.shift for s in slots], device=device)
         cols = starts[:, None] + torch.arange(self.width, device=device)[None]
         self.req_states.draft_tokens[slot_t, : self.width] = table.tokens[slot_t[:, None], cols]
+        for s in slots:
+            plan = table.get(s).plan
+            if plan is not None:
+                self.req_states.draft_tokens[s, : plan.num_rows] = plan.tokens

@@ -4,7 +4,9 @@ It runs inside ``VllmConfig.__post_init__`` in every process that builds the con
 engine knobs (``--additional-config '{"odb": {...}}'``) into vLLM settings:
 
 - the canvas: ``diffusion_config.canvas_length = block_length + shift`` (Dream's query window
-  starts one position before the block, because Dream predicts token i from position i-1);
+  starts one position before the block, because Dream predicts token i from position i-1), or on
+  a jump-share engine the draft budget of one request, ``ridge_rows`` (engine/branches.py), with
+  PIECEWISE CUDA graphs (the draft rows' attention runs outside the graphs);
 - bidirectional paged attention: ``use_non_causal`` and, unless the user chose one, the Triton
   backend (it runs fp32 and bf16 non-causal attention over the paged cache with CUDA graphs;
   FlashInfer cannot run non-causal decode batches and is refused);
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import logging
 
-from vllm_odb.engine.knobs import engine_config
+from vllm_odb.engine.knobs import canvas_width, engine_config
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ def verify_and_update(vllm_config) -> None:
     hf_config = model_config.hf_config
     cfg = engine_config(vllm_config.additional_config)
     shift = hf_config.spec.logits_shift
-    canvas = cfg.block_length + shift
+    canvas = canvas_width(cfg, shift)
 
     dc = vllm_config.diffusion_config
     if dc is None:
@@ -49,8 +51,10 @@ def verify_and_update(vllm_config) -> None:
     elif dc.canvas_length != canvas:
         raise ValueError(
             f"diffusion_config.canvas_length={dc.canvas_length} does not match block_length="
-            f"{cfg.block_length} (+{shift} for this model's shifted logits = {canvas}); set the block "
-            "with --additional-config '{\"odb\": {\"block_length\": N}}' and leave --diffusion-config out")
+            f"{cfg.block_length} (+{shift} for this model's shifted logits"
+            + (f", widened to ridge_rows={cfg.ridge_rows} for jump-share drafts" if cfg.jump else "")
+            + f" = {canvas}); set the block with --additional-config '{{\"odb\": {{\"block_length\": N}}}}' "
+            "and leave --diffusion-config out")
     hf_config.canvas_length = canvas
     hf_config.odb_engine = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
 
@@ -73,7 +77,14 @@ def verify_and_update(vllm_config) -> None:
         sc.max_num_seqs = DEFAULT_MAX_NUM_SEQS
 
     cc = vllm_config.compilation_config
-    if cc.max_cudagraph_capture_size is None:
+    if cfg.jump:
+        # Draft rows take an attention side path (engine/branches.py) outside CUDA graphs.
+        from vllm.config.compilation import CUDAGraphMode
+
+        if cc.cudagraph_mode is None or cc.cudagraph_mode.has_full_cudagraphs():
+            log.info("vllm-odb: jump-share runs attention outside CUDA graphs; cudagraph_mode=PIECEWISE")
+            cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
+    elif cc.max_cudagraph_capture_size is None:
         cc.max_cudagraph_capture_size = sc.max_num_seqs * canvas
 
     overrides = model_config.override_generation_config

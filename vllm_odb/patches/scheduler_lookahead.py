@@ -24,7 +24,8 @@ def canvas_end(request, hf_config, max_model_len: int) -> int:
 
         sp = request.sampling_params
         cfg = request_config(DecodeConfig(**hf_config.odb_engine), sp.extra_args, sp.temperature, sp.max_tokens)
-        gen = live_gen_length(cfg, request.num_prompt_tokens, max_model_len, hf_config.spec.logits_shift)
+        reach = hf_config.canvas_length - cfg.block_length
+        gen = live_gen_length(cfg, request.num_prompt_tokens, max_model_len, reach)
         end = request.num_prompt_tokens + gen
         request._odb_canvas_end = end
     return end
