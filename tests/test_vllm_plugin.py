@@ -918,3 +918,16 @@ def test_canvas_end_of_a_jump_share_engine_leaves_room_for_the_draft_rows():
     """The last block's query reaches canvas_width - block positions past the canvas."""
     engine = engine_config({"odb": {"block_length": 16, "gen_length": 64, "method": "odb", "ridge_rows": 48}})
     assert canvas_end(_request(100, 200, {"gen_length": 64}), _hf_config("llada", engine), 164) == 100 + 32
+
+
+@pytest.mark.parametrize("fmt", ["llada", "dream"])
+def test_hook_jump_share_engine(cpu_vllm, fmt):
+    from vllm.config.compilation import CUDAGraphMode
+
+    vc = _create(fmt, speculative_config={"method": "odb"})
+    window = 16 + SHIFT[fmt]
+    assert vc.diffusion_config.canvas_length == 251
+    assert vc.scheduler_config.max_num_seqs == 251 // window
+    assert vc.scheduler_config.max_num_batched_tokens >= vc.scheduler_config.max_num_seqs * 251
+    assert not vc.compilation_config.cudagraph_mode.has_full_cudagraphs()
+    assert vc.compilation_config.cudagraph_mode in (CUDAGraphMode.PIECEWISE, CUDAGraphMode.NONE)

@@ -72,9 +72,19 @@ def verify_and_update(vllm_config) -> None:
 
     sc = vllm_config.scheduler_config
     sc.enable_chunked_prefill = False
-    sc.max_num_batched_tokens = max(sc.max_num_batched_tokens, model_config.max_model_len)
     if sc.max_num_seqs >= SchedulerConfig.DEFAULT_MAX_NUM_SEQS:
         sc.max_num_seqs = DEFAULT_MAX_NUM_SEQS
+    if cfg.jump:
+        # Every decode request carries the wide canvas; past ridge_rows // window requests the
+        # shared draft budget holds no draft, so a jump-share engine serves at most that many.
+        most = max(1, cfg.ridge_rows // (cfg.block_length + shift))
+        if sc.max_num_seqs > most:
+            log.info("vllm-odb: jump-share engine: max_num_seqs %d -> %d (ridge_rows // window; drafts "
+                     "need room below the ridge point)", sc.max_num_seqs, most)
+            sc.max_num_seqs = most
+    # A step must hold a whole prompt, and every running request's whole canvas.
+    sc.max_num_batched_tokens = max(sc.max_num_batched_tokens, model_config.max_model_len,
+                                    sc.max_num_seqs * canvas)
 
     cc = vllm_config.compilation_config
     if cfg.jump:
