@@ -30,6 +30,9 @@ import sys
 import time
 
 BLOCK, GEN = 16, 64
+# The draft budget and so a jump-share engine's canvas. vLLM's kernel warm-up feeds token ids up
+# to the canvas width, so the tiny checkpoints (vocabulary 128) need a canvas below that.
+RIDGE_ROWS = 96
 
 
 def requests_for(model: str, n: int, seed: int):
@@ -60,7 +63,7 @@ def offline(model: str, reqs: list[dict]) -> None:
 
     llm = LLM(model=model, dtype="float32", max_model_len=512, gpu_memory_utilization=0.3, seed=0,
               speculative_config={"method": "odb"},
-              additional_config={"odb": {"block_length": BLOCK, "gen_length": GEN}})
+              additional_config={"odb": {"block_length": BLOCK, "gen_length": GEN, "ridge_rows": RIDGE_ROWS}})
 
     def run():
         for r in reqs:
@@ -196,7 +199,7 @@ def main() -> int:
     base = f"http://127.0.0.1:{args.port}"
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args.model, "--speculative", "odb", "--dtype", "float32", "--max-model-len", "512",
            "--gpu-memory-utilization", "0.3", "--port", str(args.port), "--seed", "0",
-           "--additional-config", json.dumps({"odb": {"block_length": BLOCK, "gen_length": GEN}})]
+           "--additional-config", json.dumps({"odb": {"block_length": BLOCK, "gen_length": GEN, "ridge_rows": RIDGE_ROWS}})]
     log = open(os.environ.get("SERVER_LOG", "/tmp/server.log"), "w")
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

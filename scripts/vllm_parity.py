@@ -36,6 +36,8 @@ def main() -> int:
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
+    ap.add_argument("--ridge-rows", type=int, default=None,
+                    help="draft budget (jump-share); also sets a jump-share engine's canvas width")
     ap.add_argument("--method", choices=("fast-dllm", "odb-alp", "odb-jump", "odb"), default="fast-dllm")
     ap.add_argument("--select", choices=("additional", "speculative"), default="additional",
                     help="how the engine is told the method")
@@ -57,7 +59,7 @@ def main() -> int:
     examples = make_suite(args.seed, args.n)
     prompts = [ck.encode_chat(e.prompt) for e in examples]
     cfg = DecodeConfig.for_method(args.method, gen_length=args.gen_length, block_length=args.block_length,
-                                  threshold=args.threshold)
+                                  threshold=args.threshold, ridge_rows=args.ridge_rows)
     t0 = time.time()
     outs = [generate(ck.model, [p], cfg, ck.special) for p in prompts]
     ref = [response_ids(o.tokens[0], ck.special) for o in outs]
@@ -129,6 +131,8 @@ def main() -> int:
 def engine_method(args) -> dict:
     """LLM(...) keyword arguments that select ``args.method`` on the engine."""
     section = {"block_length": args.block_length, "gen_length": args.gen_length, "threshold": args.threshold}
+    if args.ridge_rows is not None:
+        section["ridge_rows"] = args.ridge_rows
     if args.select == "speculative":
         if args.method != "odb":
             raise SystemExit("--select speculative selects the odb method")

@@ -29,3 +29,22 @@ def test_vllm_matches_reference_eager(fmt, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(out.read_text())["summary"]
     assert summary["alone_match"] == summary["batched_match"] == 8
+
+
+@pytest.mark.parametrize("fmt", ["llada", "dream"])
+def test_vllm_odb_matches_reference_odb(fmt, tmp_path):
+    """ALP, early stop and jump-share (threshold 1.0, so blocks take several steps and drafts are
+    verified), selected with speculative_config={"method": "odb"}: tokens, NFE, predicted canvas
+    and accepted drafts equal the reference loop's, every prompt alone."""
+    pytest.importorskip("vllm")
+    out = tmp_path / "parity.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "vllm_parity.py"), "--model", str(ROOT / "checkpoints" / f"tiny-{fmt}"),
+         "--mode", "eager", "--n", "8", "--gen-length", "128", "--block-length", "16", "--threshold", "1.0",
+         "--method", "odb", "--select", "speculative", "--ridge-rows", "96", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["alone_match"] == 8
+    assert summary["drafts_accepted"]["vllm"] == summary["drafts_accepted"]["reference"] > 0
+    assert summary["nfe"]["vllm"] == summary["nfe"]["reference"]
