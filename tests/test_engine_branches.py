@@ -32,10 +32,11 @@ def _plan(shift, ridge_rows=64, masked=(1, 1, 1, 1)):
 
 
 @pytest.mark.parametrize("shift", [0, 1])
-@pytest.mark.parametrize("masked", [(1, 1, 1, 1), (1, 0, 1, 1)])
-def test_draft_rows_see_exactly_the_reference_keys(shift, masked):
+@pytest.mark.parametrize("masked, ridge_rows", [((1, 1, 1, 1), 64), ((1, 0, 1, 1), 64), ((1, 0, 1, 1), 14),
+                                               ((1, 0, 0, 1), 8)])
+def test_draft_rows_see_exactly_the_reference_keys(shift, masked, ridge_rows):
     torch.manual_seed(1)
-    plan = _plan(shift, masked=masked)
+    plan = _plan(shift, ridge_rows=ridge_rows, masked=masked)
     assert plan is not None and plan.num_rows > plan.window
     prompt, end = 6, 14
     s, e = prompt, prompt + 4
@@ -98,3 +99,9 @@ def test_plan_rows_fit_the_canvas():
     assert (plan.offsets[:5] == torch.arange(5)).all()  # the base window comes first, in order
     assert plan_jump(torch.full((4,), MASK), torch.tensor([7]), torch.zeros(4, dtype=torch.long), torch.ones(4),
                      MASK, _cfg(ridge_rows=64), 1, 1, plan.num_rows - 1) is None
+
+
+@pytest.mark.parametrize("shift, masked, ridge_rows", [(0, (1, 0, 1, 1), 14), (1, (1, 0, 0, 1), 8)])
+def test_the_cases_above_include_shared_kv_drafts(shift, masked, ridge_rows):
+    plan = _plan(shift, ridge_rows=ridge_rows, masked=masked)
+    assert plan.num_rows < plan.window * plan.blocks.shape[0]  # drafts hold only some offsets

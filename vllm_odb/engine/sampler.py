@@ -63,6 +63,7 @@ class ODBSampler:
         self._cols = torch.arange(self.block, device=state.device)
         self._profile = os.environ.get(_PROFILE_ENV)
         self._last_end = None
+        self._jumps: list[dict] = []  # jump-share decisions of the step (profiling only)
 
     # ---- the runner's sampler surface -------------------------------------------------------
     @property
@@ -127,7 +128,8 @@ class ODBSampler:
                "refresh_s": now - t_refresh if refresh_jobs else 0.0,
                "decode_reqs": len(dec_rows), "refresh_reqs": len(refresh_jobs),
                "refresh_tokens": sum(self.table.get(s).end for s, _ in refresh_jobs),
-               "tokens": int(input_batch.num_tokens), "reqs": int(input_batch.num_reqs)}
+               "tokens": int(input_batch.num_tokens), "reqs": int(input_batch.num_reqs), "jumps": self._jumps}
+        self._jumps = []
         with open(self._profile, "a") as f:
             f.write(json.dumps(row) + "\n")
         self._last_end = now
@@ -214,6 +216,10 @@ class ODBSampler:
         chosen = lambda t: t.gather(0, pick)[0]  # noqa: E731
         new = torch.where(chosen(commit), chosen(x0), chosen(plan.blocks))
         sizes = torch.cat([torch.zeros(1, dtype=torch.long, device=x0.device), plan.family.sum(1)])
+        if self._profile:
+            self._jumps.append({"req": q.req_id, "start": q.start, "p": int(plan.family.shape[1]),
+                                "rows": plan.num_rows, "choice": int(choice[0]),
+                                "masked": int(masked.sum()), "new_masked": int((new == self.table.mask_id).sum())})
         return new, chosen(x0), chosen(conf), sizes[choice[0]]
 
     def _plan(self, q, slot: int, block, x0, conf, masked_left: int, live: int) -> None:
