@@ -11,7 +11,7 @@ OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 case "${PART:-parity}" in
   parity)
     CHECKS="${CHECKS:-tiny-llada:eager tiny-dream:eager}" TAG="${TAG:--odb}" \
-    PARITY_ARGS="${PARITY_ARGS:---method odb --select speculative --gen-length 128 --n 16 --ridge-rows 96 --threshold 1.0}" \
+    PARITY_ARGS="${PARITY_ARGS:---method odb --select speculative --gen-length 128 --n 16 --ridge-rows 64 --threshold 1.0}" \
       bash scripts/gpu_vllm_check.sh ;;
   loopback)
     model="${MODEL:-tiny-llada}"

@@ -330,7 +330,7 @@ def test_engine_runs_the_odb_methods(method, jump):
 def test_canvas_width_holds_the_draft_budget(section, width):
     cfg = engine_config({"odb": {"block_length": 16, **section}})
     assert canvas_width(cfg, 0) == width
-    assert canvas_width(cfg, 1) == max(width, 17)
+    assert canvas_width(cfg, 1) == (max(2 * width - 17, 17) if cfg.jump else 17)  # Dream: rows before masks
 
 
 ENGINE = engine_config({"odb": {"block_length": 16, "gen_length": 64, "threshold": 0.8}})
@@ -836,7 +836,7 @@ def test_cli_shorthand_conflict_names_both_flags(cpu_vllm, capsys):
 def test_speculative_odb_becomes_the_decoding_section(cpu_vllm, fmt, spec):
     vc = _create(fmt, additional_config={"odb": {"block_length": 16}}, speculative_config=spec)
     assert vc.speculative_config is None  # V2 would refuse a speculator; the canvas sets the slots
-    assert vc.num_speculative_tokens == vc.diffusion_config.canvas_length == 251  # the draft budget
+    assert vc.num_speculative_tokens == vc.diffusion_config.canvas_length == (251 if fmt == "llada" else 485)
     engine = vc.model_config.hf_config.odb_engine
     assert (engine["alp"], engine["early_stop"], engine["jump"], engine["block_length"]) == (True, True, True, 16)
     assert engine["alp_threshold"] == spec.get("alp_threshold", 0.9)
@@ -926,7 +926,7 @@ def test_hook_jump_share_engine(cpu_vllm, fmt):
 
     vc = _create(fmt, speculative_config={"method": "odb"})
     window = 16 + SHIFT[fmt]
-    assert vc.diffusion_config.canvas_length == 251
+    assert vc.diffusion_config.canvas_length == (251 if fmt == "llada" else 2 * 251 - window)
     assert vc.scheduler_config.max_num_seqs == 251 // window
     assert vc.scheduler_config.max_num_batched_tokens >= vc.scheduler_config.max_num_seqs * 251
     assert not vc.compilation_config.cudagraph_mode.has_full_cudagraphs()

@@ -106,9 +106,16 @@ def _public(cfg: DecodeConfig) -> dict:
 
 def canvas_width(cfg: DecodeConfig, shift: int) -> int:
     """Query rows vLLM schedules per decode step (``diffusion_config.canvas_length``): the block
-    (+ Dream's shift) or, on a jump-share engine, the draft budget of a request alone."""
+    (+ Dream's shift) or, on a jump-share engine, the most rows a request alone can lay out.
+
+    ``policies.jump.plan_drafts`` budgets a shared-KV draft at one row per masked position; with
+    shifted logits (Dream) a draft also needs the row before each masked position, up to twice
+    that, so its layouts can reach ``2 * ridge_rows - window`` rows (a known overshoot of the
+    ridge budget for Dream, see BENCHMARKS.md)."""
     window = cfg.block_length + shift
-    return max(window, cfg.ridge_rows) if cfg.jump else window
+    if not cfg.jump:
+        return window
+    return max(window, cfg.ridge_rows if shift == 0 else 2 * cfg.ridge_rows - window)
 
 
 def live_gen_length(cfg: DecodeConfig, prompt_len: int, max_model_len: int, reach: int) -> int:
