@@ -71,7 +71,7 @@ def offline(model: str, reqs: list[dict]) -> None:
                                 extra_args=None if r["method"] == "odb" else {"method": r["method"]})
             if r["api"] == "chat":
                 o = llm.chat([{"role": "user", "content": r["text"]}], sp, use_tqdm=False)[0]
-            else:  # the text already holds the template's special tokens
+            else:  # the ids already hold the template's special tokens
                 o = llm.generate([TokensPrompt(prompt_token_ids=r["ids"])], sp, use_tqdm=False)[0]
             r["expected"], r["expected_tokens"] = o.outputs[0].text, len(o.outputs[0].token_ids)
             r["prompt_tokens"] = len(o.prompt_token_ids)
@@ -82,7 +82,7 @@ def offline(model: str, reqs: list[dict]) -> None:
         if len(t) >= 6:
             r["stop"] = [t[len(t) // 2: len(t) // 2 + 2]]
     run()
-    del llm
+    # the engine goes with this frame: the server below needs its GPU memory
 
 
 def body(r: dict, model: str, stream: bool = True) -> dict:

@@ -4,7 +4,10 @@ The runner hands over the logits of every decode request's query window (``width
 each forward. Per request and step, top to bottom (the reference loop's order, policies shared):
 
     block logits (Dream: from the position before each slot) -> policies.decide -> new block
-    block complete?  no  -> the block goes back as the next step's draft slots (num_sampled 0)
+      (jump-share: every branch's logits -> policies.decide per branch -> policies.jump.accept
+       -> the adopted branch's block; engine/branches.py)
+    block complete?  no  -> the block goes back as the next step's draft slots (num_sampled 0);
+                            jump-share plans the next step's drafts from the adopted branch
                      yes -> commit it (num_sampled = block); done if the canvas is, or (early_stop)
                             the block holds an end marker; else refresh: one forward over
                             prompt + live canvas rewrites the cache, its canvas predictions give
@@ -17,7 +20,8 @@ an end marker with ``early_stop``) commits EOS blocks until vLLM's stop check en
 
 Logits are read in tiles over requests (``_TILE_BYTES`` of fp32 work each), so the sampler never
 holds more than a bounded slice of [requests x block, vocab] in fp32 at once. One host sync per
-step (which blocks completed) decides the refreshes.
+step (which blocks completed) decides the refreshes; jump-share planning adds a few per planned
+request (the layout's row count), and ALP one per step with refreshes.
 """
 
 from __future__ import annotations
@@ -175,11 +179,11 @@ class ODBSampler:
         complete = ~masked_after.any(1)
         ends = marker_hits(new, table.markers).any(1)
         # the step's host sync
-        flags = torch.stack([complete, ends, masked.any(1), accepted.bool(), masked_after.sum(1), accepted], 1).tolist()
+        flags = torch.stack([complete, ends, masked.any(1), masked_after.sum(1), accepted], 1).tolist()
         done_rows = []
         live = sum(1 for i, q in enumerate(reqs) if not q.finished and not flags[i][0])
         for i, (r, q) in enumerate(zip(dec_rows, reqs)):
-            is_complete, has_end, had_masks, _, left, took = flags[i]
+            is_complete, has_end, had_masks, left, took = flags[i]
             q.stats["forwards" if had_masks else "idle_forwards"] += 1
             q.stats["drafts_accepted"] += took
             q.plan = None
