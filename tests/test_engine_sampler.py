@@ -1,0 +1,101 @@
+"""The engine sampler's index math on CPU with real tensors (vllm_odb/engine/sampler.py): the rows
+of a refresh forward that ALP reads and the branch rows a jump-share step decides from must be the
+ones the reference loop uses. The model is a stand-in whose hidden states are the logits."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from vllm_odb.engine.branches import plan_jump  # noqa: E402
+from vllm_odb.engine.requests import RequestTable  # noqa: E402
+from vllm_odb.engine.sampler import ODBSampler  # noqa: E402
+from vllm_odb.policies import DecodeConfig, decide  # noqa: E402
+from vllm_odb.policies.confidence import drop_token, predict  # noqa: E402
+from vllm_odb.policies.jump import accept  # noqa: E402
+from vllm_odb.policies.length import predict_length  # noqa: E402
+
+MASK, EOS, VOCAB = 9, 8, 12
+
+
+def _sampler(shift: int, cfg: DecodeConfig):
+    table = RequestTable(2, 512, cfg, shift, mask_id=MASK, eos_id=EOS, markers=[(EOS,)], device="cpu")
+    model = types.SimpleNamespace(compute_logits=lambda h: h)  # hidden states are the logits
+    state = types.SimpleNamespace(table=table, model=model, max_num_reqs=2, device="cpu")
+    base = types.SimpleNamespace(sampling_states=None,
+                                 req_states=types.SimpleNamespace(draft_tokens=torch.zeros(2, table.width, dtype=torch.long)))
+    return ODBSampler(state, base), table
+
+
+def _params(**extra):
+    return types.SimpleNamespace(temperature=0.0, max_tokens=None, extra_args=extra or None)
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+@pytest.mark.parametrize("eos_at", [5, 40, None])
+def test_alp_reads_the_reference_rows(shift, eos_at):
+    cfg = DecodeConfig(gen_length=64, block_length=16, alp=True, early_stop=True)
+    sampler, table = _sampler(shift, cfg)
+    prompt = list(range(1, 6))
+    req = table.add(0, "a", prompt, prompt + [3] * 16, _params())  # block 0 committed: ALP at block 1
+    assert (req.prompt_len, req.start, req.gen) == (5, 21, 64)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(req.end, VOCAB, generator=g)
+    if eos_at is not None:  # canvas position eos_at is confidently EOS: its row is position - shift
+        logits[req.prompt_len + eos_at - shift, EOS] = 30.0
+    offset = 7  # the job's first row in the refresh batch
+    hidden = torch.cat([torch.zeros(offset, VOCAB), logits])
+    sampler._predict_lengths(hidden, [offset], [(0, 0)], [req])
+    # The reference loop (reference/generate.py, refresh step with alp): rows s - shift .. end - shift.
+    s = 21
+    x0, conf = predict(drop_token(logits[s - shift: req.end - shift], MASK))
+    scan = table.tokens[0, s:req.end] == MASK
+    want = predict_length(x0[None], conf[None], scan[None], s - 5, torch.tensor([64]), [(EOS,)], cfg.alp_threshold,
+                          16, cfg.alp_min_length)
+    assert req.gen == int(want[0]) == (64 if eos_at in (None, 5) else 48)  # 5 is in the committed block
+    assert req.stats["canvas_predicted"] == req.gen
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_jump_step_decides_each_branch_from_its_rows(shift):
+    cfg = DecodeConfig(gen_length=32, block_length=8, jump=True, threshold=0.8, ridge_rows=64)
+    sampler, table = _sampler(shift, cfg)
+    prompt = [1, 2, 3, 4]
+    req = table.add(0, "a", prompt, None, _params())
+    g = torch.Generator().manual_seed(1)
+    block = torch.full((8,), MASK)
+    block[2] = 5
+    x0, conf = torch.randint(0, 8, (8,), generator=g), torch.rand(8, generator=g)
+    req.plan = plan_jump(block, table.tokens[0, 4 - shift:4], x0, conf, MASK, req.cfg, 1, shift, table.width)
+    assert req.plan is not None
+    first = 3
+    logits = torch.randn(first + table.width, VOCAB, generator=g)
+    masked = block == MASK
+    new, ax0, aconf, took = sampler._jump_decide(logits, first, req, masked)
+    # The reference loop (reference/generate.py::_jump_step): branch logits through pred_row.
+    plan = req.plan
+    nb = plan.blocks.shape[0]
+    lg = logits[first + plan.pred_row.reshape(-1)].view(nb, 8, VOCAB)
+    bx0, bconf, bcommit = decide(lg, (plan.blocks == MASK) & masked.any(), cfg, MASK)
+    c = int(accept(bcommit[None], bx0[None], plan.positions[None], plan.drafted[None], plan.family,
+                   torch.ones(1, plan.family.shape[0], dtype=torch.bool))[0])
+    assert torch.equal(new, torch.where(bcommit[c], bx0[c], plan.blocks[c]))
+    assert torch.equal(ax0, bx0[c]) and torch.equal(aconf, bconf[c])
+    assert int(took) == (0 if c == 0 else int(plan.family[c - 1].sum()))
+
+
+def test_drafts_written_for_the_next_step_are_the_plan_rows():
+    cfg = DecodeConfig(gen_length=32, block_length=8, jump=True, ridge_rows=64)
+    sampler, table = _sampler(1, cfg)
+    req = table.add(1, "a", [1, 2, 3, 4], None, _params())
+    block = torch.full((8,), MASK)
+    req.plan = plan_jump(block, table.tokens[1, 3:4], torch.arange(8), torch.linspace(1, 0, 8), MASK, req.cfg, 1, 1,
+                         table.width)
+    sampler._write_drafts([1])
+    rows = sampler.req_states.draft_tokens[1]
+    assert torch.equal(rows[: req.plan.num_rows], req.plan.tokens)
+    assert rows[0] == 4 and (rows[1:9] == MASK).all()  # the base window: the token before, the block
