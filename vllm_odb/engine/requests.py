@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vllm_odb.engine import kv_release
 from vllm_odb.engine.knobs import canvas_width, live_gen_length, request_config
 from vllm_odb.engine.metrics import COUNTERS, RequestCounters
 from vllm_odb.policies import DecodeConfig
@@ -91,6 +92,7 @@ class RequestTable:
     def remove(self, req_id: str) -> None:
         """The request left the batch (finished, aborted or preempted)."""
         slot = self.slot_of.pop(req_id, None)
+        kv_release.forget(req_id)
         if slot is not None:
             self._count(self.reqs[slot])
             self.reqs[slot] = None

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from vllm.v1.worker.gpu.sample.output import SamplerOutput
 
+from vllm_odb.engine import kv_release
 from vllm_odb.engine.branches import plan_jump
 from vllm_odb.engine.refresh import refresh
 from vllm_odb.policies import decide
@@ -308,8 +309,11 @@ class ODBSampler:
             cut.extend(zip(members, new))
         lengths = torch.stack([n for _, n in cut]).tolist()  # one host sync for the step's refreshes
         for (i, _), g in zip(cut, lengths):
-            reqs[i].gen = int(g)
-            reqs[i].stats["canvas_predicted"] = int(g)
+            q = reqs[i]
+            if int(g) < q.gen:
+                q.gen = int(g)
+                kv_release.note(q.req_id, q.end)  # the scheduler frees the KV blocks past it
+            q.stats["canvas_predicted"] = q.gen
 
     def _write_drafts(self, slots: list[int]) -> None:
         """Next step's query rows of each request: ``tokens[s - shift : s - shift + width]``, or a

@@ -6,7 +6,9 @@ to the tokens it schedules (plus a global ``num_lookahead_tokens``, 0 on the dif
 the suffix would have no slots. The wrapper makes the scheduler's KV manager allocate, for our
 requests, slots up to the end of the request's canvas (prompt + live gen_length) from the first
 step on; the canvas length comes from the same knob resolution the worker uses
-(``engine/knobs.py``). Memory cost: the suffix KV the dual cache holds anyway.
+(``engine/knobs.py``). Memory cost: the suffix KV the dual cache holds anyway. When adaptive length
+prediction cuts a canvas, the blocks past the new end go back to the pool at the request's next
+allocation (engine/kv_release.py).
 Other models get vLLM's allocation unchanged.
 """
 
@@ -31,6 +33,34 @@ def canvas_end(request, hf_config, max_model_len: int) -> int:
     return end
 
 
+def wrap_allocate_slots(manager, hf_config, max_model_len: int):
+    """``manager.allocate_slots`` for our requests: slots up to the canvas end from the first step
+    on, and after an ALP cut noted by the worker, the blocks past ``end + reach`` freed (``reach``:
+    how far a decode step's query runs past its block, so no later step allocates them again)."""
+    from vllm_odb.engine import kv_release
+
+    allocate = manager.allocate_slots
+    reach = hf_config.canvas_length - hf_config.odb_engine["block_length"]
+
+    def allocate_slots(request, num_new_tokens, *args, num_lookahead_tokens=0, **kwargs):
+        end = canvas_end(request, hf_config, max_model_len)
+        cut = kv_release.take(request.request_id)
+        if request.num_computed_tokens == 0:
+            # Admitted, or readmitted after preemption (which freed every block): the worker
+            # starts this request from its full canvas again, so does its allocation.
+            request._odb_cut_end = end
+        elif cut is not None and cut < getattr(request, "_odb_cut_end", end):
+            # ALP cut the canvas in the worker: free the tail, and never allocate it again.
+            request._odb_cut_end = cut
+            kv_release.release_tail(manager, request.request_id, cut + reach)
+        end = getattr(request, "_odb_cut_end", end)
+        scheduled_end = request.num_computed_tokens + num_new_tokens
+        extra = max(num_lookahead_tokens, end - scheduled_end)
+        return allocate(request, num_new_tokens, *args, num_lookahead_tokens=extra, **kwargs)
+
+    return allocate_slots
+
+
 def apply() -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -46,16 +76,7 @@ def apply() -> None:
         if not is_odb_model(hf_config):
             return
         manager = self.kv_cache_manager
-        allocate = manager.allocate_slots
-        max_model_len = self.max_model_len
-
-        def allocate_slots(request, num_new_tokens, *args, num_lookahead_tokens=0, **kwargs):
-            end = canvas_end(request, hf_config, max_model_len)
-            scheduled_end = request.num_computed_tokens + num_new_tokens
-            extra = max(num_lookahead_tokens, end - scheduled_end)
-            return allocate(request, num_new_tokens, *args, num_lookahead_tokens=extra, **kwargs)
-
-        manager.allocate_slots = allocate_slots
+        manager.allocate_slots = wrap_allocate_slots(manager, hf_config, self.max_model_len)
 
     __init__._odb_patched = True
     Scheduler.__init__ = __init__
