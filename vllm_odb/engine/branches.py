@@ -1,7 +1,7 @@
 """Jump-share on vLLM's paged cache: draft branches as extra query rows of the decode step.
 
-A jump-share engine schedules a wider canvas per request (``width = max(window, ridge_rows)``,
-models/hook.py): the first ``window`` rows are the base branch (the block, Dream: from the
+A jump-share engine schedules a wider canvas per request (``knobs.canvas_width``: ``ridge_rows``,
+or ``2 * ridge_rows - window`` with Dream's shifted logits; models/hook.py): the first ``window`` rows are the base branch (the block, Dream: from the
 position before it), the next rows the drafts of ``policies.jump.branch_layout``, the rest padding.
 How one step runs, and who does what:
 
@@ -20,11 +20,12 @@ How one step runs, and who does what:
 - the sampler decides every branch from its rows' logits (``pred_row``), accepts by the chain
   rule (``policies.jump.accept``) and adopts the furthest verified draft.
 
-Why this route: the base rows keep vLLM's paged-attention kernel (and its speed); only the draft
-rows, a few per request below the ridge point, take the SDPA side path, which reads the same paged
-cache and needs no kernel of ours. FlexAttention would need a block mask per step over paged keys
-and a compile per shape; a kernel of ours is what would replace the SDPA gather if profiling says
-it matters. The attention op runs outside CUDA graphs (PIECEWISE), so jump-share engines do not
+Why this route (reasoned, not yet measured at full size): the base rows keep vLLM's paged-attention
+kernel (and its speed); only the draft rows, a few per request below the ridge point, take the SDPA
+side path, which reads the same paged cache and needs no kernel of ours. Its cost is a gather of
+the request's keys and values per layer (prompt + canvas) and one masked SDPA call per planned
+request. FlexAttention would need a block mask per step over paged keys and a compile per shape; a
+kernel of ours is what would replace the SDPA gather if the speed benchmarks say it matters. The attention op runs outside CUDA graphs (PIECEWISE), so jump-share engines do not
 capture FULL graphs; everything else in the layer stays graphed.
 """
 

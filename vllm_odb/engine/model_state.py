@@ -69,7 +69,7 @@ class ODBModelState(DefaultModelState):
             self._base_offsets = torch.arange(self.width, device=device)
         if vllm_config.num_speculative_tokens != self.width:
             raise RuntimeError(f"vLLM schedules {vllm_config.num_speculative_tokens} canvas slots per "
-                               f"request, the decoder needs {self.width} (block_length + shift)")
+                               f"request, the decoder needs {self.width} (engine/knobs.py canvas_width)")
         self.seq_lens_buf = torch.zeros(self.max_num_reqs, dtype=torch.int32, device=device)
         self.seq_len_override = np.zeros(self.max_num_reqs, dtype=np.int32)
         # The step's gathered block tables (batch-row order) and the KV kernel block size, for the
@@ -170,7 +170,7 @@ class ODBModelState(DefaultModelState):
         reqs = [table.get(int(s)) for s in slots_np]
         # Keys: exactly prompt + live canvas (vLLM's own count, num_computed + width, runs past it).
         ends = np.full(n, -1, dtype=np.int32)
-        ends[rows] = [0 if q is None else q.end for q in reqs]
+        ends[rows] = [-1 if q is None else q.end for q in reqs]  # unknown rows keep vLLM's count
         ends_g = async_copy_to_gpu(ends, device=self.device)
         torch.where(ends_g >= 0, ends_g, self.seq_lens_buf[:n], out=self.seq_lens_buf[:n])
         offsets, written, branch_rows = [], [], []

@@ -5,8 +5,10 @@ engine knobs (``--additional-config '{"odb": {...}}'``) into vLLM settings:
 
 - the canvas: ``diffusion_config.canvas_length = block_length + shift`` (Dream's query window
   starts one position before the block, because Dream predicts token i from position i-1), or on
-  a jump-share engine the draft budget of one request, ``ridge_rows`` (engine/branches.py), with
-  PIECEWISE CUDA graphs (the draft rows' attention runs outside the graphs);
+  a jump-share engine the most rows one request's drafts can lay out (``knobs.canvas_width``:
+  ``ridge_rows``, Dream ``2 * ridge_rows - window``; engine/branches.py), with PIECEWISE CUDA
+  graphs (the draft rows' attention runs outside the graphs) and at most ``ridge_rows // window``
+  requests at once;
 - bidirectional paged attention: ``use_non_causal`` and, unless the user chose one, the Triton
   backend (it runs fp32 and bf16 non-causal attention over the paged cache with CUDA graphs;
   FlashInfer cannot run non-causal decode batches and is refused);
@@ -52,7 +54,7 @@ def verify_and_update(vllm_config) -> None:
         raise ValueError(
             f"diffusion_config.canvas_length={dc.canvas_length} does not match block_length="
             f"{cfg.block_length} (+{shift} for this model's shifted logits"
-            + (f", widened to ridge_rows={cfg.ridge_rows} for jump-share drafts" if cfg.jump else "")
+            + (f", widened for jump-share drafts from ridge_rows={cfg.ridge_rows}" if cfg.jump else "")
             + f" = {canvas}); set the block with --additional-config '{{\"odb\": {{\"block_length\": N}}}}' "
             "and leave --diffusion-config out")
     hf_config.canvas_length = canvas
