@@ -16,7 +16,7 @@ case "${PART:-parity}" in
   loopback)
     model="${MODEL:-tiny-llada}"
     SERVER_LOG="$OUT/server-$model.log" timeout 580 python3 scripts/server_loopback.py \
-      --model "checkpoints/$model" --clients "${CLIENTS:-64}" --out "$OUT/loopback-$model.json" \
+      --model "checkpoints/$model" --clients "${CLIENTS:-64}" ${KV_BLOCKS:+--kv-blocks "$KV_BLOCKS"} --out "$OUT/loopback-$model.json" \
       > "$OUT/loopback-$model.log" 2>&1
     rc=$?
     grep -E '^\{"model"|MISMATCH|BAD-INPUT' "$OUT/loopback-$model.log" | head -20

@@ -55,14 +55,14 @@ def requests_for(model: str, n: int, seed: int):
     return out
 
 
-def offline(model: str, reqs: list[dict]) -> None:
+def offline(model: str, reqs: list[dict], kv_blocks: int | None) -> None:
     """Fill each request's ``expected`` text and token count from ``LLM`` (stop strings picked from
     a first pass for every third request)."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     llm = LLM(model=model, dtype="float32", max_model_len=512, gpu_memory_utilization=0.3, seed=0,
-              speculative_config={"method": "odb"},
+              speculative_config={"method": "odb"}, num_gpu_blocks_override=kv_blocks,
               additional_config={"odb": {"block_length": BLOCK, "gen_length": GEN, "ridge_rows": RIDGE_ROWS}})
 
     def run():
@@ -187,6 +187,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--kv-blocks", type=int, help="a small KV pool (num_gpu_blocks_override) so blocks that "
+                    "ALP cuts free are reused by other requests")
     ap.add_argument("--out")
     args = ap.parse_args()
     faulthandler.dump_traceback_later(560, exit=True)
@@ -194,12 +196,14 @@ def main() -> int:
 
     reqs = requests_for(args.model, args.clients, args.seed)
     t0 = time.time()
-    offline(args.model, reqs)
+    offline(args.model, reqs, args.kv_blocks)
     t_offline = time.time() - t0
     base = f"http://127.0.0.1:{args.port}"
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args.model, "--speculative", "odb", "--dtype", "float32", "--max-model-len", "512",
            "--gpu-memory-utilization", "0.3", "--port", str(args.port), "--seed", "0",
            "--additional-config", json.dumps({"odb": {"block_length": BLOCK, "gen_length": GEN, "ridge_rows": RIDGE_ROWS}})]
+    if args.kv_blocks:
+        cmd += ["--num-gpu-blocks-override", str(args.kv_blocks)]
     log = open(os.environ.get("SERVER_LOG", "/tmp/server.log"), "w")
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -237,7 +241,7 @@ def main() -> int:
     odb_metrics = {k: round(v - (0 if k.endswith(("per_forward", "ratio")) else start.get(k, 0.0)), 4)
                    for k, v in end.items() if k.startswith("vllm_odb:")}
     summary = {
-        "model": args.model, "clients": args.clients, "completed": len(done), "aborted": len(reqs) - len(done),
+        "model": args.model, "clients": args.clients, "kv_blocks": args.kv_blocks, "completed": len(done), "aborted": len(reqs) - len(done),
         "with_stop": sum(bool(r.get("stop")) for r in reqs), "chat": sum(r["api"] == "chat" for r in reqs),
         "odb": sum(r["method"] == "odb" for r in reqs),
         "text_match": len(done) - len(mism), "usage_match": len(done) - len(usage_bad),

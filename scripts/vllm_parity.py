@@ -63,7 +63,11 @@ def main() -> int:
     t0 = time.time()
     outs = [generate(ck.model, [p], cfg, ck.special) for p in prompts]
     ref = [response_ids(o.tokens[0], ck.special) for o in outs]
-    ref_nfe = sum(o.nfe[0] for o in outs)
+    # vLLM ends a request at the block that emits its EOS, which is early termination: its NFE is
+    # the reference's with early_stop (the same tokens up to the end marker).
+    nfe_outs = outs if cfg.early_stop else [generate(ck.model, [p], cfg.replace(early_stop=True), ck.special)
+                                            for p in prompts]
+    ref_nfe = sum(o.nfe[0] for o in nfe_outs)
     ref_canvas = sum(o.stats["canvas_length"][0] for o in outs)
     ref_drafted = sum(o.stats["drafted_accepted"][0] for o in outs)
     t_ref = time.time() - t0

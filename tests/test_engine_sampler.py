@@ -99,3 +99,27 @@ def test_drafts_written_for_the_next_step_are_the_plan_rows():
     rows = sampler.req_states.draft_tokens[1]
     assert torch.equal(rows[: req.plan.num_rows], req.plan.tokens)
     assert rows[0] == 4 and (rows[1:9] == MASK).all()  # the base window: the token before, the block
+
+
+@pytest.mark.parametrize("early_stop", [False, True])
+def test_block_emitting_an_end_marker_counts_the_request_at_once(early_stop):
+    """vLLM stops a request on the block that emits its EOS; its stats must reach the metrics in
+    that step, not when vLLM's removal reaches the worker (maybe never, on an idle engine)."""
+    import numpy as np
+
+    cfg = DecodeConfig(gen_length=32, block_length=8, early_stop=early_stop)
+    sampler, table = _sampler(0, cfg)
+    req = table.add(0, "a", [1, 2, 3, 4], None, _params())
+    logits = torch.full((8, VOCAB), -10.0)
+    logits[:, 3] = 10.0
+    logits[2, 3], logits[2, EOS] = -10.0, 10.0  # every position confident, one of them EOS
+    batch = types.SimpleNamespace(idx_mapping_np=np.array([0]), cu_num_logits_np=np.array([0, 8]))
+    sampled = torch.zeros(1, table.width, dtype=torch.long)
+    num_sampled = torch.zeros(1, dtype=torch.int32)
+    refresh_jobs = []
+    emitted = sampler._decode(logits, batch, [0], sampled, num_sampled, refresh_jobs)
+    assert emitted and int(num_sampled[0]) == 8 and sampled[0, 2] == EOS
+    assert req.counted and req.finished == early_stop
+    assert table.counters.totals["requests"] == 1 and table.counters.totals["forwards"] == 1
+    table.remove("a")
+    assert table.counters.totals["requests"] == 1  # counted once

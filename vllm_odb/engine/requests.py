@@ -115,5 +115,11 @@ class RequestTable:
         self.tokens[slot, req.start:] = self.eos_id
         self._count(req)  # its decoding is over; an aborted request is counted when removed
 
+    def ended(self, slot: int) -> None:
+        """The request emitted a block holding an end marker, on which vLLM stops it: its stats go
+        to the metrics now (vLLM's removal reaches the worker only at the next step, which may be
+        long after). Forwards it still takes (``ignore_eos``) are not counted."""
+        self._count(self.reqs[slot])
+
     def get(self, slot: int) -> ODBRequest | None:
         return self.reqs[slot] if 0 <= slot < len(self.reqs) else None

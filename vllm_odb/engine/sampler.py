@@ -99,8 +99,9 @@ class ODBSampler:
         dec_rows = [r for r in np.flatnonzero(nlog > 0) if table.get(int(slots_np[r])) is not None]
         refresh_jobs: list[tuple[int, int]] = []  # (slot, batch row)
 
+        emitted = False  # a block went out this step (it may end its request)
         if dec_rows:
-            self._decode(logits, input_batch, dec_rows, sampled, num_sampled, refresh_jobs)
+            emitted = self._decode(logits, input_batch, dec_rows, sampled, num_sampled, refresh_jobs)
             rows_t = torch.tensor(dec_rows, device=sampled.device)
             num_rejected[rows_t] = self.width - num_sampled[rows_t]
 
@@ -120,7 +121,8 @@ class ODBSampler:
                          | {int(slots_np[r]) for r in np.flatnonzero(nlog == 0)
                             if table.get(int(slots_np[r])) is not None})
         self._write_drafts(touched)
-        table.counters.flush(force=table.idle())  # the last request's counts land at once
+        # Steps that emit a block may end requests: their counts land at once.
+        table.counters.flush(force=emitted or table.idle())
         if self._profile:
             self._record(input_batch, dec_rows, refresh_jobs, t_refresh)
         return SamplerOutput(sampled_token_ids=sampled, logprobs_tensors=None, num_nans=None,
@@ -139,7 +141,7 @@ class ODBSampler:
             f.write(json.dumps(row) + "\n")
         self._last_end = now
 
-    def _decode(self, logits, input_batch, dec_rows, sampled, num_sampled, refresh_jobs) -> None:
+    def _decode(self, logits, input_batch, dec_rows, sampled, num_sampled, refresh_jobs) -> bool:
         table, blk = self.table, self.block
         slots_np = input_batch.idx_mapping_np
         cu = input_batch.cu_num_logits_np
@@ -199,12 +201,15 @@ class ODBSampler:
             if q.finished or q.start >= q.end or (q.cfg.early_stop and has_end):
                 table.finish(int(slots_np[r]))
             else:
+                if has_end:  # vLLM stops the request on this block (its EOS / stop string): count it
+                    table.ended(int(slots_np[r]))  # now, not when vLLM's removal reaches us
                 refresh_jobs.append((int(slots_np[r]), int(r)))
         if done_rows:
             d = torch.tensor(done_rows, device=device)
             out_rows = torch.tensor([dec_rows[i] for i in done_rows], device=device)
             sampled[out_rows, :blk] = new[d].to(sampled.dtype)
             num_sampled[out_rows] = blk
+        return bool(done_rows)
 
     def _jump_decide(self, logits, first_row: int, q, masked):
         """One planned request: decide every branch from its rows' logits, adopt the furthest
