@@ -1,19 +1,20 @@
-"""``python -m vllm_odb.bench {quality} ...``"""
+"""``python -m vllm_odb.bench {quality,report} ...``"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from vllm_odb.bench import quality
+from vllm_odb.bench import quality, report
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vllm_odb.bench")
     sub = ap.add_subparsers(dest="command", required=True)
     quality.add_arguments(sub.add_parser("quality", help="exact match on the synthetic suite"))
+    report.add_arguments(sub.add_parser("report", help="speed results JSON -> markdown summary and PNG plots"))
     args = ap.parse_args(argv)
-    return quality.main(args)
+    return {"quality": quality.main, "report": report.main}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,148 @@
+"""Speed report (vllm_odb/bench/report.py): schema checks, goals table, plots, CLI errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vllm_odb.bench import report
+from vllm_odb.bench.__main__ import main as bench_main
+
+
+def _row(model, engine, method, gen, batch, tps, replay=True, **kw):
+    return {"method": method, "engine": engine, "model": model, "replay": replay,
+            "trace_model": "tiny-llada" if replay else None, "gen_length": gen, "batch": batch, "requests": 4,
+            "tokens_per_s": tps, "latency_p50_s": 1.0, "latency_p90_s": 1.5, "nfe": 10.0, "tokens_per_forward": 3.2,
+            "refresh_tokens": 256.0, "gpu_mem_gb": None, "wall_s": 2.0, **kw}
+
+
+def _step(kind, batch, query_tokens, ms, flops, nbytes, model="llada-8b"):
+    return {"engine": "vllm", "model": model, "method": "odb", "kind": kind, "batch": batch,
+            "query_tokens": query_tokens, "kv_tokens": 512, "ms": ms, "flops": flops, "bytes": nbytes}
+
+
+def _data():
+    rows = [
+        _row("llada-8b", "reference", "vanilla", 1024, 1, 2.0),
+        _row("llada-8b", "reference", "fast-dllm", 1024, 1, 40.0),
+        _row("llada-8b", "vllm", "odb", 1024, 1, 600.0, decode_step_ms_p50=6.5, weight_stream_floor_ms=5.0,
+             step_over_floor=1.3),
+        _row("llada-8b", "vllm", "odb", 1024, 8, 2400.0),
+        _row("llada-8b", "vllm", "odb", 1024, 64, 9600.0),
+        _row("llada-8b", "vllm", "odb", 256, 1, 500.0),
+        _row("llada-8b", "vllm", "odb", 1024, 1, 1.0, replay=False),  # not replayed: never in the goals
+        _row("dream-7b", "vllm", "odb", 512, 1, 450.0),
+        _row("dream-7b", "reference", "fast-dllm", 512, 1, 50.0, note="short run"),
+        _row("tiny-llada", "reference", "odb", 64, 4, 900.0, replay=False),
+    ]
+    steps = [_step("decode", 1, 32, 6.0, 5e11, 16e9), _step("decode", 8, 256, 7.0, 4e12, 16e9),
+             _step("refresh", 1, 768, 60.0, 1.2e13, 16.5e9), _step("jump", 1, 250, 8.0, 4e12, 16e9)]
+    meta = {"device": "NVIDIA H100", "commands": ["python -m vllm_odb.bench speed"],
+            "ceilings": {"bf16_matmul_tflops": 780.0, "copy_bandwidth_gbs": 3000.0, "ridge_flop_per_byte": 260.0}}
+    return {"meta": meta, "rows": rows, "steps": steps}
+
+
+def _write(tmp_path, data, name="results.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(data) if not isinstance(data, str) else data)
+    return path
+
+
+def _goal_lines(md, model):
+    return {line.split(" | ")[2]: line for line in md.splitlines() if line.startswith(f"| {model} | ") and "÷" in line}
+
+
+def test_goals_ratios_and_status(tmp_path):
+    data = report.load_results(_write(tmp_path, _data()))
+    md = report.build_markdown(data, "results.json")
+    llada = _goal_lines(md, "llada-8b")
+    assert len(llada) == 4 and all("| 1024 |" in line for line in llada.values())
+    fast = llada["vllm odb ÷ reference fast-dllm tok/s, batch 1"]
+    assert "| 15.0x | >= 10x | met |" in fast and "600.0 / 40.0 tok/s" in fast
+    assert "| 300.0x | >= 250x | met |" in llada["vllm odb ÷ reference vanilla tok/s, batch 1"]
+    floor = llada["vllm decode step ÷ weight-streaming floor, batch 1"]
+    assert "| 1.30x | <= 1.2x | not met |" in floor and "step 6.50 ms / floor 5.00 ms" in floor
+    assert "| 16.0x | >= 15x | met |" in llada["vllm odb tok/s at 64 concurrent ÷ batch 1"]
+
+    dream = _goal_lines(md, "dream-7b")  # only gen 512, no vanilla, no floor, no batch 64
+    assert "| 9.00x | >= 10x | not met |" in dream["vllm odb ÷ reference fast-dllm tok/s, batch 1"]
+    for goal in ("vllm odb ÷ reference vanilla tok/s, batch 1", "vllm decode step ÷ weight-streaming floor, batch 1",
+                 "vllm odb tok/s at 64 concurrent ÷ batch 1"):
+        assert "| - |" in dream[goal] and "| not measured |" in dream[goal]
+    assert "dream-7b: no replayed rows at gen_length 1024; used the largest present, 512." in md
+    assert _goal_lines(md, "tiny-llada") == {}
+
+
+def test_rows_table_sorted_and_sparse(tmp_path):
+    md = report.build_markdown(report.load_results(_write(tmp_path, _data())), "results.json")
+    table = [line for line in md.split("## Goals")[0].splitlines() if line.startswith("| ") and "---" not in line]
+    assert table[0].startswith("| model | replay | engine | method | gen | batch | tok/s | p50 s | p90 s | NFE |")
+    keys = [(c[0], int(c[4]), int(c[5]), c[2], c[3]) for c in (line.strip("| ").split(" | ") for line in table[1:])]
+    assert keys == sorted(keys) and len(keys) == 10
+    assert ("| dream-7b | yes (tiny-llada) | reference | fast-dllm | 512 | 1 | 50.0 | 1.000 | 1.500 | 10.0 | 3.20 "
+            "| 256 | - |") in md
+    assert "- dream-7b reference fast-dllm gen 512 batch 1: short run" in md
+    assert "```bash\npython -m vllm_odb.bench speed\n```" in md
+
+
+def test_goals_not_measured_without_replayed_rows(tmp_path):
+    rows = [_row("llada-8b", "vllm", "odb", 1024, 1, 600.0, replay=False),
+            _row("tiny-dream", "vllm", "odb", 64, 1, 9.0, replay=False)]
+    md = report.build_markdown(report.load_results(_write(tmp_path, {"rows": rows})), "r.json")
+    lines = _goal_lines(md, "llada-8b")
+    assert len(lines) == 4 and all("| not measured |" in line for line in lines.values())
+    assert "- llada-8b: no replayed rows." in md and "tiny-dream |" not in md.split("## Goals")[1]
+    empty = report.build_markdown(report.load_results(_write(tmp_path, {"rows": [], "meta": None})), "e.json")
+    assert "No rows." in empty and "No full-size model rows: goals not measured." in empty
+
+
+def test_cli_writes_markdown_and_pngs(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path, out, md = _write(tmp_path, _data()), tmp_path / "plots", tmp_path / "report.md"
+    assert bench_main(["report", str(path), "--out-dir", str(out), "--md", str(md)]) == 0
+    names = {"throughput_vs_batch_llada-8b_g1024.png", "throughput_vs_gen_llada-8b_b1.png", "roofline_llada-8b.png"}
+    assert {p.name for p in out.iterdir()} == names
+    for name in names:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / name).stat().st_size > 5000
+        assert f"](plots/{name})" in md.read_text()
+    err = capsys.readouterr().err
+    assert "skipped roofline_dream-7b.png: no steps" in err
+    assert "skipped throughput_vs_batch_dream-7b_g512.png: one batch size only" in err
+    assert "skipped throughput_vs_gen_dream-7b_b1.png: fewer than two gen lengths at batch 1" in err
+
+
+def test_plots_skipped_when_data_missing(tmp_path):
+    pytest.importorskip("matplotlib")
+    data = _data()
+    data["meta"]["ceilings"] = {}
+    data["rows"] = [r for r in data["rows"] if r["batch"] == 1 and r["gen_length"] == 1024]
+    written, skipped = report.write_plots(report.load_results(_write(tmp_path, data)), tmp_path / "plots")
+    assert written == [] and not any((tmp_path / "plots").iterdir())
+    assert "roofline_llada-8b.png: meta.ceilings lacks bf16_matmul_tflops or copy_bandwidth_gbs" in skipped
+    assert "throughput_vs_batch_llada-8b_g1024.png: one batch size only" in skipped
+
+
+def test_markdown_to_stdout_without_plots(tmp_path, capsys):
+    assert bench_main(["report", str(_write(tmp_path, _data()))]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# Speed benchmark: results.json") and "## Goals" in out and "## Plots" not in out
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    ("{not json", "not valid JSON"),
+    ([1, 2], "not a speed-benchmark file"),
+    ({"results": []}, "not a speed-benchmark file"),
+    ({"rows": [{"method": "odb"}]}, "rows[0] lacks 'engine'"),
+    ({"rows": [_row("m", "vllm", "odb", "1024", 1, 1.0)]}, "rows[0].gen_length must be int, got '1024'"),
+    ({"rows": [_row("m", "vllm", "odb", 64, True, 1.0)]}, "rows[0].batch must be int, got True"),
+    ({"rows": [], "steps": [{"kind": "decode"}]}, "steps[0] lacks 'engine'"),
+    ({"rows": [], "meta": {"ceilings": {"copy_bandwidth_gbs": "x"}}}, "meta.ceilings.copy_bandwidth_gbs must be float"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, capsys, content, message):
+    path = tmp_path / "missing.json" if content is None else _write(tmp_path, content)
+    assert bench_main(["report", str(path), "--out-dir", str(tmp_path / "plots")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "plots").exists()

@@ -1,0 +1,370 @@
+"""``python -m vllm_odb.bench report results.json --out-dir DIR [--md FILE]``: speed results -> markdown and plots.
+
+Reads the JSON written by ``python -m vllm_odb.bench speed`` (``meta``, ``rows``, ``steps``) and writes
+a markdown summary (the rows table and the goals table, computed only from this file's rows) to
+``--md`` or stdout, and PNG plots (throughput vs batch, throughput vs gen length, a roofline of the
+per-step profile) to ``--out-dir``. A plot whose data is missing is skipped with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+GOAL_GEN = 1024  # gen_length the goals are stated at
+CONCURRENT = 64  # batch of the concurrency goal
+ROW_KEYS = {"method": str, "engine": str, "model": str, "replay": bool, "gen_length": int, "batch": int,
+            "tokens_per_s": float}
+ROW_OPTIONAL = {"trace_model": str, "note": str, "requests": int, "latency_p50_s": float, "latency_p90_s": float,
+                "nfe": float, "tokens_per_forward": float, "refresh_tokens": float, "gpu_mem_gb": float,
+                "wall_s": float, "decode_step_ms_p50": float, "weight_stream_floor_ms": float,
+                "step_over_floor": float}
+STEP_KEYS = {"engine": str, "model": str, "kind": str, "batch": int, "query_tokens": int, "ms": float,
+             "flops": float, "bytes": float}
+STEP_OPTIONAL = {"method": str, "kv_tokens": int}
+# (header, row key, format)
+COLUMNS = [("tok/s", "tokens_per_s", ".1f"), ("p50 s", "latency_p50_s", ".3f"), ("p90 s", "latency_p90_s", ".3f"),
+           ("NFE", "nfe", ".1f"), ("tok/fwd", "tokens_per_forward", ".2f"), ("refresh tokens", "refresh_tokens", ".0f"),
+           ("GPU GB", "gpu_mem_gb", ".1f")]
+
+
+class ReportError(ValueError):
+    pass
+
+
+@dataclass
+class Goal:
+    name: str
+    target: float
+    at_least: bool  # the goal is value >= target (else value <= target)
+    value: float | None = None
+    source: str = ""
+
+    @property
+    def status(self) -> str:
+        if self.value is None:
+            return "not measured"
+        return "met" if (self.value >= self.target if self.at_least else self.value <= self.target) else "not met"
+
+
+def _check(obj: object, where: str, required: dict, optional: dict) -> None:
+    if not isinstance(obj, dict):
+        raise ReportError(f"{where} is not an object")
+    for key in required:
+        if key not in obj:
+            raise ReportError(f"{where} lacks {key!r}")
+    for key, typ in {**required, **optional}.items():
+        value = obj.get(key)
+        if key not in required and value is None:
+            continue
+        if typ in (int, float):  # float accepts ints; neither accepts bools
+            ok = isinstance(value, (int, float) if typ is float else int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, typ)
+        if not ok:
+            raise ReportError(f"{where}.{key} must be {typ.__name__}, got {value!r}")
+
+
+def load_results(path: str | os.PathLike) -> dict:
+    """The results file, checked against the speed-benchmark schema (raises ReportError naming the problem)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ReportError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReportError(f"{path}: cannot read: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ReportError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        raise ReportError(f"{path}: not a speed-benchmark file (expected an object with a 'rows' list)")
+    meta = data["meta"] = {} if data.get("meta") is None else data["meta"]
+    steps = data["steps"] = [] if data.get("steps") is None else data["steps"]
+    _check(meta, f"{path}: meta", {}, {"device": str, "ceilings": dict, "commands": list})
+    _check(meta.get("ceilings") or {}, f"{path}: meta.ceilings", {},
+           {"bf16_matmul_tflops": float, "copy_bandwidth_gbs": float, "ridge_flop_per_byte": float})
+    if not isinstance(steps, list):
+        raise ReportError(f"{path}: 'steps' must be a list")
+    for i, row in enumerate(data["rows"]):
+        _check(row, f"{path}: rows[{i}]", ROW_KEYS, ROW_OPTIONAL)
+    for i, step in enumerate(steps):
+        _check(step, f"{path}: steps[{i}]", STEP_KEYS, STEP_OPTIONAL)
+    return data
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.2f}x" if value < 10 else f"{value:.1f}x"
+
+
+def _find(rows: list[dict], engine: str, method: str, batch: int) -> dict | None:
+    return next((r for r in rows if (r["engine"], r["method"], r["batch"]) == (engine, method, batch)), None)
+
+
+def _throughput_ratio(name: str, target: float, rows: list[dict], num: tuple[str, str, int],
+                      den: tuple[str, str, int]) -> Goal:
+    goal = Goal(name, target, at_least=True)
+    found = {key: _find(rows, *key) for key in (num, den)}
+    missing = [f"{e} {m} b{b}" for (e, m, b), r in found.items() if r is None or r["tokens_per_s"] <= 0]
+    if missing:
+        goal.source = "no row (or zero tok/s): " + ", ".join(missing)
+        return goal
+    n, d = found[num], found[den]
+    goal.value = n["tokens_per_s"] / d["tokens_per_s"]
+    goal.source = f"{n['tokens_per_s']:.1f} / {d['tokens_per_s']:.1f} tok/s"
+    return goal
+
+
+def full_size_models(rows: list[dict]) -> list[str]:
+    """Models the goals are stated for: every model with replayed rows, and every model not named ``tiny*``."""
+    return sorted({r["model"] for r in rows if r["replay"] or not r["model"].startswith("tiny")})
+
+
+def goals(rows: list[dict], model: str) -> tuple[int | None, list[Goal]]:
+    """The gen_length used and the goals of one full-size model, from its replayed rows at that length."""
+    replayed = [r for r in rows if r["replay"] and r["model"] == model]
+    gens = {r["gen_length"] for r in replayed}
+    gen = GOAL_GEN if GOAL_GEN in gens else max(gens, default=None)
+    at = [r for r in replayed if r["gen_length"] == gen]
+    odb1, fast1, vanilla1 = ("vllm", "odb", 1), ("reference", "fast-dllm", 1), ("reference", "vanilla", 1)
+    floor = Goal("vllm decode step ÷ weight-streaming floor, batch 1", 1.2, at_least=False,
+                 source="no vllm batch-1 row with step_over_floor")
+    with_floor = sorted((r for r in at if r["engine"] == "vllm" and r["batch"] == 1
+                         and r.get("step_over_floor") is not None), key=lambda r: (r["method"] != "odb", r["method"]))
+    if with_floor:
+        r = with_floor[0]
+        floor.value = r["step_over_floor"]
+        floor.source = (f"vllm {r['method']}: step {_fmt(r.get('decode_step_ms_p50'), '.2f')} ms / "
+                        f"floor {_fmt(r.get('weight_stream_floor_ms'), '.2f')} ms")
+    return gen, [
+        _throughput_ratio("vllm odb ÷ reference fast-dllm tok/s, batch 1", 10, at, odb1, fast1),
+        _throughput_ratio("vllm odb ÷ reference vanilla tok/s, batch 1", 250, at, odb1, vanilla1),
+        floor,
+        _throughput_ratio(f"vllm odb tok/s at {CONCURRENT} concurrent ÷ batch 1", 15, at,
+                          ("vllm", "odb", CONCURRENT), odb1),
+    ]
+
+
+def _cell(text: object) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], body: list[list[object]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in body]
+
+
+def build_markdown(data: dict, title: str, plots: list[str] | None = None, skipped: list[str] | None = None) -> str:
+    """The summary: run metadata, the rows table, notes, the goals table and the plots (paths as given)."""
+    meta, rows = data["meta"], data["rows"]
+    lines = [f"# Speed benchmark: {title}", ""]
+    ceil = meta.get("ceilings") or {}
+    facts = [f"device {meta['device']}"] if meta.get("device") else []
+    facts += [f"{label} {ceil[key]:g} {unit}" for key, label, unit in
+              [("bf16_matmul_tflops", "bf16 matmul", "TFLOP/s"), ("copy_bandwidth_gbs", "copy", "GB/s"),
+               ("ridge_flop_per_byte", "ridge", "FLOP/byte")] if ceil.get(key) is not None]
+    if facts:
+        lines += [", ".join(facts) + ".", ""]
+    if meta.get("commands"):
+        lines += ["```bash", *map(str, meta["commands"]), "```", ""]
+
+    lines += ["## Rows", ""]
+    order = sorted(rows, key=lambda r: (r["model"], r["gen_length"], r["batch"], r["engine"], r["method"], r["replay"]))
+    if order:
+        body = [[r["model"], (f"yes ({r['trace_model']})" if r.get("trace_model") else "yes") if r["replay"] else "no",
+                 r["engine"], r["method"], r["gen_length"], r["batch"], *(_fmt(r.get(k), f) for _, k, f in COLUMNS)]
+                for r in order]
+        lines += _table(["model", "replay", "engine", "method", "gen", "batch", *(h for h, _, _ in COLUMNS)], body)
+        notes = [f"- {r['model']} {r['engine']} {r['method']} gen {r['gen_length']} batch {r['batch']}: {r['note']}"
+                 for r in order if r.get("note")]
+        lines += ["", *notes] if notes else []
+    else:
+        lines.append("No rows.")
+
+    lines += ["", "## Goals", ""]
+    models = full_size_models(rows)
+    if not models:
+        lines.append("No full-size model rows: goals not measured.")
+    body, fallbacks = [], []
+    for model in models:
+        gen, model_goals = goals(rows, model)
+        if gen is None:
+            fallbacks.append(f"- {model}: no replayed rows.")
+        elif gen != GOAL_GEN:
+            fallbacks.append(f"- {model}: no replayed rows at gen_length {GOAL_GEN}; "
+                             f"used the largest present, {gen}.")
+        body += [[model, _fmt(gen, "d"), g.name, "-" if g.value is None else _ratio(g.value),
+                  f"{'>=' if g.at_least else '<='} {g.target:g}x", g.status, g.source] for g in model_goals]
+    if body:
+        lines += ["Replayed rows only; every ratio is between rows of this file.", ""]
+        lines += _table(["model", "gen", "goal", "measured", "target", "status", "from"], body)
+        lines += ["", *fallbacks] if fallbacks else []
+
+    if plots or skipped:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{Path(p).stem}]({p})\n" for p in plots or []]
+        lines += [f"- skipped {s}" for s in skipped or []]
+    return "\n".join(lines) + "\n"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+def _line_label(r: dict) -> str:
+    return f"{r['engine']} {r['method']}" + (" (replay)" if r["replay"] else "")
+
+
+def _save(fig: Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _series_plot(rows: list[dict], x_key: str, x_label: str, title: str, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    lines = defaultdict(dict)
+    for r in rows:
+        lines[_line_label(r)].setdefault(r[x_key], r["tokens_per_s"])
+    for label, points in sorted(lines.items()):
+        xs = sorted(points)
+        ax.plot(xs, [points[x] for x in xs], marker="o", label=label)
+    xs = sorted({r[x_key] for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("tokens/s")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _roofline(steps: list[dict], peak_tflops: float, bandwidth_gbs: float, title: str, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ridge = peak_tflops * 1e3 / bandwidth_gbs  # FLOP/byte where the two ceilings meet
+    ai = [s["flops"] / s["bytes"] for s in steps]
+    lo, hi = min(ai + [ridge]) / 4, max(ai + [ridge]) * 4
+    xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
+    ax.plot(xs, [min(peak_tflops, bandwidth_gbs * x / 1e3) for x in xs], color="black", lw=1.5,
+            label=f"roofline ({peak_tflops:g} TFLOP/s, {bandwidth_gbs:g} GB/s)")
+    ax.axvline(ridge, color="gray", ls="--", lw=1)
+    ax.annotate(f"ridge {ridge:.0f} FLOP/byte", (ridge, 0.02), xycoords=("data", "axes fraction"),
+                textcoords="offset points", xytext=(4, 0), fontsize=8, color="gray")
+    kinds = sorted({s["kind"] for s in steps})
+    markers = dict(zip(sorted({s["engine"] for s in steps}), "os^Dv<>"))
+    for ci, kind in enumerate(kinds):
+        for engine, marker in markers.items():
+            group = [s for s in steps if s["kind"] == kind and s["engine"] == engine]
+            if not group:
+                continue
+            x = [s["flops"] / s["bytes"] for s in group]
+            y = [s["flops"] / (s["ms"] * 1e9) for s in group]
+            ax.scatter(x, y, color=f"C{ci}", marker=marker, label=f"{kind} ({engine})", zorder=3)
+            for s, xi, yi in zip(group, x, y):
+                ax.annotate(f"b{s['batch']}/q{s['query_tokens']}", (xi, yi), textcoords="offset points",
+                            xytext=(4, 3), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_xlabel("arithmetic intensity (FLOP/byte)")
+    ax.set_ylabel("achieved TFLOP/s")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    _save(fig, path)
+
+
+def write_plots(data: dict, out_dir: str | os.PathLike) -> tuple[list[Path], list[str]]:
+    """Write the PNGs; returns the files written and a 'name: reason' line for each plot skipped."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in data["rows"] if r["tokens_per_s"] > 0]  # log axes
+    written, skipped = [], []
+    models = sorted({r["model"] for r in data["rows"]} | {s["model"] for s in data["steps"]})
+    for model in models:
+        mine = [r for r in rows if r["model"] == model]
+        for gen in sorted({r["gen_length"] for r in mine}):
+            at = [r for r in mine if r["gen_length"] == gen]
+            name = f"throughput_vs_batch_{_slug(model)}_g{gen}.png"
+            if len({r["batch"] for r in at}) < 2:
+                skipped.append(f"{name}: one batch size only")
+                continue
+            _series_plot(at, "batch", "batch (concurrent requests)", f"{model}, gen_length {gen}", out / name)
+            written.append(out / name)
+        name = f"throughput_vs_gen_{_slug(model)}_b1.png"
+        b1 = [r for r in mine if r["batch"] == 1]
+        if len({r["gen_length"] for r in b1}) < 2:
+            skipped.append(f"{name}: fewer than two gen lengths at batch 1")
+        else:
+            _series_plot(b1, "gen_length", "gen_length", f"{model}, batch 1", out / name)
+            written.append(out / name)
+        name = f"roofline_{_slug(model)}.png"
+        steps = [s for s in data["steps"] if s["model"] == model and min(s["ms"], s["flops"], s["bytes"]) > 0]
+        ceil = data["meta"].get("ceilings") or {}
+        peak, bandwidth = ceil.get("bf16_matmul_tflops"), ceil.get("copy_bandwidth_gbs")
+        if not steps:
+            skipped.append(f"{name}: no steps")
+        elif not peak or not bandwidth:
+            skipped.append(f"{name}: meta.ceilings lacks bf16_matmul_tflops or copy_bandwidth_gbs")
+        else:
+            _roofline(steps, peak, bandwidth, f"{model}: per-step roofline ({data['meta'].get('device', '?')})",
+                      out / name)
+            written.append(out / name)
+    return written, skipped
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("results", help="JSON written by `python -m vllm_odb.bench speed`")
+    ap.add_argument("--out-dir", default=None, help="folder for the PNG plots (none written without it)")
+    ap.add_argument("--md", default=None, help="markdown file to write (default: stdout)")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        data = load_results(args.results)
+        written, skipped = [], []
+        if args.out_dir:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise ReportError("--out-dir needs matplotlib (pip install matplotlib)") from None
+            written, skipped = write_plots(data, args.out_dir)
+        for p in written:
+            print(f"wrote {p}", file=sys.stderr)
+        for s in skipped:
+            print(f"skipped {s}", file=sys.stderr)
+        base = Path(args.md).resolve().parent if args.md else Path.cwd()
+        links = [os.path.relpath(p.resolve(), base) for p in written]
+        text = build_markdown(data, Path(args.results).name, links, skipped)
+        if args.md:
+            Path(args.md).write_text(text)
+            print(f"wrote {args.md}", file=sys.stderr)
+        else:
+            sys.stdout.write(text)
+    except (ReportError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
