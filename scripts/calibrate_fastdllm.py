@@ -1,0 +1,462 @@
+"""Calibrate the reference engine against the official Fast-dLLM model code (issue #8).
+
+    scripts/stage_fastdllm.sh <Fast-dLLM mirror git dir>        # once: fills .gpu/fastdllm/
+    python scripts/calibrate_fastdllm.py --fastdllm-dir .gpu/fastdllm \
+        [--config 8b|small] [--prompt-len 512 --gen-length 256 --block-length 32] \
+        [--iters 20 --warmup 3] [--device cuda --dtype bfloat16] [--order ours,theirs] [--out calib.json]
+
+The reference engine stands in for the research code in every ratio of the benchmarks, so its
+per-forward time must match the research code's. This script times, at batch 1 and with identical
+shapes and identical (random, name-seeded) weights:
+
+- refresh forward: the whole sequence (prompt + gen_length tokens), returning the KV cache.
+  Ours:  ``model(x, pos, key_mask, return_kv=True)`` (vllm_odb/reference/generate.py, step 0).
+  Theirs: ``model(x, use_cache=True)`` (Fast-dLLM llada/generate.py, generate_with_dual_cache).
+- block decode forward (dual cache): the block's tokens against the full-sequence cache.
+  Ours:  ``model(x[:, s:e], pos[:, s:e], key_mask, past=cache, splice=(s, e))``.
+  Theirs: ``model(x[:, s:e], past_key_values=past_key_values, use_cache=True,
+  replace_position=replace_position)`` with ``replace_position[:, s:e] = 1``.
+
+The two models are built one at a time, directly on the device (meta init, ``to_empty``, then a
+per-tensor seeded normal init keyed by the internal tensor name, so both get bit-identical
+weights without ever holding both: peak memory is one model). Each model's refresh and decode
+logits (kept on the CPU) are compared (max abs difference, argmax agreement) to show that the
+timed computations are equivalent.
+
+Fast-dLLM's code is NVlabs' (Apache-2.0). It is only read from ``--fastdllm-dir`` (gitignored,
+staged by scripts/stage_fastdllm.sh, carried to the GPU machine at run time), never committed.
+
+Notes on fairness:
+- Fast-dLLM's ``LLaDAModel.__init__`` flips global SDPA switches (flash on, mem-efficient off).
+  Ours runs with the process defaults (as the reference engine does); the switches are saved
+  before their model is built, theirs are used only while timing theirs, and both sets are
+  recorded in the JSON.
+- Their attention kernel call is wrapped in ``torch.compile`` (as in their code); warm-up
+  iterations absorb the compilations (one per shape). Set TORCHDYNAMO_DISABLE=1 only as a
+  fallback if compilation fails on the machine (recorded as ``dynamo_disabled``;
+  ``fastdllm_compiled_graphs`` counts the graphs compiled).
+- transformers API drift (their code targets 4.4x) is handled by shims applied in THIS process
+  before their import (``apply_shims``), listed under ``shims``; none is needed with 5.23.
+- Their ``LLaDAModelLM.__init__`` forces CPU init; we build their ``LLaDAModel`` ourselves on the
+  meta device and wrap it (``LLaDAModelLM(config, model=...)``): same modules, same forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import zlib
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from vllm_odb.bench.full_size import llada_8b_config  # noqa: E402
+from vllm_odb.checkpoint import ModelSpec, official_to_internal  # noqa: E402
+from vllm_odb.reference.model import DiffusionLM  # noqa: E402
+
+PKG = "fastdllm_llada_model"  # the name their llada/model package is imported under
+SHIMS: list[str] = []  # compatibility shims applied before importing their code (recorded)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def make_config(name: str) -> dict:
+    cfg = llada_8b_config()
+    if name == "small":
+        cfg.update(d_model=64, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=128,
+                   vocab_size=128, embedding_size=128, mask_token_id=126, eos_token_id=127,
+                   pad_token_id=127)
+    elif name != "8b":
+        raise ValueError(f"--config {name!r}: expected 8b or small")
+    return cfg
+
+
+def their_config_kwargs(cfg: dict) -> dict:
+    """The official LLaDA config.json also sets these (their ModelConfig defaults differ)."""
+    c = dict(cfg)
+    c.pop("model_type", None)  # a class attribute of LLaDAConfig
+    c.setdefault("attention_dropout", 0.0)
+    c.setdefault("residual_dropout", 0.0)
+    c.setdefault("embedding_dropout", 0.0)
+    c.setdefault("flash_attention", False)
+    return c
+
+
+# ----------------------------------------------------------------------------- their code
+
+
+def apply_shims() -> None:
+    """Work around transformers API drift in OUR process (their files stay unmodified)."""
+    import transformers
+
+    if not hasattr(transformers, "PretrainedConfig") and hasattr(transformers, "PreTrainedConfig"):
+        transformers.PretrainedConfig = transformers.PreTrainedConfig  # renamed in transformers 5
+        SHIMS.append("transformers.PretrainedConfig = transformers.PreTrainedConfig")
+    import transformers.cache_utils as cu
+
+    if not hasattr(cu, "Cache"):  # only imported by their module, never used
+        class Cache:  # noqa: D401
+            pass
+
+        cu.Cache = Cache
+        SHIMS.append("transformers.cache_utils.Cache placeholder")
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if "llada" in CONFIG_MAPPING and not getattr(AutoConfig.register, "_calib_shim", False):
+        # Their configuration module ends with AutoConfig.register("llada", ...), which raises if
+        # this transformers already knows a "llada" model type.
+        register = AutoConfig.register
+
+        def register_exist_ok(model_type, config, exist_ok=False):
+            return register(model_type, config, exist_ok=True)
+
+        register_exist_ok._calib_shim = True
+        AutoConfig.register = register_exist_ok
+        SHIMS.append("AutoConfig.register(..., exist_ok=True) ('llada' already registered)")
+
+
+def import_fastdllm(fastdllm_dir: str):
+    """Import their llada/model package (relative imports intact) under a private name."""
+    pkg_dir = os.path.join(os.path.abspath(fastdllm_dir), "llada", "model")
+    init = os.path.join(pkg_dir, "__init__.py")
+    if not os.path.exists(init):
+        sys.exit(f"{init} not found: run scripts/stage_fastdllm.sh <Fast-dLLM mirror> first "
+                 "(and carry .gpu/fastdllm to the GPU machine)")
+    apply_shims()
+    spec = importlib.util.spec_from_file_location(PKG, init, submodule_search_locations=[pkg_dir])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[PKG] = mod
+    spec.loader.exec_module(mod)
+    return importlib.import_module(f"{PKG}.modeling_llada"), importlib.import_module(f"{PKG}.configuration_llada")
+
+
+def fastdllm_source(fastdllm_dir: str) -> dict:
+    info = {"dir": fastdllm_dir}
+    try:
+        with open(os.path.join(fastdllm_dir, "SOURCE")) as f:
+            for line in f:
+                if ":" in line:
+                    k, v = line.split(":", 1)
+                    if k.strip() in ("repo", "commit"):
+                        info[k.strip()] = v.strip()
+    except OSError:
+        pass
+    return info
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def seeded_init_(model: torch.nn.Module, to_internal, seed: int) -> None:
+    """Fill every parameter from a generator seeded by (seed, internal name): two models whose
+    names map to the same internal names get bit-identical weights, on any device."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            key = to_internal(name)
+            gen = torch.Generator(device=p.device)
+            gen.manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+            if key.endswith("norm.weight"):
+                p.normal_(1.0, 0.05, generator=gen)
+            elif key.endswith(".bias"):
+                p.normal_(0.0, 0.02, generator=gen)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+
+
+def build_ours(cfg: dict, device, dtype, seed: int) -> DiffusionLM:
+    spec = ModelSpec.from_config(cfg)
+    with torch.device("meta"):
+        model = DiffusionLM(spec)
+    model = model.to(dtype).to_empty(device=device).eval()
+    seeded_init_(model, lambda n: n, seed)
+    return model
+
+
+def build_theirs(ml, cl, cfg: dict, device, dtype, seed: int):
+    lcfg = cl.LLaDAConfig(**their_config_kwargs(cfg))
+    mcfg = ml.create_model_config_from_pretrained_config(lcfg)
+    mcfg.init_device = "meta"  # LLaDAModelLM(config) alone would build on the CPU
+    inner = ml.LLaDAModel(mcfg, init_params=False)
+    model = ml.LLaDAModelLM(lcfg, model=inner)
+    model = model.to(dtype).to_empty(device=device).eval()
+    ours_names = set(ours_param_names(cfg))
+    theirs = {official_to_internal("llada", n) for n, _ in model.named_parameters()}
+    if theirs != ours_names:
+        raise RuntimeError(f"tensor name mismatch: only theirs {sorted(theirs - ours_names)[:4]}, "
+                           f"only ours {sorted(ours_names - theirs)[:4]}")
+    seeded_init_(model, lambda n: official_to_internal("llada", n), seed)
+    return model
+
+
+def ours_param_names(cfg: dict) -> list[str]:
+    with torch.device("meta"):
+        return [n for n, _ in DiffusionLM(ModelSpec.from_config(cfg)).named_parameters()]
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, device: torch.device, warmup: int, iters: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    samples = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": round(statistics.median(samples), 4), "min_ms": round(min(samples), 4),
+            "mean_ms": round(statistics.fmean(samples), 4), "samples_ms": [round(s, 4) for s in samples]}
+
+
+def sdpa_flags() -> dict:
+    b = torch.backends.cuda
+    flags = {"flash": b.flash_sdp_enabled(), "mem_efficient": b.mem_efficient_sdp_enabled(),
+             "math": b.math_sdp_enabled()}
+    if hasattr(b, "cudnn_sdp_enabled"):
+        flags["cudnn"] = b.cudnn_sdp_enabled()
+    return flags
+
+
+def set_sdpa_flags(flags: dict) -> None:
+    b = torch.backends.cuda
+    b.enable_flash_sdp(flags["flash"])
+    b.enable_mem_efficient_sdp(flags["mem_efficient"])
+    b.enable_math_sdp(flags["math"])
+    if "cudnn" in flags and hasattr(b, "enable_cudnn_sdp"):
+        b.enable_cudnn_sdp(flags["cudnn"])
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def make_inputs(cfg: dict, args, device) -> dict:
+    """Token ids of a refresh (prompt + all-mask canvas) and of a later decode step's block
+    (about half its masks decoded), identical for both models."""
+    vocab, mask_id = int(cfg["embedding_size"]), int(cfg["mask_token_id"])
+    plen, glen, blen = args.prompt_len, args.gen_length, args.block_length
+    gen = torch.Generator().manual_seed(args.seed)
+
+    def rand_ids(n):
+        t = torch.randint(0, vocab - 1, (n,), generator=gen)
+        return torch.where(t >= mask_id, t + 1, t)  # never the mask id
+
+    x = torch.full((1, plen + glen), mask_id, dtype=torch.long)
+    x[0, :plen] = rand_ids(plen)
+    s = plen + args.block_index * blen
+    e = s + blen
+    block = x[:, s:e].clone()
+    decided = torch.rand(blen, generator=gen) < 0.5
+    block[0, decided] = rand_ids(int(decided.sum()))
+    return {"x": x.to(device), "block": block.to(device), "s": s, "e": e}
+
+
+@torch.no_grad()
+def run_ours(cfg, args, device, dtype, inp) -> tuple[dict, dict]:
+    model = build_ours(cfg, device, dtype, args.seed)
+    x, block, s, e = inp["x"], inp["block"], inp["s"], inp["e"]
+    key_mask = torch.ones_like(x, dtype=torch.bool)  # bs 1, no padding (as generate() builds it)
+    pos = (key_mask.long().cumsum(1) - 1).clamp_min(0)
+    logits, cache = model(x, pos, key_mask, return_kv=True)
+    step = model(block, pos[:, s:e], key_mask, past=cache, splice=(s, e))
+    out = {"refresh_logits": logits.float().cpu(), "decode_logits": step.float().cpu()}
+    del logits, step
+
+    res = {
+        "refresh": time_fn(lambda: model(x, pos, key_mask, return_kv=True), device, args.warmup, args.iters),
+        "decode": time_fn(lambda: model(block, pos[:, s:e], key_mask, past=cache, splice=(s, e)),
+                          device, args.warmup, args.iters),
+    }
+    if not args.no_diagnostics:  # where the time goes if the ratio is off: SDPA without a mask
+        res["diag_no_key_mask"] = {
+            "refresh": time_fn(lambda: model(x, pos, None, return_kv=True), device, args.warmup, args.iters),
+            "decode": time_fn(lambda: model(block, pos[:, s:e], None, past=cache, splice=(s, e)),
+                              device, args.warmup, args.iters),
+        }
+    res["peak_mem_gib"] = peak_gib(device)
+    del model, cache
+    return res, out
+
+
+@torch.no_grad()
+def run_theirs(ml, cl, cfg, args, device, dtype, inp) -> tuple[dict, dict]:
+    model = build_theirs(ml, cl, cfg, device, dtype, args.seed)
+    x, block, s, e = inp["x"], inp["block"], inp["s"], inp["e"]
+    # generate_with_dual_cache: cache init and update, then the block's cached steps.
+    output = model(x, use_cache=True)
+    past_key_values = output.past_key_values
+    replace_position = torch.zeros_like(x, dtype=torch.bool)
+    replace_position[:, s:e] = 1
+    step = model(block, past_key_values=past_key_values, use_cache=True, replace_position=replace_position).logits
+    out = {"refresh_logits": output.logits.float().cpu(), "decode_logits": step.float().cpu()}
+    del output, step
+    # Their decode writes the block's K/V into past_key_values in place; every timed call
+    # writes the same values, so the cache stays what the first call left.
+    res = {
+        "refresh": time_fn(lambda: model(x, use_cache=True), device, args.warmup, args.iters),
+        "decode": time_fn(lambda: model(block, past_key_values=past_key_values, use_cache=True,
+                                        replace_position=replace_position),
+                          device, args.warmup, args.iters),
+        "peak_mem_gib": peak_gib(device),
+    }
+    del model, past_key_values
+    return res, out
+
+
+def _dynamo_graphs() -> int | None:
+    """Graphs torch.compile built (only their SDPA wrapper is compiled): evidence it ran compiled."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
+    d = (a - b).abs()
+    return {
+        "max_abs_diff": float(d.max()),
+        "mean_abs_diff": float(d.mean()),
+        "max_abs_logit": float(torch.maximum(a.abs().max(), b.abs().max())),
+        "argmax_agree": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--fastdllm-dir", default=".gpu/fastdllm")
+    ap.add_argument("--config", default="8b", choices=["8b", "small"])
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--gen-length", type=int, default=256)
+    ap.add_argument("--block-length", type=int, default=32)
+    ap.add_argument("--block-index", type=int, default=0, help="which block the decode step recomputes")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tolerance", type=float, default=0.15, help="allowed |ours/theirs - 1|")
+    ap.add_argument("--no-diagnostics", action="store_true", help="skip the extra no-key-mask timing of ours")
+    ap.add_argument("--order", default="ours,theirs", choices=["ours,theirs", "theirs,ours"],
+                    help="which model is built and timed first (one at a time)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    if args.gen_length % args.block_length or not 0 <= args.block_index < args.gen_length // args.block_length:
+        ap.error("gen-length must be a multiple of block-length and block-index a block of it")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            ap.error("--device cuda but CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    dtype = getattr(torch, args.dtype)
+    cfg = make_config(args.config)
+    if args.prompt_len + args.gen_length > cfg["max_sequence_length"]:
+        ap.error("prompt-len + gen-length exceeds max_sequence_length")
+
+    inp = make_inputs(cfg, args, device)
+    default_flags = sdpa_flags()  # before their module can flip the global SDPA switches
+    their_flags = None
+    results = {}
+    for who in args.order.split(","):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        if who == "ours":
+            set_sdpa_flags(default_flags)  # the process defaults, as the reference engine runs
+            results["ours"] = run_ours(cfg, args, device, dtype, inp)
+        else:
+            ml, cl = import_fastdllm(args.fastdllm_dir)
+            results["theirs"] = run_theirs(ml, cl, cfg, args, device, dtype, inp)  # sets its own
+            their_flags = sdpa_flags()
+        free(device)
+    set_sdpa_flags(default_flags)
+    (ours, ours_out), (theirs, theirs_out) = results["ours"], results["theirs"]
+
+    ratio = {k: round(ours[k]["median_ms"] / theirs[k]["median_ms"], 4) for k in ("refresh", "decode")}
+    import transformers
+
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "config": args.config,
+        "dtype": args.dtype,
+        "model": {k: cfg[k] for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden_size",
+                                      "embedding_size")},
+        "shapes": {"batch": 1, "prompt_len": args.prompt_len, "gen_length": args.gen_length,
+                   "block_length": args.block_length, "refresh_tokens": args.prompt_len + args.gen_length,
+                   "decode_tokens": args.block_length, "decode_block": [inp["s"], inp["e"]],
+                   "decode_keys": args.prompt_len + args.gen_length},
+        "timing": {"warmup": args.warmup, "iters": args.iters, "stat": "median", "order": args.order,
+                   "clock": "cuda events" if device.type == "cuda" else "perf_counter"},
+        "ours": {"refresh_ms": ours["refresh"]["median_ms"], "decode_ms": ours["decode"]["median_ms"]},
+        "fastdllm": {"refresh_ms": theirs["refresh"]["median_ms"], "decode_ms": theirs["decode"]["median_ms"]},
+        "ratio_ours_over_fastdllm": ratio,
+        "tolerance": args.tolerance,
+        "within_15pct": {k: abs(r - 1.0) <= args.tolerance for k, r in ratio.items()},
+        "equivalence": {
+            "refresh_logits": compare(ours_out["refresh_logits"], theirs_out["refresh_logits"]),
+            "decode_logits": compare(ours_out["decode_logits"], theirs_out["decode_logits"]),
+        },
+        "details": {"ours": ours, "fastdllm": theirs},
+        "sdpa_flags": {"ours": default_flags, "fastdllm": their_flags},
+        "fastdllm_source": fastdllm_source(args.fastdllm_dir),
+        "shims": SHIMS,
+        "fastdllm_compiled_graphs": _dynamo_graphs(),
+        "dynamo_disabled": os.environ.get("TORCHDYNAMO_DISABLE", "") not in ("", "0"),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "cuda": torch.version.cuda, "python": platform.python_version()},
+    }
+    text = json.dumps(result, indent=1)
+    print(text)
+    eq = result["equivalence"]
+    print(f"[calibrate] {result['device']} {args.config} {args.dtype}: "
+          f"refresh ours {ours['refresh']['median_ms']:.3f} ms / fastdllm {theirs['refresh']['median_ms']:.3f} ms "
+          f"= {ratio['refresh']:.3f}; decode ours {ours['decode']['median_ms']:.3f} ms / fastdllm "
+          f"{theirs['decode']['median_ms']:.3f} ms = {ratio['decode']:.3f}; within +-{args.tolerance:.0%}: "
+          f"{result['within_15pct']}; max |dlogit| refresh {eq['refresh_logits']['max_abs_diff']:.3g}, "
+          f"decode {eq['decode_logits']['max_abs_diff']:.3g}", file=sys.stderr)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
