@@ -21,22 +21,6 @@ import tempfile
 import time
 
 
-def weight_bytes(spec, itemsize=2) -> int:
-    """Bytes a decode step streams: every linear layer and the LM head (embeddings are gathered)."""
-    d, hd = spec.hidden_size, spec.head_dim
-    attn = d * (spec.num_heads * hd) * 2 + d * (spec.num_kv_heads * hd) * 2
-    mlp = 3 * d * spec.intermediate_size
-    return (spec.num_layers * (attn + mlp) + spec.vocab_size * d) * itemsize
-
-
-def forward_flops(spec, tokens: int) -> float:
-    d, hd = spec.hidden_size, spec.head_dim
-    linear = spec.num_layers * (d * spec.num_heads * hd * 2 + d * spec.num_kv_heads * hd * 2
-                                + 3 * d * spec.intermediate_size)
-    attn = spec.num_layers * 4 * tokens * tokens * spec.num_heads * hd
-    return 2 * linear * tokens + attn
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=("llada-8b", "dream-7b"), required=True)
@@ -52,6 +36,7 @@ def main() -> int:
     import torch
 
     from vllm_odb.bench.ceilings import measure
+    from vllm_odb.bench.costs import forward_flops, weight_bytes
     from vllm_odb.bench.full_size import FULL_SIZE, write_config_dir
     from vllm_odb.checkpoint import ModelSpec
 

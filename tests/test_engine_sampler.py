@@ -123,3 +123,35 @@ def test_block_emitting_an_end_marker_counts_the_request_at_once(early_stop):
     assert table.counters.totals["requests"] == 1 and table.counters.totals["forwards"] == 1
     table.remove("a")
     assert table.counters.totals["requests"] == 1  # counted once
+
+
+def test_replay_forces_the_recorded_commits_and_end():
+    """Benchmarks' trace replay on the engine: the recorded count commits (the most confident
+    masked positions), the request ends after the trace's last block, whatever the model says."""
+    import numpy as np
+
+    cfg = DecodeConfig(gen_length=32, block_length=8)
+    sampler, table = _sampler(0, cfg)
+    trace = {"commits": [[1, 3, 4]], "lengths": [32]}
+    req = table.add(0, "a", [1, 2, 3, 4], None, _params(replay=trace))
+    assert req.replay is not None and req.replay.blocks == 1
+    req.block_step = 1  # the refresh took the first recorded step
+    table.tokens[0, 4] = 3  # ... and committed one token
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, VOCAB, generator=g)
+    logits[:, EOS] = -30.0  # no end marker from the model
+    logits[:, 5] = 30.0  # every position over the threshold: the rule would commit all 7
+    batch = types.SimpleNamespace(idx_mapping_np=np.array([0]), cu_num_logits_np=np.array([0, 8]))
+    sampled = torch.zeros(1, table.width, dtype=torch.long)
+    num_sampled = torch.zeros(1, dtype=torch.int32)
+    assert not sampler._decode(logits, batch, [0], sampled, num_sampled, [])
+    assert int((table.tokens[0, 4:12] == MASK).sum()) == 4  # 7 masked - 3 recorded
+    assert sampler._decode(logits, batch, [0], sampled, num_sampled, [])  # 4 more: the block is done
+    assert req.finished  # the trace's last block, though the model predicted no EOS
+
+
+def test_replay_arg_is_validated():
+    from vllm_odb.engine.knobs import request_config
+
+    with pytest.raises(ValueError, match="extra_args: replay"):
+        request_config(DecodeConfig(gen_length=32, block_length=8), {"replay": {"commits": [[0]], "lengths": [8]}})

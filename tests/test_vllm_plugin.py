@@ -931,3 +931,15 @@ def test_hook_jump_share_engine(cpu_vllm, fmt):
     assert vc.scheduler_config.max_num_batched_tokens >= vc.scheduler_config.max_num_seqs * 251
     assert not vc.compilation_config.cudagraph_mode.has_full_cudagraphs()
     assert vc.compilation_config.cudagraph_mode in (CUDAGraphMode.PIECEWISE, CUDAGraphMode.NONE)
+
+
+@pytest.mark.parametrize("knobs,name", [({"method": "odb-streaming"}, "suffix_window"),
+                                        ({"threshold_alpha": 0.3}, "threshold_alpha"),
+                                        ({"method": "dynamic-apd"}, "rule"),
+                                        ({"method": "dynamic"}, "dcu")])
+def test_reference_only_policies_are_refused_by_name_on_the_engine(knobs, name):
+    from vllm_odb.engine.knobs import request_config
+    from vllm_odb.policies import DecodeConfig
+
+    with pytest.raises(ValueError, match=name):
+        request_config(DecodeConfig(gen_length=64, block_length=16), knobs)

@@ -1,20 +1,22 @@
-"""``python -m vllm_odb.bench {quality,report} ...``"""
+"""``python -m vllm_odb.bench {quality,speed,report} ...``"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from vllm_odb.bench import quality, report
+from vllm_odb.bench import quality, report, speed
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vllm_odb.bench")
     sub = ap.add_subparsers(dest="command", required=True)
     quality.add_arguments(sub.add_parser("quality", help="exact match on the synthetic suite"))
+    speed.add_arguments(sub.add_parser("speed", help="tokens/s, latency, NFE and step cost per method and engine "
+                                       "(full-size configs by trace replay)"))
     report.add_arguments(sub.add_parser("report", help="speed results JSON -> markdown summary and PNG plots"))
     args = ap.parse_args(argv)
-    return {"quality": quality.main, "report": report.main}[args.command](args)
+    return {"quality": quality.main, "speed": speed.main, "report": report.main}[args.command](args)
 
 
 if __name__ == "__main__":

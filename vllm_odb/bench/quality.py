@@ -43,6 +43,14 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--alp-min-length", type=int, default=None)
     ap.add_argument("--ridge-rows", type=int, default=None, help="jump-share draft budget (query rows per forward)")
     ap.add_argument("--max-draft-positions", type=int, default=None)
+    ap.add_argument("--suffix-window", type=int, default=None, help="Streaming-dLLM suffix window (0 = no pruning)")
+    ap.add_argument("--threshold-alpha", type=float, default=None, help="Streaming-dLLM dynamic threshold strength")
+    ap.add_argument("--apd-alpha", type=float, default=None, help="Dynamic-dLLM APD concentration weight")
+    ap.add_argument("--apd-beta", type=float, default=None, help="Dynamic-dLLM APD instability weight")
+    ap.add_argument("--apd-min", type=float, default=None, help="floor of the APD thresholds")
+    ap.add_argument("--dcu-layer-budget", type=int, default=None, help="Dynamic-dLLM DCU tokens per layer")
+    ap.add_argument("--dcu-window", type=int, default=None, help="DCU forced window around the last commit")
+    ap.add_argument("--dcu-prompt-interval", type=int, default=None, help="DCU prompt refresh period (0 = never)")
     ap.add_argument("--tasks", default=None, help="comma-separated subset of the suite's tasks")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--dtype", default="float32", help=f"one of {list(DTYPES)}")
@@ -67,7 +75,9 @@ def run_quality(args: argparse.Namespace) -> dict:
         args.method, gen_length=args.gen_length, block_length=args.block_length, threshold=args.threshold,
         factor=args.factor, steps=args.steps, cache=args.cache, rule=args.rule, temperature=args.temperature,
         alp_threshold=args.alp_threshold, alp_min_length=args.alp_min_length, ridge_rows=args.ridge_rows,
-        max_draft_positions=args.max_draft_positions)
+        max_draft_positions=args.max_draft_positions, suffix_window=args.suffix_window,
+        threshold_alpha=args.threshold_alpha, apd_alpha=args.apd_alpha, apd_beta=args.apd_beta, apd_min=args.apd_min,
+        dcu_layer_budget=args.dcu_layer_budget, dcu_window=args.dcu_window, dcu_prompt_interval=args.dcu_prompt_interval)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = load_checkpoint(args.model, dtype=DTYPES[args.dtype], device=device)
     tasks = tuple(args.tasks.split(",")) if args.tasks else None
@@ -108,7 +118,10 @@ def run_quality(args: argparse.Namespace) -> dict:
     return {
         "model": args.model, "method": args.method, "engine": args.engine, "seed": args.seed, "limit": n,
         "gen_length": cfg.gen_length, "block_length": cfg.block_length, "rule": cfg.rule, "cache": cfg.cache,
-        "threshold": cfg.threshold if cfg.rule == "threshold" else None, "dtype": args.dtype, "device": device,
+        "threshold": cfg.threshold if cfg.rule in ("threshold", "adaptive") else None, "dtype": args.dtype,
+        "device": device, "suffix_window": cfg.suffix_window or None, "threshold_alpha": cfg.threshold_alpha,
+        "apd": [cfg.apd_alpha, cfg.apd_beta, cfg.apd_min] if cfg.rule == "adaptive" else None,
+        "dcu": [cfg.dcu_layer_budget, cfg.dcu_window, cfg.dcu_prompt_interval] if cfg.dcu else None,
         "alp": cfg.alp, "early_stop": cfg.early_stop, "jump": cfg.jump, "ridge_rows": cfg.ridge_rows if cfg.jump else None,
         "accuracy": correct / n,
         "per_task": {t: c / m for t, (c, m) in sorted(per_task.items())},
@@ -118,6 +131,7 @@ def run_quality(args: argparse.Namespace) -> dict:
         "predicted_length": totals["canvas_length"] / n, "actual_length": totals["actual_length"] / n,
         "drafted_per_forward": totals["drafted_accepted"] / max(1, totals["cached_forwards"]),
         "query_rows_per_forward": totals["query_rows"] / max(1, totals["cached_forwards"]),
+        "dcu_recompute_fraction": totals["dcu_recomputed"] / totals["dcu_dense"] if cfg.dcu else None,
         "wall_s": round(wall, 3), "samples": samples,
     }
 

@@ -23,15 +23,27 @@ from __future__ import annotations
 import math
 
 from vllm_odb.policies.config import METHODS, DecodeConfig
+from vllm_odb.policies.replay import Replay
 
 ENGINE_SECTION = "odb"  # --additional-config '{"odb": {...}}'
 ENGINE_RULES = ("threshold", "factor")
 ENGINE_CACHES = ("dual",)
 REQUEST_ONLY_NOT_KNOBS = ("temperature",)
-MODE_KNOBS = ("rule", "cache", "alp", "early_stop", "jump")  # what a method preset sets
+REPLAY_ARG = "replay"  # a benchmark trace (policies/replay.py), not a decoding knob
+# What a method preset sets: a request naming a method drops the engine's values of these.
+MODE_KNOBS = ("rule", "cache", "alp", "early_stop", "jump", "suffix_window", "threshold_alpha", "dcu")
+
+
+# Reference-engine-only policies (Streaming-dLLM's pruning and dynamic threshold, Dynamic-dLLM's
+# DCU): refused by name on the engine rather than silently ignored.
+REFERENCE_ONLY = {"suffix_window": lambda v: bool(v), "threshold_alpha": lambda v: v > 0, "dcu": lambda v: v}
 
 
 def _engine_checks(cfg: DecodeConfig, where: str) -> DecodeConfig:
+    for name, on in REFERENCE_ONLY.items():
+        if on(getattr(cfg, name)):
+            raise ValueError(f"{where}{name}={getattr(cfg, name)!r}: not implemented on the vLLM engine yet "
+                             "(it runs in the reference engine, vllm_odb.reference)")
     if cfg.rule not in ENGINE_RULES:
         raise ValueError(f"{where}rule={cfg.rule!r}: the vLLM engine decodes with {list(ENGINE_RULES)} "
                          "(the fixed-quota rule runs in the reference engine)")
@@ -77,6 +89,8 @@ def request_config(engine: DecodeConfig, extra_args: dict | None, temperature: f
     knobs raise ``ValueError`` naming them), then vLLM's temperature."""
     args = dict(extra_args or {})
     where = "extra_args: "
+    if REPLAY_ARG in args:
+        request_replay(args.pop(REPLAY_ARG))
     for name in REQUEST_ONLY_NOT_KNOBS:
         if name in args:
             raise ValueError(f"{where}{name} is not an extra arg; use SamplingParams.temperature")
@@ -96,6 +110,16 @@ def request_config(engine: DecodeConfig, extra_args: dict | None, temperature: f
         raise ValueError(f"{where}jump=true needs a jump-share engine (method 'odb' or 'odb-jump', e.g. "
                          "--speculative odb): its canvas holds the draft rows")
     return cfg
+
+
+def request_replay(value) -> Replay | None:
+    """The request's benchmark trace (``extra_args["replay"]``), validated; ``None`` without one."""
+    if value is None:
+        return None
+    try:
+        return Replay.from_dict(value)
+    except ValueError as e:
+        raise ValueError(f"extra_args: {e}") from None
 
 
 def _public(cfg: DecodeConfig) -> dict:

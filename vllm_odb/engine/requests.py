@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_odb.engine import kv_release
-from vllm_odb.engine.knobs import canvas_width, live_gen_length, request_config
+from vllm_odb.engine.knobs import REPLAY_ARG, canvas_width, live_gen_length, request_config, request_replay
 from vllm_odb.engine.metrics import COUNTERS, RequestCounters
 from vllm_odb.policies import DecodeConfig
+from vllm_odb.policies.replay import Replay
 from vllm_odb.policies.length import Marker
 
 log = logging.getLogger(__name__)
@@ -32,12 +33,18 @@ class ODBRequest:
     warmup: bool = False  # vLLM's warm-up or a request refused here: not counted in the metrics
     counted: bool = False  # its stats went to the metrics (when it finished, or when removed)
     plan: object = None  # jump-share: the branches of its next decode step (engine/branches.JumpPlan)
+    replay: Replay | None = None  # benchmarks: forced dynamics (policies/replay.py)
+    block_step: int = 0  # forwards taken in the current block
     # Per-request counters, named as in engine/metrics.py (forwards = NFE).
     stats: dict = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
 
     @property
     def end(self) -> int:
         return self.prompt_len + self.gen
+
+    @property
+    def block_index(self) -> int:
+        return (self.start - self.prompt_len) // self.cfg.block_length
 
 
 class RequestTable:
@@ -68,17 +75,20 @@ class RequestTable:
         self.remove(req_id)
         sp = sampling_params
         warmup = req_id.startswith("_warmup_")  # vLLM's kernel warm-up: run the path, decode nothing
+        replay = None
         try:
+            extra = getattr(sp, "extra_args", None)
             cfg = self.engine if warmup else request_config(
-                self.engine, getattr(sp, "extra_args", None), getattr(sp, "temperature", 0.0),
-                getattr(sp, "max_tokens", None))
+                self.engine, extra, getattr(sp, "temperature", 0.0), getattr(sp, "max_tokens", None))
+            replay = None if warmup else request_replay((extra or {}).get(REPLAY_ARG))
         except ValueError as e:  # validated in the front end (patches/diffusion_params.py); never
             log.error("request %s: %s; it ends without output", req_id, e)  # crash the engine
             cfg, warmup = self.engine, True
         plen = len(prompt_ids)
         ids = list(prefill_ids) if prefill_ids else list(prompt_ids)
         gen = live_gen_length(cfg, plen, self.max_model_len, self.width - self.block)
-        req = ODBRequest(req_id=req_id, cfg=cfg, prompt_len=plen, gen=gen, start=len(ids), warmup=warmup)
+        req = ODBRequest(req_id=req_id, cfg=cfg, prompt_len=plen, gen=gen, start=len(ids), warmup=warmup,
+                         replay=replay)
         req.stats["canvas_requested"] = req.stats["canvas_predicted"] = gen
         row = self.tokens[slot]
         row.fill_(self.mask_id)

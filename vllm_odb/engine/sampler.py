@@ -43,6 +43,7 @@ from vllm_odb.policies import decide
 from vllm_odb.policies.confidence import drop_token, predict
 from vllm_odb.policies.jump import accept
 from vllm_odb.policies.length import marker_hits, predict_length
+from vllm_odb.policies.replay import forced_commit
 
 _NO_PENALTIES = SimpleNamespace(output_bin_counts=None)
 _TILE_BYTES = 1 << 30  # fp32 bytes of [rows, vocab] decided at once (decide keeps ~4 copies)
@@ -135,6 +136,7 @@ class ODBSampler:
                "refresh_s": now - t_refresh if refresh_jobs else 0.0,
                "decode_reqs": len(dec_rows), "refresh_reqs": len(refresh_jobs),
                "refresh_tokens": sum(self.table.get(s).end for s, _ in refresh_jobs),
+               "kv_tokens": sum(self.table.get(int(input_batch.idx_mapping_np[r])).end for r in dec_rows),
                "tokens": int(input_batch.num_tokens), "reqs": int(input_batch.num_reqs), "jumps": self._jumps}
         self._jumps = []
         with open(self._profile, "a") as f:
@@ -171,6 +173,7 @@ class ODBSampler:
                 rows = (first_row[idx][:, None] + self._cols[None]).reshape(-1)
                 lg = logits[rows].view(len(idx), blk, vocab)
                 x0, conf, commit = decide(lg, masked[idx], cfg, table.mask_id)
+                commit = _force(commit, conf, masked[idx], [reqs[i] for i in members[a:a + tile]])
                 new[idx] = torch.where(commit, x0, block[idx])
                 adopted_x0[idx], adopted_conf[idx] = x0, conf
         accepted = torch.zeros(len(reqs), dtype=torch.long, device=device)
@@ -187,6 +190,9 @@ class ODBSampler:
         live = sum(1 for i, q in enumerate(reqs) if not q.finished and not flags[i][0])
         for i, (r, q) in enumerate(zip(dec_rows, reqs)):
             is_complete, has_end, had_masks, left, took = flags[i]
+            if q.replay is not None:  # the trace says where decoding ends, not this model's EOS
+                has_end = q.replay.last(q.block_index)
+            q.block_step += 1
             q.stats["forwards" if had_masks else "idle_forwards"] += 1
             q.stats["drafts_accepted"] += took
             q.plan = None
@@ -198,7 +204,8 @@ class ODBSampler:
             if not q.finished:
                 q.stats["tokens"] += blk
             q.start += blk
-            if q.finished or q.start >= q.end or (q.cfg.early_stop and has_end):
+            q.block_step = 0
+            if q.finished or q.start >= q.end or ((q.cfg.early_stop or q.replay is not None) and has_end):
                 table.finish(int(slots_np[r]))
             else:
                 if has_end:  # vLLM stops the request on this block (its EOS / stop string): count it
@@ -221,7 +228,11 @@ class ODBSampler:
         br_masked = (plan.blocks == self.table.mask_id) & masked.any()
         x0, conf, commit = decide(lg, br_masked, q.cfg, self.table.mask_id)
         valid = torch.ones((1, plan.family.shape[0]), dtype=torch.bool, device=x0.device)
-        choice = accept(commit[None], x0[None], plan.positions[None], plan.drafted[None], plan.family, valid)
+        if q.replay is not None:  # the recorded commits land on the base branch
+            commit[:1] = _force(commit[:1], conf[:1], br_masked[:1], [q])
+            choice = torch.zeros(1, dtype=torch.long, device=x0.device)
+        else:
+            choice = accept(commit[None], x0[None], plan.positions[None], plan.drafted[None], plan.family, valid)
         pick = choice.view(1, 1).expand(1, blk)
         chosen = lambda t: t.gather(0, pick)[0]  # noqa: E731
         new = torch.where(chosen(commit), chosen(x0), chosen(plan.blocks))
@@ -269,8 +280,11 @@ class ODBSampler:
         for cfg, members in groups.items():
             idx = torch.tensor(members, device=device)
             x0, conf, commit = decide(logits[idx], masked[idx], cfg, table.mask_id)
+            commit = _force(commit, conf, masked[idx], [reqs[i] for i in members])
             new[idx] = torch.where(commit, x0, block[idx])
             adopted_x0[idx], adopted_conf[idx] = x0, conf
+        for q in reqs:
+            q.block_step = 1
         table.tokens[slots[:, None], cols] = new
         jumping = [i for i, q in enumerate(reqs) if q.cfg.jump]
         if jumping:  # plan the first jump-share step of the block from the refresh's predictions
@@ -315,6 +329,8 @@ class ODBSampler:
         lengths = torch.stack([n for _, n in cut]).tolist()  # one host sync for the step's refreshes
         for (i, _), g in zip(cut, lengths):
             q = reqs[i]
+            if q.replay is not None:  # the recorded cut (the predictions above are ALP's cost)
+                g = min(q.gen, q.replay.length(q.block_index, q.gen))
             if int(g) < q.gen:
                 q.gen = int(g)
                 kv_release.note(q.req_id, q.end)  # the scheduler frees the KV blocks past it
@@ -335,3 +351,17 @@ class ODBSampler:
             plan = table.get(s).plan
             if plan is not None:
                 self.req_states.draft_tokens[s, : plan.num_rows] = plan.tokens
+
+
+def _force(commit: torch.Tensor, conf: torch.Tensor, masked: torch.Tensor, reqs: list) -> torch.Tensor:
+    """Benchmarks' trace replay: a replaying request commits its recorded count this forward
+    (policies/replay.py) instead of the rule's decision; other rows keep theirs."""
+    rows = [j for j, q in enumerate(reqs) if q.replay is not None]
+    if not rows:
+        return commit
+    idx = torch.tensor(rows, device=commit.device)
+    counts = torch.tensor([reqs[j].replay.count(reqs[j].block_index, reqs[j].block_step) for j in rows],
+                          device=commit.device)
+    commit = commit.clone()
+    commit[idx] = forced_commit(conf[idx], masked[idx], counts)
+    return commit

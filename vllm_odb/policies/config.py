@@ -2,7 +2,8 @@
 
 Every knob has the papers' default; a bad value raises ``ValueError`` naming the knob. ``method``
 presets set several knobs at once (``vanilla`` = LLaDA's low-confidence remasking with one token
-per step and no cache; ``fast-dllm`` = threshold parallel decoding on the dual cache).
+per step and no cache; ``fast-dllm`` = threshold parallel decoding on the dual cache; the ODB-dLLM,
+Streaming-dLLM and Dynamic-dLLM presets are listed in ``METHODS``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-RULES = ("quota", "threshold", "factor")
+RULES = ("quota", "threshold", "factor", "adaptive")
 CONFIDENCES = ("prob", "margin", "neg_entropy")
 CACHES = ("none", "prefix", "dual")
 SCHEDULES = ("linear", "dream")
@@ -23,6 +24,23 @@ METHODS: dict[str, dict] = {
     "odb-alp": {"rule": "threshold", "cache": "dual", "alp": True, "early_stop": True},
     "odb-jump": {"rule": "threshold", "cache": "dual", "jump": True, "early_stop": True},
     "odb": {"rule": "threshold", "cache": "dual", "alp": True, "early_stop": True, "jump": True},
+    # Streaming-dLLM (the paper's form): prefix cache, suffix pruning, dynamic threshold, early exit.
+    # The paper tunes W and alpha per model x task x length (W 32-256, alpha 0.1-0.7; LLaDA-1.5
+    # GSM8K at gen 512: W=128, alpha=0.6). On our suite (gen 128, block 32) W=128 would keep the
+    # whole suffix, so the preset keeps one block of look-ahead plus the final position (W=32) and
+    # alpha=0.3, the paper's most common setting; pass suffix_window / threshold_alpha to change.
+    "streaming": {"rule": "threshold", "cache": "prefix", "suffix_window": 32, "threshold_alpha": 0.3,
+                  "early_stop": True},
+    # Streaming's pruning and dynamic threshold on ODB's dual cache with jump-share (ALP is refused
+    # under pruning: see suffix_window).
+    "odb-streaming": {"rule": "threshold", "cache": "dual", "suffix_window": 32, "threshold_alpha": 0.3,
+                      "early_stop": True, "jump": True},
+    # Dynamic-dLLM: adaptive per-token thresholds (APD) with dynamic cache updating (DCU) on
+    # full-sequence denoising; and each half alone (APD alone runs on the dual cache: the form the
+    # vLLM engine can take up, since DCU needs per-layer partial recompute).
+    "dynamic": {"rule": "adaptive", "cache": "none", "dcu": True},
+    "dynamic-apd": {"rule": "adaptive", "cache": "dual"},
+    "dynamic-dcu": {"rule": "threshold", "cache": "none", "dcu": True},
 }
 
 
@@ -32,7 +50,8 @@ class DecodeConfig:
     block_length: int = 32
     # Commit rule. quota: a fixed number of tokens per step from ``schedule`` over ``steps``;
     # threshold: every masked token with confidence >= threshold (at least the best one);
-    # factor: the largest n with (n + 1) * (1 - c_(n)) <= factor (at least one).
+    # factor: the largest n with (n + 1) * (1 - c_(n)) <= factor (at least one);
+    # adaptive: Dynamic-dLLM's APD, a per-token threshold (see apd_* below).
     rule: str = "threshold"
     steps: int | None = None  # quota rule only; default gen_length (one token per step)
     schedule: str = "linear"
@@ -55,6 +74,31 @@ class DecodeConfig:
     # 2999 GB/s copy = 251 FLOP/byte; benchmarks/results/gpu/ridge-h100.json).
     ridge_rows: int = 251
     max_draft_positions: int = 8
+    # Streaming-dLLM. Suffix pruning: a block's forwards see the prompt, the decoded blocks, the
+    # block, the next suffix_window canvas positions and the final canvas position at its true
+    # position id (None or 0 = the whole canvas). Needs a cache (prefix is the paper's form; on the
+    # dual cache the pruned suffix is what the cache holds). ALP is refused with it: ALP reads the
+    # refresh's predictions over the whole remaining canvas, which pruning removes.
+    # Dynamic threshold: tau = threshold * (1 - threshold_alpha * (1 - r_mask)), r_mask = masked
+    # fraction of the block plus the suffix the step sees (the kept window and final position when
+    # pruning, the whole live canvas after the block otherwise); 0 = fixed threshold.
+    suffix_window: int | None = None
+    threshold_alpha: float = 0.0
+    # Dynamic-dLLM. APD (rule='adaptive'): every block position carries its own threshold, starting
+    # at ``threshold`` when its block starts and updated at each later forward of the block:
+    # tau_i <- tau_i - apd_alpha * (1 - runner-up prob) + apd_beta * (1 - cos(p_t, p_{t-1})),
+    # clamped to [apd_min, 1]. The paper never resets or clamps; we do both (papers.md 4.8).
+    apd_alpha: float = 0.01
+    apd_beta: float = 0.15
+    apd_min: float = 0.5
+    # DCU (dcu=true, cache='none'): per layer >= 1 only dcu_window tokens around the last
+    # committed position plus the layer's budget of most-changed response tokens are recomputed;
+    # the budgets share dcu_layer_budget * n_layers tokens by softmax(200 * previous layer scores).
+    # dcu_prompt_interval: recompute the prompt every n-th forward (0 = only at the first).
+    dcu: bool = False
+    dcu_layer_budget: int = 32
+    dcu_window: int = 32
+    dcu_prompt_interval: int = 0
 
     def __post_init__(self):
         _check_int("gen_length", self.gen_length, 1)
@@ -98,8 +142,40 @@ class DecodeConfig:
             if self.ridge_rows < self.block_length:
                 raise ValueError(f"ridge_rows={self.ridge_rows} is below block_length={self.block_length}: "
                                  "the draft budget must hold at least the block itself")
+        self._check_streaming_dynamic()
         if self.schedule == "dream" and self.num_blocks != 1:
             raise ValueError("schedule='dream' needs block_length == gen_length (Dream decodes one block)")
+
+    def _check_streaming_dynamic(self) -> None:
+        if self.suffix_window is not None:
+            _check_int("suffix_window", self.suffix_window, 0)
+            if self.suffix_window and self.cache == "none":
+                raise ValueError(f"suffix_window={self.suffix_window} needs cache='prefix' or 'dual' "
+                                 "(pruning bounds what a cached block attends to)")
+            if self.suffix_window and self.alp:
+                raise ValueError(f"suffix_window={self.suffix_window} with alp=true: ALP reads the refresh's "
+                                 "predictions over the whole remaining canvas, pruning keeps only the window")
+        if not (_is_number(self.threshold_alpha) and 0.0 <= self.threshold_alpha <= 1.0):
+            raise ValueError(f"threshold_alpha={self.threshold_alpha!r} must be in [0, 1]")
+        if self.threshold_alpha and self.rule != "threshold":
+            raise ValueError(f"threshold_alpha={self.threshold_alpha} applies to rule='threshold' (rule={self.rule!r})")
+        for name in ("apd_alpha", "apd_beta"):
+            if not (_is_number(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
+        if not (_is_number(self.apd_min) and 0.0 < self.apd_min <= 1.0):
+            raise ValueError(f"apd_min={self.apd_min!r} must be in (0, 1]")
+        if self.rule == "adaptive":
+            if self.apd_min > self.threshold:
+                raise ValueError(f"apd_min={self.apd_min} exceeds threshold={self.threshold} (the APD start)")
+            if self.jump:
+                raise ValueError("jump=true with rule='adaptive': drafts would need per-branch APD state")
+        if not isinstance(self.dcu, bool):
+            raise ValueError(f"dcu={self.dcu!r} must be true or false")
+        _check_int("dcu_layer_budget", self.dcu_layer_budget, 0)
+        _check_int("dcu_window", self.dcu_window, 0)
+        _check_int("dcu_prompt_interval", self.dcu_prompt_interval, 0)
+        if self.dcu and self.cache != "none":
+            raise ValueError(f"dcu=true runs on full-sequence denoising: it needs cache='none' (cache={self.cache!r})")
 
     @property
     def num_blocks(self) -> int:

@@ -20,17 +20,22 @@ def decide(
     mask_id: int,
     quota: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    threshold: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [B, N, V] for the N canvas positions of a block; masked [B, N].
     Returns (x0 [B, N], conf [B, N], commit [B, N] bool, a subset of ``masked``).
-    The mask token itself is never predicted (its logit is dropped before the softmax)."""
+    The mask token itself is never predicted (its logit is dropped before the softmax).
+    ``threshold`` ([B] or [B, N], from ``policies.adaptive``) replaces ``cfg.threshold`` of the
+    threshold rule; rule='adaptive' requires it (APD's per-position thresholds)."""
     x0, conf = predict(drop_token(logits, mask_id), cfg.confidence, cfg.temperature, generator)
     if cfg.rule == "quota":
         if quota is None:
             raise ValueError("rule='quota' needs a per-row quota")
         commit = commit_topk(conf, masked, quota)
-    elif cfg.rule == "threshold":
-        commit = commit_threshold(conf, masked, cfg.threshold)
+    elif cfg.rule in ("threshold", "adaptive"):
+        if threshold is None and cfg.rule == "adaptive":
+            raise ValueError("rule='adaptive' needs per-position thresholds (policies.adaptive.BlockThresholds)")
+        commit = commit_threshold(conf, masked, cfg.threshold if threshold is None else threshold)
     else:
         commit = commit_factor(conf, masked, cfg.factor)
     return x0, conf, commit

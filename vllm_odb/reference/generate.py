@@ -14,6 +14,10 @@ padded keys are masked and positions count real tokens only, so a request decode
 and in a batch. A request whose canvas ALP cut shorter has the keys past its end masked (the
 tensor is cut at the longest live canvas). Dream predicts token i from position i-1, so for Dream
 a cached step's query window starts one position before the block.
+
+Streaming-dLLM and Dynamic-dLLM: with ``suffix_window`` each block decodes on a pruned sequence
+(reference/streaming.py); the step's threshold comes from policies.adaptive (dynamic threshold,
+APD), reset at every block; with ``dcu`` the uncached forward is reference/dcu.py's.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 
 from vllm_odb.checkpoint import SpecialTokens
 from vllm_odb.policies import DecodeConfig, decide, dream_quota, linear_quota, predict
+from vllm_odb.policies.adaptive import BlockThresholds, streaming_threshold
 from vllm_odb.policies.confidence import drop_token
 from vllm_odb.policies.jump import (
     DraftBudget,
@@ -37,7 +42,10 @@ from vllm_odb.policies.jump import (
     plan_drafts,
 )
 from vllm_odb.policies.length import Marker, marker_hits, predict_length
+from vllm_odb.policies.replay import Recorder, Replay, forced_commit
+from vllm_odb.reference.dcu import DCUForward
 from vllm_odb.reference.model import DiffusionLM
+from vllm_odb.reference.streaming import suffix_view
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +88,17 @@ def generate(
     generator: torch.Generator | None = None,
     on_forward: Callable[[], None] | None = None,
     stop: list[list[int]] | None = None,
+    replay: list[Replay] | None = None,
+    record: bool = False,
 ) -> GenerateOutput:
     """Decode ``prompts`` (token ids) with ``cfg``. ``stop``: tokenized stop strings (ALP and
     early termination treat them as end markers, like EOS and end-of-turn).
 
     ``stats`` holds per request: ``canvas_length`` (after ALP), ``refresh_tokens`` (tokens the
     refresh forwards processed), ``drafted_accepted`` (drafted tokens adopted), ``query_rows``
-    (query rows of the request's cached forwards), ``cached_forwards``."""
+    (query rows of the request's cached forwards), ``cached_forwards``; with ``record``, ``trace``
+    (each request's ``policies.replay.Replay`` as a dict). ``replay``: one trace per prompt, forced
+    onto this model (commit counts, canvas cuts, the last block; see policies/replay.py)."""
     device = next(model.parameters()).device
     mask_id = special.mask_id
     shift = model.spec.logits_shift
@@ -114,16 +126,25 @@ def generate(
     cached_forwards = torch.zeros(batch, dtype=torch.long, device=device)
     forwards = 0
     cols = torch.arange(glen, device=device)
+    dcu = DCUForward(model, cfg, plen, mask_id) if cfg.dcu else None  # Dynamic-dLLM's uncached forward
+    if replay is not None and len(replay) != batch:
+        raise ValueError(f"replay holds {len(replay)} traces for {batch} prompts")
+    recorder = Recorder(batch) if record else None
 
     for b in range(cfg.num_blocks):
         done |= b * blen >= length
         if bool(done.all()):
             break
         live = ~done
+        if recorder:
+            recorder.block(live, length)
         s, e = plen + b * blen, plen + (b + 1) * blen
         q0 = s - shift  # first query row of a cached step (Dream reads the block from one earlier)
+        if cfg.suffix_window:  # Streaming-dLLM: this block sees the next suffix_window positions + the last
+            x, pos, key_mask = suffix_view(x, pos, key_mask, plen, s, e, length, cfg.suffix_window, mask_id)
         masked = (x[:, s:e] == mask_id) & live[:, None]
         quota = linear_quota(masked.sum(1), cfg.steps_per_block) if cfg.schedule == "linear" else None
+        thresholds = BlockThresholds(cfg, mask_id)  # dynamic / APD thresholds, reset every block
         cache = None
         adopted = None  # (x0, conf) of the branch adopted last: jump-share drafts come from it
         step = 0
@@ -133,15 +154,21 @@ def generate(
             n_live = int(masked.any(1).sum())
             new_block = None
             if cfg.cache == "none":
-                logits = model(x, pos, key_mask)[:, q0:e - shift]
+                logits = (dcu(x, pos, key_mask, masked.any(1)) if dcu else model(x, pos, key_mask))[:, q0:e - shift]
             elif step == 0:  # refresh: one full forward rebuilds the cache and takes the first step
                 logits_all, kv = model(x, pos, key_mask, return_kv=True)
                 refresh_tokens += torch.where(live, key_mask.sum(1), 0)
                 if cfg.alp:
                     x0_all, conf_all = predict(drop_token(logits_all[:, s - shift:x.shape[1] - shift], mask_id))
                     scan = (x[:, s:] == mask_id) & key_mask[:, s:] & live[:, None]
-                    length = torch.where(live, predict_length(x0_all, conf_all, scan, b * blen, length, markers,
-                                                              cfg.alp_threshold, blen, cfg.alp_min_length), length)
+                    if replay:  # the recorded cut (the canvas predictions above are ALP's cost)
+                        new_length = torch.tensor([r.length(b, int(n)) for r, n in zip(replay, length)], device=device)
+                    else:
+                        new_length = predict_length(x0_all, conf_all, scan, b * blen, length, markers,
+                                                    cfg.alp_threshold, blen, cfg.alp_min_length)
+                    length = torch.where(live, new_length, length)
+                    if recorder:
+                        recorder.set_lengths(live, length)
                     key_mask[:, plen:] &= cols[None, :x.shape[1] - plen] < length[:, None]
                     keep = plen + int(length.max())
                     x, key_mask, pos = x[:, :keep], key_mask[:, :keep], pos[:, :keep]
@@ -150,7 +177,8 @@ def generate(
                 cache = kv if cfg.cache == "dual" else [(k[:, :, :q0], v[:, :, :q0]) for k, v in kv]
             elif jump and adopted is not None:
                 new_block, adopted, rows, accepted = _jump_step(
-                    model, x, pos, key_mask, cache, s, e, shift, masked, adopted, budget, n_live, cfg, mask_id)
+                    model, x, pos, key_mask, cache, s, e, shift, masked, adopted, budget, n_live, cfg, mask_id,
+                    _counts(replay, b, step, device))
                 query_rows += torch.where(masked.any(1), rows, 0)
                 drafted += torch.where(masked.any(1), accepted, 0)
                 cached_forwards += masked.any(1)
@@ -171,13 +199,20 @@ def generate(
                         (batch,), dream_quota(masked.sum().item() / batch, step, cfg.steps_per_block), device=device)
                 else:
                     step_quota = None
-                x0, conf, commit = decide(logits, masked, cfg, mask_id, step_quota, generator)
+                x0, conf, commit = decide(logits, masked, cfg, mask_id, step_quota, generator,
+                                          thresholds.step(logits, x[:, s:], key_mask[:, s:]))
+                if replay:
+                    commit = forced_commit(conf, masked, _counts(replay, b, step, device))
                 new_block = torch.where(commit, x0, x[:, s:e])
                 adopted = (x0, conf)
             x[:, s:e] = torch.where(masked.any(1, keepdim=True), new_block, x[:, s:e])
-            masked = (x[:, s:e] == mask_id) & live[:, None]
+            before, masked = masked, (x[:, s:e] == mask_id) & live[:, None]
+            if recorder:
+                recorder.step(before, masked)
             step += 1
-        if cfg.early_stop:
+        if replay:  # decoding ends where the trace did
+            done |= live & torch.tensor([r.last(b) for r in replay], device=device)
+        elif cfg.early_stop:
             done |= live & marker_hits(x[:, plen:e], markers).any(1)
 
     canvas = x[:, plen:]
@@ -189,11 +224,21 @@ def generate(
         "drafted_accepted": drafted.tolist(),
         "query_rows": query_rows.tolist(),
         "cached_forwards": cached_forwards.tolist(),
+        **(dcu.stats() if dcu else {}),
+        **({"trace": recorder.traces()} if recorder else {}),
     }
     return GenerateOutput(tokens=canvas.tolist(), nfe=nfe.tolist(), forwards=forwards, stats=stats)
 
 
-def _jump_step(model, x, pos, key_mask, cache, s, e, shift, masked, adopted, budget, n_live, cfg, mask_id):
+def _counts(replay: list[Replay] | None, block: int, step: int, device) -> torch.Tensor | None:
+    """Replay: each request's recorded commits for this forward."""
+    if not replay:
+        return None
+    return torch.tensor([r.count(block, step) for r in replay], device=device)
+
+
+def _jump_step(model, x, pos, key_mask, cache, s, e, shift, masked, adopted, budget, n_live, cfg, mask_id,
+               forced=None):
     """One jump-share forward: the base block plus drafts as extra query rows over the dual cache.
     Returns the adopted block, the adopted branch's (x0, conf), query rows and drafted tokens
     accepted per request."""
@@ -221,10 +266,17 @@ def _jump_step(model, x, pos, key_mask, cache, s, e, shift, masked, adopted, bud
     idx = lay.pred_row.reshape(batch, -1)  # [B, (1 + D) * K]
     br_logits = logits.gather(1, idx[:, :, None].expand(-1, -1, logits.shape[-1])).view(batch, nb, blen, -1)
     br_masked = (blocks == mask_id) & masked.any(1)[:, None, None]
-    x0, conf, commit = decide(br_logits.view(batch * nb, blen, -1), br_masked.view(batch * nb, blen), cfg, mask_id)
+    # Streaming's dynamic threshold per branch: each branch's own block plus the suffix.
+    sfx, sfx_valid = x[:, None, e:].expand(-1, nb, -1), key_mask[:, None, e:].expand(-1, nb, -1)
+    thr = streaming_threshold(cfg, torch.cat([blocks, sfx], 2), torch.cat([torch.ones_like(br_masked), sfx_valid], 2),
+                              mask_id)
+    x0, conf, commit = decide(br_logits.view(batch * nb, blen, -1), br_masked.view(batch * nb, blen), cfg, mask_id,
+                              threshold=None if thr is None else thr.reshape(-1))
     x0, conf, commit = (t.view(batch, nb, blen) for t in (x0, conf, commit))
-    choice = accept(commit, x0, positions, tokens, family, draft_valid) if p > 0 else torch.zeros(
+    choice = accept(commit, x0, positions, tokens, family, draft_valid) if p > 0 and forced is None else torch.zeros(
         batch, dtype=torch.long, device=x.device)
+    if forced is not None:  # replay: the recorded commits land on the base branch
+        commit[:, 0] = forced_commit(conf[:, 0], br_masked[:, 0], forced)
     pick = choice[:, None, None].expand(-1, 1, blen)
     chosen_block = blocks.gather(1, pick)[:, 0]
     chosen_commit = commit.gather(1, pick)[:, 0]

@@ -12,12 +12,17 @@ operation expresses every cache mode of the decoders:
 - dual cache: past = whole sequence, splice = the block being recomputed;
 - draft branches (ODB): past = whole sequence, splice = the block, several branches as new rows,
   with an ``attn_mask`` keeping each branch to its own rows.
+
+Dynamic-dLLM's feature cache uses a second, per-layer path (``DecoderLayer.forward_selected``):
+a layer recomputes keys, attention and FFN for selected tokens only and reuses the cached
+outputs of the others (``LayerCache``); reference/dcu.py drives it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +115,27 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+@dataclass
+class LayerCache:
+    """One layer's features of every token: post-RoPE keys and values [B, Hkv, T, hd], attention
+    and FFN outputs [B, T, d] (the residual deltas)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    attn: torch.Tensor
+    ffn: torch.Tensor
+
+
+def _write(dst: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, src: torch.Tensor, dim: int) -> None:
+    """dst[b, .., idx[b, u], ..] = src[b, .., u, ..] for the valid (b, u); ``dim`` is the token dim."""
+    bi, ui = valid.nonzero(as_tuple=True)
+    ti = idx[bi, ui]
+    if dim == 1:
+        dst[bi, ti] = src[bi, ui]
+    else:
+        dst[bi, :, ti] = src[bi, :, ui]
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -122,6 +148,34 @@ class DecoderLayer(nn.Module):
         a, kv = self.self_attn(self.input_layernorm(h), cos, sin, mask, past, splice)
         h = h + a
         return h + self.mlp(self.post_attention_layernorm(h)), kv
+
+    def forward_selected(self, h, xn, cos, sin, mask, cache: LayerCache, idx, valid):
+        """The layer on every token of ``h`` [B, T, d] while recomputing only the selected ones.
+
+        ``xn`` = input_layernorm(h); ``cache.v`` already holds this step's values (the caller
+        recomputes them first: it compares them with the old ones to choose). ``idx`` [B, U]:
+        token columns to recompute, ``valid`` [B, U] which of them are real (the rest is padding,
+        computed and dropped). Their keys, attention and FFN outputs are recomputed and written
+        into ``cache``; every other token reuses its cached keys and outputs. Selected queries
+        attend to all keys. With every token selected this is ``forward`` exactly."""
+        s = self.self_attn.spec
+        b, u = idx.shape
+        att = self.self_attn
+        xs = xn.gather(1, idx[:, :, None].expand(-1, -1, xn.shape[2]))
+        cs = cos.gather(2, idx[:, None, :, None].expand(-1, 1, -1, cos.shape[3]))
+        sn = sin.gather(2, idx[:, None, :, None].expand(-1, 1, -1, sin.shape[3]))
+        q = apply_rope(att.q_proj(xs).view(b, u, s.num_heads, s.head_dim).transpose(1, 2), cs, sn, s.rope_in_fp32)
+        k = apply_rope(att.k_proj(xs).view(b, u, s.num_kv_heads, s.head_dim).transpose(1, 2), cs, sn, s.rope_in_fp32)
+        _write(cache.k, idx, valid, k, 2)
+        groups = s.num_heads // s.num_kv_heads
+        kr = cache.k.repeat_interleave(groups, dim=1) if groups > 1 else cache.k
+        vr = cache.v.repeat_interleave(groups, dim=1) if groups > 1 else cache.v
+        out = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, is_causal=False)
+        _write(cache.attn, idx, valid, att.o_proj(out.transpose(1, 2).reshape(b, u, s.num_heads * s.head_dim)), 1)
+        h = h + cache.attn
+        hs = h.gather(1, idx[:, :, None].expand(-1, -1, h.shape[2]))
+        _write(cache.ffn, idx, valid, self.mlp(self.post_attention_layernorm(hs)), 1)
+        return h + cache.ffn
 
 
 class Backbone(nn.Module):

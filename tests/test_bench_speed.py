@@ -1,0 +1,63 @@
+"""``python -m vllm_odb.bench speed`` on CPU: reference-engine rows on a tiny checkpoint, and the
+trace-replay path on a random-weight model (a tiny-shaped stand-in for the full-size configs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vllm_odb.bench import full_size, speed
+from vllm_odb.bench.__main__ import main
+
+KEYS = {"method", "engine", "model", "replay", "trace_model", "gen_length", "batch", "requests", "tokens_per_s",
+        "latency_p50_s", "latency_p90_s", "nfe", "tokens_per_forward", "refresh_tokens", "gpu_mem_gb"}
+
+
+def test_reference_rows_on_the_tiny_checkpoint(tmp_path):
+    out = tmp_path / "speed.json"
+    assert main(["speed", "--engine", "reference", "--model", "checkpoints/tiny-llada", "--methods", "fast-dllm,odb",
+                 "--gen-lengths", "64", "--batches", "1,2", "--requests", "2", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert len(data["rows"]) == 4 and all(KEYS <= set(r) for r in data["rows"])
+    by = {(r["method"], r["batch"]): r for r in data["rows"]}
+    assert by[("odb", 1)]["refresh_tokens"] < by[("fast-dllm", 1)]["refresh_tokens"]  # ALP cut the canvas
+    assert all(not r["replay"] for r in data["rows"])
+    assert data["meta"]["commands"][0].startswith("python -m vllm_odb.bench speed")
+
+
+def test_replay_rows_make_the_traced_forwards(tmp_path, monkeypatch):
+    cfg = json.loads(open("checkpoints/tiny-dream/config.json").read())
+    monkeypatch.setitem(full_size.FULL_SIZE, "big-dream", lambda: cfg)
+    monkeypatch.setitem(speed.FULL_SIZE_TRACES, "big-dream", "checkpoints/tiny-dream")
+    out, traces = tmp_path / "speed.json", tmp_path / "traces.json"
+    argv = ["speed", "--engine", "reference", "--model", "big-dream", "--methods", "fast-dllm,odb", "--gen-lengths",
+            "64", "--batches", "1", "--requests", "2", "--threshold", "0.999", "--dtype", "float32",
+            "--traces", str(traces), "--out", str(out)]
+    assert main(argv) == 0
+    recorded = json.loads(traces.read_text())
+    assert set(recorded["traces"]) == {"fast-dllm|64|reference", "odb|64|reference"}
+    tiny = json.loads(out.read_text())["rows"]
+    assert main(argv) == 0  # traces read back; rows appended
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4 and all(r["replay"] and r["trace_model"] == "tiny-dream" for r in rows)
+    for a, b in zip(tiny, rows[2:]):  # the same forwards both times
+        assert (a["nfe"], a["refresh_tokens"], a["tokens_per_forward"]) == (b["nfe"], b["refresh_tokens"],
+                                                                             b["tokens_per_forward"])
+    fd = [t["replay"] for t in recorded["traces"]["fast-dllm|64|reference"]]
+    assert rows[0]["nfe"] == sum(len(c) for t in fd for c in t["commits"]) / len(fd)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--methods", "nope"], "--methods: unknown"),
+    (["--gen-lengths", "64,x"], "--gen-lengths"),
+    (["--batches", "0"], "--batches"),
+    (["--model", "nowhere"], "a checkpoint directory or one of"),
+    (["--gen-lengths", "60"], "not a multiple of block_length"),
+])
+def test_bad_arguments_name_the_knob(tmp_path, capsys, argv, msg):
+    base = {"--engine": "reference", "--model": "checkpoints/tiny-llada", "--out": str(tmp_path / "o.json")}
+    for k, v in zip(argv[::2], argv[1::2]):
+        base[k] = v
+    assert main(["speed", *[x for kv in base.items() for x in kv]]) == 2
+    assert msg in capsys.readouterr().err

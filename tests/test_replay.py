@@ -1,0 +1,95 @@
+"""Trace replay (policies/replay.py): a trace recorded on a trained checkpoint, forced onto another
+model, makes the same forwards (the shapes the speed benchmarks time at full size)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_odb.policies import DecodeConfig
+from vllm_odb.policies.replay import Recorder, Replay, forced_commit
+from vllm_odb.reference.generate import generate
+from vllm_odb.reference.loader import load_checkpoint
+from vllm_odb.reference.model import DiffusionLM, init_weights
+from vllm_odb.tiny.suite import make_suite
+
+SHAPE_STATS = ("canvas_length", "refresh_tokens", "query_rows", "cached_forwards")
+
+
+_CHECKPOINTS: dict = {}
+
+
+def _ck(fmt):
+    if fmt not in _CHECKPOINTS:
+        _CHECKPOINTS[fmt] = load_checkpoint(f"checkpoints/tiny-{fmt}")
+    return _CHECKPOINTS[fmt]
+
+
+def _prompts(ck, n):
+    return [ck.encode_chat(e.prompt) for e in make_suite(3, n)]
+
+
+def test_forced_commit_takes_the_most_confident_masked():
+    conf = torch.tensor([[0.9, 0.1, 0.8, 0.95], [0.2, 0.3, 0.1, 0.4]])
+    masked = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    got = forced_commit(conf, masked, torch.tensor([2, 0]))
+    assert got.tolist() == [[True, False, True, False], [False, False, False, True]]  # 0 -> at least one
+
+
+def test_replay_validates_and_round_trips():
+    r = Replay.from_dict({"commits": [[3, 1], [4]], "lengths": [64, 32]})
+    assert r.blocks == 2 and r.count(0, 1) == 1 and r.count(0, 5) == 1 and r.length(1, 64) == 32
+    assert r.last(1) and not r.last(0)
+    assert Replay.from_dict(r.to_dict()) == r
+    for bad in ({"commits": [[0]], "lengths": [8]}, {"commits": [[1]], "lengths": []}, {"commits": [[1]]},
+                {"commits": [[1]], "lengths": [8], "x": 1}, {"commits": [], "lengths": []}, [1, 2],
+                {"commits": [[True]], "lengths": [8]}, {"commits": 3, "lengths": [8]}):
+        with pytest.raises(ValueError, match="replay"):
+            Replay.from_dict(bad)
+
+
+def test_recorder_counts_commits_per_forward():
+    rec = Recorder(2)
+    rec.block(torch.tensor([True, True]), torch.tensor([32, 32]))
+    before = torch.tensor([[True, True, True], [True, False, False]])
+    after = torch.tensor([[False, True, False], [False, False, False]])
+    rec.step(before, after)
+    rec.step(after, torch.zeros_like(after))
+    rec.set_lengths(torch.tensor([True, False]), torch.tensor([16, 8]))
+    assert rec.traces() == [{"commits": [[2, 1]], "lengths": [16]}, {"commits": [[1]], "lengths": [32]}]
+
+
+@pytest.mark.parametrize("fmt,method", [("llada", "vanilla"), ("dream", "fast-dllm"), ("dream", "odb-alp"),
+                                        ("dream", "odb")])
+def test_replay_makes_the_recorded_forwards(fmt, method):
+    """Same shapes (NFE, query rows, refresh tokens, live canvas) on the trained model and on a
+    random-weight model of the same shape, where nothing is ever confident. (Threshold 0.999:
+    the tiny models commit most blocks in one forward at 0.9.)"""
+    ck = _ck(fmt)
+    glen = 32 if method == "vanilla" else 64
+    knobs = {} if method == "vanilla" else {"threshold": 0.999}
+    cfg = DecodeConfig.for_method(method, gen_length=glen, block_length=16, ridge_rows=64, **knobs)
+    prompts = _prompts(ck, 2)
+    rec = generate(ck.model, prompts, cfg, ck.special, record=True)
+    traces = [Replay.from_dict(t) for t in rec.stats["trace"]]
+    assert any(len(steps) > 1 for t in traces for steps in t.commits)  # several forwards in a block
+    if cfg.alp:
+        assert any(min(t.lengths) < glen for t in traces)  # ALP cut something: the replay must too
+    rand = DiffusionLM(ck.model.spec)
+    init_weights(rand, seed=0)
+    for model in (ck.model, rand):
+        rep = generate(model, prompts, cfg, ck.special, replay=traces, record=True)
+        assert rep.nfe == rec.nfe and rep.forwards == rec.forwards
+        for key in SHAPE_STATS:
+            assert rep.stats[key] == rec.stats[key], key
+        if not cfg.jump:
+            assert rep.stats["trace"] == rec.stats["trace"]
+    if not cfg.jump:  # on its own model the forced commits are the threshold's own
+        assert generate(ck.model, prompts, cfg, ck.special, replay=traces).tokens == rec.tokens
+
+
+def test_replay_needs_one_trace_per_prompt():
+    ck = _ck("llada")
+    cfg = DecodeConfig.for_method("fast-dllm", gen_length=64, block_length=32)
+    with pytest.raises(ValueError, match="traces for 2 prompts"):
+        generate(ck.model, _prompts(ck, 2), cfg, ck.special, replay=[Replay(((32,), (32,)), (64, 64))])
