@@ -13,6 +13,10 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /ro
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 RESULTS="${RESULTS:-/root/speed}"; mkdir -p "$RESULTS"
 MODEL="${MODEL:-llada-8b}"
+# Committed traces (and rows) seed a fresh machine: the replay is of the same recorded dynamics.
+for f in benchmarks/results/speed/traces-$MODEL.json benchmarks/results/speed/speed-$MODEL.json; do
+  [[ -f "$f" && ! -f "$RESULTS/$(basename "$f")" ]] && cp "$f" "$RESULTS/"
+done
 GENS="${GENS:-256,512,1024}"
 run() { echo "+ python -m vllm_odb.bench speed $*"; timeout "${STEP_TIMEOUT:-560}" python3 -m vllm_odb.bench speed "$@" \
           --traces "$RESULTS/traces-$MODEL.json" --out "$RESULTS/speed-$MODEL.json" 2>"$OUT/log-$PART.txt";
@@ -30,7 +34,11 @@ case "${PART:-reference}" in
       --gen-lengths "$GENS" --batches 1 --requests "${REQUESTS:-3}" --row-seconds "${ROW_SECONDS:-45}" ;;
   vllm-plain)
     run --engine vllm --model "$MODEL" --methods fast-dllm,odb-alp --gen-lengths "$GENS" \
-      --batches "${BATCHES:-1,8,32,64}" --requests "${REQUESTS:-3}" ;;
+      --batches "${BATCHES:-1,8,32}" --requests "${REQUESTS:-3}" ;;
+  repro)  # the odb-alp gen 1024 x 64 device assert, located
+    CUDA_LAUNCH_BLOCKING=1 STEP_TIMEOUT=400 run --engine vllm --model "$MODEL" --methods odb-alp --gen-lengths 1024 \
+      --batches 64 --requests 1
+    grep -E 'vllm_odb/.*line [0-9]+' -A1 "$OUT/log-$PART.txt" | tail -16 ;;
   vllm-jump)
     run --engine vllm --model "$MODEL" --methods odb --gen-lengths "$GENS" --batches "${BATCHES:-1,8,64}" \
       --requests "${REQUESTS:-3}" ;;

@@ -167,7 +167,7 @@ def _random_full_size(name: str, dtype, device):
     return model, spec, special_tokens(spec)
 
 
-def run_reference(args, methods, gens, batches) -> tuple[list[dict], list[dict]]:
+def run_reference(args, methods, gens, batches, emit) -> None:
     from vllm_odb.reference.generate import generate, response_ids
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -183,7 +183,6 @@ def run_reference(args, methods, gens, batches) -> tuple[list[dict], list[dict]]
         ck = load_checkpoint(args.model, dtype=dtype, device=device)
         model, spec, special = ck.model, ck.model.spec, ck.special
         suite = [ck.encode_chat(e.prompt) for e in make_suite(SUITE_SEED, max(batches + [args.requests]))]
-    rows = []
     jobs = [(m, g, b) for m in methods for g in gens for b in batches]
     for m, g, b in tqdm(jobs, desc=f"reference {args.model}", file=sys.stderr):
         cfg = method_config(m, g, args)
@@ -220,14 +219,12 @@ def run_reference(args, methods, gens, batches) -> tuple[list[dict], list[dict]]
             refresh += sum(out.stats["refresh_tokens"])
             n_req += len(group)
         wall = time.perf_counter() - t_row
-        rows.append({"method": m, "engine": "reference", "model": _model_name(args.model), "replay": full,
+        emit({"method": m, "engine": "reference", "model": _model_name(args.model), "replay": full,
                      "trace_model": _model_name(traces["trace_model"]) if full else None,
                      "gen_length": g, "batch": b, "requests": n_req, **_summary(lat, wall, tokens),
                      "nfe": round(nfe / n_req, 2), "tokens_per_forward": round(decoded / max(1, nfe), 3),
                      "refresh_tokens": round(refresh / n_req, 1),
-                     "gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device == "cuda" else None})
-        tqdm.write(json.dumps(rows[-1]), file=sys.stderr)
-    return rows, []
+                     "gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device == "cuda" else None}, [])
 
 
 def _model_name(path: str) -> str:
@@ -268,7 +265,7 @@ def _run_vllm_batch(llm, prompts, params) -> tuple[list[float], list[list[int]]]
     return [t for t, _ in ordered], [ids for _, ids in ordered]
 
 
-def run_vllm(args, methods, gens, batches) -> tuple[list[dict], list[dict]]:
+def run_vllm(args, methods, gens, batches, emit) -> None:
     from vllm import SamplingParams
 
     from vllm_odb.bench.full_size import FULL_SIZE
@@ -296,7 +293,6 @@ def run_vllm(args, methods, gens, batches) -> tuple[list[dict], list[dict]]:
         del ck
     profile = os.path.join(tempfile.mkdtemp(), "steps.jsonl")
     os.environ["VLLM_ODB_PROFILE"] = profile
-    rows, steps = [], []
     for jump in (False, True):
         ms = [m for m in methods if method_config(m, gens[0], args).jump == jump]
         if not ms:
@@ -317,7 +313,9 @@ def run_vllm(args, methods, gens, batches) -> tuple[list[dict], list[dict]]:
                 gen_ids = torch.Generator().manual_seed(1)
                 prompts = [torch.randint(0, spec.mask_token_id, (t["prompt_len"],), generator=gen_ids).tolist()
                            for t in tr]
-                params = [SamplingParams(temperature=0.0, max_tokens=g, ignore_eos=True,
+                # The replay ends a request with an EOS block (engine/sampler.py); vLLM, without a
+                # tokenizer here, stops on it through stop_token_ids, as a served request stops.
+                params = [SamplingParams(temperature=0.0, max_tokens=g, stop_token_ids=[spec.eos_token_id],
                                          extra_args={"method": preset, "replay": t["replay"]}) for t in tr]
             else:
                 prompts = prompts_by
@@ -349,12 +347,11 @@ def run_vllm(args, methods, gens, batches) -> tuple[list[dict], list[dict]]:
                    "gpu_mem_gb": round((total - free) / 1e9, 2), "max_num_seqs": cap}
             if b > cap:
                 row["note"] = f"engine runs at most {cap} requests at once (jump-share canvas)"
+            steps: list[dict] = []
             row.update(_step_profile(profile, spec, b, m, g, steps, args, jump, llm))
-            rows.append(row)
-            tqdm.write(json.dumps(row), file=sys.stderr)
+            emit(row, steps)
         del llm
         torch.cuda.empty_cache()
-    return rows, steps
 
 
 def _response_len(ids: list[int], end_ids: set[int]) -> int:
@@ -429,8 +426,6 @@ def main(args: argparse.Namespace) -> int:
 
     if torch.cuda.is_available():
         ceilings.CEILINGS.update(ceilings.measure())
-    run = run_vllm if args.engine == "vllm" else run_reference
-    rows, steps = run(args, methods, gens, batches)
     data = {"meta": {}, "rows": [], "steps": []}
     if os.path.exists(args.out):
         with open(args.out) as f:
@@ -438,9 +433,17 @@ def main(args: argparse.Namespace) -> int:
     data["meta"].update({"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                          "ceilings": dict(ceilings.CEILINGS) or data["meta"].get("ceilings")})
     data["meta"].setdefault("commands", []).append("python -m vllm_odb.bench speed " + " ".join(sys.argv[2:]))
-    data["rows"] += rows
-    data["steps"] += steps
-    with open(args.out, "w") as f:
-        json.dump(data, f, indent=1)
-    print(f"{len(rows)} rows -> {args.out}", file=sys.stderr)
+    added = []
+
+    def emit(row: dict, steps: list[dict]) -> None:
+        """Each row lands in the file at once: a later crash loses nothing measured."""
+        added.append(row)
+        data["rows"].append(row)
+        data["steps"].extend(steps)
+        with open(args.out, "w") as f:
+            json.dump(data, f, indent=1)
+        tqdm.write(json.dumps(row), file=sys.stderr)
+
+    (run_vllm if args.engine == "vllm" else run_reference)(args, methods, gens, batches, emit)
+    print(f"{len(added)} rows -> {args.out}", file=sys.stderr)
     return 0
