@@ -137,6 +137,13 @@ def _load_or_record(args, methods, gens, n, device) -> dict:
     return data
 
 
+def _replay_prompts(traces: list[dict], spec) -> list[list[int]]:
+    """Random ids (below the mask id) of the traced prompts' lengths: a random model reads them
+    all alike, only the lengths shape the forwards."""
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(0, spec.mask_token_id, (t["prompt_len"],), generator=gen).tolist() for t in traces]
+
+
 def _summary(latencies: list[float], wall: float, tokens: int) -> dict:
     lat = sorted(latencies)
     return {"tokens_per_s": round(tokens / wall, 2) if wall > 0 else None,
@@ -190,9 +197,7 @@ def run_reference(args, methods, gens, batches, emit) -> None:
             tr = traces["traces"][_trace_key(m, g, "reference")]
             if len(tr) < b:
                 continue
-            gen_ids = torch.Generator().manual_seed(1)
-            prompts = [torch.randint(0, spec.mask_token_id, (t["prompt_len"],), generator=gen_ids).tolist()
-                       for t in tr]
+            prompts = _replay_prompts(tr, spec)
             replays = [Replay.from_dict(t["replay"]) for t in tr]
         else:
             prompts, replays = suite, None
@@ -310,9 +315,7 @@ def run_vllm(args, methods, gens, batches, emit) -> None:
                 tr = traces["traces"][_trace_key(m, g, "vllm")]
                 if len(tr) < b:
                     continue
-                gen_ids = torch.Generator().manual_seed(1)
-                prompts = [torch.randint(0, spec.mask_token_id, (t["prompt_len"],), generator=gen_ids).tolist()
-                           for t in tr]
+                prompts = _replay_prompts(tr, spec)
                 # The replay ends a request with an EOS block (engine/sampler.py); vLLM, without a
                 # tokenizer here, stops on it through stop_token_ids, as a served request stops.
                 params = [SamplingParams(temperature=0.0, max_tokens=g, stop_token_ids=[spec.eos_token_id],
