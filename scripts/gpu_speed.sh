@@ -6,6 +6,7 @@
 #   PART=reference   bash scripts/gpu_speed.sh   # reference engine: tiny rows, then 8B replay rows
 #   PART=vllm-plain  bash scripts/gpu_speed.sh   # vLLM fast-dllm / odb-alp, 8B replay, batch 1..64
 #   PART=vllm-jump   bash scripts/gpu_speed.sh   # vLLM odb (jump-share engine), 8B replay
+#   PART=repro       bash scripts/gpu_speed.sh   # odb-alp gen 1024 x 64 with VLLM_ODB_CHECK=1
 set -uo pipefail
 source /root/vllm-env.sh
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/vllm-site . >/dev/null 2>&1 \
@@ -35,10 +36,13 @@ case "${PART:-reference}" in
   vllm-plain)
     run --engine vllm --model "$MODEL" --methods fast-dllm,odb-alp --gen-lengths "$GENS" \
       --batches "${BATCHES:-1,8,32}" --requests "${REQUESTS:-3}" ;;
-  repro)  # the odb-alp gen 1024 x 64 device assert, located
-    CUDA_LAUNCH_BLOCKING=1 STEP_TIMEOUT=400 run --engine vllm --model "$MODEL" --methods odb-alp --gen-lengths 1024 \
-      --batches 64 --requests 1
-    grep -E 'vllm_odb/.*line [0-9]+' -A1 "$OUT/log-$PART.txt" | tail -16 ;;
+  repro)  # the odb-alp gen 1024 x 64 case that once crashed, with the engine's checks on (syncs: its
+          # timings are not kept; the row goes to a scratch file)
+    echo "+ VLLM_ODB_CHECK=1 python -m vllm_odb.bench speed --engine vllm --model $MODEL --methods odb-alp --gen-lengths 1024 --batches 64 --requests 1"
+    VLLM_ODB_CHECK=1 timeout 400 python3 -m vllm_odb.bench speed --engine vllm --model "$MODEL" --methods odb-alp \
+      --gen-lengths 1024 --batches 64 --requests 1 --traces "$RESULTS/traces-$MODEL.json" --out /tmp/repro.json \
+      2>"$OUT/log-$PART.txt"; echo "rc=$?"
+    grep -E 'vllm-odb|Error|error' "$OUT/log-$PART.txt" | grep -v "it/s\]" | tail -12 ;;
   vllm-jump)
     run --engine vllm --model "$MODEL" --methods odb --gen-lengths "$GENS" --batches "${BATCHES:-1,8,64}" \
       --requests "${REQUESTS:-3}" ;;

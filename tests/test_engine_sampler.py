@@ -155,3 +155,97 @@ def test_replay_arg_is_validated():
 
     with pytest.raises(ValueError, match="extra_args: replay"):
         request_config(DecodeConfig(gen_length=32, block_length=8), {"replay": {"commits": [[0]], "lengths": [8]}})
+
+
+def test_a_window_the_scheduler_cut_short_decides_nothing():
+    """The scheduler may give a running request fewer canvas slots than the window (token budget,
+    max_model_len). That row's logits are not a block: it must commit nothing and reject every
+    slot it got (vLLM's computed count stays put), and never read another row's logits."""
+    import numpy as np
+
+    cfg = DecodeConfig(gen_length=32, block_length=8)
+    sampler, table = _sampler(0, cfg)
+    a = table.add(0, "a", [1, 2, 3, 4], None, _params())
+    b = table.add(1, "b", [1, 2, 3], None, _params())
+    before = table.tokens[1].clone()
+    logits = torch.zeros(8 + 5, VOCAB)
+    logits[:3, 3] = 10.0  # a: three confident positions; the rest (and all of b's rows) are not
+    batch = types.SimpleNamespace(
+        num_reqs=2, idx_mapping_np=np.array([0, 1]), num_draft_tokens=13, cu_num_logits_np=np.array([0, 8, 13]),
+        is_prefilling_np=np.array([False, False]), num_scheduled_tokens=np.array([8, 5]),
+        num_computed_prefill_tokens_np=np.array([4, 3]), prefill_len_np=np.array([4, 3]))
+    out = sampler(logits, batch)
+    assert out.num_sampled.tolist() == [0, 0]
+    assert out.num_rejected.tolist() == [8, 5]
+    assert a.stats["forwards"] == 1 and (table.tokens[0, 4:7] == 3).all() and (table.tokens[0, 7:12] == MASK).all()
+    assert b.start == 3 and torch.equal(table.tokens[1], before) and b.stats["forwards"] == 0
+
+
+def _confident(rows: int, conf_by_row: list[float], token: int = 3) -> torch.Tensor:
+    """Logits whose top-1 (``token``) probability at row i is conf_by_row[i] (the rest spread
+    evenly over the other non-mask ids)."""
+    import math
+
+    logits = torch.zeros(rows, VOCAB)
+    for i, c in enumerate(conf_by_row):
+        rest = (1 - c) / (VOCAB - 2)  # the mask id is dropped before the softmax
+        logits[i] = math.log(rest)
+        logits[i, token] = math.log(c)
+    return logits
+
+
+def test_dynamic_threshold_on_the_engine_is_the_reference_policy():
+    """Streaming-dLLM's tau = threshold * (1 - alpha * (1 - r_mask)) over the block and the canvas
+    after it: the engine commits what policies.adaptive decides for the same tokens, which here
+    is more than the fixed threshold would."""
+    import numpy as np
+
+    from vllm_odb.policies.adaptive import streaming_threshold
+
+    cfg = DecodeConfig(gen_length=32, block_length=8, threshold=0.9, threshold_alpha=0.5)
+    sampler, table = _sampler(0, cfg)
+    req = table.add(0, "a", [1, 2, 3, 4], None, _params())
+    table.tokens[0, 4:7] = 5  # three block positions decoded: r_mask = 29 / 32
+    logits = _confident(8, [0.5] * 3 + [0.87, 0.8, 0.88, 0.5, 0.86])
+    masked = (table.tokens[0, 4:12] == MASK)[None]
+    tau = streaming_threshold(cfg, table.tokens[0, 4:36][None], torch.ones(1, 32, dtype=torch.bool), MASK)
+    assert 0.85 < float(tau[0]) < 0.87
+    _, _, want = decide(logits[None], masked, cfg, MASK, threshold=tau)
+    _, _, fixed = decide(logits[None], masked, cfg, MASK)
+    assert int(want.sum()) == 3 and int(fixed.sum()) == 1  # the dynamic threshold lets 0.86-0.88 in
+    batch = types.SimpleNamespace(idx_mapping_np=np.array([0]), cu_num_logits_np=np.array([0, 8]))
+    before = table.tokens[0, 4:12].clone()
+    sampler._decode(logits, batch, [0], torch.zeros(1, table.width, dtype=torch.long),
+                    torch.zeros(1, dtype=torch.int32), [])
+    assert torch.equal(table.tokens[0, 4:12] != before, want[0])
+    assert req.stats["forwards"] == 1
+
+
+def test_apd_on_the_engine_carries_the_reference_state_across_steps():
+    """Dynamic-dLLM's APD: per-position thresholds updated at every forward of a block from this
+    and the previous forward's distributions (policies.adaptive.BlockThresholds, which the
+    engine keeps on the request and resets at each refresh). Two engine steps commit what the
+    reference policy decides over the same logits."""
+    import numpy as np
+
+    from vllm_odb.policies.adaptive import BlockThresholds
+
+    cfg = DecodeConfig(gen_length=32, block_length=8, rule="adaptive", threshold=0.9, apd_alpha=0.1, apd_beta=0.05)
+    sampler, table = _sampler(0, cfg)
+    req = table.add(0, "a", [1, 2, 3, 4], None, _params())
+    req.thresholds = BlockThresholds(cfg, MASK)  # what the block's refresh step sets up
+    ref = BlockThresholds(cfg, MASK)
+    batch = types.SimpleNamespace(idx_mapping_np=np.array([0]), cu_num_logits_np=np.array([0, 8]))
+    x = table.tokens[0, :36].clone()
+    committed = []
+    for conf in ([0.95] + [0.3] * 7, [0.3, 0.85, 0.84, 0.83, 0.3, 0.3, 0.3, 0.3]):
+        logits = _confident(8, conf)
+        masked = (x[4:12] == MASK)[None]
+        thr = ref.step(logits[None], x[None, 4:], torch.ones(1, 32, dtype=torch.bool))
+        x0, _, commit = decide(logits[None], masked, cfg, MASK, threshold=thr)
+        x[4:12] = torch.where(commit[0], x0[0], x[4:12])
+        sampler._decode(logits, batch, [0], torch.zeros(1, table.width, dtype=torch.long),
+                        torch.zeros(1, dtype=torch.int32), [])
+        assert torch.equal(table.tokens[0, :36], x)
+        committed.append(int(commit.sum()))
+    assert committed == [1, 3]  # the second step's bar fell below 0.9 (APD), not the fixed rule's 1

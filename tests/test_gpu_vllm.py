@@ -48,3 +48,23 @@ def test_vllm_odb_matches_reference_odb(fmt, tmp_path):
     assert summary["alone_match"] == 8
     assert summary["drafts_accepted"]["vllm"] == summary["drafts_accepted"]["reference"] > 0
     assert summary["nfe"]["vllm"] == summary["nfe"]["reference"]
+
+
+@pytest.mark.parametrize("fmt", ["llada", "dream"])
+@pytest.mark.parametrize("method,extra", [("dynamic-apd", []), ("odb-alp", ["--threshold-alpha", "0.3"]),
+                                          ("odb", ["--threshold-alpha", "0.3", "--select", "speculative",
+                                                   "--ridge-rows", "64"])])
+def test_vllm_dynamic_thresholds_match_reference(fmt, method, extra, tmp_path):
+    """Dynamic-dLLM's APD and Streaming-dLLM's dynamic threshold (with ALP, and with jump-share's
+    per-branch thresholds) on the engine: tokens, NFE and canvas equal the reference loop's."""
+    pytest.importorskip("vllm")
+    out = tmp_path / "parity.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "vllm_parity.py"), "--model", str(ROOT / "checkpoints" / f"tiny-{fmt}"),
+         "--mode", "eager", "--n", "8", "--gen-length", "128", "--block-length", "16", "--method", method,
+         *extra, "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["alone_match"] == 8
+    assert summary["nfe"]["vllm"] == summary["nfe"]["reference"]

@@ -92,3 +92,56 @@ def test_scheduler_patch_frees_at_the_next_allocation(monkeypatch):
     kv_release.note("c", 40 + 16)  # a stale note from before the preemption is ignored
     wrapped(req, 40)
     assert free0 - m.block_pool.get_num_free_blocks() == 11
+
+
+def test_worker_block_list_follows_the_schedulers_free(monkeypatch):
+    """The runner keeps its own copy of each block list and only appends to it: after an ALP cut
+    the worker trims its count as the scheduler frees (ODBModelState.trim_blocks), so the blocks
+    allocated later (a finished request's EOS step past its cut) land where the scheduler has
+    them, never after stale entries that point at freed blocks."""
+    import numpy as np
+
+    from vllm_odb.engine.model_state import ODBModelState
+    from vllm_odb.patches import scheduler_lookahead
+
+    m = _manager()
+    hf_config = types.SimpleNamespace(canvas_length=17, odb_engine={"block_length": 16})
+    monkeypatch.setattr(scheduler_lookahead, "canvas_end", lambda request, hf, max_len: 40 + 128)
+    wrapped = scheduler_lookahead.wrap_allocate_slots(m, hf_config, 512)
+    bt = types.SimpleNamespace(block_sizes=[BLOCK], blocks_per_kv_block=[1],
+                               num_blocks=types.SimpleNamespace(np=np.zeros((1, 4), dtype=np.int32)))
+    state = types.SimpleNamespace(runner_block_tables=bt)
+    worker: list[int] = []
+
+    def step(req, n):  # the scheduler allocates; the runner appends the new ids at its count
+        new = wrapped(req, n)
+        del worker[int(bt.num_blocks.np[0, 2]):]
+        worker.extend(new.get_block_ids()[0])
+        bt.num_blocks.np[0, 2] = len(worker)
+
+    def scheduler_ids():
+        return [b.block_id for b in m.coordinator.single_type_managers[0].req_to_blocks["d"]]
+
+    req = _request("d", 40)
+    step(req, 40)  # the prompt, and slots for the whole canvas
+    assert worker == scheduler_ids() and len(worker) == 11
+    req.num_computed_tokens = 40
+    end = 40 + 32  # ALP: two blocks of canvas left
+    assert kv_release.note("d", end)  # a scheduler in this process listens (the wrapper above)
+    ODBModelState.trim_blocks(state, 2, end + 1)  # what the sampler does with the note: end + reach
+    step(req, 17)
+    assert worker == scheduler_ids() and len(worker) == 5
+    other = _request("x", 100)  # another request takes the freed blocks
+    m.allocate_slots(other, 100)
+    req.num_computed_tokens = end  # the canvas is done: the EOS step's window runs past the cut
+    step(req, 17)
+    assert worker == scheduler_ids() and len(worker) == 6
+    taken = {b.block_id for b in m.coordinator.single_type_managers[0].req_to_blocks["x"]}
+    assert not taken & set(worker)  # no position of the request maps to another request's block
+
+
+def test_trim_without_the_runner_tables_fails_loudly():
+    from vllm_odb.engine.model_state import ODBModelState
+
+    with pytest.raises(RuntimeError, match="runner_block_tables"):
+        ODBModelState.trim_blocks(types.SimpleNamespace(runner_block_tables=None), 0, 10)

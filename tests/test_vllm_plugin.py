@@ -101,9 +101,30 @@ def test_config_classes_registered(model_type, cls):
 
 def test_patches_applied():
     from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
 
     assert getattr(SamplingParams._validate_diffusion, "_odb_patched", False)
     assert getattr(Scheduler.__init__, "_odb_patched", False)
+    assert getattr(GPUModelRunner.initialize_kv_cache, "_odb_patched", False)
+
+
+def test_runner_patch_hands_block_tables_to_our_model_state_only():
+    import types
+
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+
+    from vllm_odb.patches import runner_block_tables
+
+    patched = GPUModelRunner.initialize_kv_cache
+    runner_block_tables.apply()  # a second apply does not wrap again
+    assert GPUModelRunner.initialize_kv_cache is patched
+    calls, got = [], []
+    wrapped = runner_block_tables.wrap(lambda runner, cfg: calls.append(cfg))
+    tables = object()
+    for state in (types.SimpleNamespace(attach_block_tables=got.append), types.SimpleNamespace()):
+        wrapped(types.SimpleNamespace(model_state=state, block_tables=tables), "cfg")
+    assert calls == ["cfg", "cfg"]  # vLLM's own body always runs
+    assert got == [tables]  # and only our model state is handed the tables
 
 
 def test_register_is_idempotent(monkeypatch):
@@ -934,12 +955,23 @@ def test_hook_jump_share_engine(cpu_vllm, fmt):
 
 
 @pytest.mark.parametrize("knobs,name", [({"method": "odb-streaming"}, "suffix_window"),
-                                        ({"threshold_alpha": 0.3}, "threshold_alpha"),
-                                        ({"method": "dynamic-apd"}, "rule"),
-                                        ({"method": "dynamic"}, "dcu")])
+                                        ({"method": "streaming"}, "suffix_window"),
+                                        ({"method": "dynamic"}, "dcu"),
+                                        ({"method": "dynamic-dcu"}, "dcu")])
 def test_reference_only_policies_are_refused_by_name_on_the_engine(knobs, name):
     from vllm_odb.engine.knobs import request_config
     from vllm_odb.policies import DecodeConfig
 
     with pytest.raises(ValueError, match=name):
         request_config(DecodeConfig(gen_length=64, block_length=16), knobs)
+
+
+@pytest.mark.parametrize("knobs,want", [({"threshold_alpha": 0.3}, ("threshold", 0.3)),
+                                        ({"method": "odb-alp", "threshold_alpha": 0.5}, ("threshold", 0.5)),
+                                        ({"method": "dynamic-apd"}, ("adaptive", 0.0))])
+def test_dynamic_threshold_and_apd_run_on_the_engine(knobs, want):
+    from vllm_odb.engine.knobs import request_config
+    from vllm_odb.policies import DecodeConfig
+
+    cfg = request_config(DecodeConfig(gen_length=64, block_length=16), knobs)
+    assert (cfg.rule, cfg.threshold_alpha) == want and cfg.cache == "dual"

@@ -10,8 +10,9 @@ messages are the reference loop's. The few engine rules on top:
 - ``gen_length`` defaults to ``max_tokens`` rounded up to whole blocks (the canvas a request asks
   for), or the engine default when the request leaves ``max_tokens`` unset.
 - ``temperature`` is vLLM's own ``SamplingParams.temperature`` (0 = greedy), not an extra arg.
-- The engine runs the dual cache with the threshold or factor rule (Fast-dLLM and ODB modes); the
-  fixed-quota and uncached modes stay in the reference engine.
+- The engine runs the dual cache with the threshold, factor or adaptive (APD) rule, with or without
+  Streaming-dLLM's dynamic threshold (Fast-dLLM, ODB and Dynamic-dLLM's APD modes); the fixed-quota
+  and uncached modes, suffix pruning and DCU stay in the reference engine.
 - Jump-share is an engine property too: its draft rows need a wider canvas (models/hook.py), so
   a request may turn ``jump`` off on a jump-share engine, never on elsewhere.
 
@@ -26,7 +27,7 @@ from vllm_odb.policies.config import METHODS, DecodeConfig
 from vllm_odb.policies.replay import Replay
 
 ENGINE_SECTION = "odb"  # --additional-config '{"odb": {...}}'
-ENGINE_RULES = ("threshold", "factor")
+ENGINE_RULES = ("threshold", "factor", "adaptive")
 ENGINE_CACHES = ("dual",)
 REQUEST_ONLY_NOT_KNOBS = ("temperature",)
 REPLAY_ARG = "replay"  # a benchmark trace (policies/replay.py), not a decoding knob
@@ -34,9 +35,10 @@ REPLAY_ARG = "replay"  # a benchmark trace (policies/replay.py), not a decoding 
 MODE_KNOBS = ("rule", "cache", "alp", "early_stop", "jump", "suffix_window", "threshold_alpha", "dcu")
 
 
-# Reference-engine-only policies (Streaming-dLLM's pruning and dynamic threshold, Dynamic-dLLM's
-# DCU): refused by name on the engine rather than silently ignored.
-REFERENCE_ONLY = {"suffix_window": lambda v: bool(v), "threshold_alpha": lambda v: v > 0, "dcu": lambda v: v}
+# Reference-engine-only policies (Streaming-dLLM's suffix pruning, Dynamic-dLLM's DCU): refused by
+# name on the engine rather than silently ignored. (Streaming's dynamic threshold and Dynamic's APD
+# run on both engines.)
+REFERENCE_ONLY = {"suffix_window": lambda v: bool(v), "dcu": lambda v: v}
 
 
 def _engine_checks(cfg: DecodeConfig, where: str) -> DecodeConfig:

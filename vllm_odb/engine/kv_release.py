@@ -10,8 +10,16 @@ engine-core process (one GPU per engine, vLLM's in-process executor). With tenso
 workers are other processes; their notes are dropped when the request leaves the batch, and its
 blocks are freed when it ends, as without ALP.
 
-Safe because nothing writes past ``end`` after a cut: refreshes cover ``[0, end)``, decode rows
-write only the block's window, draft and padding rows write nothing (engine/model_state.py).
+The worker keeps its own copy of each request's block list (the runner's ``BlockTables``), which
+vLLM only ever appends to: blocks the scheduler allocates after the free (a finished request's
+EOS steps run past its cut end) arrive as new ids and land after the worker's count. So when the
+worker notes a cut that a scheduler in its process will act on, it trims its count to the same
+number of blocks (``keep_blocks``; ``ODBModelState.trim_blocks``), and both lists stay equal.
+Without that, positions past the cut would map to freed blocks that another request may own.
+
+Safe because nothing reads or writes past ``end`` before the free: refreshes cover ``[0, end)``,
+decode rows write only the block's window (inside ``end + reach``), draft and padding rows write
+nothing (engine/model_state.py).
 """
 
 from __future__ import annotations
@@ -20,12 +28,27 @@ import threading
 
 _lock = threading.Lock()
 _cuts: dict[str, int] = {}
+_listening = False  # a scheduler in this process takes the notes (patches/scheduler_lookahead.py)
 
 
-def note(request_id: str, end: int) -> None:
-    """The worker cut ``request_id``'s canvas: prompt + canvas is now ``end`` tokens."""
+def listen() -> None:
+    """Called by the scheduler patch: notes made in this process will be acted on."""
+    global _listening
+    _listening = True
+
+
+def note(request_id: str, end: int) -> bool:
+    """The worker cut ``request_id``'s canvas: prompt + canvas is now ``end`` tokens. Returns
+    whether a scheduler in this process will free the blocks past it (then the worker trims its
+    block list the same way)."""
     with _lock:
         _cuts[request_id] = min(end, _cuts.get(request_id, end))
+    return _listening
+
+
+def keep_blocks(num_tokens: int, block_size: int) -> int:
+    """Blocks a request keeps after a cut at ``num_tokens`` (scheduler and worker alike)."""
+    return -(-num_tokens // block_size)
 
 
 def take(request_id: str) -> int | None:
@@ -48,7 +71,7 @@ def release_tail(kv_cache_manager, request_id: str, num_tokens: int) -> int:
         blocks = manager.req_to_blocks.get(request_id)
         if not blocks:
             continue
-        keep = -(-num_tokens // manager.block_size)
+        keep = keep_blocks(num_tokens, manager.block_size)
         tail = blocks[keep:]
         if not tail:
             continue

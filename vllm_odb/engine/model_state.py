@@ -32,9 +32,10 @@ from vllm.v1.worker.gpu.buffer_utils import async_copy_to_gpu
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
 from vllm_odb.checkpoint import special_tokens
+from vllm_odb.engine import CHECK, kv_release
 from vllm_odb.engine.metrics import RequestCounters
 from vllm_odb.engine.refresh import kv_slots
-from vllm_odb.engine.requests import RequestTable
+from vllm_odb.engine.requests import RequestTable, decode_rows
 from vllm_odb.policies import DecodeConfig
 
 
@@ -76,6 +77,24 @@ class ODBModelState(DefaultModelState):
         # refresh forward's slots and Dream's moved window.
         self.block_tables: torch.Tensor | None = None
         self.kernel_block_size: int | None = None
+        # The runner's own per-request block lists (vLLM's BlockTables), handed over by
+        # patches/runner_block_tables.py: ALP cuts trim them as the scheduler frees blocks.
+        self.runner_block_tables = None
+
+    def attach_block_tables(self, block_tables) -> None:
+        self.runner_block_tables = block_tables
+
+    def trim_blocks(self, slot: int, num_tokens: int) -> None:
+        """The scheduler frees ``slot``'s blocks past ``num_tokens`` (engine/kv_release.py): the
+        runner's copy of its block list drops them too, so blocks allocated later land where the
+        scheduler has them. Takes effect at the runner's next ``apply_staged_writes``."""
+        bt = self.runner_block_tables
+        if bt is None:
+            raise RuntimeError("vllm-odb: the runner's block tables were not handed over "
+                               "(patches/runner_block_tables.py); an ALP cut cannot free KV blocks safely")
+        for g, size in enumerate(bt.block_sizes):
+            keep = kv_release.keep_blocks(num_tokens, size) * bt.blocks_per_kv_block[g]
+            bt.num_blocks.np[g, slot] = min(int(bt.num_blocks.np[g, slot]), keep)
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, req_index: int, new_req_data) -> None:
@@ -108,6 +127,8 @@ class ODBModelState(DefaultModelState):
                 self._branch_rows(input_batch, slot_mappings)
             else:
                 self._dual_cache_and_shift(input_batch, slot_mappings)
+            if CHECK:
+                self._check(input_batch, kv_cache_config, slot_mappings)
         return build_attn_metadata(
             attn_groups=attn_groups,
             num_reqs=num_reqs,
@@ -124,13 +145,8 @@ class ODBModelState(DefaultModelState):
             for_cudagraph_capture=for_capture,
         )
 
-    def decode_rows(self, input_batch) -> np.ndarray:
-        """Batch rows that run a decode step (the canvas), not a prompt prefill."""
-        n = input_batch.num_reqs
-        return np.flatnonzero(~input_batch.is_prefilling_np[:n] & (input_batch.num_scheduled_tokens[:n] == self.width))
-
     def _dual_cache_and_shift(self, input_batch, slot_mappings) -> None:
-        rows = self.decode_rows(input_batch)
+        rows = decode_rows(input_batch, self.width)
         if len(rows) == 0:
             return
         slots = input_batch.idx_mapping_np[rows]
@@ -161,7 +177,7 @@ class ODBModelState(DefaultModelState):
         rows' attention (engine/branches.py)."""
         from vllm_odb.engine.branches import BranchRows
 
-        rows = self.decode_rows(input_batch)
+        rows = decode_rows(input_batch, self.width)
         if len(rows) == 0:
             return
         table, w = self.table, self.table.window
@@ -202,6 +218,24 @@ class ODBModelState(DefaultModelState):
         slot_mappings[0, tok] = slot.to(slot_mappings.dtype)
         for wrapper in self.branch_attention:
             wrapper.rows = branch_rows
+
+    def _check(self, input_batch, kv_cache_config, slot_mappings) -> None:
+        """VLLM_ODB_CHECK=1 (debugging; syncs the device): the step's inputs are in range, so a bad
+        index raises here, naming the request, instead of a device assert later."""
+        n, t = input_batch.num_reqs, input_batch.num_tokens
+        ids, pos = input_batch.input_ids[:t], input_batch.positions[:t]
+        slots = slot_mappings[0, :t]
+        num_slots = kv_cache_config.num_blocks * kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+        vocab = self.model_config.get_vocab_size()
+        bad = (ids < 0) | (ids >= vocab) | (pos < 0) | (pos >= self.max_model_len) | (slots >= num_slots)
+        if bool(bad.any()):
+            tok = int(torch.nonzero(bad)[0, 0])
+            row = int(np.searchsorted(input_batch.query_start_loc_np[1:n + 1], tok, side="right"))
+            req = self.table.get(int(input_batch.idx_mapping_np[row]))
+            raise RuntimeError(
+                f"vllm-odb check: token {tok} (batch row {row}, {req}) has id {int(ids[tok])}, position "
+                f"{int(pos[tok])}, slot {int(slots[tok])}; scheduled {input_batch.num_scheduled_tokens[:n].tolist()}, "
+                f"prefilling {input_batch.is_prefilling_np[:n].tolist()}")
 
     def _end(self, slot: int) -> int:
         req = self.table.get(slot)

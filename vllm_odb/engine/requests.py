@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from vllm_odb.engine import kv_release
@@ -35,6 +36,7 @@ class ODBRequest:
     plan: object = None  # jump-share: the branches of its next decode step (engine/branches.JumpPlan)
     replay: Replay | None = None  # benchmarks: forced dynamics (policies/replay.py)
     block_step: int = 0  # forwards taken in the current block
+    thresholds: object = None  # APD / dynamic thresholds of the current block (policies.adaptive.BlockThresholds)
     # Per-request counters, named as in engine/metrics.py (forwards = NFE).
     stats: dict = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
 
@@ -133,3 +135,10 @@ class RequestTable:
 
     def get(self, slot: int) -> ODBRequest | None:
         return self.reqs[slot] if 0 <= slot < len(self.reqs) else None
+
+
+def decode_rows(input_batch, width: int) -> np.ndarray:
+    """Batch rows that run a decode step: a running request scheduled its full ``width`` canvas
+    slots (not a prompt prefill chunk, nor a window the scheduler cut short)."""
+    n = input_batch.num_reqs
+    return np.flatnonzero(~input_batch.is_prefilling_np[:n] & (input_batch.num_scheduled_tokens[:n] == width))

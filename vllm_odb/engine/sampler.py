@@ -36,10 +36,12 @@ import numpy as np
 import torch
 from vllm.v1.worker.gpu.sample.output import SamplerOutput
 
-from vllm_odb.engine import kv_release
+from vllm_odb.engine import CHECK, kv_release
 from vllm_odb.engine.branches import plan_jump
 from vllm_odb.engine.refresh import refresh
+from vllm_odb.engine.requests import decode_rows
 from vllm_odb.policies import decide
+from vllm_odb.policies.adaptive import BlockThresholds, streaming_threshold
 from vllm_odb.policies.confidence import drop_token, predict
 from vllm_odb.policies.jump import accept
 from vllm_odb.policies.length import marker_hits, predict_length
@@ -97,17 +99,27 @@ class ODBSampler:
             nlog = np.zeros(n, dtype=np.int64)  # one logit (its last token), which we do not use
         else:
             nlog = np.diff(input_batch.cu_num_logits_np[: n + 1])
-        dec_rows = [r for r in np.flatnonzero(nlog > 0) if table.get(int(slots_np[r])) is not None]
+        # A decode step is a full window (the rows model_state set up). The scheduler may give a
+        # running request fewer slots (token budget, max_model_len): that step decides nothing
+        # and all its slots are rejected, so vLLM's computed count stays where it was.
+        full = decode_rows(input_batch, self.width)
+        full = full[nlog[full] == self.width]
+        dec_rows = [r for r in full if table.get(int(slots_np[r])) is not None]
+        partial = np.setdiff1d(np.flatnonzero(nlog > 0), full)
         refresh_jobs: list[tuple[int, int]] = []  # (slot, batch row)
 
         emitted = False  # a block went out this step (it may end its request)
         if dec_rows:
             emitted = self._decode(logits, input_batch, dec_rows, sampled, num_sampled, refresh_jobs)
+            _checkpoint("decode")
             rows_t = torch.tensor(dec_rows, device=sampled.device)
             num_rejected[rows_t] = self.width - num_sampled[rows_t]
+        if len(partial):
+            num_rejected[torch.tensor(partial, device=sampled.device)] = torch.tensor(
+                nlog[partial], dtype=num_rejected.dtype, device=sampled.device)
 
         # Prompts whose prefill completes this step: their first block starts with a refresh.
-        for r in np.flatnonzero(nlog == 0):
+        for r in np.flatnonzero((nlog == 0) & input_batch.is_prefilling_np[:n]):
             slot = int(slots_np[r])
             req = table.get(slot)
             done = (input_batch.num_computed_prefill_tokens_np[r] + input_batch.num_scheduled_tokens[r]
@@ -117,11 +129,13 @@ class ODBSampler:
         t_refresh = time.perf_counter()
         if refresh_jobs:
             self._refresh(refresh_jobs)
+            _checkpoint("refresh")
 
         touched = sorted({int(slots_np[r]) for r in dec_rows} | {s for s, _ in refresh_jobs}
                          | {int(slots_np[r]) for r in np.flatnonzero(nlog == 0)
                             if table.get(int(slots_np[r])) is not None})
         self._write_drafts(touched)
+        _checkpoint("drafts")
         # Steps that emit a block may end requests: their counts land at once.
         table.counters.flush(force=emitted or table.idle())
         if self._profile:
@@ -172,8 +186,10 @@ class ODBSampler:
                 idx = torch.tensor(members[a:a + tile], device=device)
                 rows = (first_row[idx][:, None] + self._cols[None]).reshape(-1)
                 lg = logits[rows].view(len(idx), blk, vocab)
-                x0, conf, commit = decide(lg, masked[idx], cfg, table.mask_id)
-                commit = _force(commit, conf, masked[idx], [reqs[i] for i in members[a:a + tile]])
+                tile_reqs = [reqs[i] for i in members[a:a + tile]]
+                x0, conf, commit = decide(lg, masked[idx], cfg, table.mask_id,
+                                          threshold=self._thresholds(tile_reqs, slots[idx], lg))
+                commit = _force(commit, conf, masked[idx], tile_reqs)
                 new[idx] = torch.where(commit, x0, block[idx])
                 adopted_x0[idx], adopted_conf[idx] = x0, conf
         accepted = torch.zeros(len(reqs), dtype=torch.long, device=device)
@@ -218,6 +234,24 @@ class ODBSampler:
             num_sampled[out_rows] = blk
         return bool(done_rows)
 
+    def _thresholds(self, reqs: list, slots: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
+        """The commit thresholds of one step of ``reqs`` (one config; ``logits`` [R, block, V] of
+        their blocks): None for the fixed threshold, else policies.adaptive's, from each request's
+        block and the canvas after it (``BlockThresholds``: Streaming-dLLM's dynamic threshold,
+        Dynamic-dLLM's APD with its per-block state on the request)."""
+        if not _adaptive(reqs[0].cfg):
+            return None
+        table = self.table
+        starts = torch.tensor([q.start for q in reqs], device=slots.device)
+        ends = torch.tensor([q.end for q in reqs], device=slots.device)
+        cols = starts[:, None] + torch.arange(int((ends - starts).max()), device=slots.device)[None]
+        valid = cols < ends[:, None]
+        tokens = table.tokens[slots[:, None], cols.clamp(max=table.tokens.shape[1] - 1)]
+        if reqs[0].cfg.rule != "adaptive":
+            return streaming_threshold(reqs[0].cfg, tokens, valid, table.mask_id)
+        return torch.cat([q.thresholds.step(logits[j:j + 1], tokens[j:j + 1], valid[j:j + 1])
+                          for j, q in enumerate(reqs)])
+
     def _jump_decide(self, logits, first_row: int, q, masked):
         """One planned request: decide every branch from its rows' logits, adopt the furthest
         verified draft (policies.jump.accept). Returns the new block, the adopted branch's
@@ -226,7 +260,13 @@ class ODBSampler:
         nb, blk = plan.blocks.shape
         lg = logits[first_row + plan.pred_row.reshape(-1)].view(nb, blk, -1)
         br_masked = (plan.blocks == self.table.mask_id) & masked.any()
-        x0, conf, commit = decide(lg, br_masked, q.cfg, self.table.mask_id)
+        threshold = None
+        if q.cfg.threshold_alpha:  # Streaming's dynamic threshold per branch: its block + the suffix
+            sfx = self.table.tokens[self.table.slot_of[q.req_id], q.start + blk:q.end]
+            tokens = torch.cat([plan.blocks, sfx[None].expand(nb, -1)], 1)
+            threshold = streaming_threshold(q.cfg, tokens, torch.ones_like(tokens, dtype=torch.bool),
+                                            self.table.mask_id)
+        x0, conf, commit = decide(lg, br_masked, q.cfg, self.table.mask_id, threshold=threshold)
         valid = torch.ones((1, plan.family.shape[0]), dtype=torch.bool, device=x0.device)
         if q.replay is not None:  # the recorded commits land on the base branch
             commit[:1] = _force(commit[:1], conf[:1], br_masked[:1], [q])
@@ -257,6 +297,10 @@ class ODBSampler:
         table, blk, shift = self.table, self.block, self.shift
         state = self.state
         reqs = [table.get(s) for s, _ in jobs]
+        for q in reqs:  # host-side invariants of the rows read below (cheap: Python ints)
+            if not (shift <= q.start and q.start + blk <= q.end <= table.max_model_len + self.width):
+                raise RuntimeError(f"vllm-odb: refresh of request {q.req_id} with block start {q.start}, "
+                                   f"canvas end {q.end} (prompt {q.prompt_len}, gen {q.gen}, finished {q.finished})")
         hidden, offsets = refresh(state.model, table.tokens, [(s, r, q.end, q.start) for (s, r), q in zip(jobs, reqs)],
                                   state.block_tables, state.kernel_block_size, shift)
         device = hidden.device
@@ -277,10 +321,14 @@ class ODBSampler:
         new = block.clone()
         adopted_x0 = torch.zeros_like(block)
         adopted_conf = torch.zeros(block.shape, dtype=torch.float32, device=device)
+        for q in reqs:  # a new block: APD's per-position state starts over
+            q.thresholds = BlockThresholds(q.cfg, table.mask_id) if _adaptive(q.cfg) else None
         for cfg, members in groups.items():
             idx = torch.tensor(members, device=device)
-            x0, conf, commit = decide(logits[idx], masked[idx], cfg, table.mask_id)
-            commit = _force(commit, conf, masked[idx], [reqs[i] for i in members])
+            group = [reqs[i] for i in members]
+            x0, conf, commit = decide(logits[idx], masked[idx], cfg, table.mask_id,
+                                      threshold=self._thresholds(group, slots[idx], logits[idx]))
+            commit = _force(commit, conf, masked[idx], group)
             new[idx] = torch.where(commit, x0, block[idx])
             adopted_x0[idx], adopted_conf[idx] = x0, conf
         for q in reqs:
@@ -333,7 +381,8 @@ class ODBSampler:
                 g = min(q.gen, q.replay.length(q.block_index, q.gen))
             if int(g) < q.gen:
                 q.gen = int(g)
-                kv_release.note(q.req_id, q.end)  # the scheduler frees the KV blocks past it
+                if kv_release.note(q.req_id, q.end):  # the scheduler frees the KV blocks past it
+                    self.state.trim_blocks(jobs[i][0], q.end + self.width - self.block)  # and so do we
             q.stats["canvas_predicted"] = q.gen
 
     def _write_drafts(self, slots: list[int]) -> None:
@@ -351,6 +400,20 @@ class ODBSampler:
             plan = table.get(s).plan
             if plan is not None:
                 self.req_states.draft_tokens[s, : plan.num_rows] = plan.tokens
+
+
+def _adaptive(cfg) -> bool:
+    """Thresholds that move during a block (policies/adaptive.py)."""
+    return cfg.rule == "adaptive" or bool(cfg.threshold_alpha)
+
+
+def _checkpoint(where: str) -> None:
+    """VLLM_ODB_CHECK=1: a device sync after each phase, so a failing kernel of ours raises in it."""
+    if CHECK and torch.cuda.is_available():
+        try:
+            torch.cuda.synchronize()
+        except Exception as e:
+            raise RuntimeError(f"vllm-odb check: the sampler's {where} phase failed on the device") from e
 
 
 def _force(commit: torch.Tensor, conf: torch.Tensor, masked: torch.Tensor, reqs: list) -> torch.Tensor:

@@ -41,6 +41,7 @@ def wrap_allocate_slots(manager, hf_config, max_model_len: int):
 
     allocate = manager.allocate_slots
     reach = hf_config.canvas_length - hf_config.odb_engine["block_length"]
+    kv_release.listen()  # a worker in this process trims its block lists with our frees
 
     def allocate_slots(request, num_new_tokens, *args, num_lookahead_tokens=0, **kwargs):
         end = canvas_end(request, hf_config, max_model_len)
