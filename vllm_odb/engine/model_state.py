@@ -163,6 +163,14 @@ class ODBModelState(DefaultModelState):
             tok_g = async_copy_to_gpu(tok.astype(np.int64), device=self.device)
             rows_g = async_copy_to_gpu(tok_rows.astype(np.int64), device=self.device)
             pos = input_batch.positions[tok_g] - self.shift
+            if CHECK and bool((pos < 0).any()):
+                bad = int(torch.nonzero(pos < 0)[0, 0]) // self.width
+                r = int(rows[bad])
+                raise RuntimeError(
+                    f"vllm-odb check: decode row {r} ({self.table.get(int(slots[bad]))}) starts at vLLM position "
+                    f"{int(input_batch.positions[tok_g][bad * self.width])}; computed "
+                    f"{input_batch.num_computed_tokens_np[r]}, prefill {input_batch.num_computed_prefill_tokens_np[r]}"
+                    f"/{input_batch.prefill_len_np[r]}, scheduled {input_batch.num_scheduled_tokens[r]}")
             input_batch.positions[tok_g] = pos
             kbs = self.kernel_block_size
             table = self.block_tables[rows_g]
