@@ -64,10 +64,7 @@ class ODBSampler:
         self.block = self.table.block
         self.width = self.table.width
         self.shift = self.table.shift
-        n = state.max_num_reqs
-        self._sampled = torch.zeros((n, self.width), dtype=torch.int32, device=state.device)
-        self._num_sampled = torch.zeros(n, dtype=torch.int32, device=state.device)
-        self._num_rejected = torch.zeros(n, dtype=torch.int32, device=state.device)
+        self._device = state.device
         self._cols = torch.arange(self.block, device=state.device)
         self._profile = os.environ.get(_PROFILE_ENV)
         self._last_end = None
@@ -89,12 +86,12 @@ class ODBSampler:
         table = self.table
         n = input_batch.num_reqs
         slots_np = input_batch.idx_mapping_np[:n]
-        sampled = self._sampled[:n]
-        num_sampled = self._num_sampled[:n]
-        num_rejected = self._num_rejected[:n]
-        sampled.zero_()
-        num_sampled.zero_()
-        num_rejected.zero_()
+        # Fresh output tensors every step: the runner copies them to the host on another stream
+        # (async output) and keeps only a reference, so a reused buffer could be overwritten by the
+        # next step before that copy reads it.
+        sampled = torch.zeros((n, self.width), dtype=torch.int32, device=self._device)
+        num_sampled = torch.zeros(n, dtype=torch.int32, device=self._device)
+        num_rejected = torch.zeros(n, dtype=torch.int32, device=self._device)
         if input_batch.num_draft_tokens == 0:  # an all-prefill batch: the runner gives each row
             nlog = np.zeros(n, dtype=np.int64)  # one logit (its last token), which we do not use
         else:
