@@ -239,9 +239,10 @@ class ODBSampler:
         if not _adaptive(reqs[0].cfg):
             return None
         table = self.table
+        width = max(q.end - q.start for q in reqs)  # host ints: no device sync
         starts = torch.tensor([q.start for q in reqs], device=slots.device)
         ends = torch.tensor([q.end for q in reqs], device=slots.device)
-        cols = starts[:, None] + torch.arange(int((ends - starts).max()), device=slots.device)[None]
+        cols = starts[:, None] + torch.arange(width, device=slots.device)[None]
         valid = cols < ends[:, None]
         tokens = table.tokens[slots[:, None], cols.clamp(max=table.tokens.shape[1] - 1)]
         if reqs[0].cfg.rule != "adaptive":
