@@ -6,7 +6,7 @@
 #   PART=reference   bash scripts/gpu_speed.sh   # reference engine: tiny rows, then 8B replay rows
 #   PART=vllm-plain  bash scripts/gpu_speed.sh   # vLLM fast-dllm / odb-alp, 8B replay, batch 1..64
 #   PART=vllm-jump   bash scripts/gpu_speed.sh   # vLLM odb (jump-share engine), 8B replay
-#   PART=repro       bash scripts/gpu_speed.sh   # odb-alp gen 1024 x 64 with VLLM_ODB_CHECK=1
+#   PART=repro       bash scripts/gpu_speed.sh   # METHOD gen 1024 x 64 with VLLM_ODB_CHECK=1 (+ENGINE_ARGS)
 set -uo pipefail
 source /root/vllm-env.sh
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/vllm-site . >/dev/null 2>&1 \
@@ -36,13 +36,15 @@ case "${PART:-reference}" in
   vllm-plain)
     run --engine vllm --model "$MODEL" --methods fast-dllm,odb-alp --gen-lengths "$GENS" \
       --batches "${BATCHES:-1,8,32}" --requests "${REQUESTS:-3}" ;;
-  repro)  # the odb-alp gen 1024 x 64 case that once crashed, with the engine's checks on (syncs: its
-          # timings are not kept; the row goes to a scratch file)
-    echo "+ VLLM_ODB_CHECK=1 python -m vllm_odb.bench speed --engine vllm --model $MODEL --methods odb-alp --gen-lengths 1024 --batches 64 --requests 1"
-    VLLM_ODB_CHECK=1 timeout 400 python3 -m vllm_odb.bench speed --engine vllm --model "$MODEL" --methods odb-alp \
-      --gen-lengths 1024 --batches 64 --requests 1 --traces "$RESULTS/traces-$MODEL.json" --out /tmp/repro.json \
-      2>"$OUT/log-$PART.txt"; echo "rc=$?"
-    grep -E 'vllm-odb|Error|error' "$OUT/log-$PART.txt" | grep -v "it/s\]" | tail -12 ;;
+  repro)  # a large case with the engine's checks on (VLLM_ODB_CHECK=1: syncs, so its timings are not
+          # kept; the row goes to a scratch file). METHOD (odb-alp), REPRO_GENS (1024), BATCHES, ENGINE_ARGS (JSON).
+    args=(--engine vllm --model "$MODEL" --methods "${METHOD:-odb-alp}" --gen-lengths "${REPRO_GENS:-1024}"
+          --batches "${BATCHES:-64}" --requests 1 --engine-args "${ENGINE_ARGS:-{\}}")
+    echo "+ VLLM_ODB_CHECK=1 python -m vllm_odb.bench speed ${args[*]}"
+    VLLM_ODB_CHECK=1 timeout "${STEP_TIMEOUT:-400}" python3 -m vllm_odb.bench speed "${args[@]}" \
+      --traces "$RESULTS/traces-$MODEL.json" --out /tmp/repro.json 2>"$OUT/log-$PART.txt"; echo "rc=$?"
+    grep -E 'vllm-odb check' -A70 "$OUT/log-$PART.txt" | grep -vE "it/s\]|s/it\]" | head -90
+    grep -E '^\{|Error' "$OUT/log-$PART.txt" | grep -v "it/s\]" | tail -4 ;;
   vllm-jump)
     run --engine vllm --model "$MODEL" --methods odb --gen-lengths "$GENS" --batches "${BATCHES:-1,8,64}" \
       --requests "${REQUESTS:-3}" ;;

@@ -61,3 +61,13 @@ def test_bad_arguments_name_the_knob(tmp_path, capsys, argv, msg):
         base[k] = v
     assert main(["speed", *[x for kv in base.items() for x in kv]]) == 2
     assert msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value,msg", [("{bad", "not JSON"), ("[1]", "a JSON object")])
+def test_engine_args_must_be_a_json_object(tmp_path, capsys, value, msg):
+    with pytest.raises(SystemExit) as e:
+        main(["speed", "--engine", "vllm", "--model", "llada-8b", "--out", str(tmp_path / "o.json"),
+              "--engine-args", value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--engine-args" in err and msg in err

@@ -68,7 +68,19 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--ridge-rows", type=int, help="jump-share draft budget (default: the method's)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--traces", help="JSON file of recorded traces: read if present, else written")
+    ap.add_argument("--engine-args", default="{}", type=_engine_args,
+                    help='extra vLLM engine arguments as a JSON object, e.g. \'{"async_scheduling": false}\'')
     ap.add_argument("--out", required=True, help="results JSON (rows are appended to an existing file)")
+
+
+def _engine_args(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("a JSON object of vLLM engine arguments")
+    return value
 
 
 def _ints(text: str, name: str) -> list[int]:
@@ -250,7 +262,8 @@ def _vllm_engine(args, jump: bool, max_prompt: int, max_gen: int, ridge: int, fu
     extra = {"speculative_config": {"method": "odb"}} if jump else {}
     return LLM(model=path, dtype=args.dtype, max_model_len=max_prompt + max_gen + 2 * ridge + 2 * args.block_length,
                gpu_memory_utilization=0.85, max_num_seqs=64, seed=0, skip_tokenizer_init=full,
-               load_format="dummy" if full else "auto", additional_config={"odb": section}, **extra)
+               load_format="dummy" if full else "auto", additional_config={"odb": section},
+               **{**extra, **getattr(args, "engine_args", {})})
 
 
 def _run_vllm_batch(llm, prompts, params) -> tuple[list[float], list[list[int]]]:

@@ -32,7 +32,7 @@ from vllm.v1.worker.gpu.buffer_utils import async_copy_to_gpu
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
 from vllm_odb.checkpoint import special_tokens
-from vllm_odb.engine import CHECK, kv_release
+from vllm_odb.engine import CHECK, check, kv_release
 from vllm_odb.engine.metrics import RequestCounters
 from vllm_odb.engine.refresh import kv_slots
 from vllm_odb.engine.requests import RequestTable, decode_rows
@@ -122,6 +122,8 @@ class ODBModelState(DefaultModelState):
             wrapper.rows = []
         if not for_capture:
             self.block_tables = block_tables[0]
+            if CHECK:
+                check.step_inputs(input_batch, self.table)
             self._calibrate(input_batch, kv_cache_config, slot_mappings)
             if self.branch_attention:
                 self._branch_rows(input_batch, slot_mappings)

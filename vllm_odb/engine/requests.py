@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from vllm_odb.engine import kv_release
+from vllm_odb.engine import CHECK, check, kv_release
 from vllm_odb.engine.knobs import REPLAY_ARG, canvas_width, live_gen_length, request_config, request_replay
 from vllm_odb.engine.metrics import COUNTERS, RequestCounters
 from vllm_odb.policies import DecodeConfig
@@ -97,6 +97,9 @@ class RequestTable:
         row[: len(ids)] = torch.tensor(ids, dtype=torch.long, device=self.device)
         self.reqs[slot] = req
         self.slot_of[req_id] = slot
+        if CHECK:
+            check.HISTORY.log(req_id, f"added at slot {slot}: prompt {plen}, prefill {len(ids)}, canvas end {req.end}"
+                                      f"{' (warm-up or refused)' if warmup else ''}")
         if warmup or req.start >= req.end:
             self.finish(slot)
         return req
@@ -105,6 +108,8 @@ class RequestTable:
         """The request left the batch (finished, aborted or preempted)."""
         slot = self.slot_of.pop(req_id, None)
         kv_release.forget(req_id)
+        if CHECK and slot is not None:
+            check.HISTORY.log(req_id, f"removed from slot {slot}")
         if slot is not None:
             self._count(self.reqs[slot])
             self.reqs[slot] = None

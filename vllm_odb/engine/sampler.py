@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from vllm.v1.worker.gpu.sample.output import SamplerOutput
 
-from vllm_odb.engine import CHECK, kv_release
+from vllm_odb.engine import CHECK, check, kv_release
 from vllm_odb.engine.branches import plan_jump
 from vllm_odb.engine.refresh import refresh
 from vllm_odb.engine.requests import decode_rows
@@ -116,13 +116,21 @@ class ODBSampler:
                 nlog[partial], dtype=num_rejected.dtype, device=sampled.device)
 
         # Prompts whose prefill completes this step: their first block starts with a refresh.
-        for r in np.flatnonzero((nlog == 0) & input_batch.is_prefilling_np[:n]):
+        prefill_rows = np.flatnonzero((nlog == 0) & input_batch.is_prefilling_np[:n])
+        for r in prefill_rows:
             slot = int(slots_np[r])
             req = table.get(slot)
             done = (input_batch.num_computed_prefill_tokens_np[r] + input_batch.num_scheduled_tokens[r]
                     >= input_batch.prefill_len_np[r])
             if req is not None and done and not req.finished:
                 refresh_jobs.append((slot, int(r)))
+        if CHECK:
+            refreshed = {r for _, r in refresh_jobs}
+            actions = {**{int(r): "prefill chunk" for r in prefill_rows},
+                       **{int(r): "short window" for r in partial},
+                       **{int(r): "decode" for r in dec_rows}}
+            actions.update({r: actions.get(r, "?") + " + refresh" for r in refreshed})
+            check.sampled(input_batch, nlog, actions, num_sampled, num_rejected)
         t_refresh = time.perf_counter()
         if refresh_jobs:
             self._refresh(refresh_jobs)
