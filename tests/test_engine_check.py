@@ -94,7 +94,7 @@ def test_sampler_logs_each_rows_action_under_check(monkeypatch):
     params = types.SimpleNamespace(temperature=0.0, max_tokens=None, extra_args=None)
     table.add(0, "a", [1, 2, 3, 4], None, params)
     table.add(1, "b", [1, 2, 3], None, params)
-    state = types.SimpleNamespace(table=table, model=None, max_num_reqs=2, device="cpu")
+    state = types.SimpleNamespace(table=table, model=None, max_num_reqs=2, max_num_tokens=4096, device="cpu")
     base = types.SimpleNamespace(sampling_states=None, req_states=types.SimpleNamespace(
         draft_tokens=torch.zeros(2, table.width, dtype=torch.long)))
     batch = types.SimpleNamespace(
@@ -105,3 +105,34 @@ def test_sampler_logs_each_rows_action_under_check(monkeypatch):
     ODBSampler(state, base)(torch.zeros(13, 12), batch)
     assert "sampler row 0: decode, logits 8, sampled 0, rejected 8" in history.of("a")
     assert "sampler row 1: short window, logits 5, sampled 0, rejected 5" in history.of("b")
+
+
+def test_runner_probe_logs_each_change_of_the_gpu_counts():
+    """The probe wraps the runner's state updates and logs, per request, how its GPU computed
+    count moved: at admission, and after sampling with the query length and rejections."""
+    counts = types.SimpleNamespace(gpu=torch.zeros(4, dtype=torch.int32))
+    names = {1: "a", 3: "b"}
+
+    class Runner:
+        req_states = types.SimpleNamespace(num_computed_tokens=counts, index_to_req_id=names)
+
+        def add_requests(self, scheduler_output):
+            counts.gpu[3] = 5  # b admitted with 5 computed
+
+        def update_requests(self, scheduler_output):
+            pass
+
+        def postprocess_sampled(self, idx_mapping, sampled, num_sampled, num_rejected, query_start_loc=None):
+            q = query_start_loc[1:] - query_start_loc[:-1]
+            counts.gpu[idx_mapping.long()] += (q - num_rejected).to(torch.int32)
+
+    runner, history = Runner(), check.History()
+    check.probe_runner(runner, history)
+    runner.add_requests(None)
+    runner.update_requests(None)
+    runner.postprocess_sampled(torch.tensor([1, 3]), None, torch.tensor([0, 8]), torch.tensor([9, 1]),
+                               torch.tensor([0, 9, 18]))
+    assert "add_requests: GPU computed of slot 3 0 -> 5" in history.of("b")
+    assert "postprocess_sampled: GPU computed of slot 3 5 -> 13 (query 9, rejected 1)" in history.of("b")
+    assert "postprocess_sampled: GPU computed of slot 1 0 -> 0 (query 9, rejected 9)" in history.of("a")
+    assert "update_requests" not in history.of("a") + history.of("b")

@@ -25,7 +25,7 @@ MASK, EOS, VOCAB = 9, 8, 12
 def _sampler(shift: int, cfg: DecodeConfig):
     table = RequestTable(2, 512, cfg, shift, mask_id=MASK, eos_id=EOS, markers=[(EOS,)], device="cpu")
     model = types.SimpleNamespace(compute_logits=lambda h: h)  # hidden states are the logits
-    state = types.SimpleNamespace(table=table, model=model, max_num_reqs=2, device="cpu")
+    state = types.SimpleNamespace(table=table, model=model, max_num_reqs=2, max_num_tokens=4096, device="cpu")
     base = types.SimpleNamespace(sampling_states=None,
                                  req_states=types.SimpleNamespace(draft_tokens=torch.zeros(2, table.width, dtype=torch.long)))
     return ODBSampler(state, base), table
@@ -249,3 +249,42 @@ def test_apd_on_the_engine_carries_the_reference_state_across_steps():
         assert torch.equal(table.tokens[0, :36], x)
         committed.append(int(commit.sum()))
     assert committed == [1, 3]  # the second step's bar fell below 0.9 (APD), not the fixed rule's 1
+
+
+def test_token_chunks_stay_within_the_budget():
+    from vllm_odb.engine.sampler import token_chunks
+
+    assert token_chunks([5, 5, 5], 10) == [(0, 2), (2, 3)]
+    assert token_chunks([12, 3, 4], 10) == [(0, 1), (1, 3)]  # a long item alone
+    assert token_chunks([3, 3], 100) == [(0, 2)]
+    assert token_chunks([], 10) == []
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_refresh_in_chunks_of_the_token_budget_decides_the_same(shift):
+    """Refresh side forwards are cut to the runner's token budget (the activation size vLLM's
+    memory profile measured); the blocks they commit do not depend on the cut."""
+    cfg = DecodeConfig(gen_length=32, block_length=8)
+    outcomes = []
+    for budget in (10_000, 45):
+        sampler, table = _sampler(shift, cfg)
+        sampler.refresh_budget = budget
+        sizes = []
+
+        def forward(ids, pos, attend, sizes=sizes):
+            sizes.append(len(ids))
+            logits = torch.zeros(len(ids), VOCAB)
+            logits[torch.arange(len(ids)), (ids * 7 + pos) % 8] = 5.0 + (pos % 3).float()  # confident at some
+            return logits
+
+        sampler.state.model.model = types.SimpleNamespace(refresh_forward=forward)
+        sampler.state.block_tables = torch.arange(40).view(2, 20)
+        sampler.state.kernel_block_size = 4
+        reqs = [table.add(i, f"r{i}", list(range(1, 4 + i)), None, _params()) for i in range(2)]
+        sampler._refresh([(0, 0), (1, 1)])
+        assert max(sizes) <= budget or len(sizes) == 2
+        outcomes.append((len(sizes), table.tokens.clone(), [q.stats["forwards"] for q in reqs]))
+    (n_one, tok_one, fw_one), (n_cut, tok_cut, fw_cut) = outcomes
+    assert (n_one, n_cut) == (1, 2)
+    assert torch.equal(tok_one, tok_cut) and fw_one == fw_cut == [1, 1]
+    assert (tok_one != MASK).sum() > 7  # something was committed

@@ -89,3 +89,50 @@ def sampled(input_batch, nlog: np.ndarray, actions: dict[int, str], num_sampled:
     for r in range(n):
         history.log(input_batch.req_ids[r], f"sampler row {r}: {actions.get(r, 'nothing')}, logits {int(nlog[r])}, "
                                             f"sampled {ns[r]}, rejected {nr[r]}")
+
+
+def probe_runner(runner, history: History | None = None) -> None:
+    """Log every change the V2 runner makes to its GPU count of computed tokens (the count it
+    derives positions from): at request admission and update (``add_requests``,
+    ``update_requests``) and after sampling (``postprocess_sampled``), per request, with the query
+    length and rejections behind it. Wraps the runner instance's methods; VLLM_ODB_CHECK only."""
+    history = history or HISTORY
+    counts = runner.req_states.num_computed_tokens
+    names = runner.req_states.index_to_req_id
+
+    def snap() -> np.ndarray:
+        return counts.gpu.cpu().numpy().astype(np.int64)
+
+    def report(where: str, before: np.ndarray, after: np.ndarray, detail: dict[int, str]) -> None:
+        for i in sorted(set(np.flatnonzero(before != after).tolist()) | set(detail)):
+            rid = names.get(i, f"(free slot {i})")
+            history.log(rid, f"{where}: GPU computed of slot {i} {before[i]} -> {after[i]}{detail.get(i, '')}")
+
+    def wrap_update(name: str):
+        original = getattr(runner, name)
+
+        def wrapped(scheduler_output, *args, **kwargs):
+            before = snap()
+            out = original(scheduler_output, *args, **kwargs)
+            report(name, before, snap(), {})
+            return out
+
+        setattr(runner, name, wrapped)
+
+    for name in ("add_requests", "update_requests"):
+        wrap_update(name)
+    original_post = runner.postprocess_sampled
+
+    def postprocess_sampled(idx_mapping, sampled_tokens, num_sampled, num_rejected, query_start_loc=None,
+                            *args, **kwargs):
+        before = snap()
+        out = original_post(idx_mapping, sampled_tokens, num_sampled, num_rejected, query_start_loc, *args, **kwargs)
+        idx = idx_mapping.tolist()
+        rejected = num_rejected.tolist()
+        qsl = query_start_loc.tolist() if query_start_loc is not None else None
+        detail = {i: f" (query {qsl[b + 1] - qsl[b] if qsl else '?'}, rejected {rejected[b]})"
+                  for b, i in enumerate(idx) if i >= 0}
+        report("postprocess_sampled", before, snap(), detail)
+        return out
+
+    runner.postprocess_sampled = postprocess_sampled

@@ -69,6 +69,7 @@ class ODBSampler:
         self._profile = os.environ.get(_PROFILE_ENV)
         self._last_end = None
         self._jumps: list[dict] = []  # jump-share decisions of the step (profiling only)
+        self.refresh_budget = state.max_num_tokens  # tokens per refresh side forward
 
     # ---- the runner's sampler surface -------------------------------------------------------
     @property
@@ -299,14 +300,34 @@ class ODBSampler:
 
     def _refresh(self, jobs: list[tuple[int, int]]) -> None:
         """Refresh forward for each (slot, batch row); ALP on its canvas predictions; then the
-        first step of the new block from the same forward."""
+        first step of the new block from the same forward. The side forwards run in chunks of at
+        most the runner's token budget (``max_num_batched_tokens``: the activation size vLLM's
+        memory profile measured, so the KV cache it sized leaves room for them; one request longer
+        than the budget runs alone)."""
         table, blk, shift = self.table, self.block, self.shift
-        state = self.state
         reqs = [table.get(s) for s, _ in jobs]
         for q in reqs:  # host-side invariants of the rows read below (cheap: Python ints)
             if not (shift <= q.start and q.start + blk <= q.end <= table.max_model_len + self.width):
                 raise RuntimeError(f"vllm-odb: refresh of request {q.req_id} with block start {q.start}, "
                                    f"canvas end {q.end} (prompt {q.prompt_len}, gen {q.gen}, finished {q.finished})")
+        for q in reqs:  # a new block: APD's per-position state starts over
+            q.thresholds = BlockThresholds(q.cfg, table.mask_id) if _adaptive(q.cfg) else None
+        out = [self._refresh_chunk(jobs[a:b], reqs[a:b])
+               for a, b in token_chunks([q.end for q in reqs], self.refresh_budget)]
+        new, adopted_x0, adopted_conf = (torch.cat(t) for t in zip(*out))
+        jumping = [i for i, q in enumerate(reqs) if q.cfg.jump]
+        if jumping:  # plan the first jump-share step of the block from the refresh's predictions
+            left = (new == table.mask_id).sum(1).tolist()
+            live = sum(1 for n in left if n)
+            for i in jumping:
+                if left[i]:
+                    self._plan(reqs[i], jobs[i][0], new[i], adopted_x0[i], adopted_conf[i], left[i], live)
+
+    def _refresh_chunk(self, jobs: list[tuple[int, int]], reqs: list) -> tuple[torch.Tensor, ...]:
+        """One side forward over ``jobs``; commits their first step. Returns each job's new block
+        and the adopted predictions and confidences behind it ([jobs, block] each)."""
+        table, blk, shift = self.table, self.block, self.shift
+        state = self.state
         hidden, offsets = refresh(state.model, table.tokens, [(s, r, q.end, q.start) for (s, r), q in zip(jobs, reqs)],
                                   state.block_tables, state.kernel_block_size, shift)
         device = hidden.device
@@ -327,8 +348,6 @@ class ODBSampler:
         new = block.clone()
         adopted_x0 = torch.zeros_like(block)
         adopted_conf = torch.zeros(block.shape, dtype=torch.float32, device=device)
-        for q in reqs:  # a new block: APD's per-position state starts over
-            q.thresholds = BlockThresholds(q.cfg, table.mask_id) if _adaptive(q.cfg) else None
         for cfg, members in groups.items():
             idx = torch.tensor(members, device=device)
             group = [reqs[i] for i in members]
@@ -340,13 +359,7 @@ class ODBSampler:
         for q in reqs:
             q.block_step = 1
         table.tokens[slots[:, None], cols] = new
-        jumping = [i for i, q in enumerate(reqs) if q.cfg.jump]
-        if jumping:  # plan the first jump-share step of the block from the refresh's predictions
-            left = (new == table.mask_id).sum(1).tolist()
-            live = sum(1 for n in left if n)
-            for i in jumping:
-                if left[i]:
-                    self._plan(reqs[i], jobs[i][0], new[i], adopted_x0[i], adopted_conf[i], left[i], live)
+        return new, adopted_x0, adopted_conf
 
     def _predict_lengths(self, hidden, offsets, jobs, reqs) -> None:
         """Adaptive length prediction (policies/length.py) for the refreshed requests with ``alp``:
@@ -406,6 +419,20 @@ class ODBSampler:
             plan = table.get(s).plan
             if plan is not None:
                 self.req_states.draft_tokens[s, : plan.num_rows] = plan.tokens
+
+
+def token_chunks(lengths: list[int], budget: int) -> list[tuple[int, int]]:
+    """Consecutive [a, b) ranges of ``lengths`` whose sums stay within ``budget`` (an item longer
+    than the budget gets a range of its own)."""
+    chunks, a, total = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > a and total + n > budget:
+            chunks.append((a, i))
+            a, total = i, 0
+        total += n
+    if lengths:
+        chunks.append((a, len(lengths)))
+    return chunks
 
 
 def _adaptive(cfg) -> bool:

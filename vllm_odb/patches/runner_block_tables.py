@@ -24,6 +24,12 @@ def wrap(original):
         attach = getattr(getattr(self, "model_state", None), "attach_block_tables", None)
         if attach is not None:
             attach(self.block_tables)
+            from vllm_odb.engine import CHECK
+
+            if CHECK:  # debugging: log every change of the runner's GPU computed counts
+                from vllm_odb.engine import check
+
+                check.probe_runner(self)
 
     initialize_kv_cache._odb_patched = True
     return initialize_kv_cache
