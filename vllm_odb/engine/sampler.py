@@ -53,6 +53,9 @@ _ALP_ROWS = 256  # canvas rows projected to the vocabulary at once for length pr
 # VLLM_ODB_PROFILE=path: append one JSON line per engine step (wall time since the previous step
 # ended, what ran). Adds a device sync per step; for benchmarks only.
 _PROFILE_ENV = "VLLM_ODB_PROFILE"
+# VLLM_ODB_REFRESH_TOKENS=n: refresh side forwards of up to n tokens instead of the runner's token
+# budget (debugging: past the budget, a side forward may need memory vLLM's profile did not leave).
+_REFRESH_TOKENS_ENV = "VLLM_ODB_REFRESH_TOKENS"
 
 
 class ODBSampler:
@@ -69,7 +72,8 @@ class ODBSampler:
         self._profile = os.environ.get(_PROFILE_ENV)
         self._last_end = None
         self._jumps: list[dict] = []  # jump-share decisions of the step (profiling only)
-        self.refresh_budget = state.max_num_tokens  # tokens per refresh side forward
+        # tokens per refresh side forward (VLLM_ODB_REFRESH_TOKENS: debugging override)
+        self.refresh_budget = int(os.environ.get(_REFRESH_TOKENS_ENV) or state.max_num_tokens)
 
     # ---- the runner's sampler surface -------------------------------------------------------
     @property
