@@ -136,3 +136,27 @@ def test_runner_probe_logs_each_change_of_the_gpu_counts():
     assert "postprocess_sampled: GPU computed of slot 3 5 -> 13 (query 9, rejected 1)" in history.of("b")
     assert "postprocess_sampled: GPU computed of slot 1 0 -> 0 (query 9, rejected 9)" in history.of("a")
     assert "update_requests" not in history.of("a") + history.of("b")
+
+
+def test_a_failing_sampler_step_is_logged_before_it_raises(monkeypatch, caplog):
+    """Under async scheduling vLLM reports the next step's failure, not the sampler's: the
+    sampler's own exception must reach the log (and, with the checks on, each row's history)."""
+    from vllm_odb.engine import sampler as sampler_mod
+    from vllm_odb.engine.sampler import ODBSampler
+
+    monkeypatch.setattr(sampler_mod, "CHECK", True)
+    history = check.History()
+    monkeypatch.setattr(check, "HISTORY", history)
+    table = RequestTable(1, 512, DecodeConfig(gen_length=32, block_length=8), 0, mask_id=MASK, eos_id=EOS,
+                         markers=[(EOS,)], device="cpu")
+    table.add(0, "a", [1, 2, 3], None, types.SimpleNamespace(temperature=0.0, max_tokens=None, extra_args=None))
+    state = types.SimpleNamespace(table=table, model=None, max_num_reqs=1, max_num_tokens=4096, device="cpu")
+    base = types.SimpleNamespace(sampling_states=None, req_states=None)
+    batch = types.SimpleNamespace(  # a prompt whose prefill completes: the refresh runs, and fails
+        num_reqs=1, req_ids=["a"], idx_mapping_np=np.array([0]), num_draft_tokens=0,
+        cu_num_logits_np=np.array([0, 1]), is_prefilling_np=np.array([True]), num_scheduled_tokens=np.array([3]),
+        num_computed_prefill_tokens_np=np.array([0]), prefill_len_np=np.array([3]))
+    with pytest.raises(AttributeError):  # the stand-in model has no layers to refresh with
+        ODBSampler(state, base)(torch.zeros(1, 12), batch)
+    assert "vllm-odb: the sampler failed on a step of 1 requests" in caplog.text
+    assert "sampler raised AttributeError" in history.of("a")

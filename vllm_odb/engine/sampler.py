@@ -27,6 +27,7 @@ request (the layout's row count), and ALP one per step with refreshes.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections import defaultdict
@@ -47,6 +48,7 @@ from vllm_odb.policies.jump import accept
 from vllm_odb.policies.length import marker_hits, predict_length
 from vllm_odb.policies.replay import forced_commit
 
+log = logging.getLogger(__name__)
 _NO_PENALTIES = SimpleNamespace(output_bin_counts=None)
 _TILE_BYTES = 1 << 30  # fp32 bytes of [rows, vocab] decided at once (decide keeps ~4 copies)
 _ALP_ROWS = 256  # canvas rows projected to the vocabulary at once for length prediction
@@ -88,6 +90,19 @@ class ODBSampler:
 
     # ---- one step -----------------------------------------------------------------------------
     def __call__(self, logits: torch.Tensor, input_batch, draft_logits=None) -> SamplerOutput:
+        try:
+            return self._step(logits, input_batch)
+        except Exception as e:
+            # Under async scheduling vLLM runs the next step's forward before it reads this step's
+            # result, so that forward's failure (this step's requests never advanced) is what it
+            # reports. The cause goes to the log here, and (VLLM_ODB_CHECK) to each row's history.
+            log.exception("vllm-odb: the sampler failed on a step of %d requests", input_batch.num_reqs)
+            if CHECK:
+                for r in range(input_batch.num_reqs):
+                    check.HISTORY.log(input_batch.req_ids[r], f"sampler raised {type(e).__name__}: {e}")
+            raise
+
+    def _step(self, logits: torch.Tensor, input_batch) -> SamplerOutput:
         table = self.table
         n = input_batch.num_reqs
         slots_np = input_batch.idx_mapping_np[:n]
