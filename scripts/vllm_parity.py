@@ -38,9 +38,12 @@ def main() -> int:
     ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     ap.add_argument("--ridge-rows", type=int, default=None,
                     help="draft budget (jump-share); also sets a jump-share engine's canvas width")
-    ap.add_argument("--method", choices=("fast-dllm", "odb-alp", "odb-jump", "odb", "dynamic-apd"), default="fast-dllm")
+    ap.add_argument("--method", choices=("fast-dllm", "odb-alp", "odb-jump", "odb", "dynamic-apd", "odb-streaming"),
+                    default="fast-dllm")
     ap.add_argument("--threshold-alpha", type=float, default=None,
                     help="Streaming-dLLM's dynamic threshold (threshold_alpha) on top of --method")
+    ap.add_argument("--suffix-window", type=int, default=None,
+                    help="Streaming-dLLM's suffix pruning (suffix_window) on top of --method")
     ap.add_argument("--select", choices=("additional", "speculative"), default="additional",
                     help="how the engine is told the method")
     ap.add_argument("--out")
@@ -62,7 +65,7 @@ def main() -> int:
     prompts = [ck.encode_chat(e.prompt) for e in examples]
     cfg = DecodeConfig.for_method(args.method, gen_length=args.gen_length, block_length=args.block_length,
                                   threshold=args.threshold, ridge_rows=args.ridge_rows,
-                                  **_alpha(args))
+                                  **_streaming(args))
     t0 = time.time()
     outs = [generate(ck.model, [p], cfg, ck.special) for p in prompts]
     ref = [response_ids(o.tokens[0], ck.special) for o in outs]
@@ -107,7 +110,7 @@ def main() -> int:
                      "alone_match": cut(a) == r, "batched_match": cut(b) == r})
     summary = {
         "model": args.model, "mode": args.mode, "dtype": args.dtype, "n": args.n, "tp": args.tp,
-        "method": args.method, "select": args.select, **_alpha(args),
+        "method": args.method, "select": args.select, **_streaming(args),
         "nfe": {"reference": ref_nfe, "vllm": after["forwards"] - before["forwards"],
                 "vllm_idle_forwards": after["idle_forwards"] - before["idle_forwards"]},
         "canvas": {"reference": ref_canvas, "vllm": after["canvas_predicted"] - before["canvas_predicted"]},
@@ -135,14 +138,16 @@ def main() -> int:
     return 0 if ok else 1
 
 
-def _alpha(args) -> dict:
-    return {} if args.threshold_alpha is None else {"threshold_alpha": args.threshold_alpha}
+def _streaming(args) -> dict:
+    """The Streaming-dLLM knobs given on the command line."""
+    knobs = {"threshold_alpha": args.threshold_alpha, "suffix_window": args.suffix_window}
+    return {k: v for k, v in knobs.items() if v is not None}
 
 
 def engine_method(args) -> dict:
     """LLM(...) keyword arguments that select ``args.method`` on the engine."""
     section = {"block_length": args.block_length, "gen_length": args.gen_length, "threshold": args.threshold,
-               **_alpha(args)}
+               **_streaming(args)}
     if args.ridge_rows is not None:
         section["ridge_rows"] = args.ridge_rows
     if args.select == "speculative":

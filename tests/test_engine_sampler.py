@@ -288,3 +288,66 @@ def test_refresh_in_chunks_of_the_token_budget_decides_the_same(shift):
     assert (n_one, n_cut) == (1, 2)
     assert torch.equal(tok_one, tok_cut) and fw_one == fw_cut == [1, 1]
     assert (tok_one != MASK).sum() > 7  # something was committed
+
+
+@pytest.mark.parametrize("start,gen,window", [(5, 64, 16), (5, 64, 60), (37, 64, 16), (53, 64, 16), (21, 48, 8)])
+def test_suffix_pruning_keeps_the_reference_positions(start, gen, window):
+    """Streaming-dLLM's pruned canvas on the engine (``ODBRequest.kept``) is the reference's
+    (policies.streaming.pruned_suffix): the block, the window and the final position."""
+    from vllm_odb.policies.streaming import pruned_suffix
+
+    cfg = DecodeConfig(gen_length=gen, block_length=16, suffix_window=window)
+    sampler, table = _sampler(0, cfg)
+    plen = 5
+    committed = list(range(1, plen + 1)) + [3] * (start - plen)
+    q = table.add(0, "a", list(range(1, plen + 1)), committed, _params())
+    assert q.start == start
+    pos, valid = pruned_suffix(torch.tensor([plen]), start - plen, start - plen + 16, torch.tensor([gen]), window)
+    want = pos[0][valid[0]].tolist()
+    stop, final = q.kept()
+    assert list(range(start, stop)) + ([] if final is None else [final]) == want
+    assert q.suffix_cols() == want[16:]
+    assert q.keys == start + len(want) == stop + (final is not None)
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_pruned_refresh_puts_the_final_position_after_the_window(shift):
+    """The refresh of a pruned block runs over [0, stop) plus the final position at its true id,
+    whose keys and values land in the cache slot right after the window (so a step's keys are the
+    contiguous slots [0, keys)); it counts only those tokens."""
+    cfg = DecodeConfig(gen_length=64, block_length=16, suffix_window=8)
+    sampler, table = _sampler(shift, cfg)
+    seen = {}
+
+    def forward(ids, pos, attend):
+        seen.update(ids=ids.clone(), pos=pos.clone(), slots=attend.slots.clone(), bounds=list(attend.bounds))
+        return torch.zeros(len(ids), VOCAB)
+
+    sampler.state.model.model = types.SimpleNamespace(refresh_forward=forward)
+    sampler.state.block_tables = torch.arange(40).flip(0).view(2, 20)  # a scrambled block table
+    sampler.state.kernel_block_size = 4
+    q = table.add(0, "a", [1, 2, 3, 4, 5], None, _params())
+    sampler._refresh([(0, 0)])
+    stop = 5 + 16 + 8
+    assert seen["pos"].tolist() == list(range(stop)) + [5 + 64 - 1]
+    assert seen["ids"][-1] == MASK and seen["bounds"] == [(0, stop + 1)]
+    bt = sampler.state.block_tables[0]
+    assert seen["slots"].tolist() == [int(bt[p // 4]) * 4 + p % 4 for p in range(stop + 1)]
+    assert q.keys == stop + 1 and q.stats["refresh_tokens"] == stop + 1
+
+
+def test_dynamic_threshold_under_pruning_counts_the_seen_suffix():
+    """With suffix pruning the dynamic threshold's masked ratio is over the block and the suffix
+    the step sees (window + final position), as in the reference loop's pruned sequence."""
+    from vllm_odb.policies.adaptive import streaming_threshold
+
+    cfg = DecodeConfig(gen_length=64, block_length=16, suffix_window=8, threshold_alpha=0.5)
+    sampler, table = _sampler(0, cfg)
+    q = table.add(0, "a", [1, 2, 3, 4, 5], None, _params())
+    table.tokens[0, 5:15] = 3  # 10 of the block's 16 decoded
+    got = sampler._thresholds([q], torch.tensor([0]), torch.zeros(1, 16, VOCAB))
+    seen = torch.cat([table.tokens[0, 5:21], table.tokens[0, q.suffix_cols()]])[None]  # 16 + 8 + 1
+    want = streaming_threshold(cfg, seen, torch.ones_like(seen, dtype=torch.bool), MASK)
+    assert torch.allclose(got, want)
+    whole = streaming_threshold(cfg, table.tokens[0, 5:69][None], torch.ones(1, 64, dtype=torch.bool), MASK)
+    assert not torch.allclose(got, whole)  # pruning changes the ratio

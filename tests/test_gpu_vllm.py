@@ -68,3 +68,24 @@ def test_vllm_dynamic_thresholds_match_reference(fmt, method, extra, tmp_path):
     summary = json.loads(out.read_text())["summary"]
     assert summary["alone_match"] == 8
     assert summary["nfe"]["vllm"] == summary["nfe"]["reference"]
+
+
+@pytest.mark.parametrize("fmt", ["llada", "dream"])
+@pytest.mark.parametrize("method,extra", [("fast-dllm", ["--suffix-window", "16", "--threshold-alpha", "0.3"]),
+                                          ("odb-streaming", ["--suffix-window", "16", "--threshold", "1.0",
+                                                             "--ridge-rows", "64"])])
+def test_vllm_suffix_pruning_matches_reference(fmt, method, extra, tmp_path):
+    """Streaming-dLLM's suffix pruning on the engine's dual cache (with the dynamic threshold; and
+    with jump-share and early exit, ``odb-streaming``): tokens, NFE and accepted drafts equal the
+    reference loop's, every prompt alone."""
+    pytest.importorskip("vllm")
+    out = tmp_path / "parity.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "vllm_parity.py"), "--model", str(ROOT / "checkpoints" / f"tiny-{fmt}"),
+         "--mode", "eager", "--n", "8", "--gen-length", "128", "--block-length", "16", "--method", method,
+         *extra, "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["alone_match"] == 8 and summary["suffix_window"] == 16
+    assert summary["nfe"]["vllm"] == summary["nfe"]["reference"]

@@ -954,8 +954,7 @@ def test_hook_jump_share_engine(cpu_vllm, fmt):
     assert vc.compilation_config.cudagraph_mode in (CUDAGraphMode.PIECEWISE, CUDAGraphMode.NONE)
 
 
-@pytest.mark.parametrize("knobs,name", [({"method": "odb-streaming"}, "suffix_window"),
-                                        ({"method": "streaming"}, "suffix_window"),
+@pytest.mark.parametrize("knobs,name", [({"method": "streaming"}, "cache='prefix'"),
                                         ({"method": "dynamic"}, "dcu"),
                                         ({"method": "dynamic-dcu"}, "dcu")])
 def test_reference_only_policies_are_refused_by_name_on_the_engine(knobs, name):
@@ -964,6 +963,18 @@ def test_reference_only_policies_are_refused_by_name_on_the_engine(knobs, name):
 
     with pytest.raises(ValueError, match=name):
         request_config(DecodeConfig(gen_length=64, block_length=16), knobs)
+
+
+@pytest.mark.parametrize("knobs,want", [({"method": "odb-streaming"}, (32, True, 0.3)),
+                                        ({"suffix_window": 16, "threshold_alpha": 0.3}, (16, False, 0.3))])
+def test_suffix_pruning_runs_on_the_engine(knobs, want):
+    """Streaming-dLLM's suffix pruning on the engine's dual cache, alone or with jump-share."""
+    from vllm_odb.engine.knobs import request_config
+    from vllm_odb.policies import DecodeConfig
+
+    engine = DecodeConfig(gen_length=64, block_length=16, jump=want[1])  # jump-share needs its engine
+    cfg = request_config(engine, knobs)
+    assert (cfg.suffix_window, cfg.jump, cfg.threshold_alpha) == want and cfg.cache == "dual"
 
 
 @pytest.mark.parametrize("knobs,want", [({"threshold_alpha": 0.3}, ("threshold", 0.3)),

@@ -35,10 +35,10 @@ REPLAY_ARG = "replay"  # a benchmark trace (policies/replay.py), not a decoding 
 MODE_KNOBS = ("rule", "cache", "alp", "early_stop", "jump", "suffix_window", "threshold_alpha", "dcu")
 
 
-# Reference-engine-only policies (Streaming-dLLM's suffix pruning, Dynamic-dLLM's DCU): refused by
-# name on the engine rather than silently ignored. (Streaming's dynamic threshold and Dynamic's APD
-# run on both engines.)
-REFERENCE_ONLY = {"suffix_window": lambda v: bool(v), "dcu": lambda v: v}
+# Reference-engine-only policies (Dynamic-dLLM's DCU): refused by name on the engine rather than
+# silently ignored. (Streaming-dLLM's suffix pruning and dynamic threshold, and Dynamic's APD, run on
+# both engines.)
+REFERENCE_ONLY = {"dcu": lambda v: v}
 
 
 def _engine_checks(cfg: DecodeConfig, where: str) -> DecodeConfig:

@@ -8,7 +8,9 @@ sampler may commit 0..width of them per step. What this state adds:
 - the dual cache: a decode step's keys are the whole sequence, prompt + canvas, so the sequence
   length handed to attention is prompt + live canvas, not vLLM's ``num_computed + query``
   (the suffix's slots exist thanks to patches/scheduler_lookahead.py and hold the KV the last
-  refresh wrote);
+  refresh wrote). With Streaming-dLLM's suffix pruning the keys are the pruned canvas instead:
+  the block, its window and the final position, which the refresh put in the slot after the
+  window (engine/requests.py ``ODBRequest.kept``);
 - Dream's shifted logits: Dream predicts token i from position i-1, so its query window is the
   position before the block plus the block (width = block + 1). vLLM schedules the window at
   ``[s, s + width)``; positions and KV slots are moved one back here, so the window is
@@ -152,12 +154,13 @@ class ODBModelState(DefaultModelState):
         if len(rows) == 0:
             return
         slots = input_batch.idx_mapping_np[rows]
-        ends = np.array([self._end(s) for s in slots], dtype=np.int32)
-        override = np.zeros(input_batch.num_reqs, dtype=np.int32)
-        override[rows] = ends
+        # Keys: exactly the slots the block attends (prompt + live canvas, or Streaming's pruned
+        # canvas); vLLM's count (num_computed + width) runs past the canvas in Dream's last block.
+        override = np.full(input_batch.num_reqs, -1, dtype=np.int32)
+        override[rows] = [self._keys(s) for s in slots]
         lens = async_copy_to_gpu(override, device=self.device)
         n = input_batch.num_reqs
-        torch.maximum(self.seq_lens_buf[:n], lens, out=self.seq_lens_buf[:n])
+        torch.where(lens >= 0, lens, self.seq_lens_buf[:n], out=self.seq_lens_buf[:n])
         if self.shift:
             starts = input_batch.query_start_loc_np[rows]
             tok = (starts[:, None] + np.arange(self.width)[None]).reshape(-1)
@@ -194,9 +197,9 @@ class ODBModelState(DefaultModelState):
         n = input_batch.num_reqs
         slots_np = input_batch.idx_mapping_np[rows]
         reqs = [table.get(int(s)) for s in slots_np]
-        # Keys: exactly prompt + live canvas (vLLM's own count, num_computed + width, runs past it).
+        # Keys: exactly the slots the block attends (see _dual_cache_and_shift).
         ends = np.full(n, -1, dtype=np.int32)
-        ends[rows] = [-1 if q is None else q.end for q in reqs]  # unknown rows keep vLLM's count
+        ends[rows] = [-1 if q is None else q.keys for q in reqs]  # unknown rows keep vLLM's count
         ends_g = async_copy_to_gpu(ends, device=self.device)
         torch.where(ends_g >= 0, ends_g, self.seq_lens_buf[:n], out=self.seq_lens_buf[:n])
         offsets, written, branch_rows = [], [], []
@@ -211,7 +214,7 @@ class ODBModelState(DefaultModelState):
             written.append(self._base_offsets < w)
             if plan is not None and q is not None:
                 first = int(input_batch.query_start_loc_np[r])
-                branch_rows.append(BranchRows(first=first, plan=plan, q0=q.start - self.shift, end=q.end,
+                branch_rows.append(BranchRows(first=first, plan=plan, q0=q.start - self.shift, end=q.keys,
                                               block_table=self.block_tables[r]))
         starts = input_batch.query_start_loc_np[rows]
         tok = async_copy_to_gpu((starts[:, None] + np.arange(self.width)[None]).reshape(-1).astype(np.int64),
@@ -247,9 +250,9 @@ class ODBModelState(DefaultModelState):
                 f"{int(pos[tok])}, slot {int(slots[tok])}; scheduled {input_batch.num_scheduled_tokens[:n].tolist()}, "
                 f"prefilling {input_batch.is_prefilling_np[:n].tolist()}")
 
-    def _end(self, slot: int) -> int:
+    def _keys(self, slot: int) -> int:
         req = self.table.get(slot)
-        return 0 if req is None else req.end
+        return -1 if req is None else req.keys
 
     def _calibrate(self, input_batch, kv_cache_config, slot_mappings) -> None:
         """Find the block size the block tables count in (the attention kernel's), once, by

@@ -59,22 +59,32 @@ class DenseAttend:
         return out
 
 
-def refresh(model, tokens: torch.Tensor, jobs: list[tuple[int, int, int, int]], block_tables: torch.Tensor,
+def refresh(model, tokens: torch.Tensor, jobs: list[tuple], block_tables: torch.Tensor,
             kernel_block_size: int, shift: int) -> tuple[torch.Tensor, list[int]]:
-    """Run the refresh forward for ``jobs`` = [(slot, batch_row, length, block_start)]: sequence
-    ``tokens[slot, :length]`` at positions 0..length-1, KV written through ``block_tables[batch_row]``.
-    Returns the final hidden states of all jobs, concatenated, and each job's first row in them.
-    Row ``offset + p`` is position p; with Dream's shift its logits predict position p + 1."""
+    """Run the refresh forward for ``jobs`` = [(slot, batch_row, length, block_start[, final])]:
+    sequence ``tokens[slot, :length]`` at positions 0..length-1, KV written through
+    ``block_tables[batch_row]``. ``final`` (Streaming-dLLM's suffix pruning, engine/requests.py
+    ``ODBRequest.kept``): one more token, ``tokens[slot, final]`` at position id ``final``, whose
+    keys and values go to the cache slot of position ``length``. Returns the final hidden states
+    of all jobs, concatenated, and each job's first row in them. Row ``offset + p`` is position p
+    (p < length); with Dream's shift its logits predict position p + 1."""
     device = tokens.device
     ids, pos, slots, bounds, offsets = [], [], [], [], []
     offset = 0
-    for slot, row, length, _start in jobs:
+    for slot, row, length, _start, *rest in jobs:
+        final = rest[0] if rest else None
         p = torch.arange(length, device=device)
         ids.append(tokens[slot, :length])
         pos.append(p)
         slots.append(kv_slots(block_tables[row], p, kernel_block_size))
-        bounds.append((offset, offset + length))
+        n = length
+        if final is not None:
+            ids.append(tokens[slot, final:final + 1])
+            pos.append(torch.tensor([final], device=device))
+            slots.append(kv_slots(block_tables[row], torch.tensor([length], device=device), kernel_block_size))
+            n += 1
+        bounds.append((offset, offset + n))
         offsets.append(offset)
-        offset += length
+        offset += n
     hidden = model.model.refresh_forward(torch.cat(ids), torch.cat(pos), DenseAttend(bounds, torch.cat(slots)))
     return hidden, offsets

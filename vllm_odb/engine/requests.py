@@ -19,6 +19,7 @@ from vllm_odb.engine.metrics import COUNTERS, RequestCounters
 from vllm_odb.policies import DecodeConfig
 from vllm_odb.policies.replay import Replay
 from vllm_odb.policies.length import Marker
+from vllm_odb.policies.streaming import window_stop
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,31 @@ class ODBRequest:
     @property
     def end(self) -> int:
         return self.prompt_len + self.gen
+
+    def kept(self) -> tuple[int, int | None]:
+        """Streaming-dLLM's suffix pruning (``suffix_window``) for the current block, as in
+        policies.streaming.pruned_suffix: its forwards see positions ``[0, stop)`` (the block and the
+        next ``suffix_window`` canvas positions) and, where the canvas goes on past them, the final
+        position ``end - 1`` at its true position id. Returns ``(stop, final)``; without pruning
+        ``(end, None)``. The refresh writes the final position's keys and values (rotated at its
+        own position) into the cache slot of position ``stop``, so a step's keys are the contiguous
+        slots ``[0, keys)``."""
+        w = self.cfg.suffix_window
+        if not w:
+            return self.end, None
+        stop = window_stop(self.start + self.cfg.block_length, self.end, w)
+        return stop, (self.end - 1 if stop < self.end else None)
+
+    @property
+    def keys(self) -> int:
+        """Cache slots a step of the current block attends: ``[0, keys)``."""
+        stop, final = self.kept()
+        return stop + (final is not None)
+
+    def suffix_cols(self) -> list[int]:
+        """Canvas positions after the block that the current block's steps see."""
+        stop, final = self.kept()
+        return list(range(self.start + self.cfg.block_length, stop)) + ([] if final is None else [final])
 
     @property
     def block_index(self) -> int:

@@ -174,8 +174,8 @@ class ODBSampler:
         row = {"step_s": None if self._last_end is None else now - self._last_end,
                "refresh_s": now - t_refresh if refresh_jobs else 0.0,
                "decode_reqs": len(dec_rows), "refresh_reqs": len(refresh_jobs),
-               "refresh_tokens": sum(self.table.get(s).end for s, _ in refresh_jobs),
-               "kv_tokens": sum(self.table.get(int(input_batch.idx_mapping_np[r])).end for r in dec_rows),
+               "refresh_tokens": sum(self.table.get(s).keys for s, _ in refresh_jobs),
+               "kv_tokens": sum(self.table.get(int(input_batch.idx_mapping_np[r])).keys for r in dec_rows),
                "tokens": int(input_batch.num_tokens), "reqs": int(input_batch.num_reqs), "jumps": self._jumps}
         self._jumps = []
         with open(self._profile, "a") as f:
@@ -269,9 +269,11 @@ class ODBSampler:
         table = self.table
         width = max(q.end - q.start for q in reqs)  # host ints: no device sync
         starts = torch.tensor([q.start for q in reqs], device=slots.device)
-        ends = torch.tensor([q.end for q in reqs], device=slots.device)
+        kept = [q.kept() for q in reqs]  # the suffix a step sees (Streaming's pruning, or all of it)
+        stops = torch.tensor([k[0] for k in kept], device=slots.device)
+        finals = torch.tensor([-1 if k[1] is None else k[1] for k in kept], device=slots.device)
         cols = starts[:, None] + torch.arange(width, device=slots.device)[None]
-        valid = cols < ends[:, None]
+        valid = (cols < stops[:, None]) | (cols == finals[:, None])
         tokens = table.tokens[slots[:, None], cols.clamp(max=table.tokens.shape[1] - 1)]
         if reqs[0].cfg.rule != "adaptive":
             return streaming_threshold(reqs[0].cfg, tokens, valid, table.mask_id)
@@ -288,7 +290,7 @@ class ODBSampler:
         br_masked = (plan.blocks == self.table.mask_id) & masked.any()
         threshold = None
         if q.cfg.threshold_alpha:  # Streaming's dynamic threshold per branch: its block + the suffix
-            sfx = self.table.tokens[self.table.slot_of[q.req_id], q.start + blk:q.end]
+            sfx = self.table.tokens[self.table.slot_of[q.req_id], q.suffix_cols()]
             tokens = torch.cat([plan.blocks, sfx[None].expand(nb, -1)], 1)
             threshold = streaming_threshold(q.cfg, tokens, torch.ones_like(tokens, dtype=torch.bool),
                                             self.table.mask_id)
@@ -332,7 +334,7 @@ class ODBSampler:
         for q in reqs:  # a new block: APD's per-position state starts over
             q.thresholds = BlockThresholds(q.cfg, table.mask_id) if _adaptive(q.cfg) else None
         out = [self._refresh_chunk(jobs[a:b], reqs[a:b])
-               for a, b in token_chunks([q.end for q in reqs], self.refresh_budget)]
+               for a, b in token_chunks([q.keys for q in reqs], self.refresh_budget)]
         new, adopted_x0, adopted_conf = (torch.cat(t) for t in zip(*out))
         jumping = [i for i, q in enumerate(reqs) if q.cfg.jump]
         if jumping:  # plan the first jump-share step of the block from the refresh's predictions
@@ -347,7 +349,9 @@ class ODBSampler:
         and the adopted predictions and confidences behind it ([jobs, block] each)."""
         table, blk, shift = self.table, self.block, self.shift
         state = self.state
-        hidden, offsets = refresh(state.model, table.tokens, [(s, r, q.end, q.start) for (s, r), q in zip(jobs, reqs)],
+        kept = [q.kept() for q in reqs]  # (stop, final): Streaming's pruned canvas, or all of it
+        hidden, offsets = refresh(state.model, table.tokens,
+                                  [(s, r, stop, q.start, final) for (s, r), q, (stop, final) in zip(jobs, reqs, kept)],
                                   state.block_tables, state.kernel_block_size, shift)
         device = hidden.device
         slots = torch.tensor([s for s, _ in jobs], device=device)
@@ -362,7 +366,7 @@ class ODBSampler:
             groups[q.cfg].append(i)
             q.stats["forwards"] += 1
             q.stats["refreshes"] += 1
-            q.stats["refresh_tokens"] += q.end
+            q.stats["refresh_tokens"] += q.keys
         self._predict_lengths(hidden, offsets, jobs, reqs)  # reads the canvas before this step commits
         new = block.clone()
         adopted_x0 = torch.zeros_like(block)

@@ -12,6 +12,12 @@ from __future__ import annotations
 import torch
 
 
+def window_stop(block_end: int, length: int, window: int) -> int:
+    """End (exclusive) of the kept window after a block ending at ``block_end``, on a canvas of
+    ``length``; the final position ``length - 1`` is kept besides when the window stops short of it."""
+    return min(block_end + window, length)
+
+
 def pruned_suffix(first: torch.Tensor, block_start: int, block_end: int, length: torch.Tensor,
                   window: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Position ids and key validity of the slots a pruned block sees from its start on.
@@ -25,7 +31,7 @@ def pruned_suffix(first: torch.Tensor, block_start: int, block_end: int, length:
     past the window. Every kept slot after the block is still masked.
     """
     end = int(length.max())
-    stop = min(block_end + window, end)
+    stop = window_stop(block_end, end, window)
     cols = torch.arange(block_start, stop, device=first.device)
     pos = first[:, None] + cols[None]
     valid = cols[None] < length[:, None]
