@@ -18,16 +18,22 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("fmt", ["llada", "dream"])
-def test_vllm_matches_reference_eager(fmt, tmp_path):
+def _parity(fmt: str, tmp_path, *args: str) -> dict:
+    """Run scripts/vllm_parity.py on the tiny ``fmt`` checkpoint (8 prompts, eager, block 16) with
+    ``args``; it must exit 0 (its own token, NFE, canvas and draft checks). Returns its summary."""
     pytest.importorskip("vllm")
     out = tmp_path / "parity.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "vllm_parity.py"), "--model", str(ROOT / "checkpoints" / f"tiny-{fmt}"),
-         "--mode", "eager", "--n", "8", "--gen-length", "64", "--block-length", "16", "--out", str(out)],
+         "--mode", "eager", "--n", "8", "--block-length", "16", *args, "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads(out.read_text())["summary"]
+    return json.loads(out.read_text())["summary"]
+
+
+@pytest.mark.parametrize("fmt", ["llada", "dream"])
+def test_vllm_matches_reference_eager(fmt, tmp_path):
+    summary = _parity(fmt, tmp_path, "--gen-length", "64")
     assert summary["alone_match"] == summary["batched_match"] == 8
 
 
@@ -36,15 +42,8 @@ def test_vllm_odb_matches_reference_odb(fmt, tmp_path):
     """ALP, early stop and jump-share (threshold 1.0, so blocks take several steps and drafts are
     verified), selected with speculative_config={"method": "odb"}: tokens, NFE, predicted canvas
     and accepted drafts equal the reference loop's, every prompt alone."""
-    pytest.importorskip("vllm")
-    out = tmp_path / "parity.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "vllm_parity.py"), "--model", str(ROOT / "checkpoints" / f"tiny-{fmt}"),
-         "--mode", "eager", "--n", "8", "--gen-length", "128", "--block-length", "16", "--threshold", "1.0",
-         "--method", "odb", "--select", "speculative", "--ridge-rows", "64", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads(out.read_text())["summary"]
+    summary = _parity(fmt, tmp_path, "--gen-length", "128", "--threshold", "1.0", "--method", "odb",
+                      "--select", "speculative", "--ridge-rows", "64")
     assert summary["alone_match"] == 8
     assert summary["drafts_accepted"]["vllm"] == summary["drafts_accepted"]["reference"] > 0
     assert summary["nfe"]["vllm"] == summary["nfe"]["reference"]
@@ -57,15 +56,7 @@ def test_vllm_odb_matches_reference_odb(fmt, tmp_path):
 def test_vllm_dynamic_thresholds_match_reference(fmt, method, extra, tmp_path):
     """Dynamic-dLLM's APD and Streaming-dLLM's dynamic threshold (with ALP, and with jump-share's
     per-branch thresholds) on the engine: tokens, NFE and canvas equal the reference loop's."""
-    pytest.importorskip("vllm")
-    out = tmp_path / "parity.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "vllm_parity.py"), "--model", str(ROOT / "checkpoints" / f"tiny-{fmt}"),
-         "--mode", "eager", "--n", "8", "--gen-length", "128", "--block-length", "16", "--method", method,
-         *extra, "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads(out.read_text())["summary"]
+    summary = _parity(fmt, tmp_path, "--gen-length", "128", "--method", method, *extra)
     assert summary["alone_match"] == 8
     assert summary["nfe"]["vllm"] == summary["nfe"]["reference"]
 
@@ -78,14 +69,6 @@ def test_vllm_suffix_pruning_matches_reference(fmt, method, extra, tmp_path):
     """Streaming-dLLM's suffix pruning on the engine's dual cache (with the dynamic threshold; and
     with jump-share and early exit, ``odb-streaming``): tokens, NFE and accepted drafts equal the
     reference loop's, every prompt alone."""
-    pytest.importorskip("vllm")
-    out = tmp_path / "parity.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "vllm_parity.py"), "--model", str(ROOT / "checkpoints" / f"tiny-{fmt}"),
-         "--mode", "eager", "--n", "8", "--gen-length", "128", "--block-length", "16", "--method", method,
-         *extra, "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads(out.read_text())["summary"]
+    summary = _parity(fmt, tmp_path, "--gen-length", "128", "--method", method, *extra)
     assert summary["alone_match"] == 8 and summary["suffix_window"] == 16
     assert summary["nfe"]["vllm"] == summary["nfe"]["reference"]
