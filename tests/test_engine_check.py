@@ -160,3 +160,21 @@ def test_a_failing_sampler_step_is_logged_before_it_raises(monkeypatch, caplog):
         ODBSampler(state, base)(torch.zeros(1, 12), batch)
     assert "vllm-odb: the sampler failed on a step of 1 requests" in caplog.text
     assert "sampler raised AttributeError" in history.of("a")
+
+
+def test_input_ranges_name_the_request_of_a_bad_index():
+    """The step's final ids, positions and KV slots must be in range; the first bad one raises,
+    naming its batch row and request."""
+    table = _table()
+    batch = _batch([10, 4])
+    batch.num_tokens = 11
+    batch.input_ids = torch.full((11,), 3)
+    slots = torch.arange(11)[None]
+    check.input_ranges(batch, slots, num_slots=64, vocab=12, max_model_len=256, table=table)  # in range
+    bad = slots.clone()
+    bad[0, 10] = 64  # b's second token: a slot past the cache
+    with pytest.raises(RuntimeError, match=r"token 10 \(batch row 1, .*b.*\) has id 3, position 5, slot 64"):
+        check.input_ranges(batch, bad, num_slots=64, vocab=12, max_model_len=256, table=table)
+    batch.input_ids[2] = 12  # a's third token: an id past the vocabulary
+    with pytest.raises(RuntimeError, match=r"token 2 \(batch row 0, .*a.*\) has id 12"):
+        check.input_ranges(batch, slots, num_slots=64, vocab=12, max_model_len=256, table=table)

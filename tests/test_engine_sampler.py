@@ -351,3 +351,11 @@ def test_dynamic_threshold_under_pruning_counts_the_seen_suffix():
     assert torch.allclose(got, want)
     whole = streaming_threshold(cfg, table.tokens[0, 5:69][None], torch.ones(1, 64, dtype=torch.bool), MASK)
     assert not torch.allclose(got, whole)  # pruning changes the ratio
+
+
+def test_refresh_chunk_size_is_the_runners_token_budget_unless_overridden(monkeypatch):
+    cfg = DecodeConfig(gen_length=32, block_length=8)
+    monkeypatch.delenv("VLLM_ODB_REFRESH_TOKENS", raising=False)
+    assert _sampler(0, cfg)[0].refresh_budget == 4096  # the state's max_num_tokens
+    monkeypatch.setenv("VLLM_ODB_REFRESH_TOKENS", "123")
+    assert _sampler(0, cfg)[0].refresh_budget == 123

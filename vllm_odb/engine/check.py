@@ -9,8 +9,10 @@ per step, the invariants between vLLM's request state and ours, checked before t
 - a decode row starts where our table says its block starts (GPU count == block start), which is
   at or past the end of its prompt.
 
-A broken invariant raises, naming the request, with its history: the step where vLLM's and our
-view of a request first part is then in the message, not a device assert many steps later.
+After our changes to positions and slots, every token id, position and KV slot of the step is
+checked to be in range (``input_ranges``). A broken invariant raises, naming the request, with its
+history: the step where vLLM's and our view of a request first part is then in the message, not a
+device assert many steps later.
 """
 
 from __future__ import annotations
@@ -78,6 +80,25 @@ def step_inputs(input_batch, table, history: History | None = None) -> None:
         if problem:
             raise RuntimeError(f"vllm-odb check: request {rid} (batch row {r}): {problem}. Its history:\n  "
                                f"{history.of(rid)}")
+
+
+def input_ranges(input_batch, slot_mappings: torch.Tensor, num_slots: int, vocab: int, max_model_len: int,
+                 table) -> None:
+    """The step's final inputs (after our positions and slots) are in range: token ids in the
+    vocabulary, positions in the model length, KV slots in the cache. A bad index raises here,
+    naming the request, instead of a device assert later."""
+    n, t = input_batch.num_reqs, input_batch.num_tokens
+    ids, pos = input_batch.input_ids[:t], input_batch.positions[:t]
+    slots = slot_mappings[0, :t]
+    bad = (ids < 0) | (ids >= vocab) | (pos < 0) | (pos >= max_model_len) | (slots >= num_slots)
+    if bool(bad.any()):
+        tok = int(torch.nonzero(bad)[0, 0])
+        row = int(np.searchsorted(input_batch.query_start_loc_np[1:n + 1], tok, side="right"))
+        req = table.get(int(input_batch.idx_mapping_np[row]))
+        raise RuntimeError(
+            f"vllm-odb check: token {tok} (batch row {row}, {req}) has id {int(ids[tok])}, position "
+            f"{int(pos[tok])}, slot {int(slots[tok])}; scheduled {input_batch.num_scheduled_tokens[:n].tolist()}, "
+            f"prefilling {input_batch.is_prefilling_np[:n].tolist()}")
 
 
 def sampled(input_batch, nlog: np.ndarray, actions: dict[int, str], num_sampled: torch.Tensor,

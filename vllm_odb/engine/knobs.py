@@ -11,8 +11,9 @@ messages are the reference loop's. The few engine rules on top:
   for), or the engine default when the request leaves ``max_tokens`` unset.
 - ``temperature`` is vLLM's own ``SamplingParams.temperature`` (0 = greedy), not an extra arg.
 - The engine runs the dual cache with the threshold, factor or adaptive (APD) rule, with or without
-  Streaming-dLLM's dynamic threshold (Fast-dLLM, ODB and Dynamic-dLLM's APD modes); the fixed-quota
-  and uncached modes, suffix pruning and DCU stay in the reference engine.
+  Streaming-dLLM's dynamic threshold and suffix pruning (Fast-dLLM, ODB, Streaming on the dual cache
+  and Dynamic-dLLM's APD modes); the fixed-quota and uncached modes, the prefix cache and DCU stay
+  in the reference engine.
 - Jump-share is an engine property too: its draft rows need a wider canvas (models/hook.py), so
   a request may turn ``jump`` off on a jump-share engine, never on elsewhere.
 

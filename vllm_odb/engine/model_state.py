@@ -132,7 +132,9 @@ class ODBModelState(DefaultModelState):
             else:
                 self._dual_cache_and_shift(input_batch, slot_mappings)
             if CHECK:
-                self._check(input_batch, kv_cache_config, slot_mappings)
+                block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+                check.input_ranges(input_batch, slot_mappings, kv_cache_config.num_blocks * block_size,
+                                   self.model_config.get_vocab_size(), self.max_model_len, self.table)
         return build_attn_metadata(
             attn_groups=attn_groups,
             num_reqs=num_reqs,
@@ -168,14 +170,6 @@ class ODBModelState(DefaultModelState):
             tok_g = async_copy_to_gpu(tok.astype(np.int64), device=self.device)
             rows_g = async_copy_to_gpu(tok_rows.astype(np.int64), device=self.device)
             pos = input_batch.positions[tok_g] - self.shift
-            if CHECK and bool((pos < 0).any()):
-                bad = int(torch.nonzero(pos < 0)[0, 0]) // self.width
-                r = int(rows[bad])
-                raise RuntimeError(
-                    f"vllm-odb check: decode row {r} ({self.table.get(int(slots[bad]))}) starts at vLLM position "
-                    f"{int(input_batch.positions[tok_g][bad * self.width])}; computed "
-                    f"{input_batch.num_computed_tokens_np[r]}, prefill {input_batch.num_computed_prefill_tokens_np[r]}"
-                    f"/{input_batch.prefill_len_np[r]}, scheduled {input_batch.num_scheduled_tokens[r]}")
             input_batch.positions[tok_g] = pos
             kbs = self.kernel_block_size
             table = self.block_tables[rows_g]
@@ -231,24 +225,6 @@ class ODBModelState(DefaultModelState):
         slot_mappings[0, tok] = slot.to(slot_mappings.dtype)
         for wrapper in self.branch_attention:
             wrapper.rows = branch_rows
-
-    def _check(self, input_batch, kv_cache_config, slot_mappings) -> None:
-        """VLLM_ODB_CHECK=1 (debugging; syncs the device): the step's inputs are in range, so a bad
-        index raises here, naming the request, instead of a device assert later."""
-        n, t = input_batch.num_reqs, input_batch.num_tokens
-        ids, pos = input_batch.input_ids[:t], input_batch.positions[:t]
-        slots = slot_mappings[0, :t]
-        num_slots = kv_cache_config.num_blocks * kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
-        vocab = self.model_config.get_vocab_size()
-        bad = (ids < 0) | (ids >= vocab) | (pos < 0) | (pos >= self.max_model_len) | (slots >= num_slots)
-        if bool(bad.any()):
-            tok = int(torch.nonzero(bad)[0, 0])
-            row = int(np.searchsorted(input_batch.query_start_loc_np[1:n + 1], tok, side="right"))
-            req = self.table.get(int(input_batch.idx_mapping_np[row]))
-            raise RuntimeError(
-                f"vllm-odb check: token {tok} (batch row {row}, {req}) has id {int(ids[tok])}, position "
-                f"{int(pos[tok])}, slot {int(slots[tok])}; scheduled {input_batch.num_scheduled_tokens[:n].tolist()}, "
-                f"prefilling {input_batch.is_prefilling_np[:n].tolist()}")
 
     def _keys(self, slot: int) -> int:
         req = self.table.get(slot)
