@@ -146,3 +146,27 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys, content, message):
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}: ") and message in err and "Traceback" not in err
     assert not (tmp_path / "plots").exists()
+
+
+def test_concurrency_ceiling_from_refresh_flops_and_peak(tmp_path):
+    """The bound the concurrency goal can reach: response tokens / (refresh FLOPs / bf16 peak)."""
+    from vllm_odb.bench.costs import forward_flops
+    from vllm_odb.bench.full_size import llada_8b_config
+    from vllm_odb.checkpoint import ModelSpec
+
+    data = _data()
+    data["rows"][4]["response_tokens"] = 64 * 8  # odb at 64: 8 response tokens a request
+    data["rows"][4]["requests"] = 64
+    line = report.concurrency_ceiling(data["rows"], "llada-8b", 1024, data["meta"])
+    seconds = forward_flops(ModelSpec.from_config(llada_8b_config()), 256) / 780e12
+    ceiling = 8 / seconds
+    assert f"at most {ceiling:.0f} tok/s" in line
+    assert f"= {report._ratio(ceiling / 600.0)} its batch-1 rate (600.0 tok/s)" in line
+    assert f"{9600.0 / ceiling:.0%} of the ceiling" in line
+    md = report.build_markdown(report.load_results(_write(tmp_path, data)), "results.json")
+    assert "Compute ceiling of the 64-concurrent goal" in md and line in md
+    # no bound without the facts: no peak, no response tokens, not a full-size model
+    assert report.concurrency_ceiling(data["rows"], "llada-8b", 1024, {}) is None
+    assert report.concurrency_ceiling(_data()["rows"], "llada-8b", 1024, data["meta"]) is None
+    assert report.concurrency_ceiling(data["rows"], "tiny-llada", 64, data["meta"]) is None
+

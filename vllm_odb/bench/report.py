@@ -28,7 +28,7 @@ ROW_KEYS = {"method": str, "engine": str, "model": str, "replay": bool, "gen_len
 ROW_OPTIONAL = {"trace_model": str, "note": str, "requests": int, "latency_p50_s": float, "latency_p90_s": float,
                 "nfe": float, "tokens_per_forward": float, "refresh_tokens": float, "gpu_mem_gb": float,
                 "wall_s": float, "decode_step_ms_p50": float, "weight_stream_floor_ms": float,
-                "step_over_floor": float}
+                "step_over_floor": float, "response_tokens": int}
 STEP_KEYS = {"engine": str, "model": str, "kind": str, "batch": int, "query_tokens": int, "ms": float,
              "flops": float, "bytes": float}
 STEP_OPTIONAL = {"method": str, "kv_tokens": int}
@@ -157,6 +157,37 @@ def goals(rows: list[dict], model: str) -> tuple[int | None, list[Goal]]:
     ]
 
 
+def concurrency_ceiling(rows: list[dict], model: str, gen: int | None, meta: dict) -> str | None:
+    """What the concurrency goal can reach at all: every request's refresh is compute-bound work
+    (``refresh_tokens`` rows through the whole model), so no batch serves more than
+    response tokens / (refresh FLOPs / measured bf16 peak) per second. One line per vLLM method
+    with a row at ``CONCURRENT`` requests, against its own batch-1 rate; None without the facts."""
+    from vllm_odb.bench.costs import forward_flops
+    from vllm_odb.bench.full_size import FULL_SIZE
+    from vllm_odb.checkpoint import ModelSpec
+
+    peak = (meta.get("ceilings") or {}).get("bf16_matmul_tflops")
+    if model not in FULL_SIZE or not peak or gen is None:
+        return None
+    spec = ModelSpec.from_config(FULL_SIZE[model]())
+    lines = []
+    for r in sorted(rows, key=lambda r: r["method"]):
+        if (r["model"], r["engine"], r["batch"], r["gen_length"], r["replay"]) != (model, "vllm", CONCURRENT, gen, True):
+            continue
+        one = _find([x for x in rows if x["model"] == model and x["gen_length"] == gen and x["replay"]],
+                    "vllm", r["method"], 1)
+        if not (r.get("refresh_tokens") and r.get("response_tokens") and r.get("requests") and one):
+            continue
+        seconds = forward_flops(spec, int(round(r["refresh_tokens"]))) / (peak * 1e12)
+        ceiling = r["response_tokens"] / r["requests"] / seconds
+        lines.append(f"- {model} vllm {r['method']}: refresh {r['refresh_tokens']:.0f} tokens per request = "
+                     f"{1e3 * seconds:.1f} ms at the bf16 peak for {r['response_tokens'] / r['requests']:.1f} response "
+                     f"tokens: at most {ceiling:.0f} tok/s at any concurrency = {_ratio(ceiling / one['tokens_per_s'])} "
+                     f"its batch-1 rate ({one['tokens_per_s']:.1f} tok/s); measured at {CONCURRENT}: "
+                     f"{r['tokens_per_s']:.1f} tok/s ({r['tokens_per_s'] / ceiling:.0%} of the ceiling).")
+    return "\n".join(lines) or None
+
+
 def _cell(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -197,9 +228,12 @@ def build_markdown(data: dict, title: str, plots: list[str] | None = None, skipp
     models = full_size_models(rows)
     if not models:
         lines.append("No full-size model rows: goals not measured.")
-    body, fallbacks = [], []
+    body, fallbacks, ceilings = [], [], []
     for model in models:
         gen, model_goals = goals(rows, model)
+        bound = concurrency_ceiling(rows, model, gen, meta)
+        if bound:
+            ceilings.append(bound)
         if gen is None:
             fallbacks.append(f"- {model}: no replayed rows.")
         elif gen != GOAL_GEN:
@@ -211,6 +245,10 @@ def build_markdown(data: dict, title: str, plots: list[str] | None = None, skipp
         lines += ["Replayed rows only; every ratio is between rows of this file.", ""]
         lines += _table(["model", "gen", "goal", "measured", "target", "status", "from"], body)
         lines += ["", *fallbacks] if fallbacks else []
+    if ceilings:
+        lines += ["", f"Compute ceiling of the {CONCURRENT}-concurrent goal (refresh FLOPs of a request / the "
+                  "measured bf16 matmul peak; prompt prefill and decode steps excluded, so a true ceiling is lower):",
+                  "", *ceilings]
 
     if plots or skipped:
         lines += ["", "## Plots", ""]
