@@ -1,0 +1,195 @@
+"""Where a batch-1 decode step of the vLLM engine spends its time (issue #8's per-step profile).
+
+    python scripts/profile_decode_step.py --model llada-8b --out profile-llada.json
+
+Runs the engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, so the profiler sees the
+worker's kernels) on a full-size config with random weights (``load_format="dummy"``): one
+request, prompt ``--prompt-len``, gen ``--gen-length``. Random weights commit one token per step,
+so after the first block nearly every engine step is a decode step. The script drives
+``LLMEngine.step()`` itself, skips ``--skip`` steps, then profiles ``--steps`` steps with
+``torch.profiler`` (CPU and CUDA activity). Per step it reports the wall time of ``step()`` and the
+GPU's busy time inside it (the union of kernel and memcpy intervals), split into matmul,
+attention and other kernels; the busy time against the weight-streaming floor says how much of
+the step is the forward and how much is the GPU waiting for the host (split into before the first
+kernel, between kernels and after the last one; the top host ops say what the host was doing).
+The same number of steps is first timed without the profiler, which slows the host side, and a
+third run of them under cProfile names the Python functions the host spends its time in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import os
+import statistics
+import tempfile
+import time
+
+MATMUL = ("gemm", "cutlass", "nvjet", "sm90_xmma", "sm80_xmma", "cublas", "matmul")
+ATTENTION = ("flash", "attn", "attention", "fmha")
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    if any(k in low for k in ATTENTION):
+        return "attention"
+    if any(k in low for k in MATMUL):
+        return "matmul"
+    return "other"
+
+
+def union_ms(intervals: list[tuple[float, float]]) -> float:
+    """Total length (ms) of the union of [start, end) intervals given in microseconds."""
+    total, cur_s, cur_e = 0.0, None, None
+    for s, e in sorted(intervals):
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        total += cur_e - cur_s
+    return total / 1e3
+
+
+def analyse(trace: dict, step_marks: list[tuple[float, float]]) -> dict:
+    """Per marked step (CPU wall interval, us): GPU busy ms and per-kind kernel ms."""
+    gpu = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"
+           and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    cpu = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation")
+           and not str(e.get("name", "")).startswith("engine_step_")]
+    steps, names, host = [], {}, {}
+    for s0, s1 in step_marks:
+        inside = [e for e in gpu if s0 <= e["ts"] < s1]
+        for e in cpu:  # host ops that start inside the step, inclusive time (nested ops count twice)
+            if s0 <= e["ts"] < s1:
+                host[e["name"][:90]] = host.get(e["name"][:90], 0.0) + e["dur"] / 1e3
+        kinds = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+        for e in inside:
+            k = kind_of(e["name"]) if e["cat"] == "kernel" else "other"
+            kinds[k] += e["dur"] / 1e3
+            key = e["name"][:90]
+            names[key] = names.get(key, 0.0) + e["dur"] / 1e3
+        busy = union_ms([(e["ts"], e["ts"] + e["dur"]) for e in inside])
+        first = min((e["ts"] for e in inside), default=s1)
+        last = max((e["ts"] + e["dur"] for e in inside), default=s1)
+        steps.append({"wall_ms": round((s1 - s0) / 1e3, 3), "gpu_busy_ms": round(busy, 3),
+                      # the GPU's idle time, split: before its first kernel (host scheduling and input
+                      # preparation), between kernels (launch gaps, host syncs) and after its last one
+                      "idle_before_ms": round((first - s0) / 1e3, 3),
+                      "idle_between_ms": round(max(0.0, (last - first) / 1e3 - busy), 3),
+                      "idle_after_ms": round(max(0.0, s1 - last) / 1e3, 3),
+                      "kernels": len(inside), **{f"{k}_ms": round(v, 3) for k, v in kinds.items()}})
+    top = sorted(names.items(), key=lambda kv: -kv[1])[:20]
+    top_host = sorted(host.items(), key=lambda kv: -kv[1])[:30]
+    return {"steps": steps, "top_kernels_ms": [{"name": n, "ms_total": round(ms, 3)} for n, ms in top],
+            "top_host_ops_ms": [{"name": n, "ms_total": round(ms, 3)} for n, ms in top_host]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=("llada-8b", "dream-7b"), required=True)
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--gen-length", type=int, default=256)
+    ap.add_argument("--block-length", type=int, default=32)
+    ap.add_argument("--skip", type=int, default=40, help="engine steps before profiling")
+    ap.add_argument("--steps", type=int, default=24, help="engine steps profiled")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    faulthandler.dump_traceback_later(560, exit=True)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from vllm_odb.bench.ceilings import measure
+    from vllm_odb.bench.costs import weight_bytes
+    from vllm_odb.bench.full_size import FULL_SIZE, write_config_dir
+    from vllm_odb.checkpoint import ModelSpec
+
+    ceilings = measure()
+    spec = ModelSpec.from_config(FULL_SIZE[args.model]())
+    path = write_config_dir(args.model, tempfile.mkdtemp(prefix=args.model))
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=path, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+              max_model_len=args.prompt_len + args.gen_length + 64, gpu_memory_utilization=0.85,
+              max_num_seqs=8, seed=0,
+              additional_config={"odb": {"block_length": args.block_length, "gen_length": args.gen_length}})
+    engine = llm.llm_engine
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, spec.mask_token_id - 1, (args.prompt_len,), generator=g).tolist()
+    sp = SamplingParams(temperature=0.0, max_tokens=args.gen_length, ignore_eos=True)
+    llm.generate([TokensPrompt(prompt_token_ids=prompt)], sp, use_tqdm=False)  # warm this shape
+    engine.add_request("profiled", TokensPrompt(prompt_token_ids=prompt), sp)
+    for _ in range(args.skip):
+        engine.step()
+    plain = []  # step wall without the profiler, whose host-side recording slows the host
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        engine.step()
+        plain.append((time.perf_counter() - t0) * 1e3)
+    marks = []
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(args.steps):
+            with record_function(f"engine_step_{i}"):
+                engine.step()
+    torch.cuda.synchronize()
+    import cProfile
+    import pstats
+    pyprof = cProfile.Profile()  # where the host's Python time goes, per function
+    pyprof.enable()
+    for _ in range(args.steps):
+        engine.step()
+    pyprof.disable()
+    stats = pstats.Stats(pyprof)
+    def top_py(key: int) -> list[dict]:  # key 2: own time, 3: cumulative
+        rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][key])[:30]
+        return [{"function": f"{os.path.basename(f)}:{line}:{name}", "ms_per_step": round(v[key] * 1e3 / args.steps, 3)}
+                for (f, line, name), v in rows]
+    python_host = {"own_time": top_py(2), "cumulative": top_py(3)}
+    while engine.has_unfinished_requests():
+        engine.step()
+    trace_path = os.path.join(tempfile.mkdtemp(), "trace.json")
+    prof.export_chrome_trace(trace_path)
+    with open(trace_path) as f:
+        trace = json.load(f)
+    for e in trace["traceEvents"]:
+        if e.get("ph") == "X" and str(e.get("name", "")).startswith("engine_step_") and e.get("cat") == "user_annotation":
+            marks.append((e["ts"], e["ts"] + e["dur"]))
+    marks.sort()
+    res = analyse(trace, marks)
+    floor_ms = weight_bytes(spec) / (ceilings["copy_bandwidth_gbs"] * 1e9) * 1e3
+    counts = [s["kernels"] for s in res["steps"] if s["kernels"] > 0]
+    typical = statistics.mode(counts)  # the decode step's kernel count; refresh steps launch more
+    decode = [s for s in res["steps"] if s["kernels"] == typical]
+    summary = {
+        "steps_profiled": len(res["steps"]), "decode_steps": len(decode),
+        "wall_ms_p50": round(statistics.median(s["wall_ms"] for s in decode), 3),
+        "wall_ms_unprofiled_p50": round(statistics.median(plain), 3),
+        "gpu_busy_ms_p50": round(statistics.median(s["gpu_busy_ms"] for s in decode), 3),
+        "matmul_ms_p50": round(statistics.median(s["matmul_ms"] for s in decode), 3),
+        "attention_ms_p50": round(statistics.median(s["attention_ms"] for s in decode), 3),
+        "other_ms_p50": round(statistics.median(s["other_ms"] for s in decode), 3),
+        **{f"{k}_p50": round(statistics.median(s[k] for s in decode), 3)
+           for k in ("idle_before_ms", "idle_between_ms", "idle_after_ms")},
+        "weight_stream_floor_ms": round(floor_ms, 3),
+    }
+    summary["gpu_busy_over_floor"] = round(summary["gpu_busy_ms_p50"] / floor_ms, 3)
+    summary["wall_over_floor"] = round(summary["wall_ms_p50"] / floor_ms, 3)
+    summary["gpu_idle_fraction"] = round(1 - summary["gpu_busy_ms_p50"] / summary["wall_ms_p50"], 3)
+    summary["unprofiled_wall_over_floor"] = round(summary["wall_ms_unprofiled_p50"] / floor_ms, 3)
+    out = {"model": args.model, "weights": "random (load_format=dummy)", "prompt_len": args.prompt_len,
+           "gen_length": args.gen_length, "block_length": args.block_length, "ceilings": ceilings,
+           "when": time.strftime("%Y-%m-%d %H:%M:%S"), "summary": summary, **res, "python_host_cprofile": python_host}
+    print(json.dumps(summary))
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
