@@ -23,7 +23,8 @@ from vllm_odb.policies import (
     linear_quota,
     predict,
 )
-from vllm_odb.policies.confidence import gumbel_noise
+from vllm_odb.policies.confidence import drop_token, gumbel_noise
+from vllm_odb.policies.host import to_device
 
 
 def T(rows, dtype=torch.float32):
@@ -562,3 +563,45 @@ def test_config_for_method():
     assert METHODS["fast-dllm"] == {"rule": "threshold", "cache": "dual"}
     with pytest.raises(ValueError, match="steps"):
         DecodeConfig.for_method("fast-dllm", steps=64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_drop_token_masks_one_column_in_fp32_and_leaves_the_input(dtype):
+    logits = torch.randn(2, 3, 7).to(dtype)
+    before = logits.clone()
+    out = drop_token(logits, 4)
+    assert out.dtype == torch.float32
+    assert torch.equal(logits, before)  # an fp32 input is not written in place
+    assert torch.isneginf(out[..., 4]).all()
+    keep = [i for i in range(7) if i != 4]
+    assert torch.equal(out[..., keep], before.float()[..., keep])
+
+
+def test_to_device_keeps_values_and_dtype():
+    import numpy as np
+
+    assert torch.equal(to_device([3, 1, 2], "cpu"), torch.tensor([3, 1, 2]))
+    t = to_device(np.array([5, 6], dtype=np.int64), torch.device("cpu"), torch.int32)
+    assert t.dtype == torch.int32 and t.tolist() == [5, 6]
+    assert to_device([], "cpu").shape == (0,)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_to_device_and_a_decision_do_not_sync_the_stream():
+    """The engine sampler's per-step transfers must not wait for the forward queued before them:
+    torch's sync debug mode raises on any synchronising call."""
+    x = torch.randn(4, 8, 1000, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError):
+            torch.tensor([1, 2], device="cuda")  # the pattern this replaces does sync
+        idx = to_device([0, 2], "cuda")
+        out = drop_token(x[idx], 3)
+        masked = torch.ones(2, 8, dtype=torch.bool, device="cuda")
+        cfg = DecodeConfig.for_method("fast-dllm", gen_length=32, block_length=8)
+        decide(x[idx], masked, cfg, 3)  # the float threshold stays a host number
+        decide(x[idx], masked, cfg, 3, threshold=to_device([0.5, 0.9], "cuda", torch.float32))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert idx.tolist() == [0, 2] and torch.isneginf(out[..., 3]).all()

@@ -80,8 +80,8 @@ def refresh(model, tokens: torch.Tensor, jobs: list[tuple], block_tables: torch.
         n = length
         if final is not None:
             ids.append(tokens[slot, final:final + 1])
-            pos.append(torch.tensor([final], device=device))
-            slots.append(kv_slots(block_tables[row], torch.tensor([length], device=device), kernel_block_size))
+            pos.append(torch.full((1,), final, device=device))
+            slots.append(kv_slots(block_tables[row], torch.full((1,), length, device=device), kernel_block_size))
             n += 1
         bounds.append((offset, offset + n))
         offsets.append(offset)

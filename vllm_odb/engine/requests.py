@@ -17,6 +17,7 @@ from vllm_odb.engine import CHECK, check, kv_release
 from vllm_odb.engine.knobs import REPLAY_ARG, canvas_width, live_gen_length, request_config, request_replay
 from vllm_odb.engine.metrics import COUNTERS, RequestCounters
 from vllm_odb.policies import DecodeConfig
+from vllm_odb.policies.host import to_device
 from vllm_odb.policies.replay import Replay
 from vllm_odb.policies.length import Marker
 from vllm_odb.policies.streaming import window_stop
@@ -120,7 +121,7 @@ class RequestTable:
         req.stats["canvas_requested"] = req.stats["canvas_predicted"] = gen
         row = self.tokens[slot]
         row.fill_(self.mask_id)
-        row[: len(ids)] = torch.tensor(ids, dtype=torch.long, device=self.device)
+        row[: len(ids)] = to_device(ids, self.device)
         self.reqs[slot] = req
         self.slot_of[req_id] = slot
         if CHECK:

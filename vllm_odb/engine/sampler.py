@@ -44,6 +44,7 @@ from vllm_odb.engine.requests import decode_rows
 from vllm_odb.policies import decide
 from vllm_odb.policies.adaptive import BlockThresholds, streaming_threshold
 from vllm_odb.policies.confidence import drop_token, predict
+from vllm_odb.policies.host import to_device
 from vllm_odb.policies.jump import accept
 from vllm_odb.policies.length import marker_hits, predict_length
 from vllm_odb.policies.replay import forced_commit
@@ -129,11 +130,11 @@ class ODBSampler:
         if dec_rows:
             emitted = self._decode(logits, input_batch, dec_rows, sampled, num_sampled, refresh_jobs)
             _checkpoint("decode")
-            rows_t = torch.tensor(dec_rows, device=sampled.device)
+            rows_t = to_device(dec_rows, sampled.device)
             num_rejected[rows_t] = self.width - num_sampled[rows_t]
         if len(partial):
-            num_rejected[torch.tensor(partial, device=sampled.device)] = torch.tensor(
-                nlog[partial], dtype=num_rejected.dtype, device=sampled.device)
+            num_rejected[to_device(partial, sampled.device)] = to_device(nlog[partial], sampled.device,
+                                                                         num_rejected.dtype)
 
         # Prompts whose prefill completes this step: their first block starts with a refresh.
         prefill_rows = np.flatnonzero((nlog == 0) & input_batch.is_prefilling_np[:n])
@@ -188,14 +189,14 @@ class ODBSampler:
         cu = input_batch.cu_num_logits_np
         device = sampled.device
         reqs = [table.get(int(slots_np[r])) for r in dec_rows]
-        slots = torch.tensor([int(slots_np[r]) for r in dec_rows], device=device)
-        cols = torch.tensor([q.start for q in reqs], device=device)[:, None] + self._cols[None]
+        slots = to_device([int(slots_np[r]) for r in dec_rows], device)
+        cols = to_device([q.start for q in reqs], device)[:, None] + self._cols[None]
         block = table.tokens[slots[:, None], cols]  # [D, block]
         masked = block == table.mask_id
         new = block.clone()
         # Logit rows 0..block-1 of each request's window predict its block slots (for Dream the
         # window starts one position early, so row j is position s-1+j and predicts slot j).
-        first_row = torch.tensor([int(cu[r]) for r in dec_rows], device=device)
+        first_row = to_device([int(cu[r]) for r in dec_rows], device)
         groups: dict = defaultdict(list)
         planned = []
         for i, q in enumerate(reqs):
@@ -208,7 +209,7 @@ class ODBSampler:
         tile = max(1, _TILE_BYTES // (blk * vocab * 4))
         for cfg, members in groups.items():
             for a in range(0, len(members), tile):
-                idx = torch.tensor(members[a:a + tile], device=device)
+                idx = to_device(members[a:a + tile], device)
                 rows = (first_row[idx][:, None] + self._cols[None]).reshape(-1)
                 lg = logits[rows].view(len(idx), blk, vocab)
                 tile_reqs = [reqs[i] for i in members[a:a + tile]]
@@ -253,8 +254,8 @@ class ODBSampler:
                     table.ended(int(slots_np[r]))  # now, not when vLLM's removal reaches us
                 refresh_jobs.append((int(slots_np[r]), int(r)))
         if done_rows:
-            d = torch.tensor(done_rows, device=device)
-            out_rows = torch.tensor([dec_rows[i] for i in done_rows], device=device)
+            d = to_device(done_rows, device)
+            out_rows = to_device([dec_rows[i] for i in done_rows], device)
             sampled[out_rows, :blk] = new[d].to(sampled.dtype)
             num_sampled[out_rows] = blk
         return bool(done_rows)
@@ -268,10 +269,10 @@ class ODBSampler:
             return None
         table = self.table
         width = max(q.end - q.start for q in reqs)  # host ints: no device sync
-        starts = torch.tensor([q.start for q in reqs], device=slots.device)
+        starts = to_device([q.start for q in reqs], slots.device)
         kept = [q.kept() for q in reqs]  # the suffix a step sees (Streaming's pruning, or all of it)
-        stops = torch.tensor([k[0] for k in kept], device=slots.device)
-        finals = torch.tensor([-1 if k[1] is None else k[1] for k in kept], device=slots.device)
+        stops = to_device([k[0] for k in kept], slots.device)
+        finals = to_device([-1 if k[1] is None else k[1] for k in kept], slots.device)
         cols = starts[:, None] + torch.arange(width, device=slots.device)[None]
         valid = (cols < stops[:, None]) | (cols == finals[:, None])
         tokens = table.tokens[slots[:, None], cols.clamp(max=table.tokens.shape[1] - 1)]
@@ -354,11 +355,11 @@ class ODBSampler:
                                   [(s, r, stop, q.start, final) for (s, r), q, (stop, final) in zip(jobs, reqs, kept)],
                                   state.block_tables, state.kernel_block_size, shift)
         device = hidden.device
-        slots = torch.tensor([s for s, _ in jobs], device=device)
-        first = torch.tensor([o + q.start - shift for o, q in zip(offsets, reqs)], device=device)
+        slots = to_device([s for s, _ in jobs], device)
+        first = to_device([o + q.start - shift for o, q in zip(offsets, reqs)], device)
         logits = state.model.compute_logits(hidden[(first[:, None] + self._cols[None]).reshape(-1)])
         logits = logits.view(len(jobs), blk, -1)
-        cols = torch.tensor([q.start for q in reqs], device=device)[:, None] + self._cols[None]
+        cols = to_device([q.start for q in reqs], device)[:, None] + self._cols[None]
         block = table.tokens[slots[:, None], cols]
         masked = block == table.mask_id
         groups: dict = defaultdict(list)
@@ -372,7 +373,7 @@ class ODBSampler:
         adopted_x0 = torch.zeros_like(block)
         adopted_conf = torch.zeros(block.shape, dtype=torch.float32, device=device)
         for cfg, members in groups.items():
-            idx = torch.tensor(members, device=device)
+            idx = to_device(members, device)
             group = [reqs[i] for i in members]
             x0, conf, commit = decide(logits[idx], masked[idx], cfg, table.mask_id,
                                       threshold=self._thresholds(group, slots[idx], logits[idx]))
@@ -412,7 +413,7 @@ class ODBSampler:
                     x0[j, c:d], conf[j, c:d] = predict(drop_token(self.state.model.compute_logits(hidden[rows]),
                                                                   table.mask_id))
                 scan[j, a:q.gen] = table.tokens[slot, q.start:q.end] == table.mask_id
-            gen = torch.tensor([reqs[i].gen for i in members], device=device)
+            gen = to_device([reqs[i].gen for i in members], device)
             new = predict_length(x0, conf, scan, 0, gen, table.markers, cfg.alp_threshold, cfg.block_length,
                                  cfg.alp_min_length)
             cut.extend(zip(members, new))
@@ -434,8 +435,8 @@ class ODBSampler:
             return
         table = self.table
         device = table.tokens.device
-        slot_t = torch.tensor(slots, device=device)
-        starts = torch.tensor([table.get(s).start - self.shift for s in slots], device=device)
+        slot_t = to_device(slots, device)
+        starts = to_device([table.get(s).start - self.shift for s in slots], device)
         cols = starts[:, None] + torch.arange(self.width, device=device)[None]
         self.req_states.draft_tokens[slot_t, : self.width] = table.tokens[slot_t[:, None], cols]
         for s in slots:
@@ -478,9 +479,8 @@ def _force(commit: torch.Tensor, conf: torch.Tensor, masked: torch.Tensor, reqs:
     rows = [j for j, q in enumerate(reqs) if q.replay is not None]
     if not rows:
         return commit
-    idx = torch.tensor(rows, device=commit.device)
-    counts = torch.tensor([reqs[j].replay.count(reqs[j].block_index, reqs[j].block_step) for j in rows],
-                          device=commit.device)
+    idx = to_device(rows, commit.device)
+    counts = to_device([reqs[j].replay.count(reqs[j].block_index, reqs[j].block_step) for j in rows], commit.device)
     commit = commit.clone()
     commit[idx] = forced_commit(conf[idx], masked[idx], counts)
     return commit

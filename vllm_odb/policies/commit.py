@@ -6,6 +6,8 @@ All functions take ``conf`` [B, N] (any float; positions that are not masked are
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 
@@ -37,12 +39,19 @@ def commit_best(conf: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     return best & masked
 
 
+def _per_row(value, device) -> float | torch.Tensor:
+    """A rule's parameter: a number stays a number (a host-to-device copy would wait for the GPU
+    to drain, policies/host.py), a [B] tensor becomes [B, 1], a [B, N] tensor stays."""
+    if isinstance(value, numbers.Real):  # rounded to fp32: the comparison is the fp32 one
+        return torch.tensor(float(value), dtype=torch.float32).item()
+    t = torch.as_tensor(value, dtype=torch.float32).to(device)
+    return t.view(-1, 1) if t.dim() == 1 else t
+
+
 def commit_threshold(conf: torch.Tensor, masked: torch.Tensor, threshold) -> torch.Tensor:
     """Fast-dLLM: every masked position with confidence >= threshold, and always the best one so
     that each step makes progress. ``threshold`` is a float, a [B] tensor or a [B, N] tensor."""
-    t = torch.as_tensor(threshold, dtype=torch.float32, device=conf.device)
-    if t.dim() == 1:
-        t = t.view(-1, 1)
+    t = _per_row(threshold, conf.device)
     return ((conf.float() >= t) & masked) | commit_best(conf, masked)
 
 
@@ -55,9 +64,7 @@ def commit_factor(conf: torch.Tensor, masked: torch.Tensor, factor) -> torch.Ten
     order = c.argsort(dim=1, descending=True, stable=True)
     c_sorted = c.gather(1, order)
     n = torch.arange(1, c.shape[1] + 1, device=c.device, dtype=torch.float32)[None]
-    f = torch.as_tensor(factor, dtype=torch.float32, device=c.device)
-    if f.dim() == 1:
-        f = f.view(-1, 1)
+    f = _per_row(factor, c.device)
     passing = c_sorted >= 1.0 - f / (n + 1.0)
     passing[:, 0] = True
     keep = passing.cumprod(dim=1).bool()

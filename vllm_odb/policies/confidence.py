@@ -12,7 +12,11 @@ def gumbel_noise(shape, generator: torch.Generator | None, device) -> torch.Tens
 
 def drop_token(logits: torch.Tensor, token_id: int) -> torch.Tensor:
     """fp32 logits with ``token_id`` made impossible (the mask token is never a prediction)."""
-    return logits.float().index_fill(-1, torch.tensor([token_id], device=logits.device), float("-inf"))
+    out = logits.float()
+    if out is logits:  # already fp32: the caller's logits stay as they are
+        out = out.clone()
+    out[..., token_id] = float("-inf")  # an int index: no host-to-device copy, no stream sync
+    return out
 
 
 def predict(

@@ -31,6 +31,8 @@ from functools import lru_cache
 
 import torch
 
+from vllm_odb.policies.host import to_device
+
 
 @lru_cache(maxsize=None)
 def _family(p: int) -> tuple[tuple[int, ...], ...]:
@@ -208,7 +210,7 @@ def accept(commit: torch.Tensor, x0: torch.Tensor, positions: torch.Tensor, toke
                 diff = sorted(states[target] - states[src])
                 ok |= reach[:, src] & v[:, src, diff].all(1)
         reach[:, target] = ok & valid[:, target]
-    size = torch.tensor([len(st) for st in states], device=dev)
+    size = to_device([len(st) for st in states], dev)
     # Furthest reachable state; family order breaks ties.
     score = torch.where(reach, size[None].expand(b, -1) * nb + (nb - torch.arange(nb, device=dev))[None], -1)
     return score.argmax(1)
