@@ -955,8 +955,8 @@ def test_hook_jump_share_engine(cpu_vllm, fmt):
 
 
 @pytest.mark.parametrize("knobs,name", [({"method": "streaming"}, "cache='prefix'"),
-                                        ({"method": "dynamic"}, "dcu"),
-                                        ({"method": "dynamic-dcu"}, "dcu")])
+                                        ({"method": "dynamic"}, "dcu.*'dynamic-apd'"),
+                                        ({"method": "dynamic-dcu"}, "dcu.*'dynamic-apd'")])
 def test_reference_only_policies_are_refused_by_name_on_the_engine(knobs, name):
     from vllm_odb.engine.knobs import request_config
     from vllm_odb.policies import DecodeConfig
