@@ -58,7 +58,8 @@ def analyse(trace: dict, step_marks: list[tuple[float, float]]) -> dict:
     """Per marked step (CPU wall interval, us): GPU busy ms and per-kind kernel ms."""
     gpu = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"
            and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
-    cpu = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation")
+    cpu = [e for e in trace.get("traceEvents", [])
+           if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation")
            and not str(e.get("name", "")).startswith("engine_step_")]
     steps, names, host = [], {}, {}
     for s0, s1 in step_marks:

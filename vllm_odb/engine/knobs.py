@@ -38,8 +38,8 @@ MODE_KNOBS = ("rule", "cache", "alp", "early_stop", "jump", "suffix_window", "th
 
 # Reference-engine-only policies (Dynamic-dLLM's DCU): refused by name on the engine rather than
 # silently ignored. DCU is left out of the engine on purpose: `bench dcu-cost` measured it slower
-# than the dual cache at real forwards-per-block, with 2-8x the cache memory (BENCHMARKS.md). (Streaming-dLLM's suffix pruning and dynamic threshold, and Dynamic's APD, run on
-# both engines.)
+# than the dual cache at real forwards-per-block, with 2-8x the cache memory (BENCHMARKS.md).
+# (Streaming-dLLM's suffix pruning and dynamic threshold, and Dynamic's APD, run on both engines.)
 REFERENCE_ONLY = {"dcu": lambda v: v}
 
 
