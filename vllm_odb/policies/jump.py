@@ -182,6 +182,20 @@ def branch_layout(window_tokens: torch.Tensor, draft_valid: torch.Tensor, shared
     return BranchLayout(tokens, offset, branch, attn, pred_row, num_rows)
 
 
+@lru_cache(maxsize=None)
+def _chain_plan(family: tuple[tuple[int, ...], ...]) -> tuple[list[int], list[int], list, list]:
+    """accept()'s host-side plan for one family ([D, p] 0/1 rows): the drafts in the order the
+    chain settles them (by size), each state's size (state 0 = base), subset[src][target] (src a
+    strict subset of target) and need[src][target][i] (position i is in target but not in src)."""
+    states = [frozenset()] + [frozenset(i for i, f in enumerate(row) if f) for row in family]
+    p = len(family[0]) if family else 0
+    nb = len(states)
+    subset = [[states[a] < states[t] for t in range(nb)] for a in range(nb)]
+    need = [[[i in states[t] and i not in states[a] for i in range(p)] for t in range(nb)] for a in range(nb)]
+    order = sorted(range(1, nb), key=lambda i: len(states[i]))
+    return order, [len(st) for st in states], subset, need
+
+
 def accept(commit: torch.Tensor, x0: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor,
            family: torch.Tensor, draft_valid: torch.Tensor) -> torch.Tensor:
     """The branch to adopt [B] (0 = base, d + 1 = draft d), by the chain rule (module doc).
@@ -196,21 +210,20 @@ def accept(commit: torch.Tensor, x0: torch.Tensor, positions: torch.Tensor, toke
     # v[b, branch, i]: the branch commits drafted position i with its drafted token.
     pos = positions[:, None, :].expand(b, nb, p)
     v = commit.gather(2, pos) & (x0.gather(2, pos) == tokens[:, None, :])
-    # States: index 0 = base (empty set), 1..D = drafts. The subset structure is planned once on
-    # the host from the family (one small transfer), not per comparison.
-    states = [frozenset()] + [frozenset(i for i, f in enumerate(row) if f) for row in family.tolist()]
+    # States: index 0 = base (empty set), 1..D = drafts. The subset structure is planned on the
+    # host from the family (one small transfer back, cached per family) and sent over once, so the
+    # chain below indexes with Python ints only (a list index would be a blocking copy each time).
+    order, sizes, subset, need = _chain_plan(tuple(map(tuple, family.tolist())))
+    subset, need = to_device(subset, dev, torch.bool), to_device(need, dev, torch.bool)
     valid = torch.cat([torch.ones((b, 1), dtype=torch.bool, device=dev), draft_valid], 1)
     reach = torch.zeros((b, nb), dtype=torch.bool, device=dev)
     reach[:, 0] = True
-    # Process states by size so every strict subset is settled first.
-    for target in sorted(range(1, nb), key=lambda i: len(states[i])):
-        ok = torch.zeros(b, dtype=torch.bool, device=dev)
-        for src in range(nb):
-            if states[src] < states[target]:
-                diff = sorted(states[target] - states[src])
-                ok |= reach[:, src] & v[:, src, diff].all(1)
-        reach[:, target] = ok & valid[:, target]
-    size = to_device([len(st) for st in states], dev)
+    # Process states by size so every strict subset is settled first: a target is reached from a
+    # reached strict subset whose missing positions this forward verified.
+    for target in order:
+        verified = (v | ~need[:, target][None]).all(2)  # [B, nb]
+        reach[:, target] = (reach & verified & subset[:, target][None]).any(1) & valid[:, target]
+    size = to_device(sizes, dev)
     # Furthest reachable state; family order breaks ties.
     score = torch.where(reach, size[None].expand(b, -1) * nb + (nb - torch.arange(nb, device=dev))[None], -1)
     return score.argmax(1)
