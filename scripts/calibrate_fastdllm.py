@@ -3,11 +3,15 @@
     scripts/stage_fastdllm.sh <Fast-dLLM mirror git dir>        # once: fills .gpu/fastdllm/
     python scripts/calibrate_fastdllm.py --fastdllm-dir .gpu/fastdllm \
         [--config 8b|small] [--prompt-len 512 --gen-length 256 --block-length 32] \
-        [--iters 20 --warmup 3] [--device cuda --dtype bfloat16] [--order ours,theirs] [--out calib.json]
+        [--iters 20 --warmup 3] [--device cuda --dtype bfloat16] [--order ours,theirs] \
+        [--variants] [--profile] [--out calib.json]
 
 The reference engine stands in for the research code in every ratio of the benchmarks, so its
-per-forward time must match the research code's. This script times, at batch 1 and with identical
-shapes and identical (random, name-seeded) weights:
+per-forward time must match the research code's. The benchmarks run it with
+``attention_impl="research"`` (vllm_odb/reference/model.py: the cache kept as the research code
+keeps it); that is "ours" here, and the faster ``"plain"`` layout is timed beside it for the
+record. This script times, at batch 1 and with identical shapes and identical (random,
+name-seeded) weights:
 
 - refresh forward: the whole sequence (prompt + gen_length tokens), returning the KV cache.
   Ours:  ``model(x, pos, key_mask, return_kv=True)`` (vllm_odb/reference/generate.py, step 0).
@@ -287,30 +291,68 @@ def make_inputs(cfg: dict, args, device) -> dict:
     return {"x": x.to(device), "block": block.to(device), "s": s, "e": e}
 
 
+def profile_fn(fn, device: torch.device, iters: int = 5, top: int = 12) -> dict:
+    """Per call: host ops launched, kernels, stream syncs (the host waiting for the GPU), GPU busy
+    time, and the host ops with the most self CPU time (where a host-bound forward goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(iters):
+            fn()
+        sync(device)
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    ops = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("aten::")]
+    syncs = [e for e in events if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+             or (e.name == "cudaMemcpyAsync" and e.cpu_time_total > 50)]
+    table = sorted(prof.key_averages(), key=lambda a: a.self_cpu_time_total, reverse=True)[:top]
+    return {"calls": iters, "aten_ops_per_call": round(len(ops) / iters, 1),
+            "kernels_per_call": round(len(kernels) / iters, 1),
+            "host_waits_per_call": round(len(syncs) / iters, 1),
+            "gpu_busy_ms_per_call": round(sum(e.device_time for e in kernels) / 1e3 / iters, 3),
+            "top_self_cpu_ms_per_call": {a.key: round(a.self_cpu_time_total / 1e3 / iters, 3) for a in table}}
+
+
 @torch.no_grad()
 def run_ours(cfg, args, device, dtype, inp) -> tuple[dict, dict]:
+    """The reference model timed in each attention_impl (``research``, the calibrated one, first),
+    plus the diagnostic variants: with --variants, the research impl with its attention call
+    wrapped in torch.compile (as Fast-dLLM's LLaDA file wraps it) and without the key mask."""
+    from vllm_odb.reference import model as ref_model
+
     model = build_ours(cfg, device, dtype, args.seed)
     x, block, s, e = inp["x"], inp["block"], inp["s"], inp["e"]
     key_mask = torch.ones_like(x, dtype=torch.bool)  # bs 1, no padding (as generate() builds it)
     pos = (key_mask.long().cumsum(1) - 1).clamp_min(0)
-    logits, cache = model(x, pos, key_mask, return_kv=True)
-    step = model(block, pos[:, s:e], key_mask, past=cache, splice=(s, e))
-    out = {"refresh_logits": logits.float().cpu(), "decode_logits": step.float().cpu()}
-    del logits, step
-
-    res = {
-        "refresh": time_fn(lambda: model(x, pos, key_mask, return_kv=True), device, args.warmup, args.iters),
-        "decode": time_fn(lambda: model(block, pos[:, s:e], key_mask, past=cache, splice=(s, e)),
-                          device, args.warmup, args.iters),
-    }
-    if not args.no_diagnostics:  # where the time goes if the ratio is off: SDPA without a mask
-        res["diag_no_key_mask"] = {
-            "refresh": time_fn(lambda: model(x, pos, None, return_kv=True), device, args.warmup, args.iters),
-            "decode": time_fn(lambda: model(block, pos[:, s:e], None, past=cache, splice=(s, e)),
-                              device, args.warmup, args.iters),
-        }
+    res, out = {}, {}
+    variants = [("research", "research", None, key_mask), ("plain", "plain", None, key_mask)]
+    if args.variants:
+        variants += [("research_compiled_sdpa", "research", torch.compile(torch.nn.functional.scaled_dot_product_attention),
+                      key_mask), ("plain_no_key_mask", "plain", None, None)]
+    for name, impl, sdpa, km in variants:
+        model.attention_impl = impl
+        ref_model.research_sdpa = sdpa or torch.nn.functional.scaled_dot_product_attention
+        logits, cache = model(x, pos, km, return_kv=True)
+        step = model(block, pos[:, s:e], km, past=cache, splice=(s, e))
+        if name in ("research", "plain"):
+            out[name] = {"refresh_logits": logits.float().cpu(), "decode_logits": step.float().cpu()}
+        del logits, step
+        # A research decode writes the block's K/V into the cache in place; every timed call
+        # writes the same values, so the cache stays what the first call left (as theirs).
+        refresh = lambda km=km: model(x, pos, km, return_kv=True)  # noqa: E731
+        decode = lambda km=km, cache=cache: model(block, pos[:, s:e], km, past=cache, splice=(s, e))  # noqa: E731
+        res[name] = {"refresh": time_fn(refresh, device, args.warmup, args.iters),
+                     "decode": time_fn(decode, device, args.warmup, args.iters)}
+        if args.profile and name in ("research", "plain"):
+            res[name]["profile"] = {"refresh": profile_fn(refresh, device), "decode": profile_fn(decode, device)}
+        del cache, refresh, decode
+    ref_model.research_sdpa = torch.nn.functional.scaled_dot_product_attention
+    model.attention_impl = "plain"
     res["peak_mem_gib"] = peak_gib(device)
-    return res, out  # the model and its cache go with this frame
+    return res, out  # the model goes with this frame
 
 
 @torch.no_grad()
@@ -327,13 +369,14 @@ def run_theirs(ml, cl, cfg, args, device, dtype, inp) -> tuple[dict, dict]:
     del output, step
     # Their decode writes the block's K/V into past_key_values in place; every timed call
     # writes the same values, so the cache stays what the first call left.
-    res = {
-        "refresh": time_fn(lambda: model(x, use_cache=True), device, args.warmup, args.iters),
-        "decode": time_fn(lambda: model(block, past_key_values=past_key_values, use_cache=True,
-                                        replace_position=replace_position),
-                          device, args.warmup, args.iters),
-        "peak_mem_gib": peak_gib(device),
-    }
+    refresh = lambda: model(x, use_cache=True)  # noqa: E731
+    decode = lambda: model(block, past_key_values=past_key_values, use_cache=True,  # noqa: E731
+                           replace_position=replace_position)
+    res = {"refresh": time_fn(refresh, device, args.warmup, args.iters),
+           "decode": time_fn(decode, device, args.warmup, args.iters)}
+    if args.profile:
+        res["profile"] = {"refresh": profile_fn(refresh, device), "decode": profile_fn(decode, device)}
+    res["peak_mem_gib"] = peak_gib(device)
     return res, out  # the model and its cache go with this frame
 
 
@@ -371,7 +414,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tolerance", type=float, default=0.15, help="allowed |ours/theirs - 1|")
-    ap.add_argument("--no-diagnostics", action="store_true", help="skip the extra no-key-mask timing of ours")
+    ap.add_argument("--variants", action="store_true",
+                    help="also time ours research with a compiled attention call, and plain without the key mask")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile each decode and refresh (host ops, kernels, host waits, GPU busy, top host ops)")
     ap.add_argument("--order", default="ours,theirs", choices=["ours,theirs", "theirs,ours"],
                     help="which model is built and timed first (one at a time)")
     ap.add_argument("--out", default=None)
@@ -407,9 +453,13 @@ def main() -> None:
             their_flags = sdpa_flags()
         free(device)
     set_sdpa_flags(default_flags)
-    (ours, ours_out), (theirs, theirs_out) = results["ours"], results["theirs"]
+    (ours_all, ours_out), (theirs, theirs_out) = results["ours"], results["theirs"]
+    ours, plain = ours_all["research"], ours_all["plain"]  # the reference engine's calibrated impl first
 
-    ratio = {k: round(ours[k]["median_ms"] / theirs[k]["median_ms"], 4) for k in ("refresh", "decode")}
+    def ratios(mine: dict) -> dict:
+        return {k: round(mine[k]["median_ms"] / theirs[k]["median_ms"], 4) for k in ("refresh", "decode")}
+
+    ratio = ratios(ours)
     import transformers
 
     result = {
@@ -424,20 +474,28 @@ def main() -> None:
                    "decode_keys": args.prompt_len + args.gen_length},
         "timing": {"warmup": args.warmup, "iters": args.iters, "stat": "median", "order": args.order,
                    "clock": "cuda events" if device.type == "cuda" else "perf_counter"},
-        "ours": {"refresh_ms": ours["refresh"]["median_ms"], "decode_ms": ours["decode"]["median_ms"]},
+        # "ours": the reference engine as the benchmarks run it (attention_impl="research");
+        # "ours_plain": its faster layout (attention_impl="plain"), for the record.
+        "ours": {"attention_impl": "research", "refresh_ms": ours["refresh"]["median_ms"],
+                 "decode_ms": ours["decode"]["median_ms"]},
+        "ours_plain": {"attention_impl": "plain", "refresh_ms": plain["refresh"]["median_ms"],
+                       "decode_ms": plain["decode"]["median_ms"]},
         "fastdllm": {"refresh_ms": theirs["refresh"]["median_ms"], "decode_ms": theirs["decode"]["median_ms"]},
         "ratio_ours_over_fastdllm": ratio,
+        "ratio_ours_plain_over_fastdllm": ratios(plain),
         "tolerance": args.tolerance,
         "within_15pct": {k: abs(r - 1.0) <= args.tolerance for k, r in ratio.items()},
         "equivalence": {
-            "refresh_logits": compare(ours_out["refresh_logits"], theirs_out["refresh_logits"]),
-            "decode_logits": compare(ours_out["decode_logits"], theirs_out["decode_logits"]),
+            "refresh_logits": compare(ours_out["research"]["refresh_logits"], theirs_out["refresh_logits"]),
+            "decode_logits": compare(ours_out["research"]["decode_logits"], theirs_out["decode_logits"]),
+            "research_vs_plain_decode_logits": compare(ours_out["research"]["decode_logits"],
+                                                       ours_out["plain"]["decode_logits"]),
         },
-        "details": {"ours": ours, "fastdllm": theirs},
+        "details": {"ours": ours_all, "fastdllm": theirs},
         "sdpa_flags": {"ours": default_flags, "fastdllm": their_flags},
         "fastdllm_source": fastdllm_source(args.fastdllm_dir),
         "shims": SHIMS,
-        "fastdllm_compiled_graphs": _dynamo_graphs(),
+        "compiled_graphs": _dynamo_graphs(),  # theirs, plus ours with --variants
         "dynamo_disabled": os.environ.get("TORCHDYNAMO_DISABLE", "") not in ("", "0"),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "cuda": torch.version.cuda, "python": platform.python_version()},
@@ -449,7 +507,7 @@ def main() -> None:
           f"refresh ours {ours['refresh']['median_ms']:.3f} ms / fastdllm {theirs['refresh']['median_ms']:.3f} ms "
           f"= {ratio['refresh']:.3f}; decode ours {ours['decode']['median_ms']:.3f} ms / fastdllm "
           f"{theirs['decode']['median_ms']:.3f} ms = {ratio['decode']:.3f}; within +-{args.tolerance:.0%}: "
-          f"{result['within_15pct']}; max |dlogit| refresh {eq['refresh_logits']['max_abs_diff']:.3g}, "
+          f"{result['within_15pct']} (plain impl: {result['ratio_ours_plain_over_fastdllm']}); max |dlogit| refresh {eq['refresh_logits']['max_abs_diff']:.3g}, "
           f"decode {eq['decode_logits']['max_abs_diff']:.3g}", file=sys.stderr)
     if args.out:
         with open(args.out, "w") as f:

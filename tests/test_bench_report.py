@@ -58,20 +58,41 @@ def test_goals_ratios_and_status(tmp_path):
     md = report.build_markdown(data, "results.json")
     llada = _goal_lines(md, "llada-8b")
     assert len(llada) == 4 and all("| 1024 |" in line for line in llada.values())
-    fast = llada["vllm odb ÷ reference fast-dllm tok/s, batch 1"]
+    fast = llada["vllm odb ÷ reference (plain) fast-dllm tok/s, batch 1"]
     assert "| 15.0x | >= 10x | met |" in fast and "600.0 / 40.0 tok/s" in fast
-    assert "| 300.0x | >= 250x | met |" in llada["vllm odb ÷ reference vanilla tok/s, batch 1"]
+    assert "| 300.0x | >= 250x | met |" in llada["vllm odb ÷ reference (plain) vanilla tok/s, batch 1"]
     floor = llada["vllm decode step ÷ weight-streaming floor, batch 1"]
     assert "| 1.30x | <= 1.2x | not met |" in floor and "step 6.50 ms / floor 5.00 ms" in floor
     assert "| 16.0x | >= 15x | met |" in llada["vllm odb tok/s at 64 concurrent ÷ batch 1"]
 
     dream = _goal_lines(md, "dream-7b")  # only gen 512, no vanilla, no floor, no batch 64
-    assert "| 9.00x | >= 10x | not met |" in dream["vllm odb ÷ reference fast-dllm tok/s, batch 1"]
-    for goal in ("vllm odb ÷ reference vanilla tok/s, batch 1", "vllm decode step ÷ weight-streaming floor, batch 1",
+    assert "| 9.00x | >= 10x | not met |" in dream["vllm odb ÷ reference (plain) fast-dllm tok/s, batch 1"]
+    for goal in ("vllm odb ÷ reference (plain) vanilla tok/s, batch 1", "vllm decode step ÷ weight-streaming floor, batch 1",
                  "vllm odb tok/s at 64 concurrent ÷ batch 1"):
         assert "| - |" in dream[goal] and "| not measured |" in dream[goal]
     assert "dream-7b: no replayed rows at gen_length 1024; used the largest present, 512." in md
     assert _goal_lines(md, "tiny-llada") == {}
+
+
+def test_goals_use_the_calibrated_reference_and_list_the_plain_one(tmp_path):
+    """With both reference impls measured, the goals divide by the calibrated ('research') rows and
+    add the same two ratios against the faster 'plain' rows; the rows table names each impl."""
+    data = _data()
+    data["rows"] += [_row("llada-8b", "reference", "vanilla", 1024, 1, 1.5, attention_impl="research"),
+                     _row("llada-8b", "reference", "fast-dllm", 1024, 1, 30.0, attention_impl="research")]
+    data["rows"][1]["attention_impl"] = "plain"
+    md = report.build_markdown(report.load_results(_write(tmp_path, data)), "results.json")
+    llada = _goal_lines(md, "llada-8b")
+    assert len(llada) == 6
+    assert "| 20.0x | >= 10x | met | 600.0 / 30.0 tok/s |" in llada["vllm odb ÷ reference (research) fast-dllm tok/s, batch 1"]
+    assert "| 400.0x |" in llada["vllm odb ÷ reference (research) vanilla tok/s, batch 1"]
+    assert "| 15.0x |" in llada["vllm odb ÷ reference (plain) fast-dllm tok/s, batch 1"]
+    assert "| 300.0x |" in llada["vllm odb ÷ reference (plain) vanilla tok/s, batch 1"]
+    assert "| llada-8b | yes (tiny-llada) | reference (research) | fast-dllm | 1024 | 1 | 30.0 |" in md
+    # Goals keep their order: the calibrated pair first, the plain pair last.
+    names = [line.split(" | ")[2] for line in md.splitlines() if line.startswith("| llada-8b | 1024 |")]
+    assert names[0] == "vllm odb ÷ reference (research) fast-dllm tok/s, batch 1"
+    assert names[-1] == "vllm odb ÷ reference (plain) vanilla tok/s, batch 1"
 
 
 def test_rows_table_sorted_and_sparse(tmp_path):
@@ -80,9 +101,10 @@ def test_rows_table_sorted_and_sparse(tmp_path):
     assert table[0].startswith("| model | replay | engine | method | gen | batch | tok/s | p50 s | p90 s | NFE |")
     keys = [(c[0], int(c[4]), int(c[5]), c[2], c[3]) for c in (line.strip("| ").split(" | ") for line in table[1:])]
     assert keys == sorted(keys) and len(keys) == 10
-    assert ("| dream-7b | yes (tiny-llada) | reference | fast-dllm | 512 | 1 | 50.0 | 1.000 | 1.500 | 10.0 | 3.20 "
-            "| 256 | - |") in md
-    assert "- dream-7b reference fast-dllm gen 512 batch 1: short run" in md
+    # Rows from before attention_impl was recorded are the plain reference.
+    assert ("| dream-7b | yes (tiny-llada) | reference (plain) | fast-dllm | 512 | 1 | 50.0 | 1.000 | 1.500 | 10.0 "
+            "| 3.20 | 256 | - |") in md
+    assert "- dream-7b reference (plain) fast-dllm gen 512 batch 1: short run" in md
     assert "```bash\npython -m vllm_odb.bench speed\n```" in md
 
 

@@ -24,6 +24,14 @@ def test_reference_rows_on_the_tiny_checkpoint(tmp_path):
     assert by[("odb", 1)]["refresh_tokens"] < by[("fast-dllm", 1)]["refresh_tokens"]  # ALP cut the canvas
     assert all(not r["replay"] for r in data["rows"])
     assert data["meta"]["commands"][0].startswith("python -m vllm_odb.bench speed")
+    # The calibrated reference by default; jump-share (odb) has no research-code layout.
+    assert by[("fast-dllm", 1)]["attention_impl"] == "research" and by[("odb", 1)]["attention_impl"] == "plain"
+    assert main(["speed", "--engine", "reference", "--model", "checkpoints/tiny-llada", "--methods", "fast-dllm",
+                 "--gen-lengths", "64", "--batches", "1", "--requests", "2", "--reference-impl", "plain",
+                 "--out", str(out)]) == 0
+    plain = json.loads(out.read_text())["rows"][-1]
+    assert plain["attention_impl"] == "plain"
+    assert (plain["nfe"], plain["refresh_tokens"]) == (by[("fast-dllm", 1)]["nfe"], by[("fast-dllm", 1)]["refresh_tokens"])
 
 
 def test_replay_rows_make_the_traced_forwards(tmp_path, monkeypatch):

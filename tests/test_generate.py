@@ -205,6 +205,38 @@ def test_stop_strings_end_the_response(ckpt):
     assert out.stats["canvas_length"] == [32]
 
 
+@pytest.mark.parametrize("method,cache,threshold", [("vanilla", "none", None), ("fast-dllm", "prefix", 1.0),
+                                                    ("fast-dllm", "dual", 1.0), ("odb-alp", "dual", 1.0)])
+def test_research_attention_decodes_the_same(ckpt, method, cache, threshold):
+    """The research code's cache layout (keys before RoPE, in-place dual-cache writes) is only a
+    cost: on a padded batch with multi-step blocks it decodes the same tokens with the same NFE."""
+    from vllm_odb.reference.model import DiffusionLM
+
+    prompts = [ckpt.encode_chat(e.prompt) for e in make_suite(21, 4)]
+    knobs = {"gen_length": 64, "cache": cache, **({"threshold": threshold} if threshold else {})}
+    cfg = DecodeConfig.for_method(method, **knobs)
+    research = DiffusionLM(ckpt.model.spec, attention_impl="research")
+    research.load_state_dict(ckpt.model.state_dict())
+    plain_out = generate(ckpt.model, prompts, cfg, ckpt.special)
+    research_out = generate(research.eval(), prompts, cfg, ckpt.special)
+    assert research_out.tokens == plain_out.tokens
+    assert research_out.nfe == plain_out.nfe
+    assert research_out.stats["canvas_length"] == plain_out.stats["canvas_length"]
+    if cache != "none":
+        assert max(plain_out.stats["cached_forwards"]) > 0  # cached steps ran
+
+
+@pytest.mark.parametrize("method,knob", [("odb", "jump-share"), ("streaming", "suffix_window"),
+                                         ("dynamic", "dcu")])
+def test_research_attention_refuses_what_the_research_code_lacks(ckpt, method, knob):
+    from vllm_odb.reference.model import DiffusionLM
+
+    research = DiffusionLM(ckpt.model.spec, attention_impl="research")
+    research.load_state_dict(ckpt.model.state_dict())
+    with pytest.raises(ValueError, match=knob):
+        generate(research, [ckpt.encode_chat("hi")], DecodeConfig.for_method(method, gen_length=64), ckpt.special)
+
+
 def test_bad_inputs(ckpt):
     cfg = DecodeConfig.for_method("fast-dllm", gen_length=64)
     with pytest.raises(ValueError, match="empty"):

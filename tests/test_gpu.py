@@ -41,3 +41,21 @@ def test_cuda_bf16_quality(fmt):
                    DecodeConfig.for_method("odb", gen_length=128), ck.special)
     answers = [ck.tokenizer.decode(response_ids(c, ck.special), skip_special_tokens=True) for c in out.tokens]
     assert sum(score(a, e.answer) for a, e in zip(answers, suite)) / len(suite) >= 0.9
+
+
+@pytest.mark.parametrize("fmt", ["llada", "dream"])
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cuda_research_attention_decodes_as_plain(fmt, cache):
+    """The benchmarks' calibrated reference (attention_impl="research": keys cached before RoPE,
+    in-place dual-cache writes at device-found indices) decodes as the plain layout on the GPU."""
+    ck = load_checkpoint(str(ROOT / "checkpoints" / f"tiny-{fmt}"), device="cuda")
+    prompts = [ck.encode_chat(e.prompt) for e in make_suite(31, 16)]
+    cfg = DecodeConfig.for_method("odb-alp", gen_length=128, cache=cache, threshold=1.0)
+    plain = generate(ck.model, prompts, cfg, ck.special)
+    ck.model.attention_impl = "research"
+    try:
+        research = generate(ck.model, prompts, cfg, ck.special)
+    finally:
+        ck.model.attention_impl = "plain"
+    assert research.tokens == plain.tokens and research.nfe == plain.nfe
+    assert max(plain.stats["cached_forwards"]) > 0

@@ -28,7 +28,7 @@ ROW_KEYS = {"method": str, "engine": str, "model": str, "replay": bool, "gen_len
 ROW_OPTIONAL = {"trace_model": str, "note": str, "requests": int, "latency_p50_s": float, "latency_p90_s": float,
                 "nfe": float, "tokens_per_forward": float, "refresh_tokens": float, "gpu_mem_gb": float,
                 "wall_s": float, "decode_step_ms_p50": float, "weight_stream_floor_ms": float,
-                "step_over_floor": float, "response_tokens": int}
+                "step_over_floor": float, "response_tokens": int, "attention_impl": str}
 STEP_KEYS = {"engine": str, "model": str, "kind": str, "batch": int, "query_tokens": int, "ms": float,
              "flops": float, "bytes": float}
 STEP_OPTIONAL = {"method": str, "kv_tokens": int}
@@ -109,15 +109,27 @@ def _ratio(value: float) -> str:
     return f"{value:.2f}x" if value < 10 else f"{value:.1f}x"
 
 
-def _find(rows: list[dict], engine: str, method: str, batch: int) -> dict | None:
-    return next((r for r in rows if (r["engine"], r["method"], r["batch"]) == (engine, method, batch)), None)
+def _impl(row: dict) -> str | None:
+    """A reference row's attention_impl ('plain' for rows written before it was recorded)."""
+    return row.get("attention_impl", "plain") if row["engine"] == "reference" else None
 
 
-def _throughput_ratio(name: str, target: float, rows: list[dict], num: tuple[str, str, int],
-                      den: tuple[str, str, int]) -> Goal:
+def _engine_label(row: dict) -> str:
+    impl = _impl(row)
+    return f"{row['engine']} ({impl})" if impl else row["engine"]
+
+
+def _find(rows: list[dict], engine: str, method: str, batch: int, impl: str | None = None) -> dict | None:
+    """The first row of (engine, method, batch); a reference row of attention_impl ``impl`` when given."""
+    return next((r for r in rows if (r["engine"], r["method"], r["batch"]) == (engine, method, batch)
+                 and (impl is None or _impl(r) == impl)), None)
+
+
+def _throughput_ratio(name: str, target: float, rows: list[dict], num: tuple, den: tuple) -> Goal:
+    """num / den tok/s; each is (engine, method, batch[, attention_impl])."""
     goal = Goal(name, target, at_least=True)
     found = {key: _find(rows, *key) for key in (num, den)}
-    missing = [f"{e} {m} b{b}" for (e, m, b), r in found.items() if r is None or r["tokens_per_s"] <= 0]
+    missing = [" ".join(map(str, key)) for key, r in found.items() if r is None or r["tokens_per_s"] <= 0]
     if missing:
         goal.source = "no row (or zero tok/s): " + ", ".join(missing)
         return goal
@@ -138,7 +150,11 @@ def goals(rows: list[dict], model: str) -> tuple[int | None, list[Goal]]:
     gens = {r["gen_length"] for r in replayed}
     gen = GOAL_GEN if GOAL_GEN in gens else max(gens, default=None)
     at = [r for r in replayed if r["gen_length"] == gen]
-    odb1, fast1, vanilla1 = ("vllm", "odb", 1), ("reference", "fast-dllm", 1), ("reference", "vanilla", 1)
+    # The reference stands for the research code: its calibrated impl ('research') where measured;
+    # ratios against our faster 'plain' layout follow as extra lines when both were measured.
+    impls = [i for i in ("research", "plain") if any(_impl(r) == i for r in at)] or ["plain"]
+    odb1 = ("vllm", "odb", 1)
+    fast1, vanilla1 = ("reference", "fast-dllm", 1, impls[0]), ("reference", "vanilla", 1, impls[0])
     floor = Goal("vllm decode step ÷ weight-streaming floor, batch 1", 1.2, at_least=False,
                  source="no vllm batch-1 row with step_over_floor")
     with_floor = sorted((r for r in at if r["engine"] == "vllm" and r["batch"] == 1
@@ -148,13 +164,19 @@ def goals(rows: list[dict], model: str) -> tuple[int | None, list[Goal]]:
         floor.value = r["step_over_floor"]
         floor.source = (f"vllm {r['method']}: step {_fmt(r.get('decode_step_ms_p50'), '.2f')} ms / "
                         f"floor {_fmt(r.get('weight_stream_floor_ms'), '.2f')} ms")
-    return gen, [
-        _throughput_ratio("vllm odb ÷ reference fast-dllm tok/s, batch 1", 10, at, odb1, fast1),
-        _throughput_ratio("vllm odb ÷ reference vanilla tok/s, batch 1", 250, at, odb1, vanilla1),
+    out = [
+        _throughput_ratio(f"vllm odb ÷ reference ({impls[0]}) fast-dllm tok/s, batch 1", 10, at, odb1, fast1),
+        _throughput_ratio(f"vllm odb ÷ reference ({impls[0]}) vanilla tok/s, batch 1", 250, at, odb1, vanilla1),
         floor,
         _throughput_ratio(f"vllm odb tok/s at {CONCURRENT} concurrent ÷ batch 1", 15, at,
                           ("vllm", "odb", CONCURRENT), odb1),
     ]
+    for impl in impls[1:]:
+        out += [_throughput_ratio(f"vllm odb ÷ reference ({impl}) fast-dllm tok/s, batch 1", 10, at, odb1,
+                                  ("reference", "fast-dllm", 1, impl)),
+                _throughput_ratio(f"vllm odb ÷ reference ({impl}) vanilla tok/s, batch 1", 250, at, odb1,
+                                  ("reference", "vanilla", 1, impl))]
+    return gen, out
 
 
 def concurrency_ceiling(rows: list[dict], model: str, gen: int | None, meta: dict) -> str | None:
@@ -212,13 +234,14 @@ def build_markdown(data: dict, title: str, plots: list[str] | None = None, skipp
         lines += ["```bash", *map(str, meta["commands"]), "```", ""]
 
     lines += ["## Rows", ""]
-    order = sorted(rows, key=lambda r: (r["model"], r["gen_length"], r["batch"], r["engine"], r["method"], r["replay"]))
+    order = sorted(rows, key=lambda r: (r["model"], r["gen_length"], r["batch"], _engine_label(r), r["method"],
+                                        r["replay"]))
     if order:
         body = [[r["model"], (f"yes ({r['trace_model']})" if r.get("trace_model") else "yes") if r["replay"] else "no",
-                 r["engine"], r["method"], r["gen_length"], r["batch"], *(_fmt(r.get(k), f) for _, k, f in COLUMNS)]
+                 _engine_label(r), r["method"], r["gen_length"], r["batch"], *(_fmt(r.get(k), f) for _, k, f in COLUMNS)]
                 for r in order]
         lines += _table(["model", "replay", "engine", "method", "gen", "batch", *(h for h, _, _ in COLUMNS)], body)
-        notes = [f"- {r['model']} {r['engine']} {r['method']} gen {r['gen_length']} batch {r['batch']}: {r['note']}"
+        notes = [f"- {r['model']} {_engine_label(r)} {r['method']} gen {r['gen_length']} batch {r['batch']}: {r['note']}"
                  for r in order if r.get("note")]
         lines += ["", *notes] if notes else []
     else:
@@ -262,7 +285,7 @@ def _slug(text: str) -> str:
 
 
 def _line_label(r: dict) -> str:
-    return f"{r['engine']} {r['method']}" + (" (replay)" if r["replay"] else "")
+    return f"{_engine_label(r)} {r['method']}" + (" (replay)" if r["replay"] else "")
 
 
 def _save(fig: Figure, path: Path) -> None:

@@ -67,6 +67,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--ridge-rows", type=int, help="jump-share draft budget (default: the method's)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    ap.add_argument("--reference-impl", default="research", choices=("research", "plain"),
+                    help="reference engine's attention: 'research' keeps the cache as the research code does "
+                         "(calibrated against Fast-dLLM: scripts/calibrate_fastdllm.py), 'plain' is our faster "
+                         "layout; methods the research code lacks (jump-share) always run 'plain'")
     ap.add_argument("--traces", help="JSON file of recorded traces: read if present, else written")
     ap.add_argument("--engine-args", default="{}", type=_engine_args,
                     help='extra vLLM engine arguments as a JSON object, e.g. \'{"async_scheduling": false}\'')
@@ -186,6 +190,12 @@ def _random_full_size(name: str, dtype, device):
     return model, spec, special_tokens(spec)
 
 
+def reference_impl(wanted: str, cfg: DecodeConfig) -> str:
+    """The reference model's ``attention_impl`` for a method: ``wanted`` unless the method uses
+    what the research code's cache layout does not cover (draft branches, suffix views, DCU)."""
+    return "plain" if cfg.jump or cfg.suffix_window or cfg.dcu else wanted
+
+
 def run_reference(args, methods, gens, batches, emit) -> None:
     from vllm_odb.reference.generate import generate, response_ids
 
@@ -205,6 +215,7 @@ def run_reference(args, methods, gens, batches, emit) -> None:
     jobs = [(m, g, b) for m in methods for g in gens for b in batches]
     for m, g, b in tqdm(jobs, desc=f"reference {args.model}", file=sys.stderr):
         cfg = method_config(m, g, args)
+        model.attention_impl = reference_impl(args.reference_impl, cfg)
         if full:
             tr = traces["traces"][_trace_key(m, g, "reference")]
             if len(tr) < b:
@@ -236,7 +247,8 @@ def run_reference(args, methods, gens, batches, emit) -> None:
             refresh += sum(out.stats["refresh_tokens"])
             n_req += len(group)
         wall = time.perf_counter() - t_row
-        emit({"method": m, "engine": "reference", "model": _model_name(args.model), "replay": full,
+        emit({"method": m, "engine": "reference", "attention_impl": model.attention_impl,
+                     "model": _model_name(args.model), "replay": full,
                      "trace_model": _model_name(traces["trace_model"]) if full else None,
                      "gen_length": g, "batch": b, "requests": n_req, **_summary(lat, wall, tokens),
                      "nfe": round(nfe / n_req, 2), "tokens_per_forward": round(decoded / max(1, nfe), 3),

@@ -108,6 +108,12 @@ def generate(
     if plen + glen > model.spec.max_position:
         raise ValueError(f"prompt ({plen}) + gen_length ({glen}) exceeds the model's max_position ({model.spec.max_position})")
     markers = end_markers(special, stop)
+    if model.attention_impl == "research":
+        extra = [k for k, on in (("jump-share (ridge_rows)", cfg.jump), ("suffix_window", cfg.suffix_window),
+                                 ("dcu", cfg.dcu)) if on]
+        if extra:
+            raise ValueError(f'attention_impl="research" models the research code\'s cache (no cache, prefix, '
+                             f'dual); {", ".join(extra)} runs with attention_impl="plain"')
     jump = cfg.jump
     if jump and cfg.temperature > 0:
         log.warning("jump-share verification is greedy; speculation is off at temperature %s", cfg.temperature)
