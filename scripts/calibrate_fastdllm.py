@@ -319,8 +319,8 @@ def profile_fn(fn, device: torch.device, iters: int = 5, top: int = 12) -> dict:
 @torch.no_grad()
 def run_ours(cfg, args, device, dtype, inp) -> tuple[dict, dict]:
     """The reference model timed in each attention_impl (``research``, the calibrated one, first),
-    plus the diagnostic variants: with --variants, the research impl with its attention call
-    wrapped in torch.compile (as Fast-dLLM's LLaDA file wraps it) and without the key mask."""
+    plus the diagnostic variants: with --variants, the research impl with an eager attention call
+    (LLaDA's research file compiles it; ours does too on CUDA) and plain without the key mask."""
     from vllm_odb.reference import model as ref_model
 
     model = build_ours(cfg, device, dtype, args.seed)
@@ -328,13 +328,13 @@ def run_ours(cfg, args, device, dtype, inp) -> tuple[dict, dict]:
     key_mask = torch.ones_like(x, dtype=torch.bool)  # bs 1, no padding (as generate() builds it)
     pos = (key_mask.long().cumsum(1) - 1).clamp_min(0)
     res, out = {}, {}
-    variants = [("research", "research", None, key_mask), ("plain", "plain", None, key_mask)]
+    variants = [("research", "research", True, key_mask), ("plain", "plain", True, key_mask)]
     if args.variants:
-        variants += [("research_compiled_sdpa", "research", torch.compile(torch.nn.functional.scaled_dot_product_attention),
-                      key_mask), ("plain_no_key_mask", "plain", None, None)]
-    for name, impl, sdpa, km in variants:
+        variants += [("research_eager_attention", "research", False, key_mask),
+                     ("plain_no_key_mask", "plain", True, None)]
+    for name, impl, compiled, km in variants:
         model.attention_impl = impl
-        ref_model.research_sdpa = sdpa or torch.nn.functional.scaled_dot_product_attention
+        ref_model.COMPILE_RESEARCH_ATTENTION = compiled
         logits, cache = model(x, pos, km, return_kv=True)
         step = model(block, pos[:, s:e], km, past=cache, splice=(s, e))
         if name in ("research", "plain"):
@@ -349,7 +349,7 @@ def run_ours(cfg, args, device, dtype, inp) -> tuple[dict, dict]:
         if args.profile and name in ("research", "plain"):
             res[name]["profile"] = {"refresh": profile_fn(refresh, device), "decode": profile_fn(decode, device)}
         del cache, refresh, decode
-    ref_model.research_sdpa = torch.nn.functional.scaled_dot_product_attention
+    ref_model.COMPILE_RESEARCH_ATTENTION = True
     model.attention_impl = "plain"
     res["peak_mem_gib"] = peak_gib(device)
     return res, out  # the model goes with this frame

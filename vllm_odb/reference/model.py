@@ -26,8 +26,9 @@ outputs of the others (``LayerCache``); reference/dcu.py drives it.
   rotated again in every layer of every forward; a dual-cache step writes the block's keys and
   values into the cache in place at the indices of a device-side position mask, found in every
   layer (``nonzero``, which waits for the GPU), and rotates its queries from the end of that
-  range read back to the host. It covers what the research code has (no cache, prefix cache, dual
-  cache); draft branches, suffix views and the feature cache run ``"plain"`` only.
+  range read back to the host; for LLaDA on CUDA the attention call is compiled, as there. It
+  covers what the research code has (no cache, prefix cache, dual cache); draft branches, suffix
+  views and the feature cache run ``"plain"`` only.
 """
 
 from __future__ import annotations
@@ -154,14 +155,29 @@ class Attention(nn.Module):
         vr = v
         if groups > 1:
             kr, vr = kr.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = research_sdpa(q, kr, vr, attn_mask=mask, is_causal=False)
+        attend = _compiled_attention() if s.arch == "llada" and q.is_cuda and COMPILE_RESEARCH_ATTENTION else _attention
+        out = attend(q, kr, vr, attn_mask=mask)
         out = out.transpose(1, 2).reshape(b, q_len, s.num_heads * s.head_dim)
         return self.o_proj(out), (k, v)
 
 
-# The research path's attention kernel call (a module global so the calibration can time it
-# wrapped as the research code wraps it; scripts/calibrate_fastdllm.py --variants).
-research_sdpa = F.scaled_dot_product_attention
+def _attention(q, k, v, attn_mask=None):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)
+
+
+# Fast-dLLM's LLaDA file calls its attention kernel through torch.compile; Dream's file does not.
+# At batch 1 the compiled call's per-call dispatch is most of the gap between the research code's
+# forward and an eager one (the calibration measured it: BENCHMARKS.md), so the research impl
+# makes the same call for LLaDA. Only on CUDA, the device the calibration is about: on the CPU it
+# would only add compile time to the tests. False: eager (the calibration's diagnostic variant).
+COMPILE_RESEARCH_ATTENTION = True
+_COMPILED: list = []
+
+
+def _compiled_attention():
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_attention))
+    return _COMPILED[0]
 
 
 class MLP(nn.Module):
