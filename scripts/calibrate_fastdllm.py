@@ -21,9 +21,11 @@ name-seeded) weights:
   Theirs: ``model(x[:, s:e], past_key_values=past_key_values, use_cache=True,
   replace_position=replace_position)`` with ``replace_position[:, s:e] = 1``.
 
-The two models are built one at a time, directly on the device (meta init, ``to_empty``, then a
-per-tensor seeded normal init keyed by the internal tensor name, so both get bit-identical
-weights without ever holding both: peak memory is one model). Each model's refresh and decode
+Both models are built directly on the device (meta init, ``to_empty``, then a per-tensor seeded
+normal init keyed by the internal tensor name, so both get bit-identical weights; two 8B models
+in bf16 take ~33 GB). Both are held at once so that their calls can be timed interleaved, round by
+round: a bs-1 forward is host-bound and the host's speed drifts over seconds, which timing one
+model after the other turned into ±20% swings between runs. Each model's refresh and decode
 logits (kept on the CPU) are compared (max abs difference, argmax agreement) to show that the
 timed computations are equivalent.
 
@@ -48,7 +50,6 @@ Notes on fairness:
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib
 import importlib.util
 import json
@@ -218,27 +219,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn, device: torch.device, warmup: int, iters: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    samples = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    return {"median_ms": round(statistics.median(samples), 4), "min_ms": round(min(samples), 4),
-            "mean_ms": round(statistics.fmean(samples), 4), "samples_ms": [round(s, 4) for s in samples]}
-
-
 def sdpa_flags() -> dict:
     b = torch.backends.cuda
     flags = {"flash": b.flash_sdp_enabled(), "mem_efficient": b.mem_efficient_sdp_enabled(),
@@ -255,12 +235,6 @@ def set_sdpa_flags(flags: dict) -> None:
     b.enable_math_sdp(flags["math"])
     if "cudnn" in flags and hasattr(b, "enable_cudnn_sdp"):
         b.enable_cudnn_sdp(flags["cudnn"])
-
-
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def peak_gib(device: torch.device) -> float | None:
@@ -316,48 +290,85 @@ def profile_fn(fn, device: torch.device, iters: int = 5, top: int = 12) -> dict:
             "top_self_cpu_ms_per_call": {a.key: round(a.self_cpu_time_total / 1e3 / iters, 3) for a in table}}
 
 
-@torch.no_grad()
-def run_ours(cfg, args, device, dtype, inp) -> tuple[dict, dict]:
-    """The reference model timed in each attention_impl (``research``, the calibrated one, first),
-    plus the diagnostic variants: with --variants, the research impl with an eager attention call
-    (LLaDA's research file compiles it; ours does too on CUDA) and plain without the key mask."""
+def time_interleaved(calls: dict, device: torch.device, warmup: int, iters: int) -> dict:
+    """Time every call of ``calls`` ({name: {kind: fn}}) in rounds: each round times each call
+    once, in the dict's order. The machine's host speed drifts over seconds (host-bound forwards
+    show it), so interleaving gives every call the same conditions, unlike timing one model's
+    calls after the other's."""
+    flat = [(name, kind, fn) for name, kinds in calls.items() for kind, fn in kinds.items()]
+    for _, _, fn in flat:
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    samples: dict = {(name, kind): [] for name, kind, _ in flat}
+    for _ in range(iters):
+        for name, kind, fn in flat:
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                samples[name, kind].append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                samples[name, kind].append((time.perf_counter() - t0) * 1e3)
+    res: dict = {name: {} for name in calls}
+    for (name, kind), xs in samples.items():
+        res[name][kind] = {"median_ms": round(statistics.median(xs), 4), "min_ms": round(min(xs), 4),
+                           "mean_ms": round(statistics.fmean(xs), 4), "samples_ms": [round(x, 4) for x in xs]}
+    return res
+
+
+def prepare_ours(cfg, args, device, dtype, inp, flags: dict) -> tuple[dict, dict]:
+    """The reference model's calls ({variant: {"refresh", "decode"}}) and its logits per impl.
+    ``research`` (the calibrated impl the benchmarks run) and ``plain`` always; with --variants,
+    the research impl with an eager attention call (LLaDA's research file compiles it, and so
+    does ours on CUDA) and plain without the key mask. Each call sets the state it needs (SDPA
+    switches, impl, compile switch) first: the calls are timed interleaved with theirs."""
     from vllm_odb.reference import model as ref_model
 
     model = build_ours(cfg, device, dtype, args.seed)
     x, block, s, e = inp["x"], inp["block"], inp["s"], inp["e"]
     key_mask = torch.ones_like(x, dtype=torch.bool)  # bs 1, no padding (as generate() builds it)
     pos = (key_mask.long().cumsum(1) - 1).clamp_min(0)
-    res, out = {}, {}
     variants = [("research", "research", True, key_mask), ("plain", "plain", True, key_mask)]
     if args.variants:
         variants += [("research_eager_attention", "research", False, key_mask),
                      ("plain_no_key_mask", "plain", True, None)]
+    calls, out = {}, {}
     for name, impl, compiled, km in variants:
-        model.attention_impl = impl
-        ref_model.COMPILE_RESEARCH_ATTENTION = compiled
+        def setup(impl=impl, compiled=compiled):
+            set_sdpa_flags(flags)
+            model.attention_impl = impl
+            ref_model.COMPILE_RESEARCH_ATTENTION = compiled
+
+        setup()
         logits, cache = model(x, pos, km, return_kv=True)
         step = model(block, pos[:, s:e], km, past=cache, splice=(s, e))
         if name in ("research", "plain"):
             out[name] = {"refresh_logits": logits.float().cpu(), "decode_logits": step.float().cpu()}
         del logits, step
-        # A research decode writes the block's K/V into the cache in place; every timed call
+
+        # A research decode writes the block's K/V into its cache in place; every timed call
         # writes the same values, so the cache stays what the first call left (as theirs).
-        refresh = lambda km=km: model(x, pos, km, return_kv=True)  # noqa: E731
-        decode = lambda km=km, cache=cache: model(block, pos[:, s:e], km, past=cache, splice=(s, e))  # noqa: E731
-        res[name] = {"refresh": time_fn(refresh, device, args.warmup, args.iters),
-                     "decode": time_fn(decode, device, args.warmup, args.iters)}
-        if args.profile and name in ("research", "plain"):
-            res[name]["profile"] = {"refresh": profile_fn(refresh, device), "decode": profile_fn(decode, device)}
-        del cache, refresh, decode
-    ref_model.COMPILE_RESEARCH_ATTENTION = True
-    model.attention_impl = "plain"
-    res["peak_mem_gib"] = peak_gib(device)
-    return res, out  # the model goes with this frame
+        def refresh(setup=setup, km=km):
+            setup()
+            return model(x, pos, km, return_kv=True)
+
+        def decode(setup=setup, km=km, cache=cache):
+            setup()
+            return model(block, pos[:, s:e], km, past=cache, splice=(s, e))
+
+        calls[name] = {"refresh": refresh, "decode": decode}
+    return calls, out
 
 
-@torch.no_grad()
-def run_theirs(ml, cl, cfg, args, device, dtype, inp) -> tuple[dict, dict]:
-    model = build_theirs(ml, cl, cfg, device, dtype, args.seed)
+def prepare_theirs(ml, cl, cfg, args, device, dtype, inp) -> tuple[dict, dict, dict]:
+    """Their calls, their logits and the SDPA switches their model set (used for their calls)."""
+    model = build_theirs(ml, cl, cfg, device, dtype, args.seed)  # flips the global SDPA switches
+    flags = sdpa_flags()
     x, block, s, e = inp["x"], inp["block"], inp["s"], inp["e"]
     # generate_with_dual_cache: cache init and update, then the block's cached steps.
     output = model(x, use_cache=True)
@@ -367,17 +378,18 @@ def run_theirs(ml, cl, cfg, args, device, dtype, inp) -> tuple[dict, dict]:
     step = model(block, past_key_values=past_key_values, use_cache=True, replace_position=replace_position).logits
     out = {"refresh_logits": output.logits.float().cpu(), "decode_logits": step.float().cpu()}
     del output, step
+
     # Their decode writes the block's K/V into past_key_values in place; every timed call
     # writes the same values, so the cache stays what the first call left.
-    refresh = lambda: model(x, use_cache=True)  # noqa: E731
-    decode = lambda: model(block, past_key_values=past_key_values, use_cache=True,  # noqa: E731
-                           replace_position=replace_position)
-    res = {"refresh": time_fn(refresh, device, args.warmup, args.iters),
-           "decode": time_fn(decode, device, args.warmup, args.iters)}
-    if args.profile:
-        res["profile"] = {"refresh": profile_fn(refresh, device), "decode": profile_fn(decode, device)}
-    res["peak_mem_gib"] = peak_gib(device)
-    return res, out  # the model and its cache go with this frame
+    def refresh():
+        set_sdpa_flags(flags)
+        return model(x, use_cache=True)
+
+    def decode():
+        set_sdpa_flags(flags)
+        return model(block, past_key_values=past_key_values, use_cache=True, replace_position=replace_position)
+
+    return {"fastdllm": {"refresh": refresh, "decode": decode}}, out, flags
 
 
 def _dynamo_graphs() -> int | None:
@@ -419,7 +431,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="profile each decode and refresh (host ops, kernels, host waits, GPU busy, top host ops)")
     ap.add_argument("--order", default="ours,theirs", choices=["ours,theirs", "theirs,ours"],
-                    help="which model is built and timed first (one at a time)")
+                    help="whose calls come first in each timing round")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -439,21 +451,23 @@ def main() -> None:
 
     inp = make_inputs(cfg, args, device)
     default_flags = sdpa_flags()  # before their module can flip the global SDPA switches
-    their_flags = None
-    results = {}
-    for who in args.order.split(","):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        if who == "ours":
-            set_sdpa_flags(default_flags)  # the process defaults, as the reference engine runs
-            results["ours"] = run_ours(cfg, args, device, dtype, inp)
-        else:
-            ml, cl = import_fastdllm(args.fastdllm_dir)
-            results["theirs"] = run_theirs(ml, cl, cfg, args, device, dtype, inp)  # sets its own
-            their_flags = sdpa_flags()
-        free(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.no_grad():
+        ours_calls, ours_out = prepare_ours(cfg, args, device, dtype, inp, default_flags)
+        ml, cl = import_fastdllm(args.fastdllm_dir)
+        their_calls, theirs_out, their_flags = prepare_theirs(ml, cl, cfg, args, device, dtype, inp)
+        calls = {**ours_calls, **their_calls} if args.order == "ours,theirs" else {**their_calls, **ours_calls}
+        timed = time_interleaved(calls, device, args.warmup, args.iters)
+        if args.profile:
+            for name in ("research", "plain", "fastdllm"):
+                timed[name]["profile"] = {kind: profile_fn(fn, device) for kind, fn in calls[name].items()}
+    from vllm_odb.reference import model as ref_model
+
+    ref_model.COMPILE_RESEARCH_ATTENTION = True
     set_sdpa_flags(default_flags)
-    (ours_all, ours_out), (theirs, theirs_out) = results["ours"], results["theirs"]
+    theirs = timed.pop("fastdllm")
+    ours_all = timed
     ours, plain = ours_all["research"], ours_all["plain"]  # the reference engine's calibrated impl first
 
     def ratios(mine: dict) -> dict:
@@ -473,6 +487,7 @@ def main() -> None:
                    "decode_tokens": args.block_length, "decode_block": [inp["s"], inp["e"]],
                    "decode_keys": args.prompt_len + args.gen_length},
         "timing": {"warmup": args.warmup, "iters": args.iters, "stat": "median", "order": args.order,
+                   "interleaved": True, "peak_mem_gib": peak_gib(device),
                    "clock": "cuda events" if device.type == "cuda" else "perf_counter"},
         # "ours": the reference engine as the benchmarks run it (attention_impl="research");
         # "ours_plain": its faster layout (attention_impl="plain"), for the record.

@@ -25,10 +25,13 @@ outputs of the others (``LayerCache``); reference/dcu.py drives it.
   issue, see scripts/calibrate_fastdllm.py). Keys are cached before RoPE and the whole key set is
   rotated again in every layer of every forward; a dual-cache step writes the block's keys and
   values into the cache in place at the indices of a device-side position mask, found in every
-  layer (``nonzero``, which waits for the GPU), and rotates its queries from the end of that
-  range read back to the host; for LLaDA on CUDA the attention call is compiled, as there. It
-  covers what the research code has (no cache, prefix cache, dual cache); draft branches, suffix
-  views and the feature cache run ``"plain"`` only.
+  layer (``nonzero``, which waits for the GPU), converts queries and keys for RoPE, then slices
+  the queries' tables at the end of that range, read back to the host for each bound of each
+  slice (four more waits per layer, as there); for LLaDA on CUDA the attention call is compiled,
+  as there. The research code's bs-1 decode forward is host-bound, so these waits, which stop
+  the host from running ahead of the GPU, are most of its cost. It covers what the research code
+  has (no cache, prefix cache, dual cache); draft branches, suffix views and the feature cache
+  run ``"plain"`` only.
 """
 
 from __future__ import annotations
@@ -143,14 +146,24 @@ class Attention(nn.Module):
             pk[:, :, idx] = k
             pv[:, :, idx] = v
             k, v = pk, pv
-            end = int(idx.max()) + 1  # the block's end, read back to slice the query tables
+            end = idx.max() + 1  # the block's end, on the device
         else:
             if past is not None:
                 k = torch.cat([past[0], k], dim=2)
                 v = torch.cat([past[1], v], dim=2)
             end = k.shape[2]
-        q = apply_rope(q, key_cos[:, :, end - q_len:end], key_sin[:, :, end - q_len:end], s.rope_in_fp32)
-        kr = apply_rope(k, key_cos, key_sin, s.rope_in_fp32)
+        if s.rope_in_fp32:
+            qr, kr = q.float(), k.float()
+        else:
+            qr, kr = q, k
+            key_cos, key_sin = key_cos.to(q.dtype), key_sin.to(q.dtype)
+
+        def stop() -> int:  # as in the research code, each slice bound reads the block end back
+            return int(end)
+
+        q_cos, q_sin = key_cos[:, :, stop() - q_len:stop()], key_sin[:, :, stop() - q_len:stop()]
+        q = (qr * q_cos + _rotate_half(qr) * q_sin).to(q.dtype)
+        kr = (kr * key_cos + _rotate_half(kr) * key_sin).to(k.dtype)
         groups = s.num_heads // s.num_kv_heads
         vr = v
         if groups > 1:
