@@ -95,6 +95,24 @@ def test_goals_use_the_calibrated_reference_and_list_the_plain_one(tmp_path):
     assert names[-1] == "vllm odb ÷ reference (plain) vanilla tok/s, batch 1"
 
 
+def test_batch1_ratios_use_the_requests_both_rows_ran(tmp_path):
+    """Requests differ in length (here 24 vs 5 tokens), so a 1-request row and a 3-request row
+    compare only over their common first request; rows without the lists fall back to tok/s."""
+    data = _data()
+    rows = data["rows"]
+    rows[0].update(request_latency_s=[40.0], request_tokens=[24])  # reference vanilla, 1 request
+    rows[1].update(request_latency_s=[1.0, 0.5, 0.5], request_tokens=[24, 5, 5])  # reference fast-dllm
+    rows[2].update(request_latency_s=[0.1, 0.05, 0.05, 0.05], request_tokens=[24, 5, 5, 1])  # vllm odb
+    llada = _goal_lines(report.build_markdown(report.load_results(_write(tmp_path, data)), "r.json"), "llada-8b")
+    fast = llada["vllm odb ÷ reference (plain) fast-dllm tok/s, batch 1"]
+    assert "| 10.0x |" in fast and "170.0 / 17.0 tok/s over the first 3 requests of both rows" in fast
+    vanilla = llada["vllm odb ÷ reference (plain) vanilla tok/s, batch 1"]
+    assert "| 400.0x |" in vanilla and "240.0 / 0.6 tok/s over the first 1 requests" in vanilla
+    rows[1]["request_tokens"] = [24, 6, 5]  # not the same requests: the row rates are used
+    llada = _goal_lines(report.build_markdown(report.load_results(_write(tmp_path, data)), "r.json"), "llada-8b")
+    assert "600.0 / 40.0 tok/s |" in llada["vllm odb ÷ reference (plain) fast-dllm tok/s, batch 1"]
+
+
 def test_rows_table_sorted_and_sparse(tmp_path):
     md = report.build_markdown(report.load_results(_write(tmp_path, _data())), "results.json")
     table = [line for line in md.split("## Goals")[0].splitlines() if line.startswith("| ") and "---" not in line]

@@ -29,6 +29,9 @@ def test_reference_rows_on_the_tiny_checkpoint(tmp_path):
     assert main(["speed", "--engine", "reference", "--model", "checkpoints/tiny-llada", "--methods", "fast-dllm",
                  "--gen-lengths", "64", "--batches", "1", "--requests", "2", "--reference-impl", "plain",
                  "--out", str(out)]) == 0
+    one = by[("fast-dllm", 1)]  # batch-1 rows list each request, in order
+    assert len(one["request_latency_s"]) == len(one["request_tokens"]) == one["requests"] == 2
+    assert sum(one["request_tokens"]) == one["response_tokens"] and "request_tokens" not in by[("fast-dllm", 2)]
     plain = json.loads(out.read_text())["rows"][-1]
     assert plain["attention_impl"] == "plain"
     assert (plain["nfe"], plain["refresh_tokens"]) == (by[("fast-dllm", 1)]["nfe"], by[("fast-dllm", 1)]["refresh_tokens"])

@@ -28,7 +28,8 @@ ROW_KEYS = {"method": str, "engine": str, "model": str, "replay": bool, "gen_len
 ROW_OPTIONAL = {"trace_model": str, "note": str, "requests": int, "latency_p50_s": float, "latency_p90_s": float,
                 "nfe": float, "tokens_per_forward": float, "refresh_tokens": float, "gpu_mem_gb": float,
                 "wall_s": float, "decode_step_ms_p50": float, "weight_stream_floor_ms": float,
-                "step_over_floor": float, "response_tokens": int, "attention_impl": str}
+                "step_over_floor": float, "response_tokens": int, "attention_impl": str,
+                "request_latency_s": list, "request_tokens": list}
 STEP_KEYS = {"engine": str, "model": str, "kind": str, "batch": int, "query_tokens": int, "ms": float,
              "flops": float, "bytes": float}
 STEP_OPTIONAL = {"method": str, "kv_tokens": int}
@@ -134,9 +135,29 @@ def _throughput_ratio(name: str, target: float, rows: list[dict], num: tuple, de
         goal.source = "no row (or zero tok/s): " + ", ".join(missing)
         return goal
     n, d = found[num], found[den]
+    matched = _matched_rates(n, d)
+    if matched:
+        (rate_n, rate_d), m = matched
+        goal.value = rate_n / rate_d
+        goal.source = f"{rate_n:.1f} / {rate_d:.1f} tok/s over the first {m} requests of both rows"
+        return goal
     goal.value = n["tokens_per_s"] / d["tokens_per_s"]
     goal.source = f"{n['tokens_per_s']:.1f} / {d['tokens_per_s']:.1f} tok/s"
     return goal
+
+
+def _matched_rates(a: dict, b: dict) -> tuple[tuple[float, float], int] | None:
+    """Batch-1 rows that list each request: tok/s of each over the requests both ran (requests
+    differ in length, so rows of different request counts are not comparable as they stand).
+    None when either row lacks the lists or their requests differ."""
+    la, lb = a.get("request_latency_s"), b.get("request_latency_s")
+    ta, tb = a.get("request_tokens"), b.get("request_tokens")
+    if not (la and lb and ta and tb) or len(la) != len(ta) or len(lb) != len(tb):
+        return None
+    m = min(len(la), len(lb))
+    if ta[:m] != tb[:m] or sum(ta[:m]) == 0 or min(sum(la[:m]), sum(lb[:m])) <= 0:
+        return None
+    return (sum(ta[:m]) / sum(la[:m]), sum(tb[:m]) / sum(lb[:m])), m
 
 
 def full_size_models(rows: list[dict]) -> list[str]:

@@ -160,6 +160,14 @@ def _replay_prompts(traces: list[dict], spec) -> list[list[int]]:
     return [torch.randint(0, spec.mask_token_id, (t["prompt_len"],), generator=gen).tolist() for t in traces]
 
 
+def _per_request(batch: int, latencies: list[float], tokens: list[int]) -> dict:
+    """Batch-1 rows: each request's latency and response tokens, in request order (request i is
+    the same traced request on every engine), so a ratio can use the requests both rows ran."""
+    if batch != 1:
+        return {}
+    return {"request_latency_s": [round(x, 4) for x in latencies], "request_tokens": list(tokens)}
+
+
 def _summary(latencies: list[float], wall: float, tokens: int) -> dict:
     lat = sorted(latencies)
     return {"tokens_per_s": round(tokens / wall, 2) if wall > 0 else None,
@@ -251,7 +259,7 @@ def run_reference(args, methods, gens, batches, emit) -> None:
         else:
             prompts, replays = suite, None
         groups = [[i] for i in range(args.requests)] if b == 1 else [list(range(b))]
-        lat, tokens, nfe, refresh, decoded, n_req = [], 0, 0, 0, 0, 0
+        lat, tokens, nfe, refresh, decoded, n_req, per_req = [], 0, 0, 0, 0, 0, []
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -267,7 +275,8 @@ def run_reference(args, methods, gens, batches, emit) -> None:
             lat += [time.perf_counter() - t0] * len(group)
             for j, i in enumerate(group):
                 trace = replays[i] if replays else Replay.from_dict(out.stats["trace"][j])
-                tokens += tr[i]["response_tokens"] if full else len(response_ids(out.tokens[j], special))
+                per_req.append(tr[i]["response_tokens"] if full else len(response_ids(out.tokens[j], special)))
+                tokens += per_req[-1]
                 decoded += sum(map(sum, trace.commits))
             nfe += sum(out.nfe)
             refresh += sum(out.stats["refresh_tokens"])
@@ -279,7 +288,8 @@ def run_reference(args, methods, gens, batches, emit) -> None:
                      "gen_length": g, "batch": b, "requests": n_req, **_summary(lat, wall, tokens),
                      "nfe": round(nfe / n_req, 2), "tokens_per_forward": round(decoded / max(1, nfe), 3),
                      "refresh_tokens": round(refresh / n_req, 1),
-                     "gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device == "cuda" else None}, [])
+                     "gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device == "cuda" else None,
+                     **_per_request(b, lat, per_req)}, [])
 
 
 def _model_name(path: str) -> str:
@@ -378,7 +388,7 @@ def run_vllm(args, methods, gens, batches, emit) -> None:
             open(profile, "w").close()
             before = snapshot()
             groups = [[i] for i in range(args.requests)] if b == 1 else [list(range(b))]
-            lat, tokens, n_req = [], 0, 0
+            lat, tokens, n_req, per_req = [], 0, 0, []
             t_row = time.perf_counter()
             for group in groups:
                 if b == 1 and lat and time.perf_counter() - t_row > args.row_seconds:
@@ -386,7 +396,8 @@ def run_vllm(args, methods, gens, batches, emit) -> None:
                 ls, outs = _run_vllm_batch(llm, [prompts[i] for i in group], [params[i] for i in group])
                 lat += ls
                 for i, ids in zip(group, outs):
-                    tokens += tr[i]["response_tokens"] if full else _response_len(ids, end_ids)
+                    per_req.append(tr[i]["response_tokens"] if full else _response_len(ids, end_ids))
+                    tokens += per_req[-1]
                 n_req += len(group)
             wall = time.perf_counter() - t_row
             after = snapshot()
@@ -398,7 +409,8 @@ def run_vllm(args, methods, gens, batches, emit) -> None:
                    "nfe": round(d["forwards"] / max(1, d["requests"]), 2),
                    "tokens_per_forward": round(d["tokens"] / max(1, d["forwards"]), 3),
                    "refresh_tokens": round(d["refresh_tokens"] / max(1, d["requests"]), 1),
-                   "gpu_mem_gb": round((total - free) / 1e9, 2), "max_num_seqs": cap}
+                   "gpu_mem_gb": round((total - free) / 1e9, 2), "max_num_seqs": cap,
+                   **_per_request(b, lat, per_req)}
             if b > cap:
                 row["note"] = f"engine runs at most {cap} requests at once (jump-share canvas)"
             steps: list[dict] = []
