@@ -7,6 +7,8 @@
 #   PART=vllm-plain  bash scripts/gpu_speed.sh   # vLLM fast-dllm / odb-alp, 8B replay, batch 1..64
 #   PART=vllm-jump   bash scripts/gpu_speed.sh   # vLLM odb (jump-share engine), 8B replay
 #   PART=repro       bash scripts/gpu_speed.sh   # METHOD gen 1024 x 64 with VLLM_ODB_CHECK=1 (+ENGINE_ARGS)
+# Knobs: MODEL (llada-8b), SPEED_FILE (speed-$MODEL.json; a new name starts a new file), GENS, BATCHES,
+# REQUESTS, ROW_SECONDS, METHODS, REFERENCE_IMPL (research | plain), STEP_TIMEOUT.
 set -uo pipefail
 source /root/vllm-env.sh
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/vllm-site . >/dev/null 2>&1 \

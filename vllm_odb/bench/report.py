@@ -139,11 +139,15 @@ def _throughput_ratio(name: str, target: float, rows: list[dict], num: tuple, de
     if matched:
         (rate_n, rate_d), m = matched
         goal.value = rate_n / rate_d
-        goal.source = f"{rate_n:.1f} / {rate_d:.1f} tok/s over the first {m} requests of both rows"
+        goal.source = f"{_rate(rate_n)} / {_rate(rate_d)} tok/s over the first {m} requests of both rows"
         return goal
     goal.value = n["tokens_per_s"] / d["tokens_per_s"]
-    goal.source = f"{n['tokens_per_s']:.1f} / {d['tokens_per_s']:.1f} tok/s"
+    goal.source = f"{_rate(n['tokens_per_s'])} / {_rate(d['tokens_per_s'])} tok/s"
     return goal
+
+
+def _rate(value: float) -> str:
+    return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
 
 
 def _matched_rates(a: dict, b: dict) -> tuple[tuple[float, float], int] | None:
