@@ -179,9 +179,9 @@ def _attention(q, k, v, attn_mask=None):
 
 
 # Fast-dLLM's LLaDA file calls its attention kernel through torch.compile; Dream's file does not.
-# At batch 1 the compiled call's per-call dispatch is most of the gap between the research code's
-# forward and an eager one (the calibration measured it: BENCHMARKS.md), so the research impl
-# makes the same call for LLaDA. Only on CUDA, the device the calibration is about: on the CPU it
+# At batch 1 the compiled call's dispatch (~0.5 ms, once per layer) is, with the host waits above,
+# most of the gap between the research code's forward and an eager one (the calibration measured
+# both: BENCHMARKS.md), so the research impl makes the same call for LLaDA. Only on CUDA, the device the calibration is about: on the CPU it
 # would only add compile time to the tests. False: eager (the calibration's diagnostic variant).
 COMPILE_RESEARCH_ATTENTION = True
 _COMPILED: list = []
