@@ -37,10 +37,11 @@ Notes on fairness:
   Ours runs with the process defaults (as the reference engine does); the switches are saved
   before their model is built, theirs are used only while timing theirs, and both sets are
   recorded in the JSON.
-- Their attention kernel call is wrapped in ``torch.compile`` (as in their code); warm-up
-  iterations absorb the compilations (one per shape). Set TORCHDYNAMO_DISABLE=1 only as a
-  fallback if compilation fails on the machine (recorded as ``dynamo_disabled``;
-  ``fastdllm_compiled_graphs`` counts the graphs compiled).
+- Their attention kernel call is wrapped in ``torch.compile`` (as in their code), and so is
+  ours in the research impl (LLaDA on CUDA); warm-up iterations absorb the compilations. Set
+  TORCHDYNAMO_DISABLE=1 only as a fallback if compilation fails on the machine: it turns off
+  both (recorded as ``dynamo_disabled``; ``compiled_graphs`` counts the graphs compiled, theirs
+  and ours).
 - transformers API drift (their code targets 4.4x) is handled by shims applied in THIS process
   before their import (``apply_shims``), listed under ``shims``; none is needed with 5.23.
 - Their ``LLaDAModelLM.__init__`` forces CPU init; we build their ``LLaDAModel`` ourselves on the

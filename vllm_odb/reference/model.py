@@ -36,6 +36,7 @@ outputs of the others (``LayerCache``); reference/dcu.py drives it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -184,13 +185,11 @@ def _attention(q, k, v, attn_mask=None):
 # both: BENCHMARKS.md), so the research impl makes the same call for LLaDA. Only on CUDA, the device the calibration is about: on the CPU it
 # would only add compile time to the tests. False: eager (the calibration's diagnostic variant).
 COMPILE_RESEARCH_ATTENTION = True
-_COMPILED: list = []
 
 
+@functools.cache
 def _compiled_attention():
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(_attention))
-    return _COMPILED[0]
+    return torch.compile(_attention)
 
 
 class MLP(nn.Module):
