@@ -1,6 +1,7 @@
-"""Jump-share on the paged cache (engine/branches.py), on CPU with real tensors: the draft rows'
-attention over a Triton-layout paged cache equals the reference loop's mask over
-[prefix | all new rows | suffix]; plans follow the shared policy rules."""
+"""Jump-share on the paged cache (engine/model_state.py ``BranchAttention``, engine/requests.py
+``JumpPlan``), on CPU with real tensors: the draft rows' attention over a Triton-layout paged cache
+equals the reference loop's mask over [prefix | all new rows | suffix]; plans follow the shared
+policy rules."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vllm_odb.engine.branches import BranchAttention, BranchRows, plan_jump
-from vllm_odb.policies import DecodeConfig
-from vllm_odb.policies.jump import DraftBudget, plan_drafts
+pytest.importorskip("vllm")
+
+from vllm_odb.engine.model_state import BranchAttention, BranchRows, PagedCache  # noqa: E402
+from vllm_odb.engine.requests import JumpPlan  # noqa: E402
+from vllm_odb.policies import DecodeConfig  # noqa: E402
+from vllm_odb.policies.jump import DraftBudget, plan_drafts  # noqa: E402
 
 MASK = 99
 H, D, KBS, NUM_BLOCKS = 2, 8, 4, 16
@@ -28,7 +32,7 @@ def _plan(shift, ridge_rows=64, masked=(1, 1, 1, 1)):
     x0 = torch.randint(0, 50, (4,), generator=g)
     conf = torch.rand(4, generator=g)
     before = torch.tensor([7] * shift, dtype=torch.long)
-    return plan_jump(block, before, x0, conf, MASK, _cfg(ridge_rows=ridge_rows), 1, shift, 400)
+    return JumpPlan.plan(block, before, x0, conf, MASK, _cfg(ridge_rows=ridge_rows), 1, 400)
 
 
 @pytest.mark.parametrize("shift", [0, 1])
@@ -56,7 +60,7 @@ def test_draft_rows_see_exactly_the_reference_keys(shift, masked, ridge_rows):
     def kernel(layer, query, key, value, kv_cache, meta, output, *a, **k):
         return output.fill_(0)
 
-    wrapper = BranchAttention(kernel, lambda: KBS)
+    wrapper = BranchAttention(kernel, PagedCache(kernel_block_size=KBS))
     first = 3  # the request's rows start after another request's
     rows = first + q + 2
     query = torch.zeros(rows, H, D)
@@ -65,7 +69,7 @@ def test_draft_rows_see_exactly_the_reference_keys(shift, masked, ridge_rows):
     wrapper.rows = [BranchRows(first=first, plan=plan, q0=q0, end=end, block_table=table)]
     out = torch.zeros(rows, H * D)
     wrapper(layer, query, key, value, cache, object(), out)
-    # Reference (reference/generate.py::_jump_step): keys [prefix | new rows | suffix].
+    # Reference (reference/generate.py branch_forward): keys [prefix | new rows | suffix].
     keys = torch.cat([k_seq[:q0], k_new, k_seq[e:]])
     vals = torch.cat([v_seq[:q0], v_new, v_seq[e:]])
     mask = torch.ones(q, keys.shape[0], dtype=torch.bool)
@@ -80,7 +84,7 @@ def test_draft_rows_see_exactly_the_reference_keys(shift, masked, ridge_rows):
 
 def test_no_rows_means_the_kernel_alone():
     calls = []
-    wrapper = BranchAttention(lambda *a, **k: calls.append(1) or "kernel", lambda: KBS)
+    wrapper = BranchAttention(lambda *a, **k: calls.append(1) or "kernel", PagedCache(kernel_block_size=KBS))
     assert wrapper(None, None, None, None, None, object(), None) == "kernel" and calls == [1]
 
 
@@ -89,19 +93,19 @@ def test_plan_follows_the_draft_budget():
     assert _plan(0, ridge_rows=7) is None  # shared layout: 4 + (2p-1)*4 <= 7 has no p >= 1
     plan = _plan(0, ridge_rows=64)
     p, _ = plan_drafts(DraftBudget(64, 8), 1, 4, torch.tensor([4]))
-    assert plan.family.shape == (2 * int(p[0]) - 1, int(p[0]))
-    assert plan.blocks.shape == (1 + plan.family.shape[0], 4)
+    assert plan.branches.family.shape == (2 * int(p[0]) - 1, int(p[0]))
+    assert plan.branches.blocks.shape == (1, 1 + plan.branches.family.shape[0], 4)
 
 
 def test_plan_rows_fit_the_canvas():
     plan = _plan(1, ridge_rows=64)
     assert plan.num_rows <= 64 and plan.window == 5
     assert (plan.offsets[:5] == torch.arange(5)).all()  # the base window comes first, in order
-    assert plan_jump(torch.full((4,), MASK), torch.tensor([7]), torch.zeros(4, dtype=torch.long), torch.ones(4),
-                     MASK, _cfg(ridge_rows=64), 1, 1, plan.num_rows - 1) is None
+    assert JumpPlan.plan(torch.full((4,), MASK), torch.tensor([7]), torch.zeros(4, dtype=torch.long), torch.ones(4),
+                         MASK, _cfg(ridge_rows=64), 1, plan.num_rows - 1) is None
 
 
 @pytest.mark.parametrize("shift, masked, ridge_rows", [(0, (1, 0, 1, 1), 14), (1, (1, 0, 0, 1), 8)])
 def test_the_cases_above_include_shared_kv_drafts(shift, masked, ridge_rows):
     plan = _plan(shift, ridge_rows=ridge_rows, masked=masked)
-    assert plan.num_rows < plan.window * plan.blocks.shape[0]  # drafts hold only some offsets
+    assert plan.num_rows < plan.window * plan.branches.blocks.shape[1]  # drafts hold only some offsets

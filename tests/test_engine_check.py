@@ -84,6 +84,7 @@ def test_sampler_logs_each_rows_action_under_check(monkeypatch):
     """With the checks on, the sampler records what it did with each row (here: a full decode
     window and one the scheduler cut short)."""
     from vllm_odb.engine import sampler as sampler_mod
+    from vllm_odb.engine.model_state import CacheRefresh, PagedCache
     from vllm_odb.engine.sampler import ODBSampler
 
     monkeypatch.setattr(sampler_mod, "CHECK", True)
@@ -94,7 +95,6 @@ def test_sampler_logs_each_rows_action_under_check(monkeypatch):
     params = types.SimpleNamespace(temperature=0.0, max_tokens=None, extra_args=None)
     table.add(0, "a", [1, 2, 3, 4], None, params)
     table.add(1, "b", [1, 2, 3], None, params)
-    state = types.SimpleNamespace(table=table, model=None, max_num_reqs=2, max_num_tokens=4096, device="cpu")
     base = types.SimpleNamespace(sampling_states=None, req_states=types.SimpleNamespace(
         draft_tokens=torch.zeros(2, table.width, dtype=torch.long)))
     batch = types.SimpleNamespace(
@@ -102,7 +102,7 @@ def test_sampler_logs_each_rows_action_under_check(monkeypatch):
         cu_num_logits_np=np.array([0, 8, 13]), is_prefilling_np=np.array([False, False]),
         num_scheduled_tokens=np.array([8, 5]), num_computed_prefill_tokens_np=np.array([4, 3]),
         prefill_len_np=np.array([4, 3]))
-    ODBSampler(state, base)(torch.zeros(13, 12), batch)
+    ODBSampler(table, CacheRefresh(None, PagedCache()), base, 4096)(torch.zeros(13, 12), batch)
     assert "sampler row 0: decode, logits 8, sampled 0, rejected 8" in history.of("a")
     assert "sampler row 1: short window, logits 5, sampled 0, rejected 5" in history.of("b")
 
@@ -142,6 +142,7 @@ def test_a_failing_sampler_step_is_logged_before_it_raises(monkeypatch, caplog):
     """Under async scheduling vLLM reports the next step's failure, not the sampler's: the
     sampler's own exception must reach the log (and, with the checks on, each row's history)."""
     from vllm_odb.engine import sampler as sampler_mod
+    from vllm_odb.engine.model_state import CacheRefresh, PagedCache
     from vllm_odb.engine.sampler import ODBSampler
 
     monkeypatch.setattr(sampler_mod, "CHECK", True)
@@ -150,14 +151,14 @@ def test_a_failing_sampler_step_is_logged_before_it_raises(monkeypatch, caplog):
     table = RequestTable(1, 512, DecodeConfig(gen_length=32, block_length=8), 0, mask_id=MASK, eos_id=EOS,
                          markers=[(EOS,)], device="cpu")
     table.add(0, "a", [1, 2, 3], None, types.SimpleNamespace(temperature=0.0, max_tokens=None, extra_args=None))
-    state = types.SimpleNamespace(table=table, model=None, max_num_reqs=1, max_num_tokens=4096, device="cpu")
+    refresh = CacheRefresh(types.SimpleNamespace(), PagedCache(torch.zeros(1, 64, dtype=torch.long), 4))
     base = types.SimpleNamespace(sampling_states=None, req_states=None)
     batch = types.SimpleNamespace(  # a prompt whose prefill completes: the refresh runs, and fails
         num_reqs=1, req_ids=["a"], idx_mapping_np=np.array([0]), num_draft_tokens=0,
         cu_num_logits_np=np.array([0, 1]), is_prefilling_np=np.array([True]), num_scheduled_tokens=np.array([3]),
         num_computed_prefill_tokens_np=np.array([0]), prefill_len_np=np.array([3]))
     with pytest.raises(AttributeError):  # the stand-in model has no layers to refresh with
-        ODBSampler(state, base)(torch.zeros(1, 12), batch)
+        ODBSampler(table, refresh, base, 4096)(torch.zeros(1, 12), batch)
     assert "vllm-odb: the sampler failed on a step of 1 requests" in caplog.text
     assert "sampler raised AttributeError" in history.of("a")
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from vllm_odb.bench.research import set_attention_impl
 from vllm_odb.policies import DecodeConfig, decide
-from vllm_odb.policies.jump import DraftBudget
-from vllm_odb.reference.generate import _jump_step, generate, response_ids
+from vllm_odb.policies.step import branch_step, plan_branches
+from vllm_odb.reference.generate import branch_forward, generate, response_ids
 from vllm_odb.reference.loader import load_checkpoint
 from vllm_odb.tiny.suite import make_suite, score
 
@@ -142,14 +143,15 @@ def test_jump_share_step_equals_two_plain_steps(ckpt):
         two_steps = torch.where(c2, x0_2, step1)
 
         # Drafts = exactly what the plain step commits: make those positions the most confident.
+        # One jump-share step as the reference loop takes it: plan, forward, decide and accept.
         k = int(c1.sum())
-        adopted = (x0_1, torch.where(c1, 2.0, 0.0))
         jcfg = cfg.replace(max_draft_positions=k)
-        new_block, _, rows, accepted = _jump_step(model, x, pos, keys, cache, s, e, shift,
-                                                  x[:, s:e] == sp.mask_id, adopted, DraftBudget(4096, k),
-                                                  1, jcfg, sp.mask_id)
-        assert int(accepted[0]) == k
-        assert new_block.tolist() == two_steps.tolist()
+        masked = x[:, s:e] == sp.mask_id
+        branches = plan_branches(x[:, s:e], x[:, q0:s], x0_1, torch.where(c1, 2.0, 0.0), masked, jcfg, 1)
+        logits = branch_forward(model, x, pos, keys, cache, s, e, branches)
+        new = branch_step(logits, branches, masked.any(1), jcfg, sp.mask_id)
+        assert int(new.accepted[0]) == k
+        assert new.block.tolist() == two_steps.tolist()
         break
     else:
         pytest.skip("no prompt needed two plain steps in its first block")
@@ -215,8 +217,9 @@ def test_research_attention_decodes_the_same(ckpt, method, cache, threshold):
     prompts = [ckpt.encode_chat(e.prompt) for e in make_suite(21, 4)]
     knobs = {"gen_length": 64, "cache": cache, **({"threshold": threshold} if threshold else {})}
     cfg = DecodeConfig.for_method(method, **knobs)
-    research = DiffusionLM(ckpt.model.spec, attention_impl="research")
+    research = DiffusionLM(ckpt.model.spec)
     research.load_state_dict(ckpt.model.state_dict())
+    set_attention_impl(research, "research")
     plain_out = generate(ckpt.model, prompts, cfg, ckpt.special)
     research_out = generate(research.eval(), prompts, cfg, ckpt.special)
     assert research_out.tokens == plain_out.tokens
@@ -231,8 +234,9 @@ def test_research_attention_decodes_the_same(ckpt, method, cache, threshold):
 def test_research_attention_refuses_what_the_research_code_lacks(ckpt, method, knob):
     from vllm_odb.reference.model import DiffusionLM
 
-    research = DiffusionLM(ckpt.model.spec, attention_impl="research")
+    research = DiffusionLM(ckpt.model.spec)
     research.load_state_dict(ckpt.model.state_dict())
+    set_attention_impl(research, "research")
     with pytest.raises(ValueError, match=knob):
         generate(research, [ckpt.encode_chat("hi")], DecodeConfig.for_method(method, gen_length=64), ckpt.special)
 

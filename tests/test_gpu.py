@@ -46,16 +46,19 @@ def test_cuda_bf16_quality(fmt):
 @pytest.mark.parametrize("fmt", ["llada", "dream"])
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_cuda_research_attention_decodes_as_plain(fmt, cache):
-    """The benchmarks' calibrated reference (attention_impl="research": keys cached before RoPE,
-    in-place dual-cache writes at device-found indices) decodes as the plain layout on the GPU."""
+    """The benchmarks' calibrated reference (bench/research.py, attention_impl="research": keys
+    cached before RoPE, in-place dual-cache writes at device-found indices) decodes as the plain
+    layout on the GPU."""
+    from vllm_odb.bench.research import set_attention_impl
+
     ck = load_checkpoint(str(ROOT / "checkpoints" / f"tiny-{fmt}"), device="cuda")
     prompts = [ck.encode_chat(e.prompt) for e in make_suite(31, 16)]
     cfg = DecodeConfig.for_method("odb-alp", gen_length=128, cache=cache, threshold=1.0)
     plain = generate(ck.model, prompts, cfg, ck.special)
-    ck.model.attention_impl = "research"
+    set_attention_impl(ck.model, "research")
     try:
         research = generate(ck.model, prompts, cfg, ck.special)
     finally:
-        ck.model.attention_impl = "plain"
+        set_attention_impl(ck.model, "plain")
     assert research.tokens == plain.tokens and research.nfe == plain.nfe
     assert max(plain.stats["cached_forwards"]) > 0

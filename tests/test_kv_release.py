@@ -96,12 +96,12 @@ def test_scheduler_patch_frees_at_the_next_allocation(monkeypatch):
 
 def test_worker_block_list_follows_the_schedulers_free(monkeypatch):
     """The runner keeps its own copy of each block list and only appends to it: after an ALP cut
-    the worker trims its count as the scheduler frees (ODBModelState.trim_blocks), so the blocks
+    the worker trims its count as the scheduler frees (model_state.PagedCache.release), so the blocks
     allocated later (a finished request's EOS step past its cut) land where the scheduler has
     them, never after stale entries that point at freed blocks."""
     import numpy as np
 
-    from vllm_odb.engine.model_state import ODBModelState
+    from vllm_odb.engine.model_state import PagedCache
     from vllm_odb.patches import scheduler_lookahead
 
     m = _manager()
@@ -110,7 +110,7 @@ def test_worker_block_list_follows_the_schedulers_free(monkeypatch):
     wrapped = scheduler_lookahead.wrap_allocate_slots(m, hf_config, 512)
     bt = types.SimpleNamespace(block_sizes=[BLOCK], blocks_per_kv_block=[1],
                                num_blocks=types.SimpleNamespace(np=np.zeros((1, 4), dtype=np.int32)))
-    state = types.SimpleNamespace(runner_block_tables=bt)
+    paged = PagedCache(runner_block_tables=bt)
     worker: list[int] = []
 
     def step(req, n):  # the scheduler allocates; the runner appends the new ids at its count
@@ -127,8 +127,10 @@ def test_worker_block_list_follows_the_schedulers_free(monkeypatch):
     assert worker == scheduler_ids() and len(worker) == 11
     req.num_computed_tokens = 40
     end = 40 + 32  # ALP: two blocks of canvas left
-    assert kv_release.note("d", end)  # a scheduler in this process listens (the wrapper above)
-    ODBModelState.trim_blocks(state, 2, end + 1)  # what the sampler does with the note: end + reach
+    # The sampler's ALP cut: noted for the scheduler (which listens: the wrapper above) and the
+    # worker's count trimmed to end + reach (Dream's shift: 1) at once.
+    paged.release("d", 2, end, 1)
+    assert int(bt.num_blocks.np[0, 2]) == 5
     step(req, 17)
     assert worker == scheduler_ids() and len(worker) == 5
     other = _request("x", 100)  # another request takes the freed blocks
@@ -141,7 +143,9 @@ def test_worker_block_list_follows_the_schedulers_free(monkeypatch):
 
 
 def test_trim_without_the_runner_tables_fails_loudly():
-    from vllm_odb.engine.model_state import ODBModelState
+    from vllm_odb.engine.model_state import PagedCache
 
+    kv_release.listen()  # a scheduler in this process would free the blocks: the worker must trim
     with pytest.raises(RuntimeError, match="runner_block_tables"):
-        ODBModelState.trim_blocks(types.SimpleNamespace(runner_block_tables=None), 0, 10)
+        PagedCache().release("e", 0, 10, 1)
+    kv_release.forget("e")

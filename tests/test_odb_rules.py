@@ -22,7 +22,8 @@ from vllm_odb.policies.jump import (
     draft_family,
     plan_drafts,
 )
-from vllm_odb.policies.length import block_ends_request, marker_hits, predict_length
+from vllm_odb.policies.length import marker_hits, predict_length, row_marker_hits
+from vllm_odb.policies.step import block_ends
 
 
 def L(values):
@@ -197,25 +198,39 @@ def test_marker_hits_start_columns():
 
 
 # --------------------------------------------------------------------------------------------
-# Early termination: block_ends_request
+# Early termination: block_ends
 # --------------------------------------------------------------------------------------------
 
-def test_block_ends_request():
+def test_block_ends():
     block = L([
-        [1, 9, 1, 1],   # done, single marker -> True
-        [1, 1, 1, 1],   # done, no marker -> False
-        [1, 1, 9, 1],   # not done, marker -> False
-        [1, 7, 8, 1],   # done, full multi-token marker -> True
-        [1, 1, 1, 7],   # done, partial multi-token at the end -> False
-        [7, 1, 8, 1],   # done, multi-token tokens not adjacent -> False
-        [8, 7, 1, 1],   # done, multi-token in wrong order -> False
-        [1, 1, 1, 9],   # done, single marker at the last position -> True
+        [1, 9, 1, 1],   # single marker -> True
+        [1, 1, 1, 1],   # no marker -> False
+        [1, 7, 8, 1],   # full multi-token marker -> True
+        [1, 1, 1, 7],   # partial multi-token at the end -> False
+        [7, 1, 8, 1],   # multi-token tokens not adjacent -> False
+        [8, 7, 1, 1],   # multi-token in wrong order -> False
+        [1, 1, 1, 9],   # single marker at the last position -> True
     ])
-    done = Bo([True, True, False, True, True, True, True, True])
-    out = block_ends_request(block, done, MARKERS)
-    assert out.tolist() == [True, False, False, True, False, False, False, True]
+    out = block_ends(block, [tuple(MARKERS)] * 7)
+    assert out.tolist() == [True, False, True, False, False, False, True]
     # No confidence condition at block end.
     assert out.dtype == torch.bool
+    # A trace may force the answer (1: ends, 0: goes on; -1: the markers decide).
+    forced = torch.tensor([0, 1, -1, -1, -1, -1, 0])
+    assert block_ends(block, [tuple(MARKERS)] * 7, forced).tolist() == [False, True, True, False, False, False, False]
+    # Columns outside the canvas (``valid``) never hold a marker.
+    valid = torch.ones_like(block, dtype=torch.bool)
+    valid[:, 1] = False
+    assert block_ends(block, [tuple(MARKERS)] * 7, valid=valid).tolist() == [False] * 6 + [True]
+
+
+def test_each_row_has_its_own_markers():
+    """Requests carry their own stop strings: a row matches only its own markers."""
+    tokens = L([[1, 7, 8, 1], [1, 7, 8, 1], [1, 5, 1, 1], [1, 5, 1, 1]])
+    markers = [((9,), (7, 8)), ((9,),), ((9,), (5,)), ((9,),)]
+    assert row_marker_hits(tokens, markers).tolist() == [True, False, True, False]
+    assert row_marker_hits(tokens, [((9,),)] * 4).tolist() == [False] * 4  # shared: one pass
+    assert row_marker_hits(tokens, [()] * 4).tolist() == [False] * 4
 
 
 # --------------------------------------------------------------------------------------------

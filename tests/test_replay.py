@@ -1,14 +1,15 @@
-"""Trace replay (policies/replay.py): a trace recorded on a trained checkpoint, forced onto another
-model, makes the same forwards (the shapes the speed benchmarks time at full size)."""
+"""Trace replay (bench/replay.py, through policies/forcing.py): a trace recorded on a trained
+checkpoint, forced onto another model, makes the same forwards (the shapes the speed benchmarks
+time at full size)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from vllm_odb.bench.replay import Recorder, Replay, generate_traced
 from vllm_odb.policies import DecodeConfig
-from vllm_odb.policies.replay import Recorder, Replay, forced_commit
-from vllm_odb.reference.generate import generate
+from vllm_odb.policies.forcing import force_commits, forced_counts, forced_ends, forced_lengths
 from vllm_odb.reference.loader import load_checkpoint
 from vllm_odb.reference.model import DiffusionLM, init_weights
 from vllm_odb.tiny.suite import make_suite
@@ -29,11 +30,24 @@ def _prompts(ck, n):
     return [ck.encode_chat(e.prompt) for e in make_suite(3, n)]
 
 
-def test_forced_commit_takes_the_most_confident_masked():
-    conf = torch.tensor([[0.9, 0.1, 0.8, 0.95], [0.2, 0.3, 0.1, 0.4]])
-    masked = torch.tensor([[True, True, True, False], [True, True, True, True]])
-    got = forced_commit(conf, masked, torch.tensor([2, 0]))
-    assert got.tolist() == [[True, False, True, False], [False, False, False, True]]  # 0 -> at least one
+def test_forced_commits_take_the_most_confident_masked():
+    conf = torch.tensor([[0.9, 0.1, 0.8, 0.95], [0.2, 0.3, 0.1, 0.4], [0.2, 0.3, 0.1, 0.4]])
+    masked = torch.tensor([[True, True, True, False], [True, True, True, True], [True, True, True, True]])
+    rule = torch.tensor([[False, True, False, False]] * 3)
+    got = force_commits(rule, conf, masked, torch.tensor([2, 1, 0]))
+    assert got.tolist() == [[True, False, True, False], [False, False, False, True],
+                            [False, True, False, False]]  # 0: not forced, the rule's decision stays
+    assert force_commits(rule, conf, masked, None) is rule
+
+
+def test_forcing_hooks_are_none_unless_some_request_is_forced():
+    r = Replay.from_dict({"commits": [[3, 1], [4]], "lengths": [64, 32]})
+    assert forced_counts([None, None], [0, 0], [0, 0], "cpu") is None
+    assert forced_lengths([None], [0], torch.tensor([64]), "cpu") is None
+    assert forced_ends([None], [0], "cpu") is None
+    assert forced_counts([r, None], [0, 0], [1, 0], "cpu").tolist() == [1, 0]
+    assert forced_lengths([None, r], [0, 1], torch.tensor([64, 64]), "cpu").tolist() == [-1, 32]
+    assert forced_ends([r, None, r], [0, 0, 1], "cpu").tolist() == [0, -1, 1]
 
 
 def test_replay_validates_and_round_trips():
@@ -70,7 +84,7 @@ def test_replay_makes_the_recorded_forwards(fmt, method):
     knobs = {} if method == "vanilla" else {"threshold": 0.999}
     cfg = DecodeConfig.for_method(method, gen_length=glen, block_length=16, ridge_rows=64, **knobs)
     prompts = _prompts(ck, 2)
-    rec = generate(ck.model, prompts, cfg, ck.special, record=True)
+    rec = generate_traced(ck.model, prompts, cfg, ck.special, record=True)
     traces = [Replay.from_dict(t) for t in rec.stats["trace"]]
     assert any(len(steps) > 1 for t in traces for steps in t.commits)  # several forwards in a block
     if cfg.alp:
@@ -78,18 +92,18 @@ def test_replay_makes_the_recorded_forwards(fmt, method):
     rand = DiffusionLM(ck.model.spec)
     init_weights(rand, seed=0)
     for model in (ck.model, rand):
-        rep = generate(model, prompts, cfg, ck.special, replay=traces, record=True)
+        rep = generate_traced(model, prompts, cfg, ck.special, replay=traces, record=True)
         assert rep.nfe == rec.nfe and rep.forwards == rec.forwards
         for key in SHAPE_STATS:
             assert rep.stats[key] == rec.stats[key], key
         if not cfg.jump:
             assert rep.stats["trace"] == rec.stats["trace"]
     if not cfg.jump:  # on its own model the forced commits are the threshold's own
-        assert generate(ck.model, prompts, cfg, ck.special, replay=traces).tokens == rec.tokens
+        assert generate_traced(ck.model, prompts, cfg, ck.special, replay=traces).tokens == rec.tokens
 
 
 def test_replay_needs_one_trace_per_prompt():
     ck = _ck("llada")
     cfg = DecodeConfig.for_method("fast-dllm", gen_length=64, block_length=32)
     with pytest.raises(ValueError, match="traces for 2 prompts"):
-        generate(ck.model, _prompts(ck, 2), cfg, ck.special, replay=[Replay(((32,), (32,)), (64, 64))])
+        generate_traced(ck.model, _prompts(ck, 2), cfg, ck.special, replay=[Replay(((32,), (32,)), (64, 64))])

@@ -10,7 +10,7 @@ Two kinds of rows:
   cost, and dynamics by **trace replay** (``replay: true``). A random model is never confident,
   so on its own every method would commit one token per step and ALP would never fire. Instead,
   each request replays what the method did on the trained tiny checkpoint of the same family
-  (policies/replay.py: commits per forward, canvas cuts, the last block), so the full-size engine
+  (bench/replay.py: commits per forward, canvas cuts, the last block), so the full-size engine
   makes exactly those forwards and the timing is of real work at real size.
 
 Traces are recorded with the reference engine, one request alone at a time (the draft budget of a
@@ -35,8 +35,9 @@ import time
 import torch
 from tqdm import tqdm
 
+from vllm_odb.bench.replay import Replay, generate_traced
+from vllm_odb.bench.research import attention_impl, set_attention_impl
 from vllm_odb.policies import DecodeConfig
-from vllm_odb.policies.replay import Replay
 
 # Benchmark names -> (preset, extra knobs). The vLLM engine runs the dual cache only.
 BENCH_METHODS = {
@@ -69,7 +70,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--reference-impl", default="research", choices=("research", "plain"),
                     help="reference engine's attention: 'research' keeps the cache as the research code does "
-                         "(calibrated against Fast-dLLM: scripts/calibrate_fastdllm.py), 'plain' is our faster "
+                         "(calibrated against Fast-dLLM: bench calibrate-fastdllm), 'plain' is our faster "
                          "layout; methods the research code lacks (jump-share) always run 'plain'")
     ap.add_argument("--traces", help="JSON file of recorded traces: read if present, else written")
     ap.add_argument("--engine-args", default="{}", type=_engine_args,
@@ -113,7 +114,7 @@ def _trace_key(method: str, gen: int, engine: str) -> str:
 
 def record_traces(path: str, methods, gens, n: int, args, device) -> dict:
     """Each method's dynamics on the trained checkpoint: one trace per suite prompt, alone."""
-    from vllm_odb.reference.generate import generate, response_ids
+    from vllm_odb.reference.generate import response_ids
     from vllm_odb.reference.loader import load_checkpoint
     from vllm_odb.tiny.suite import make_suite
 
@@ -128,7 +129,7 @@ def record_traces(path: str, methods, gens, n: int, args, device) -> dict:
         count = min(n, args.requests) if m == "vanilla" else n  # vanilla: fixed dynamics, batch-1 rows only
         rows = []
         for p in prompts[:count]:
-            out = generate(ck.model, [p], cfg, ck.special, record=True)
+            out = generate_traced(ck.model, [p], cfg, ck.special, record=True)
             rows.append({"prompt_len": len(p), "response_tokens": len(response_ids(out.tokens[0], ck.special)),
                          "replay": out.stats["trace"][0]})
         traces[_trace_key(m, g, args.engine)] = rows
@@ -210,8 +211,6 @@ def _warm_up(model, jobs, args, special, full, traces, spec, suite) -> None:
     CUDA), for compiling it (a fixed-shape graph, then a dynamic one at the second shape). The
     request is a cached method's (it makes both refresh and block-step shapes) at the shortest
     gen length."""
-    from vllm_odb.reference.generate import generate
-
     done = set()
     for m, g, _ in sorted(jobs, key=lambda j: (BENCH_METHODS[j[0]][1].get("cache") == "prefix",
                                                BENCH_METHODS[j[0]][0] == "vanilla", j[1])):
@@ -220,17 +219,17 @@ def _warm_up(model, jobs, args, special, full, traces, spec, suite) -> None:
         if impl in done:
             continue
         done.add(impl)
-        model.attention_impl = impl
+        set_attention_impl(model, impl)
         if full:
             tr = traces["traces"][_trace_key(m, g, "reference")][0]
             prompt, replay = _replay_prompts([tr], spec)[0], [Replay.from_dict(tr["replay"])]
         else:
             prompt, replay = suite[0], None
-        generate(model, [prompt], cfg, special, replay=replay)
+        generate_traced(model, [prompt], cfg, special, replay=replay)
 
 
 def run_reference(args, methods, gens, batches, emit) -> None:
-    from vllm_odb.reference.generate import generate, response_ids
+    from vllm_odb.reference.generate import response_ids
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
@@ -249,7 +248,7 @@ def run_reference(args, methods, gens, batches, emit) -> None:
     _warm_up(model, jobs, args, special, full, traces, spec, None if full else suite)
     for m, g, b in tqdm(jobs, desc=f"reference {args.model}", file=sys.stderr):
         cfg = method_config(m, g, args)
-        model.attention_impl = reference_impl(args.reference_impl, cfg)
+        set_attention_impl(model, reference_impl(args.reference_impl, cfg))
         if full:
             tr = traces["traces"][_trace_key(m, g, "reference")]
             if len(tr) < b:
@@ -268,8 +267,8 @@ def run_reference(args, methods, gens, batches, emit) -> None:
             if b == 1 and lat and time.perf_counter() - t_row > args.row_seconds:
                 break
             t0 = time.perf_counter()
-            out = generate(model, [prompts[i] for i in group], cfg, special,
-                           replay=[replays[i] for i in group] if replays else None, record=not full)
+            out = generate_traced(model, [prompts[i] for i in group], cfg, special,
+                                  replay=[replays[i] for i in group] if replays else None, record=not full)
             if device == "cuda":
                 torch.cuda.synchronize()
             lat += [time.perf_counter() - t0] * len(group)
@@ -282,7 +281,7 @@ def run_reference(args, methods, gens, batches, emit) -> None:
             refresh += sum(out.stats["refresh_tokens"])
             n_req += len(group)
         wall = time.perf_counter() - t_row
-        emit({"method": m, "engine": "reference", "attention_impl": model.attention_impl,
+        emit({"method": m, "engine": "reference", "attention_impl": attention_impl(model),
                      "model": _model_name(args.model), "replay": full,
                      "trace_model": _model_name(traces["trace_model"]) if full else None,
                      "gen_length": g, "batch": b, "requests": n_req, **_summary(lat, wall, tokens),
@@ -336,6 +335,7 @@ def run_vllm(args, methods, gens, batches, emit) -> None:
 
     from vllm_odb.bench.full_size import FULL_SIZE
     from vllm_odb.checkpoint import ModelSpec
+    from vllm_odb.engine import PROFILE_ENV
     from vllm_odb.engine.metrics import snapshot
 
     skipped = [m for m in methods if m not in VLLM_METHODS]
@@ -358,7 +358,7 @@ def run_vllm(args, methods, gens, batches, emit) -> None:
         prompts_by = [ck.encode_chat(e.prompt) for e in make_suite(SUITE_SEED, n)]
         del ck
     profile = os.path.join(tempfile.mkdtemp(), "steps.jsonl")
-    os.environ["VLLM_ODB_PROFILE"] = profile
+    os.environ[PROFILE_ENV] = profile  # the engine's step profiler (bench/profile.py)
     for jump in (False, True):
         ms = [m for m in methods if method_config(m, gens[0], args).jump == jump]
         if not ms:
@@ -429,7 +429,7 @@ def _response_len(ids: list[int], end_ids: set[int]) -> int:
 
 def _step_profile(path, spec, batch, method, gen, steps_out, args, jump, llm) -> dict:
     """Decode-only steps (every request of the row decoding) and refresh-only steps of the row's
-    profile (engine/sampler.py ``VLLM_ODB_PROFILE``): p50 step time against the weight-streaming
+    profile (bench/profile.py, ``VLLM_ODB_PROFILE``): p50 step time against the weight-streaming
     floor, and roofline points."""
     from vllm_odb.bench.ceilings import CEILINGS
     from vllm_odb.bench.costs import forward_flops, kv_bytes, weight_bytes

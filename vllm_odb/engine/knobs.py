@@ -25,13 +25,12 @@ from __future__ import annotations
 import math
 
 from vllm_odb.policies.config import METHODS, DecodeConfig
-from vllm_odb.policies.replay import Replay
 
 ENGINE_SECTION = "odb"  # --additional-config '{"odb": {...}}'
 ENGINE_RULES = ("threshold", "factor", "adaptive")
 ENGINE_CACHES = ("dual",)
 REQUEST_ONLY_NOT_KNOBS = ("temperature",)
-REPLAY_ARG = "replay"  # a benchmark trace (policies/replay.py), not a decoding knob
+REPLAY_ARG = "replay"  # a benchmark trace (vllm_odb/bench/replay.py), not a decoding knob
 # What a method preset sets: a request naming a method drops the engine's values of these.
 MODE_KNOBS = ("rule", "cache", "alp", "early_stop", "jump", "suffix_window", "threshold_alpha", "dcu")
 
@@ -95,7 +94,7 @@ def request_config(engine: DecodeConfig, extra_args: dict | None, temperature: f
     args = dict(extra_args or {})
     where = "extra_args: "
     if REPLAY_ARG in args:
-        request_replay(args.pop(REPLAY_ARG))
+        request_forcing(args.pop(REPLAY_ARG))
     for name in REQUEST_ONLY_NOT_KNOBS:
         if name in args:
             raise ValueError(f"{where}{name} is not an extra arg; use SamplingParams.temperature")
@@ -117,10 +116,14 @@ def request_config(engine: DecodeConfig, extra_args: dict | None, temperature: f
     return cfg
 
 
-def request_replay(value) -> Replay | None:
-    """The request's benchmark trace (``extra_args["replay"]``), validated; ``None`` without one."""
+def request_forcing(value):
+    """The request's benchmark trace (``extra_args["replay"]``), validated, as its ``Forcing``
+    (policies/forcing.py); ``None`` without one. The benchmarks' module is imported only here, for
+    a request that carries a trace."""
     if value is None:
         return None
+    from vllm_odb.bench.replay import Replay
+
     try:
         return Replay.from_dict(value)
     except ValueError as e:

@@ -1,22 +1,62 @@
-"""``ODBModelState``: LLaDA/Dream's hook into vLLM 0.26's V2 model runner (DiffusionGemma's route).
+"""``ODBModelState``: LLaDA/Dream's hook into vLLM 0.26's V2 model runner (DiffusionGemma's route),
+and everything of a step that touches vLLM's paged KV cache.
 
 What vLLM's diffusion path gives us: each running request is scheduled as ``width`` draft slots
 (``diffusion_config.canvas_length``) after its committed tokens, with no AR bonus token, and the
-sampler may commit 0..width of them per step. What this state adds:
+sampler may commit 0..width of them per step. What this file adds, in the order a step uses it:
 
-- bidirectional attention: ``causal=False`` in the attention metadata of every step;
-- the dual cache: a decode step's keys are the whole sequence, prompt + canvas, so the sequence
-  length handed to attention is prompt + live canvas, not vLLM's ``num_computed + query``
-  (the suffix's slots exist thanks to patches/scheduler_lookahead.py and hold the KV the last
-  refresh wrote). With Streaming-dLLM's suffix pruning the keys are the pruned canvas instead:
-  the block, its window and the final position, which the refresh put in the slot after the
-  window (engine/requests.py ``ODBRequest.kept``);
+- the step's inputs (``prepare_attn``): bidirectional attention (``causal=False`` in the attention
+  metadata of every step) and the dual cache: a decode step's keys are the whole sequence, prompt
+  + canvas, so the sequence length handed to attention is prompt + live canvas, not vLLM's
+  ``num_computed + query`` (the suffix's slots exist thanks to patches/scheduler_lookahead.py and
+  hold the KV the last refresh wrote). With Streaming-dLLM's suffix pruning the keys are the
+  pruned canvas instead: the block, its window and the final position, which the refresh put in
+  the slot after the window (engine/requests.py ``ODBRequest.kept``);
 - Dream's shifted logits: Dream predicts token i from position i-1, so its query window is the
   position before the block plus the block (width = block + 1). vLLM schedules the window at
   ``[s, s + width)``; positions and KV slots are moved one back here, so the window is
   ``[s - 1, s + block)``, the same rows the reference loop queries;
+- jump-share's draft rows (``BranchAttention``): a jump-share engine schedules a wider canvas per
+  request (``knobs.canvas_width``: ``ridge_rows``, or ``2 * ridge_rows - window`` with Dream's
+  shifted logits; models/hook.py). The first ``window`` rows are the base branch, the next rows
+  the drafts the sampler planned (engine/requests.py ``JumpPlan``), the rest padding. Every row
+  gets the position of its window offset; base rows write their KV to the block's slots as in a
+  plain step, draft and padding rows write nothing (slot -1). The backend's kernel runs the whole
+  batch as usual, which is exact for base rows; ``BranchAttention`` then recomputes the draft rows
+  of each planned request with SDPA over [prefix | the window keys its mask allows | suffix]
+  gathered from the paged cache plus the drafts' own keys from this step: the reference loop's
+  mask (a draft sees its own rows; a shared-layout draft reads the base branch's keys at offsets
+  where it has no row). Why this route (reasoned, not yet measured at full size): the base rows
+  keep vLLM's paged-attention kernel (and its speed); only the draft rows, a few per request below
+  the ridge point, take the SDPA side path, which reads the same paged cache and needs no kernel
+  of ours. Its cost is a gather of the request's keys and values per layer (prompt + canvas) and
+  one masked SDPA call per planned request. FlexAttention would need a block mask per step over
+  paged keys and a compile per shape; a kernel of ours is what would replace the SDPA gather if
+  the speed benchmarks say it matters. The attention op runs outside CUDA graphs (PIECEWISE), so
+  jump-share engines do not capture FULL graphs; everything else in the layer stays graphed;
+- the Fast-dLLM cache refresh (``CacheRefresh``), which the sampler runs at every block start: one
+  full forward over prompt + committed tokens + the whole masked canvas rewrites the KV of every
+  position (the committed prefix now sees the tokens decoded since, and the masked suffix gets the
+  keys the dual cache attends to) and its logits take the block's first decoding step. vLLM has no
+  API to rewrite KV below ``num_computed_tokens``. The two candidates were a scheduler rewind
+  (``num_computed_tokens`` back to 0 for one step, which re-schedules the whole sequence through
+  the scheduler's token budget and needs the scheduler, the GPU-side counters and async
+  scheduling's placeholders to agree on a negative step) and a side forward run by the engine
+  itself. We run the side forward, from the sampler, right after the step that finished the
+  previous block (or the prompt's prefill): its logits give the block's first step, so a block
+  costs what it costs the research code, with two known extras: vLLM's own prefill forward over
+  the prompt is redone by the first refresh, and a block the refresh step already completes is
+  committed by one more (idle) canvas forward, since a step can commit one block only. It needs no
+  scheduler change, and leaves vLLM's bookkeeping untouched: the positions it rewrites are ones
+  vLLM already considers computed, or the canvas, which the next step's query overwrites anyway.
+  What it gives up: the scheduler does not budget refresh tokens (a step with refreshes takes
+  longer than its scheduled tokens suggest), and pipeline parallelism is unsupported (the side
+  forward runs all layers on one rank). The side forward is ``DiffusionLMModel.refresh_forward``:
+  the model's own layers with ``DenseAttend`` in place of paged attention, which writes each
+  layer's keys and values into the request's paged-cache slots with the attention backend's own
+  cache-update op, then attends each sequence bidirectionally with SDPA;
 - the request table (per-request knobs and canvases) and the sampler that decodes
-  (``custom_sampler``).
+  (``custom_sampler``), handed the table, the refresh and the draft-token buffer.
 
 All per-step writes go to persistent buffers (the runner's positions and slot mappings, our
 ``seq_lens``), so FULL CUDA-graph replays of decode steps see them. No worker subclass is needed.
@@ -24,10 +64,12 @@ All per-step writes go to persistent buffers (the runner's positions and slot ma
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from vllm.config.compilation import CUDAGraphMode
 from vllm.v1.worker.gpu.attn_utils import build_attn_metadata
 from vllm.v1.worker.gpu.buffer_utils import async_copy_to_gpu
@@ -36,9 +78,160 @@ from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 from vllm_odb.checkpoint import special_tokens
 from vllm_odb.engine import CHECK, check, kv_release
 from vllm_odb.engine.metrics import RequestCounters
-from vllm_odb.engine.refresh import kv_slots
-from vllm_odb.engine.requests import RequestTable, decode_rows
+from vllm_odb.engine.requests import JumpPlan, RequestTable, decode_rows
 from vllm_odb.policies import DecodeConfig
+
+
+def kv_slots(block_table_row: torch.Tensor, positions: torch.Tensor, kernel_block_size: int) -> torch.Tensor:
+    """Paged-cache slot of each position, from one request's block table (kernel-block units)."""
+    return (block_table_row[positions // kernel_block_size].long() * kernel_block_size
+            + positions % kernel_block_size)
+
+
+@dataclass
+class PagedCache:
+    """Where positions live in vLLM's paged KV cache, as the decoder's side paths address it."""
+
+    block_tables: torch.Tensor | None = None  # this step's gathered block tables (batch-row order)
+    kernel_block_size: int | None = None  # the block size they count in (the kernel's; calibrated once)
+    # The runner's own per-request block lists (vLLM's BlockTables), handed over by
+    # patches/runner_block_tables.py: ALP cuts trim them as the scheduler frees blocks.
+    runner_block_tables: Any = None
+
+    def slots(self, row: int, positions: torch.Tensor) -> torch.Tensor:
+        """KV slots of ``positions`` of the request in batch row ``row``."""
+        return kv_slots(self.block_tables[row], positions, self.kernel_block_size)
+
+    def release(self, req_id: str, slot: int, end: int, reach: int) -> None:
+        """ALP cut ``req_id``'s canvas: prompt + canvas is now ``end`` tokens. A scheduler in this
+        process frees the KV blocks past ``end + reach`` (engine/kv_release.py); the runner's copy
+        of its block list drops them too, so blocks allocated later land where the scheduler has
+        them (the trim takes effect at the runner's next ``apply_staged_writes``)."""
+        if not kv_release.note(req_id, end):
+            return
+        bt = self.runner_block_tables
+        if bt is None:
+            raise RuntimeError("vllm-odb: the runner's block tables were not handed over "
+                               "(patches/runner_block_tables.py); an ALP cut cannot free KV blocks safely")
+        for g, size in enumerate(bt.block_sizes):
+            keep = kv_release.keep_blocks(end + reach, size) * bt.blocks_per_kv_block[g]
+            bt.num_blocks.np[g, slot] = min(int(bt.num_blocks.np[g, slot]), keep)
+
+
+class DenseAttend:
+    """``attend`` for ``refresh_forward``: the sequences are concatenated; ``bounds`` [(a, b)]."""
+
+    def __init__(self, bounds: list[tuple[int, int]], slots: torch.Tensor):
+        self.bounds = bounds
+        self.slots = slots
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn) -> torch.Tensor:
+        n = q.shape[0]
+        heads, kv_heads, dim = attn.num_heads, attn.num_kv_heads, attn.head_size
+        k3, v3 = k.view(n, kv_heads, dim), v.view(n, kv_heads, dim)
+        attn.impl.do_kv_cache_update(attn, k3, v3, attn.kv_cache, self.slots)
+        q3 = q.view(n, heads, dim)
+        out = torch.empty((n, heads * dim), dtype=q.dtype, device=q.device)
+        for a, b in self.bounds:
+            o = F.scaled_dot_product_attention(
+                q3[a:b].transpose(0, 1)[None], k3[a:b].transpose(0, 1)[None], v3[a:b].transpose(0, 1)[None],
+                scale=attn.impl.scale, enable_gqa=heads != kv_heads)
+            out[a:b] = o[0].transpose(0, 1).reshape(b - a, heads * dim)
+        return out
+
+
+class CacheRefresh:
+    """The Fast-dLLM cache refresh on the paged cache (module doc): the side forward over whole
+    sequences, the logits of its rows, and the cache tail an ALP cut frees."""
+
+    def __init__(self, model, paged: PagedCache):
+        self.model = model  # the vLLM model: refresh_forward and compute_logits
+        self.paged = paged
+
+    def forward(self, tokens: torch.Tensor, jobs: list[tuple]) -> tuple[torch.Tensor, list[int]]:
+        """Run the refresh forward for ``jobs`` = [(slot, batch_row, length[, final])]: sequence
+        ``tokens[slot, :length]`` at positions 0..length-1, KV written through the block table of
+        ``batch_row``. ``final`` (Streaming-dLLM's suffix pruning, ``ODBRequest.kept``): one more
+        token, ``tokens[slot, final]`` at position id ``final``, whose keys and values go to the
+        cache slot of position ``length``. Returns the final hidden states of all jobs,
+        concatenated, and each job's first row in them. Row ``offset + p`` is position p
+        (p < length); with Dream's shift its logits predict position p + 1."""
+        device = tokens.device
+        ids, pos, slots, bounds, offsets = [], [], [], [], []
+        offset = 0
+        for slot, row, length, *rest in jobs:
+            final = rest[0] if rest else None
+            p = torch.arange(length, device=device)
+            ids.append(tokens[slot, :length])
+            pos.append(p)
+            slots.append(self.paged.slots(row, p))
+            n = length
+            if final is not None:
+                ids.append(tokens[slot, final:final + 1])
+                pos.append(torch.full((1,), final, device=device))
+                slots.append(self.paged.slots(row, torch.full((1,), length, device=device)))
+                n += 1
+            bounds.append((offset, offset + n))
+            offsets.append(offset)
+            offset += n
+        hidden = self.model.model.refresh_forward(torch.cat(ids), torch.cat(pos), DenseAttend(bounds, torch.cat(slots)))
+        return hidden, offsets
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.compute_logits(hidden)
+
+
+@dataclass
+class BranchRows:
+    """A planned request in this step's batch, for ``BranchAttention``."""
+
+    first: int  # first token row of the request in the batch
+    plan: JumpPlan
+    q0: int  # position of window offset 0
+    end: int  # prompt + live canvas
+    block_table: torch.Tensor  # the request's block table row (kernel blocks)
+
+
+class BranchAttention:
+    """Wraps an attention impl's ``forward``: the kernel for every row, then SDPA for the draft
+    rows of jump-share plans (module doc). ``rows`` is set by the model state for each step
+    (empty: the kernel alone)."""
+
+    def __init__(self, forward, paged: PagedCache):
+        self.forward = forward
+        self.rows: list[BranchRows] = []
+        self.paged = paged
+
+    def __call__(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
+        out = self.forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+        if not self.rows or attn_metadata is None:
+            return out
+        heads, kv_heads, dim = layer.num_heads, layer.num_kv_heads, layer.head_size
+        q_all = query.view(query.shape[0], heads, dim)
+        k_all = key.view(key.shape[0], kv_heads, dim)
+        v_all = value.view(value.shape[0], kv_heads, dim)
+        out_rows = output.view(output.shape[0], heads * dim)
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(dim, dim=-1)  # [blocks, N, H, d]
+        kbs = self.paged.kernel_block_size
+        for r in self.rows:
+            plan = r.plan
+            w, q = plan.window, plan.num_rows
+            if q == w:
+                continue
+            slots = kv_slots(r.block_table, torch.arange(r.end, device=query.device), kbs)
+            keys = torch.cat([key_cache[slots // kbs, slots % kbs], k_all[r.first + w: r.first + q]], 0)
+            vals = torch.cat([value_cache[slots // kbs, slots % kbs], v_all[r.first + w: r.first + q]], 0)
+            # Draft rows: prefix and suffix always; window position q0 + o where the mask lets the
+            # row read base row o; draft keys where the mask lets it read that draft row.
+            mask = torch.ones((q - w, r.end + q - w), dtype=torch.bool, device=query.device)
+            mask[:, r.q0:r.q0 + w] = plan.attn[w:, :w]
+            mask[:, r.end:] = plan.attn[w:, w:]
+            o = F.scaled_dot_product_attention(
+                q_all[r.first + w: r.first + q].transpose(0, 1)[None], keys.transpose(0, 1)[None],
+                vals.transpose(0, 1)[None], attn_mask=mask[None, None], scale=layer.impl.scale,
+                enable_gqa=heads != kv_heads)
+            out_rows[r.first + w: r.first + q] = o[0].transpose(0, 1).reshape(q - w, heads * dim).to(out_rows.dtype)
+        return out
 
 
 class ODBModelState(DefaultModelState):
@@ -57,16 +250,16 @@ class ODBModelState(DefaultModelState):
         self.table = RequestTable(self.max_num_reqs, self.max_model_len, engine, self.shift,
                                   self.spec.mask_token_id, self.spec.eos_token_id,
                                   [(e,) for e in special_tokens(self.spec, None, gen_cfg).end_ids], device,
-                                  RequestCounters(enabled=_is_first_rank()))
+                                  RequestCounters(enabled=_is_first_rank()), tokenizer=self._tokenizer)
         self.width = self.table.width
+        self.paged = PagedCache()
+        self.refresh = CacheRefresh(model, self.paged)
         # Jump-share engines: every attention layer's impl gets the draft-row side path.
         self.branch_attention = []
         if engine.jump:
-            from vllm_odb.engine.branches import BranchAttention
-
             for layer in model.model.layers:
                 impl = layer.self_attn.attn.impl
-                wrapper = BranchAttention(impl.forward, lambda: self.kernel_block_size)
+                wrapper = BranchAttention(impl.forward, self.paged)
                 impl.forward = wrapper
                 self.branch_attention.append(wrapper)
             self._base_offsets = torch.arange(self.width, device=device)
@@ -75,28 +268,15 @@ class ODBModelState(DefaultModelState):
                                f"request, the decoder needs {self.width} (engine/knobs.py canvas_width)")
         self.seq_lens_buf = torch.zeros(self.max_num_reqs, dtype=torch.int32, device=device)
         self.seq_len_override = np.zeros(self.max_num_reqs, dtype=np.int32)
-        # The step's gathered block tables (batch-row order) and the KV kernel block size, for the
-        # refresh forward's slots and Dream's moved window.
-        self.block_tables: torch.Tensor | None = None
-        self.kernel_block_size: int | None = None
-        # The runner's own per-request block lists (vLLM's BlockTables), handed over by
-        # patches/runner_block_tables.py: ALP cuts trim them as the scheduler frees blocks.
-        self.runner_block_tables = None
+
+    def _tokenizer(self):
+        """The model's tokenizer (for the requests' stop strings), or None with ``skip_tokenizer_init``."""
+        from vllm.tokenizers import cached_tokenizer_from_config
+
+        return cached_tokenizer_from_config(self.model_config)
 
     def attach_block_tables(self, block_tables) -> None:
-        self.runner_block_tables = block_tables
-
-    def trim_blocks(self, slot: int, num_tokens: int) -> None:
-        """The scheduler frees ``slot``'s blocks past ``num_tokens`` (engine/kv_release.py): the
-        runner's copy of its block list drops them too, so blocks allocated later land where the
-        scheduler has them. Takes effect at the runner's next ``apply_staged_writes``."""
-        bt = self.runner_block_tables
-        if bt is None:
-            raise RuntimeError("vllm-odb: the runner's block tables were not handed over "
-                               "(patches/runner_block_tables.py); an ALP cut cannot free KV blocks safely")
-        for g, size in enumerate(bt.block_sizes):
-            keep = kv_release.keep_blocks(num_tokens, size) * bt.blocks_per_kv_block[g]
-            bt.num_blocks.np[g, slot] = min(int(bt.num_blocks.np[g, slot]), keep)
+        self.paged.runner_block_tables = block_tables
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, req_index: int, new_req_data) -> None:
@@ -110,7 +290,7 @@ class ODBModelState(DefaultModelState):
     def custom_sampler(self, sampler: Any) -> tuple[Any, Any] | None:
         from vllm_odb.engine.sampler import ODBSampler
 
-        return ODBSampler(self, sampler), None
+        return ODBSampler(self.table, self.refresh, sampler, self.max_num_tokens), None
 
     # ---- attention ------------------------------------------------------------------------
     def prepare_attn(self, input_batch, cudagraph_mode, block_tables, slot_mappings, attn_groups,
@@ -123,7 +303,7 @@ class ODBModelState(DefaultModelState):
         for wrapper in self.branch_attention:
             wrapper.rows = []
         if not for_capture:
-            self.block_tables = block_tables[0]
+            self.paged.block_tables = block_tables[0]
             if CHECK:
                 check.step_inputs(input_batch, self.table)
             self._calibrate(input_batch, kv_cache_config, slot_mappings)
@@ -155,14 +335,7 @@ class ODBModelState(DefaultModelState):
         rows = decode_rows(input_batch, self.width)
         if len(rows) == 0:
             return
-        slots = input_batch.idx_mapping_np[rows]
-        # Keys: exactly the slots the block attends (prompt + live canvas, or Streaming's pruned
-        # canvas); vLLM's count (num_computed + width) runs past the canvas in Dream's last block.
-        override = np.full(input_batch.num_reqs, -1, dtype=np.int32)
-        override[rows] = [self._keys(s) for s in slots]
-        lens = async_copy_to_gpu(override, device=self.device)
-        n = input_batch.num_reqs
-        torch.where(lens >= 0, lens, self.seq_lens_buf[:n], out=self.seq_lens_buf[:n])
+        self._seq_lens(input_batch, rows, [self.table.get(int(s)) for s in input_batch.idx_mapping_np[rows]])
         if self.shift:
             starts = input_batch.query_start_loc_np[rows]
             tok = (starts[:, None] + np.arange(self.width)[None]).reshape(-1)
@@ -171,8 +344,8 @@ class ODBModelState(DefaultModelState):
             rows_g = async_copy_to_gpu(tok_rows.astype(np.int64), device=self.device)
             pos = input_batch.positions[tok_g] - self.shift
             input_batch.positions[tok_g] = pos
-            kbs = self.kernel_block_size
-            table = self.block_tables[rows_g]
+            kbs = self.paged.kernel_block_size
+            table = self.paged.block_tables[rows_g]
             slot = table.gather(1, (pos // kbs)[:, None])[:, 0].long() * kbs + pos % kbs
             slot_mappings[0, tok_g] = slot.to(slot_mappings.dtype)
 
@@ -181,21 +354,13 @@ class ODBModelState(DefaultModelState):
         and KV slots. Row i of a request's canvas sits at ``start - shift + offset[i]``: base rows
         at their window offset (written to the cache), planned draft rows at their layout offset
         and padding rows anywhere (neither written: slot -1). Planned requests go to the draft
-        rows' attention (engine/branches.py)."""
-        from vllm_odb.engine.branches import BranchRows
-
+        rows' attention (``BranchAttention``)."""
         rows = decode_rows(input_batch, self.width)
         if len(rows) == 0:
             return
-        table, w = self.table, self.table.window
-        n = input_batch.num_reqs
-        slots_np = input_batch.idx_mapping_np[rows]
-        reqs = [table.get(int(s)) for s in slots_np]
-        # Keys: exactly the slots the block attends (see _dual_cache_and_shift).
-        ends = np.full(n, -1, dtype=np.int32)
-        ends[rows] = [-1 if q is None else q.keys for q in reqs]  # unknown rows keep vLLM's count
-        ends_g = async_copy_to_gpu(ends, device=self.device)
-        torch.where(ends_g >= 0, ends_g, self.seq_lens_buf[:n], out=self.seq_lens_buf[:n])
+        w = self.table.window
+        reqs = [self.table.get(int(s)) for s in input_batch.idx_mapping_np[rows]]
+        self._seq_lens(input_batch, rows, reqs)
         offsets, written, branch_rows = [], [], []
         for r, q in zip(rows, reqs):
             plan = None if q is None else q.plan
@@ -209,7 +374,7 @@ class ODBModelState(DefaultModelState):
             if plan is not None and q is not None:
                 first = int(input_batch.query_start_loc_np[r])
                 branch_rows.append(BranchRows(first=first, plan=plan, q0=q.start - self.shift, end=q.keys,
-                                              block_table=self.block_tables[r]))
+                                              block_table=self.paged.block_tables[r]))
         starts = input_batch.query_start_loc_np[rows]
         tok = async_copy_to_gpu((starts[:, None] + np.arange(self.width)[None]).reshape(-1).astype(np.int64),
                                 device=self.device)
@@ -217,23 +382,29 @@ class ODBModelState(DefaultModelState):
                                device=self.device)
         pos = (q0[:, None] + torch.stack(offsets)).reshape(-1)
         input_batch.positions[tok] = pos.to(input_batch.positions.dtype)
-        kbs = self.kernel_block_size
-        table_rows = self.block_tables[async_copy_to_gpu(np.repeat(rows, self.width).astype(np.int64),
-                                                         device=self.device)]
+        kbs = self.paged.kernel_block_size
+        table_rows = self.paged.block_tables[async_copy_to_gpu(np.repeat(rows, self.width).astype(np.int64),
+                                                               device=self.device)]
         slot = table_rows.gather(1, (pos // kbs)[:, None])[:, 0].long() * kbs + pos % kbs
         slot = torch.where(torch.stack(written).reshape(-1), slot, -1)
         slot_mappings[0, tok] = slot.to(slot_mappings.dtype)
         for wrapper in self.branch_attention:
             wrapper.rows = branch_rows
 
-    def _keys(self, slot: int) -> int:
-        req = self.table.get(slot)
-        return -1 if req is None else req.keys
+    def _seq_lens(self, input_batch, rows: np.ndarray, reqs: list) -> None:
+        """Keys of each decode row: exactly the slots its block attends (prompt + live canvas, or
+        Streaming's pruned canvas); vLLM's count (num_computed + width) runs past the canvas in
+        Dream's last block. Rows of unknown requests keep vLLM's count."""
+        n = input_batch.num_reqs
+        ends = np.full(n, -1, dtype=np.int32)
+        ends[rows] = [-1 if q is None else q.keys for q in reqs]
+        ends_g = async_copy_to_gpu(ends, device=self.device)
+        torch.where(ends_g >= 0, ends_g, self.seq_lens_buf[:n], out=self.seq_lens_buf[:n])
 
     def _calibrate(self, input_batch, kv_cache_config, slot_mappings) -> None:
         """Find the block size the block tables count in (the attention kernel's), once, by
         reproducing the runner's slot mapping of this step's first token."""
-        if self.kernel_block_size is not None or input_batch.num_reqs == 0:
+        if self.paged.kernel_block_size is not None or input_batch.num_reqs == 0:
             return
         block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         first = int(input_batch.query_start_loc_np[0])
@@ -241,8 +412,8 @@ class ODBModelState(DefaultModelState):
         pos = input_batch.positions[first:first + count]
         want = slot_mappings[0, first:first + count].long()
         for kbs in sorted({d for d in range(1, block_size + 1) if block_size % d == 0}, reverse=True):
-            if torch.equal(kv_slots(self.block_tables[0], pos, kbs), want):
-                self.kernel_block_size = kbs
+            if torch.equal(kv_slots(self.paged.block_tables[0], pos, kbs), want):
+                self.paged.kernel_block_size = kbs
                 return
         raise RuntimeError("vllm-odb could not reproduce vLLM's KV slot mapping from the block table; "
                            "this vLLM build lays out its paged cache differently than 0.26.0")

@@ -1,28 +1,75 @@
 """Per-request decoding state of the vLLM engine, indexed by the runner's request slot.
 
-Host side: each request's ``DecodeConfig``, prompt length, live canvas and current block. GPU
-side: ``tokens[slot]`` = prompt, committed blocks and the canvas still being decoded (masks where
-undecided), the sequence the refresh forward reads and the draft slots are cut from.
+Host side: each request's ``DecodeConfig``, end markers, prompt length, live canvas, current block
+and the state machine the sampler drives (engine/sampler.py), one method a transition:
+
+    added --(prefill done)--> refresh --> decoding the block: forwarded() after each decode step
+      ^                                     |  jump-share: plan holds the next step's branches
+      |                                     v
+      +---------- refreshed() <---- complete_block(): the block goes out; True -> the next block
+                                            |  starts with a refresh (cut() may shrink the canvas)
+                                            +-- False -> finished: EOS blocks until vLLM stops it
+
+GPU side: ``tokens[slot]`` = prompt, committed blocks and the canvas still being decoded (masks
+where undecided), the sequence the refresh forward reads and the draft slots are cut from.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 
 from vllm_odb.engine import CHECK, check, kv_release
-from vllm_odb.engine.knobs import REPLAY_ARG, canvas_width, live_gen_length, request_config, request_replay
+from vllm_odb.engine.knobs import REPLAY_ARG, canvas_width, live_gen_length, request_config, request_forcing
 from vllm_odb.engine.metrics import COUNTERS, RequestCounters
 from vllm_odb.policies import DecodeConfig
+from vllm_odb.policies.adaptive import BlockThresholds, moving_thresholds
+from vllm_odb.policies.forcing import Forcing
 from vllm_odb.policies.host import to_device
-from vllm_odb.policies.replay import Replay
-from vllm_odb.policies.length import Marker
+from vllm_odb.policies.jump import Branches
+from vllm_odb.policies.length import Marker, Markers
+from vllm_odb.policies.step import plan_branches
 from vllm_odb.policies.streaming import window_stop
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class JumpPlan:
+    """One request's branches for its next decode step (``policies.step.plan_branches`` for a
+    batch of one) and the query rows they take in its canvas (all on the request's device): the
+    first ``window`` rows are the base branch (the block; Dream: from the position before it),
+    then the drafts' rows; the rest of the canvas is padding."""
+
+    branches: Branches  # blocks, drafted positions and tokens, family (batch of one)
+    tokens: torch.Tensor  # [Q] ids of the real rows (base window first)
+    offsets: torch.Tensor  # [Q] window offset of each row (position = block start - shift + offset)
+    attn: torch.Tensor  # [Q, Q] bool, row q may attend to new row k (policies.jump.branch_layout)
+    pred_row: torch.Tensor  # [1 + D, K] the row whose logits predict block slot t in each branch
+    window: int  # base rows
+    num_rows: int  # Q
+
+    @classmethod
+    def plan(cls, block: torch.Tensor, before: torch.Tensor, x0: torch.Tensor, conf: torch.Tensor, mask_id: int,
+             cfg: DecodeConfig, num_live: int, max_rows: int) -> "JumpPlan | None":
+        """The branches of the next step of ``block`` [K] (``before`` [shift]: the tokens before
+        it; ``x0``/``conf`` [K]: the adopted branch's predictions), or None when the draft budget
+        of ``num_live`` requests leaves no draft."""
+        masked = block == mask_id
+        br = plan_branches(block[None], before[None], x0[None], conf[None], masked[None], cfg, num_live,
+                           drafts_only=True)
+        if br is None:
+            return None
+        q = int(br.layout.num_rows[0])
+        if q > max_rows:  # the budget is below the canvas width by construction; guard anyway
+            return None
+        lay = br.layout
+        return cls(br, lay.tokens[0, :q], lay.offset[0, :q], lay.attn[0, :q, :q], lay.pred_row[0],
+                   block.shape[0] + before.shape[0], q)
 
 
 @dataclass
@@ -32,13 +79,14 @@ class ODBRequest:
     prompt_len: int
     gen: int  # live canvas length (tokens), whole blocks
     start: int  # first position of the current block
+    markers: Markers = ()  # end markers: the checkpoint's end ids and the request's stop strings
     finished: bool = False  # canvas done or ended early: emits EOS blocks until vLLM stops it
     warmup: bool = False  # vLLM's warm-up or a request refused here: not counted in the metrics
     counted: bool = False  # its stats went to the metrics (when it finished, or when removed)
-    plan: object = None  # jump-share: the branches of its next decode step (engine/branches.JumpPlan)
-    replay: Replay | None = None  # benchmarks: forced dynamics (policies/replay.py)
+    plan: JumpPlan | None = None  # jump-share: the branches of its next decode step
+    forcing: Forcing | None = None  # benchmarks: a trace's decisions (policies/forcing.py); None when serving
     block_step: int = 0  # forwards taken in the current block
-    thresholds: object = None  # APD / dynamic thresholds of the current block (policies.adaptive.BlockThresholds)
+    thresholds: BlockThresholds | None = None  # APD / dynamic thresholds of the current block
     # Per-request counters, named as in engine/metrics.py (forwards = NFE).
     stats: dict = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
 
@@ -75,11 +123,84 @@ class ODBRequest:
     def block_index(self) -> int:
         return (self.start - self.prompt_len) // self.cfg.block_length
 
+    # ---- transitions (the sampler calls these; module doc) -----------------------------------
+    def refreshed(self, mask_id: int) -> None:
+        """A refresh forward over the request's ``keys`` starts its block: counted as a forward
+        (it takes the block's first step); APD's per-position state starts over."""
+        self.stats["forwards"] += 1
+        self.stats["refreshes"] += 1
+        self.stats["refresh_tokens"] += self.keys
+        self.thresholds = BlockThresholds(self.cfg, mask_id) if moving_thresholds(self.cfg) else None
+
+    def cut(self, gen: int) -> bool:
+        """ALP at the refresh left a canvas of ``gen`` tokens (never longer). Returns whether it shrank."""
+        shrank = gen < self.gen
+        self.gen = min(self.gen, gen)
+        self.stats["canvas_predicted"] = self.gen
+        return shrank
+
+    def stepped(self) -> None:
+        """A forward decided the block (its refresh, or a decode step)."""
+        self.block_step += 1
+
+    def forwarded(self, decided: bool, accepted: int) -> None:
+        """A decode step ran on the block (it decided if the block had masks; ``accepted``:
+        drafted tokens adopted); its plan is spent."""
+        self.stepped()
+        self.stats["forwards" if decided else "idle_forwards"] += 1
+        self.stats["drafts_accepted"] += accepted
+        self.plan = None
+
+    def stops(self, has_end: bool) -> bool:
+        """Decoding ends after this block: it completes an end marker with ``early_stop`` (or a
+        trace ends here: ``has_end`` is then the trace's)."""
+        return has_end and (self.cfg.early_stop or self.forcing is not None)
+
+    def complete_block(self, stop: bool) -> bool:
+        """The current block is decoded and goes out. Returns whether decoding goes on (the next
+        block starts with a refresh); False: the canvas is done, ``stop`` ends it early, or the
+        request had finished already."""
+        if not self.finished:
+            self.stats["tokens"] += self.cfg.block_length
+        self.start += self.cfg.block_length
+        self.block_step = 0
+        return not (self.finished or self.start >= self.end or stop)
+
+
+class StopMarkers:
+    """Each request's stop strings as end markers: token ids from the model's tokenizer (as the
+    reference does: ``tokenizer(s, add_special_tokens=False)``), loaded on first use. Without one
+    (``skip_tokenizer_init``, or it fails to load) a request's markers are the checkpoint's end ids."""
+
+    def __init__(self, load: Callable[[], object | None] | None):
+        self._load = load
+        self._tokenizer = None
+        self._cache: dict[str, Marker] = {}
+
+    def __call__(self, stop) -> Markers:
+        strings = [stop] if isinstance(stop, str) else list(stop or [])
+        if not strings or self._load is None:
+            return ()
+        if self._tokenizer is None:
+            try:
+                self._tokenizer = self._load()
+            except Exception as e:  # a tokenizer that cannot load must not take the engine down
+                log.warning("vllm-odb: no tokenizer for stop strings (%s); they end requests in vLLM only", e)
+            if self._tokenizer is None:
+                self._load = None
+                return ()
+        for s in strings:
+            if s not in self._cache:
+                self._cache[s] = tuple(self._tokenizer(s, add_special_tokens=False)["input_ids"])
+        return tuple(self._cache[s] for s in strings if s and self._cache[s])
+
 
 class RequestTable:
     def __init__(self, max_num_reqs: int, max_model_len: int, engine: DecodeConfig, shift: int,
                  mask_id: int, eos_id: int, markers: list[Marker], device,
-                 counters: RequestCounters | None = None):
+                 counters: RequestCounters | None = None, tokenizer: Callable[[], object | None] | None = None):
+        """``markers``: the checkpoint's end markers (every request's); ``tokenizer`` loads the
+        model's tokenizer for the requests' stop strings (None: no tokenizer)."""
         self.counters = counters or RequestCounters(enabled=False)
         self.engine = engine
         self.block = engine.block_length
@@ -89,7 +210,8 @@ class RequestTable:
         self.max_model_len = max_model_len
         self.mask_id = mask_id
         self.eos_id = eos_id
-        self.markers = markers
+        self.markers: Markers = tuple(tuple(m) for m in markers)
+        self.stop_markers = StopMarkers(tokenizer)
         self.device = device
         # + one block of room past max_model_len for EOS fill after the last block
         self.tokens = torch.full((max_num_reqs, max_model_len + self.width + self.block), mask_id,
@@ -104,20 +226,21 @@ class RequestTable:
         self.remove(req_id)
         sp = sampling_params
         warmup = req_id.startswith("_warmup_")  # vLLM's kernel warm-up: run the path, decode nothing
-        replay = None
+        forcing, markers = None, self.markers
         try:
             extra = getattr(sp, "extra_args", None)
             cfg = self.engine if warmup else request_config(
                 self.engine, extra, getattr(sp, "temperature", 0.0), getattr(sp, "max_tokens", None))
-            replay = None if warmup else request_replay((extra or {}).get(REPLAY_ARG))
+            forcing = None if warmup else request_forcing((extra or {}).get(REPLAY_ARG))
+            markers = markers if warmup else markers + self.stop_markers(getattr(sp, "stop", None))
         except ValueError as e:  # validated in the front end (patches/diffusion_params.py); never
             log.error("request %s: %s; it ends without output", req_id, e)  # crash the engine
             cfg, warmup = self.engine, True
         plen = len(prompt_ids)
         ids = list(prefill_ids) if prefill_ids else list(prompt_ids)
         gen = live_gen_length(cfg, plen, self.max_model_len, self.width - self.block)
-        req = ODBRequest(req_id=req_id, cfg=cfg, prompt_len=plen, gen=gen, start=len(ids), warmup=warmup,
-                         replay=replay)
+        req = ODBRequest(req_id=req_id, cfg=cfg, prompt_len=plen, gen=gen, start=len(ids), markers=markers,
+                         warmup=warmup, forcing=forcing)
         req.stats["canvas_requested"] = req.stats["canvas_predicted"] = gen
         row = self.tokens[slot]
         row.fill_(self.mask_id)
@@ -167,6 +290,12 @@ class RequestTable:
 
     def get(self, slot: int) -> ODBRequest | None:
         return self.reqs[slot] if 0 <= slot < len(self.reqs) else None
+
+    def block_cols(self, reqs: list[ODBRequest], context: int = 0) -> torch.Tensor:
+        """[R, context + block] token columns of each request's current block, with ``context``
+        columns before it (they may reach into the prompt)."""
+        starts = to_device([q.start - context for q in reqs], self.device)
+        return starts[:, None] + torch.arange(context + self.block, device=self.device)[None]
 
 
 def decode_rows(input_batch, width: int) -> np.ndarray:

@@ -1,82 +1,172 @@
-"""``ODBSampler``: block-diffusion decoding on vLLM's V2 runner, through the shared policy core.
+"""``ODBSampler``: one engine step of block-diffusion decoding on vLLM's V2 runner.
 
 The runner hands over the logits of every decode request's query window (``width`` rows) after
-each forward. Per request and step, top to bottom (the reference loop's order, policies shared):
+each forward. One step, top to bottom (``_step``; the reference loop's order, policies shared):
 
-    block logits (Dream: from the position before each slot) -> policies.decide -> new block
-      (jump-share: every branch's logits -> policies.decide per branch -> policies.jump.accept
-       -> the adopted branch's block; engine/branches.py)
-    block complete?  no  -> the block goes back as the next step's draft slots (num_sampled 0);
-                            jump-share plans the next step's drafts from the adopted branch
-                     yes -> commit it (num_sampled = block); done if the canvas is, or (early_stop)
-                            the block holds an end marker; else refresh: one forward over
-                            prompt + live canvas rewrites the cache, its canvas predictions give
-                            ALP's new length (alp), and its block logits take the next block's
-                            first step (engine/refresh.py)
+    decode   each decode request's block logits (Dream: from the position before each slot)
+             -> policies.step.block_step (decide, a trace's forced counts, commit) -> new block;
+             a request with a jump-share plan: every branch's rows -> policies.step.branch_step
+             (decide per branch, accept) -> the adopted branch's block
+    advance  per request, its state machine (engine/requests.py), after one host sync (which
+             blocks completed; policies.step.block_ends: which completed an end marker):
+             not complete -> the block goes back as the next step's draft slots (num_sampled 0);
+                             jump-share plans the next step's branches (policies.step.plan_branches)
+             complete     -> it goes out (num_sampled = block); the request is done if its canvas
+                             is, or (early_stop) the block completed an end marker; else its next
+                             block starts with a refresh
+    refresh  those and the prompts whose prefill completes: one side forward over prompt + live
+             canvas rewrites the cache (engine/model_state.py ``CacheRefresh``), its canvas
+             predictions give ALP's new length (policies.step.cut_canvas), and its block logits
+             take the next block's first step (block_step again)
+    drafts   every touched request's next query rows go to vLLM's draft slots
 
-A prompt's prefill step ends the same way (refresh, first step of block 0). A block that the
-refresh step already completes is committed on the next step. A finished request (canvas done, or
-an end marker with ``early_stop``) commits EOS blocks until vLLM's stop check ends it.
+A block that the refresh step already completes is committed on the next step. A finished
+request (canvas done, or an end marker with ``early_stop``) commits EOS blocks until vLLM's stop
+check ends it.
 
 Logits are read in tiles over requests (``_TILE_BYTES`` of fp32 work each), so the sampler never
 holds more than a bounded slice of [requests x block, vocab] in fp32 at once. One host sync per
 step (which blocks completed) decides the refreshes; jump-share planning adds a few per planned
 request (the layout's row count), and ALP one per step with refreshes.
+
+Benchmarks attach through hooks that are None when serving: a request's ``forcing`` (a trace,
+policies/forcing.py) at the three forced decisions, and the step ``observer``
+(``vllm_odb.engine.step_observer``), told when the refresh phase starts and when the step ends.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
 from collections import defaultdict
+from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Callable
 
 import numpy as np
 import torch
 from vllm.v1.worker.gpu.sample.output import SamplerOutput
 
-from vllm_odb.engine import CHECK, check, kv_release
-from vllm_odb.engine.branches import plan_jump
-from vllm_odb.engine.refresh import refresh
-from vllm_odb.engine.requests import decode_rows
-from vllm_odb.policies import decide
-from vllm_odb.policies.adaptive import BlockThresholds, streaming_threshold
-from vllm_odb.policies.confidence import drop_token, predict
+from vllm_odb.engine import CHECK, check, step_observer
+from vllm_odb.engine.requests import JumpPlan, ODBRequest, RequestTable, decode_rows
+from vllm_odb.policies.adaptive import moving_thresholds, streaming_threshold
+from vllm_odb.policies.forcing import forced_counts, forced_ends, forced_lengths
 from vllm_odb.policies.host import to_device
-from vllm_odb.policies.jump import accept
-from vllm_odb.policies.length import marker_hits, predict_length
-from vllm_odb.policies.replay import forced_commit
+from vllm_odb.policies.length import canvas_predictions
+from vllm_odb.policies.step import Step, block_ends, block_step, branch_step, cut_canvas
 
 log = logging.getLogger(__name__)
 _NO_PENALTIES = SimpleNamespace(output_bin_counts=None)
 _TILE_BYTES = 1 << 30  # fp32 bytes of [rows, vocab] decided at once (decide keeps ~4 copies)
 _ALP_ROWS = 256  # canvas rows projected to the vocabulary at once for length prediction
-# VLLM_ODB_PROFILE=path: append one JSON line per engine step (wall time since the previous step
-# ended, what ran). Adds a device sync per step; for benchmarks only.
-_PROFILE_ENV = "VLLM_ODB_PROFILE"
 # VLLM_ODB_REFRESH_TOKENS=n: refresh side forwards of up to n tokens instead of the runner's token
 # budget (debugging: past the budget, a side forward may need memory vLLM's profile did not leave).
 _REFRESH_TOKENS_ENV = "VLLM_ODB_REFRESH_TOKENS"
 
 
+@dataclass
+class StepRows:
+    """What each row of the runner's batch does this step."""
+
+    slots: np.ndarray  # each row's request slot
+    nlog: np.ndarray  # logit rows each row got
+    decode: list[int]  # rows deciding a block: a full window of a request in the table
+    partial: np.ndarray  # rows whose window the scheduler cut short: they decide nothing
+    prefill: np.ndarray  # rows still prefilling their prompt (no logits)
+
+    @classmethod
+    def of(cls, input_batch, table: RequestTable, width: int) -> "StepRows":
+        n = input_batch.num_reqs
+        slots = input_batch.idx_mapping_np[:n]
+        if input_batch.num_draft_tokens == 0:  # an all-prefill batch: the runner gives each row
+            nlog = np.zeros(n, dtype=np.int64)  # one logit (its last token), which we do not use
+        else:
+            nlog = np.diff(input_batch.cu_num_logits_np[: n + 1])
+        # A decode step is a full window (the rows model_state set up). The scheduler may give a
+        # running request fewer slots (token budget, max_model_len): that step decides nothing
+        # and all its slots are rejected, so vLLM's computed count stays where it was.
+        full = decode_rows(input_batch, width)
+        full = full[nlog[full] == width]
+        decode = [int(r) for r in full if table.get(int(slots[r])) is not None]
+        return cls(slots, nlog, decode, np.setdiff1d(np.flatnonzero(nlog > 0), full),
+                   np.flatnonzero((nlog == 0) & input_batch.is_prefilling_np[:n]))
+
+    def prefilled(self, input_batch, table: RequestTable) -> list[tuple[int, int]]:
+        """(slot, row) of the prompts whose prefill completes this step: a refresh starts their first block."""
+        jobs = []
+        for r in self.prefill:
+            req = table.get(int(self.slots[r]))
+            done = (input_batch.num_computed_prefill_tokens_np[r] + input_batch.num_scheduled_tokens[r]
+                    >= input_batch.prefill_len_np[r])
+            if req is not None and done and not req.finished:
+                jobs.append((int(self.slots[r]), int(r)))
+        return jobs
+
+    def touched(self, table: RequestTable, refreshed: list[tuple[int, int]]) -> list[int]:
+        """Slots whose next query rows this step changed."""
+        idle = {int(self.slots[r]) for r in np.flatnonzero(self.nlog == 0) if table.get(int(self.slots[r])) is not None}
+        return sorted({int(self.slots[r]) for r in self.decode} | {s for s, _ in refreshed} | idle)
+
+
+class StepOutput:
+    """The step's ``SamplerOutput``. Fresh tensors every step: the runner copies them to the host
+    on another stream (async output) and keeps only a reference, so a reused buffer could be
+    overwritten by the next step before that copy reads it."""
+
+    def __init__(self, n: int, width: int, block: int, device):
+        self.width, self.block, self.device = width, block, device
+        self.sampled = torch.zeros((n, width), dtype=torch.int32, device=device)
+        self.num_sampled = torch.zeros(n, dtype=torch.int32, device=device)
+        self.num_rejected = torch.zeros(n, dtype=torch.int32, device=device)
+        self.emitted = False  # a block went out (it may end its request)
+
+    def emit(self, rows: list[int], blocks: torch.Tensor) -> None:
+        """Completed blocks [len(rows), block] go out in their rows' first slots."""
+        if rows:
+            r = to_device(rows, self.device)
+            self.sampled[r, :self.block] = blocks.to(self.sampled.dtype)
+            self.num_sampled[r] = self.block
+            self.emitted = True
+
+    def reject(self, rows: StepRows) -> None:
+        """Slots vLLM must not count as computed: a decode row's past what it emitted, and every
+        slot of a window the scheduler cut short."""
+        if rows.decode:
+            r = to_device(rows.decode, self.device)
+            self.num_rejected[r] = self.width - self.num_sampled[r]
+        if len(rows.partial):
+            self.num_rejected[to_device(rows.partial, self.device)] = to_device(
+                rows.nlog[rows.partial], self.device, self.num_rejected.dtype)
+
+    def result(self) -> SamplerOutput:
+        return SamplerOutput(sampled_token_ids=self.sampled, logprobs_tensors=None, num_nans=None,
+                             num_sampled=self.num_sampled, num_rejected=self.num_rejected)
+
+
+@dataclass
+class StepReport:
+    """What a step did, for the step observer (read after the step)."""
+
+    input_batch: object
+    decoded: list[ODBRequest]  # the decode rows' requests
+    refreshed: list[ODBRequest]  # the requests whose block started with a refresh
+
+
 class ODBSampler:
-    def __init__(self, state, base_sampler):
-        self.state = state
-        self.table = state.table
+    def __init__(self, table: RequestTable, cache, base_sampler, max_num_tokens: int):
+        """``cache``: the model state's ``CacheRefresh`` (the refresh side forward, its logits,
+        the cache tail an ALP cut frees); ``base_sampler``: vLLM's, for its sampling states and
+        the draft-token buffer the next step's query rows go to."""
+        self.table = table
+        self.cache = cache
         self.sampling_states = base_sampler.sampling_states
         self.req_states = base_sampler.req_states
-        self.block = self.table.block
-        self.width = self.table.width
-        self.shift = self.table.shift
-        self._device = state.device
-        self._cols = torch.arange(self.block, device=state.device)
-        self._profile = os.environ.get(_PROFILE_ENV)
-        self._last_end = None
-        self._jumps: list[dict] = []  # jump-share decisions of the step (profiling only)
+        self.block, self.width, self.shift = table.block, table.width, table.shift
+        self.device = table.device
+        self._cols = torch.arange(self.block, device=self.device)
         # tokens per refresh side forward (VLLM_ODB_REFRESH_TOKENS: debugging override)
-        self.refresh_budget = int(os.environ.get(_REFRESH_TOKENS_ENV) or state.max_num_tokens)
+        self.refresh_budget = int(os.environ.get(_REFRESH_TOKENS_ENV) or max_num_tokens)
+        self.observer = step_observer()  # benchmarks' step profiler; None when serving
 
     # ---- the runner's sampler surface -------------------------------------------------------
     @property
@@ -89,7 +179,6 @@ class ODBSampler:
     def apply_staged_writes(self) -> None:
         self.sampling_states.apply_staged_writes()
 
-    # ---- one step -----------------------------------------------------------------------------
     def __call__(self, logits: torch.Tensor, input_batch, draft_logits=None) -> SamplerOutput:
         try:
             return self._step(logits, input_batch)
@@ -103,169 +192,162 @@ class ODBSampler:
                     check.HISTORY.log(input_batch.req_ids[r], f"sampler raised {type(e).__name__}: {e}")
             raise
 
+    # ---- one step -----------------------------------------------------------------------------
     def _step(self, logits: torch.Tensor, input_batch) -> SamplerOutput:
         table = self.table
-        n = input_batch.num_reqs
-        slots_np = input_batch.idx_mapping_np[:n]
-        # Fresh output tensors every step: the runner copies them to the host on another stream
-        # (async output) and keeps only a reference, so a reused buffer could be overwritten by the
-        # next step before that copy reads it.
-        sampled = torch.zeros((n, self.width), dtype=torch.int32, device=self._device)
-        num_sampled = torch.zeros(n, dtype=torch.int32, device=self._device)
-        num_rejected = torch.zeros(n, dtype=torch.int32, device=self._device)
-        if input_batch.num_draft_tokens == 0:  # an all-prefill batch: the runner gives each row
-            nlog = np.zeros(n, dtype=np.int64)  # one logit (its last token), which we do not use
-        else:
-            nlog = np.diff(input_batch.cu_num_logits_np[: n + 1])
-        # A decode step is a full window (the rows model_state set up). The scheduler may give a
-        # running request fewer slots (token budget, max_model_len): that step decides nothing
-        # and all its slots are rejected, so vLLM's computed count stays where it was.
-        full = decode_rows(input_batch, self.width)
-        full = full[nlog[full] == self.width]
-        dec_rows = [r for r in full if table.get(int(slots_np[r])) is not None]
-        partial = np.setdiff1d(np.flatnonzero(nlog > 0), full)
-        refresh_jobs: list[tuple[int, int]] = []  # (slot, batch row)
-
-        emitted = False  # a block went out this step (it may end its request)
-        if dec_rows:
-            emitted = self._decode(logits, input_batch, dec_rows, sampled, num_sampled, refresh_jobs)
+        rows = StepRows.of(input_batch, table, self.width)
+        out = StepOutput(len(rows.slots), self.width, self.block, self.device)
+        slots = [int(rows.slots[r]) for r in rows.decode]
+        decoded = [table.get(s) for s in slots]
+        refresh: list[tuple[int, int]] = []  # (slot, batch row): a refresh starts their next block
+        if decoded:
+            masked, step = self._decode(logits, input_batch.cu_num_logits_np, rows.decode, slots, decoded)
+            refresh += self._advance(rows.decode, slots, decoded, masked, step, out)
             _checkpoint("decode")
-            rows_t = to_device(dec_rows, sampled.device)
-            num_rejected[rows_t] = self.width - num_sampled[rows_t]
-        if len(partial):
-            num_rejected[to_device(partial, sampled.device)] = to_device(nlog[partial], sampled.device,
-                                                                         num_rejected.dtype)
-
-        # Prompts whose prefill completes this step: their first block starts with a refresh.
-        prefill_rows = np.flatnonzero((nlog == 0) & input_batch.is_prefilling_np[:n])
-        for r in prefill_rows:
-            slot = int(slots_np[r])
-            req = table.get(slot)
-            done = (input_batch.num_computed_prefill_tokens_np[r] + input_batch.num_scheduled_tokens[r]
-                    >= input_batch.prefill_len_np[r])
-            if req is not None and done and not req.finished:
-                refresh_jobs.append((slot, int(r)))
+        out.reject(rows)
+        refresh += rows.prefilled(input_batch, table)
         if CHECK:
-            refreshed = {r for _, r in refresh_jobs}
-            actions = {**{int(r): "prefill chunk" for r in prefill_rows},
-                       **{int(r): "short window" for r in partial},
-                       **{int(r): "decode" for r in dec_rows}}
-            actions.update({r: actions.get(r, "?") + " + refresh" for r in refreshed})
-            check.sampled(input_batch, nlog, actions, num_sampled, num_rejected)
-        t_refresh = time.perf_counter()
-        if refresh_jobs:
-            self._refresh(refresh_jobs)
+            _check_actions(input_batch, rows, refresh, out)
+        if self.observer:
+            self.observer.refresh_started()
+        if refresh:
+            self._refresh(refresh)
             _checkpoint("refresh")
-
-        touched = sorted({int(slots_np[r]) for r in dec_rows} | {s for s, _ in refresh_jobs}
-                         | {int(slots_np[r]) for r in np.flatnonzero(nlog == 0)
-                            if table.get(int(slots_np[r])) is not None})
-        self._write_drafts(touched)
+        self._write_drafts(rows.touched(table, refresh))
         _checkpoint("drafts")
-        # Steps that emit a block may end requests: their counts land at once.
-        table.counters.flush(force=emitted or table.idle())
-        if self._profile:
-            self._record(input_batch, dec_rows, refresh_jobs, t_refresh)
-        return SamplerOutput(sampled_token_ids=sampled, logprobs_tensors=None, num_nans=None,
-                             num_sampled=num_sampled, num_rejected=num_rejected)
+        table.counters.flush(force=out.emitted or table.idle())  # blocks out may end requests: at once
+        if self.observer:
+            self.observer.step_ended(StepReport(input_batch, decoded, [table.get(s) for s, _ in refresh]))
+        return out.result()
 
-    def _record(self, input_batch, dec_rows, refresh_jobs, t_refresh) -> None:
-        torch.cuda.synchronize()
-        now = time.perf_counter()
-        row = {"step_s": None if self._last_end is None else now - self._last_end,
-               "refresh_s": now - t_refresh if refresh_jobs else 0.0,
-               "decode_reqs": len(dec_rows), "refresh_reqs": len(refresh_jobs),
-               "refresh_tokens": sum(self.table.get(s).keys for s, _ in refresh_jobs),
-               "kv_tokens": sum(self.table.get(int(input_batch.idx_mapping_np[r])).keys for r in dec_rows),
-               "tokens": int(input_batch.num_tokens), "reqs": int(input_batch.num_reqs), "jumps": self._jumps}
-        self._jumps = []
-        with open(self._profile, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        self._last_end = now
-
-    def _decode(self, logits, input_batch, dec_rows, sampled, num_sampled, refresh_jobs) -> bool:
+    def _decode(self, logits, cu: np.ndarray, dec_rows: list[int], slot_list: list[int], reqs: list[ODBRequest]):
+        """Decode: one policy step on every decode request's block (request ``slot_list[i]`` in
+        batch row ``dec_rows[i]``; ``cu``: each row's first logit row), written back to the table.
+        Returns the blocks' masked positions before the step, and the step."""
         table, blk = self.table, self.block
-        slots_np = input_batch.idx_mapping_np
-        cu = input_batch.cu_num_logits_np
-        device = sampled.device
-        reqs = [table.get(int(slots_np[r])) for r in dec_rows]
-        slots = to_device([int(slots_np[r]) for r in dec_rows], device)
-        cols = to_device([q.start for q in reqs], device)[:, None] + self._cols[None]
-        block = table.tokens[slots[:, None], cols]  # [D, block]
+        slots = to_device(slot_list, self.device)
+        cols = table.block_cols(reqs)
+        block = table.tokens[slots[:, None], cols]  # [R, block]
         masked = block == table.mask_id
-        new = block.clone()
         # Logit rows 0..block-1 of each request's window predict its block slots (for Dream the
         # window starts one position early, so row j is position s-1+j and predicts slot j).
-        first_row = to_device([int(cu[r]) for r in dec_rows], device)
-        groups: dict = defaultdict(list)
-        planned = []
-        for i, q in enumerate(reqs):
-            if q.finished:
-                continue
-            (planned if q.plan is not None else groups[q.cfg]).append(i)
+        first = to_device([int(cu[r]) for r in dec_rows], self.device)
         vocab = logits.shape[-1]
-        adopted_x0 = torch.zeros_like(block)
-        adopted_conf = torch.zeros(block.shape, dtype=torch.float32, device=device)
-        tile = max(1, _TILE_BYTES // (blk * vocab * 4))
+
+        def block_logits(idx: torch.Tensor) -> torch.Tensor:
+            return logits[(first[idx][:, None] + self._cols[None]).reshape(-1)].view(len(idx), blk, vocab)
+
+        step = self._block_steps(reqs, slots, block, masked, block_logits, max(1, _TILE_BYTES // (blk * vocab * 4)))
+        for i, q in enumerate(reqs):
+            if q.plan is not None and not q.finished:
+                b = self._branch_step(logits, int(cu[dec_rows[i]]), q, slot_list[i], masked[i])
+                step.block[i], step.x0[i], step.conf[i], step.accepted[i] = b.block[0], b.x0[0], b.conf[0], b.accepted[0]
+        table.tokens[slots[:, None], cols] = step.block
+        return masked, step
+
+    def _advance(self, dec_rows: list[int], slots: list[int], reqs: list[ODBRequest], masked: torch.Tensor,
+                 step: Step, out: StepOutput) -> list[tuple[int, int]]:
+        """Each decode request after its step (engine/requests.py), then the completed blocks go
+        out. Returns (slot, row) of the requests whose next block starts with a refresh."""
+        table = self.table
+        left = step.block == table.mask_id
+        ends = self._block_ends(reqs, slots, step.block)
+        # the step's host sync
+        flags = torch.stack([~left.any(1), ends, masked.any(1), left.sum(1), step.accepted], 1).tolist()
+        live = sum(1 for q, f in zip(reqs, flags) if not q.finished and not f[0])
+        refresh, done = [], []
+        for i, (r, slot, q) in enumerate(zip(dec_rows, slots, reqs)):
+            complete, has_end, decided, masks_left, accepted = flags[i]
+            q.forwarded(bool(decided), accepted)
+            if not complete:
+                if q.cfg.jump and not q.finished:
+                    self._plan(q, slot, step.block[i], step.x0[i], step.conf[i], masks_left, live)
+                continue
+            done.append(i)
+            if q.complete_block(q.stops(bool(has_end))):
+                if has_end:  # vLLM stops the request on this block (its EOS / stop string): count it
+                    table.ended(slot)  # now, not when vLLM's removal reaches us
+                refresh.append((slot, r))
+            else:
+                table.finish(slot)
+        if done:
+            out.emit([dec_rows[i] for i in done], step.block[to_device(done, self.device)])
+        return refresh
+
+    def _refresh(self, jobs: list[tuple[int, int]]) -> None:
+        """Refresh forward for each (slot, batch row); ALP on its canvas predictions; then the
+        first step of the new block from the same forward. The side forwards run in chunks of at
+        most the runner's token budget (``max_num_batched_tokens``: the activation size vLLM's
+        memory profile measured, so the KV cache it sized leaves room for them; one request longer
+        than the budget runs alone)."""
+        table, blk, shift = self.table, self.block, self.shift
+        reqs = [table.get(s) for s, _ in jobs]
+        for q in reqs:  # host-side invariants of the rows read below (cheap: Python ints)
+            if not (shift <= q.start and q.start + blk <= q.end <= table.max_model_len + self.width):
+                raise RuntimeError(f"vllm-odb: refresh of request {q.req_id} with block start {q.start}, "
+                                   f"canvas end {q.end} (prompt {q.prompt_len}, gen {q.gen}, finished {q.finished})")
+        steps = [self._refresh_chunk(jobs[a:b], reqs[a:b])
+                 for a, b in token_chunks([q.keys for q in reqs], self.refresh_budget)]
+        new, x0, conf = (torch.cat(t) for t in zip(*((s.block, s.x0, s.conf) for s in steps)))
+        jumping = [i for i, q in enumerate(reqs) if q.cfg.jump]
+        if jumping:  # plan the first jump-share step of the block from the refresh's predictions
+            left = (new == table.mask_id).sum(1).tolist()
+            live = sum(1 for n in left if n)
+            for i in jumping:
+                if left[i]:
+                    self._plan(reqs[i], jobs[i][0], new[i], x0[i], conf[i], left[i], live)
+
+    def _refresh_chunk(self, jobs: list[tuple[int, int]], reqs: list[ODBRequest]) -> Step:
+        """One side forward over ``jobs``; ALP; their first step. Returns it ([jobs, block])."""
+        table, blk, shift = self.table, self.block, self.shift
+        kept = [q.kept() for q in reqs]  # (stop, final): Streaming's pruned canvas, or all of it
+        hidden, offsets = self.cache.forward(table.tokens, [(s, r, stop) + (() if final is None else (final,))
+                                                            for (s, r), (stop, final) in zip(jobs, kept)])
+        first = to_device([o + q.start - shift for o, q in zip(offsets, reqs)], self.device)
+        logits = self.cache.logits(hidden[(first[:, None] + self._cols[None]).reshape(-1)]).view(len(jobs), blk, -1)
+        slots = to_device([s for s, _ in jobs], self.device)
+        cols = table.block_cols(reqs)
+        block = table.tokens[slots[:, None], cols]
+        for q in reqs:
+            q.refreshed(table.mask_id)
+        self._cut_canvas(hidden, offsets, jobs, reqs)  # reads the canvas before this step commits
+        step = self._block_steps(reqs, slots, block, block == table.mask_id, lambda idx: logits[idx], len(reqs))
+        for q in reqs:
+            q.stepped()
+        table.tokens[slots[:, None], cols] = step.block
+        return step
+
+    # ---- the policies, per request group --------------------------------------------------
+    def _block_steps(self, reqs: list[ODBRequest], slots: torch.Tensor, block: torch.Tensor, masked: torch.Tensor,
+                     logits_of: Callable[[torch.Tensor], torch.Tensor], tile: int) -> Step:
+        """``policies.step.block_step`` for every request that decides without a plan, one call per
+        knob set (and ``tile`` requests); ``logits_of(idx)``: the block logits of requests ``idx``.
+        Finished and planned requests keep their block (and zero predictions) here."""
+        new = block.clone()
+        x0 = torch.zeros_like(block)
+        conf = torch.zeros(block.shape, dtype=torch.float32, device=block.device)
+        groups: dict = defaultdict(list)
+        for i, q in enumerate(reqs):
+            if not q.finished and q.plan is None:
+                groups[q.cfg].append(i)
         for cfg, members in groups.items():
             for a in range(0, len(members), tile):
-                idx = to_device(members[a:a + tile], device)
-                rows = (first_row[idx][:, None] + self._cols[None]).reshape(-1)
-                lg = logits[rows].view(len(idx), blk, vocab)
-                tile_reqs = [reqs[i] for i in members[a:a + tile]]
-                x0, conf, commit = decide(lg, masked[idx], cfg, table.mask_id,
-                                          threshold=self._thresholds(tile_reqs, slots[idx], lg))
-                commit = _force(commit, conf, masked[idx], tile_reqs)
-                new[idx] = torch.where(commit, x0, block[idx])
-                adopted_x0[idx], adopted_conf[idx] = x0, conf
-        accepted = torch.zeros(len(reqs), dtype=torch.long, device=device)
-        for i in planned:
-            new[i], adopted_x0[i], adopted_conf[i], accepted[i] = self._jump_decide(
-                logits, int(cu[dec_rows[i]]), reqs[i], masked[i])
-        table.tokens[slots[:, None], cols] = new
-        masked_after = new == table.mask_id
-        complete = ~masked_after.any(1)
-        ends = marker_hits(new, table.markers).any(1)
-        # the step's host sync
-        flags = torch.stack([complete, ends, masked.any(1), masked_after.sum(1), accepted], 1).tolist()
-        done_rows = []
-        live = sum(1 for i, q in enumerate(reqs) if not q.finished and not flags[i][0])
-        for i, (r, q) in enumerate(zip(dec_rows, reqs)):
-            is_complete, has_end, had_masks, left, took = flags[i]
-            if q.replay is not None:  # the trace says where decoding ends, not this model's EOS
-                has_end = q.replay.last(q.block_index)
-            q.block_step += 1
-            q.stats["forwards" if had_masks else "idle_forwards"] += 1
-            q.stats["drafts_accepted"] += took
-            q.plan = None
-            if not is_complete:
-                if q.cfg.jump and not q.finished:
-                    self._plan(q, int(slots_np[r]), new[i], adopted_x0[i], adopted_conf[i], left, live)
-                continue
-            done_rows.append(i)
-            if not q.finished:
-                q.stats["tokens"] += blk
-            q.start += blk
-            q.block_step = 0
-            if q.finished or q.start >= q.end or ((q.cfg.early_stop or q.replay is not None) and has_end):
-                table.finish(int(slots_np[r]))
-            else:
-                if has_end:  # vLLM stops the request on this block (its EOS / stop string): count it
-                    table.ended(int(slots_np[r]))  # now, not when vLLM's removal reaches us
-                refresh_jobs.append((int(slots_np[r]), int(r)))
-        if done_rows:
-            d = to_device(done_rows, device)
-            out_rows = to_device([dec_rows[i] for i in done_rows], device)
-            sampled[out_rows, :blk] = new[d].to(sampled.dtype)
-            num_sampled[out_rows] = blk
-        return bool(done_rows)
+                idx = to_device(members[a:a + tile], block.device)
+                group = [reqs[i] for i in members[a:a + tile]]
+                lg = logits_of(idx)
+                forced = forced_counts([q.forcing for q in group], [q.block_index for q in group],
+                                       [q.block_step for q in group], block.device)
+                s = block_step(lg, block[idx], masked[idx], cfg, self.table.mask_id,
+                               threshold=self._thresholds(group, slots[idx], lg), forced=forced)
+                new[idx], x0[idx], conf[idx] = s.block, s.x0, s.conf
+        return Step(new, x0, conf, torch.zeros(len(reqs), dtype=torch.long, device=block.device))
 
-    def _thresholds(self, reqs: list, slots: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
+    def _thresholds(self, reqs: list[ODBRequest], slots: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
         """The commit thresholds of one step of ``reqs`` (one config; ``logits`` [R, block, V] of
         their blocks): None for the fixed threshold, else policies.adaptive's, from each request's
         block and the canvas after it (``BlockThresholds``: Streaming-dLLM's dynamic threshold,
         Dynamic-dLLM's APD with its per-block state on the request)."""
-        if not _adaptive(reqs[0].cfg):
+        if not moving_thresholds(reqs[0].cfg):
             return None
         table = self.table
         width = max(q.end - q.start for q in reqs)  # host ints: no device sync
@@ -281,152 +363,85 @@ class ODBSampler:
         return torch.cat([q.thresholds.step(logits[j:j + 1], tokens[j:j + 1], valid[j:j + 1])
                           for j, q in enumerate(reqs)])
 
-    def _jump_decide(self, logits, first_row: int, q, masked):
-        """One planned request: decide every branch from its rows' logits, adopt the furthest
-        verified draft (policies.jump.accept). Returns the new block, the adopted branch's
-        predictions and the number of drafted tokens adopted."""
-        plan = q.plan
-        nb, blk = plan.blocks.shape
-        lg = logits[first_row + plan.pred_row.reshape(-1)].view(nb, blk, -1)
-        br_masked = (plan.blocks == self.table.mask_id) & masked.any()
-        threshold = None
+    def _branch_step(self, logits: torch.Tensor, first_row: int, q: ODBRequest, slot: int,
+                     masked: torch.Tensor) -> Step:
+        """A planned request: ``policies.step.branch_step`` on its branches' rows of ``logits``
+        (the plan's ``pred_row``, from the request's ``first_row``)."""
+        branches = q.plan.branches
+        nb, blk = branches.blocks.shape[1:]
+        lg = logits[first_row + q.plan.pred_row.reshape(-1)].view(1, nb, blk, -1)
+        suffix = None
         if q.cfg.threshold_alpha:  # Streaming's dynamic threshold per branch: its block + the suffix
-            sfx = self.table.tokens[self.table.slot_of[q.req_id], q.suffix_cols()]
-            tokens = torch.cat([plan.blocks, sfx[None].expand(nb, -1)], 1)
-            threshold = streaming_threshold(q.cfg, tokens, torch.ones_like(tokens, dtype=torch.bool),
-                                            self.table.mask_id)
-        x0, conf, commit = decide(lg, br_masked, q.cfg, self.table.mask_id, threshold=threshold)
-        valid = torch.ones((1, plan.family.shape[0]), dtype=torch.bool, device=x0.device)
-        if q.replay is not None:  # the recorded commits land on the base branch
-            commit[:1] = _force(commit[:1], conf[:1], br_masked[:1], [q])
-            choice = torch.zeros(1, dtype=torch.long, device=x0.device)
-        else:
-            choice = accept(commit[None], x0[None], plan.positions[None], plan.drafted[None], plan.family, valid)
-        pick = choice.view(1, 1).expand(1, blk)
-        chosen = lambda t: t.gather(0, pick)[0]  # noqa: E731
-        new = torch.where(chosen(commit), chosen(x0), chosen(plan.blocks))
-        sizes = torch.cat([torch.zeros(1, dtype=torch.long, device=x0.device), plan.family.sum(1)])
-        if self._profile:
-            self._jumps.append({"req": q.req_id, "start": q.start, "p": int(plan.family.shape[1]),
-                                "rows": plan.num_rows, "choice": int(choice[0]),
-                                "masked": int(masked.sum()), "new_masked": int((new == self.table.mask_id).sum())})
-        return new, chosen(x0), chosen(conf), sizes[choice[0]]
+            sfx = self.table.tokens[slot, q.suffix_cols()][None]
+            suffix = (sfx, torch.ones_like(sfx, dtype=torch.bool))
+        forced = forced_counts([q.forcing], [q.block_index], [q.block_step], lg.device)
+        return branch_step(lg, branches, masked.any()[None], q.cfg, self.table.mask_id, suffix, forced)
 
-    def _plan(self, q, slot: int, block, x0, conf, masked_left: int, live: int) -> None:
-        """Jump-share: the branches of the request's next step (engine/branches.py); greedy only,
-        as in the reference loop."""
+    def _plan(self, q: ODBRequest, slot: int, block, x0, conf, masked_left: int, live: int) -> None:
+        """Jump-share: the branches of the request's next step, from the branch it just adopted;
+        greedy only, as in the reference loop."""
         if q.cfg.temperature > 0 or masked_left < 2:
             return
         before = self.table.tokens[slot, q.start - self.shift:q.start]
-        q.plan = plan_jump(block, before, x0, conf, self.table.mask_id, q.cfg, max(1, live), self.shift, self.width)
+        q.plan = JumpPlan.plan(block, before, x0, conf, self.table.mask_id, q.cfg, max(1, live), self.width)
 
-    def _refresh(self, jobs: list[tuple[int, int]]) -> None:
-        """Refresh forward for each (slot, batch row); ALP on its canvas predictions; then the
-        first step of the new block from the same forward. The side forwards run in chunks of at
-        most the runner's token budget (``max_num_batched_tokens``: the activation size vLLM's
-        memory profile measured, so the KV cache it sized leaves room for them; one request longer
-        than the budget runs alone)."""
-        table, blk, shift = self.table, self.block, self.shift
-        reqs = [table.get(s) for s, _ in jobs]
-        for q in reqs:  # host-side invariants of the rows read below (cheap: Python ints)
-            if not (shift <= q.start and q.start + blk <= q.end <= table.max_model_len + self.width):
-                raise RuntimeError(f"vllm-odb: refresh of request {q.req_id} with block start {q.start}, "
-                                   f"canvas end {q.end} (prompt {q.prompt_len}, gen {q.gen}, finished {q.finished})")
-        for q in reqs:  # a new block: APD's per-position state starts over
-            q.thresholds = BlockThresholds(q.cfg, table.mask_id) if _adaptive(q.cfg) else None
-        out = [self._refresh_chunk(jobs[a:b], reqs[a:b])
-               for a, b in token_chunks([q.keys for q in reqs], self.refresh_budget)]
-        new, adopted_x0, adopted_conf = (torch.cat(t) for t in zip(*out))
-        jumping = [i for i, q in enumerate(reqs) if q.cfg.jump]
-        if jumping:  # plan the first jump-share step of the block from the refresh's predictions
-            left = (new == table.mask_id).sum(1).tolist()
-            live = sum(1 for n in left if n)
-            for i in jumping:
-                if left[i]:
-                    self._plan(reqs[i], jobs[i][0], new[i], adopted_x0[i], adopted_conf[i], left[i], live)
+    def _block_ends(self, reqs: list[ODBRequest], slots: list[int], blocks: torch.Tensor) -> torch.Tensor:
+        """[R] each request's new block completes one of its end markers (policies.step.block_ends;
+        a stop string of several tokens may start before the block), or its trace ends here."""
+        forced = forced_ends([q.forcing for q in reqs], [q.block_index for q in reqs], self.device)
+        markers = [q.markers for q in reqs]
+        context = max((len(m) for ms in markers for m in ms), default=1) - 1
+        if context <= 0:
+            return block_ends(blocks, markers, forced)
+        cols = self.table.block_cols(reqs, context)
+        prompt = to_device([q.prompt_len for q in reqs], self.device)
+        tokens = self.table.tokens[to_device(slots, self.device)[:, None], cols.clamp(min=0)]
+        return block_ends(tokens, markers, forced, valid=cols >= prompt[:, None])
 
-    def _refresh_chunk(self, jobs: list[tuple[int, int]], reqs: list) -> tuple[torch.Tensor, ...]:
-        """One side forward over ``jobs``; commits their first step. Returns each job's new block
-        and the adopted predictions and confidences behind it ([jobs, block] each)."""
-        table, blk, shift = self.table, self.block, self.shift
-        state = self.state
-        kept = [q.kept() for q in reqs]  # (stop, final): Streaming's pruned canvas, or all of it
-        hidden, offsets = refresh(state.model, table.tokens,
-                                  [(s, r, stop, q.start, final) for (s, r), q, (stop, final) in zip(jobs, reqs, kept)],
-                                  state.block_tables, state.kernel_block_size, shift)
-        device = hidden.device
-        slots = to_device([s for s, _ in jobs], device)
-        first = to_device([o + q.start - shift for o, q in zip(offsets, reqs)], device)
-        logits = state.model.compute_logits(hidden[(first[:, None] + self._cols[None]).reshape(-1)])
-        logits = logits.view(len(jobs), blk, -1)
-        cols = to_device([q.start for q in reqs], device)[:, None] + self._cols[None]
-        block = table.tokens[slots[:, None], cols]
-        masked = block == table.mask_id
-        groups: dict = defaultdict(list)
-        for i, q in enumerate(reqs):
-            groups[q.cfg].append(i)
-            q.stats["forwards"] += 1
-            q.stats["refreshes"] += 1
-            q.stats["refresh_tokens"] += q.keys
-        self._predict_lengths(hidden, offsets, jobs, reqs)  # reads the canvas before this step commits
-        new = block.clone()
-        adopted_x0 = torch.zeros_like(block)
-        adopted_conf = torch.zeros(block.shape, dtype=torch.float32, device=device)
-        for cfg, members in groups.items():
-            idx = to_device(members, device)
-            group = [reqs[i] for i in members]
-            x0, conf, commit = decide(logits[idx], masked[idx], cfg, table.mask_id,
-                                      threshold=self._thresholds(group, slots[idx], logits[idx]))
-            commit = _force(commit, conf, masked[idx], group)
-            new[idx] = torch.where(commit, x0, block[idx])
-            adopted_x0[idx], adopted_conf[idx] = x0, conf
-        for q in reqs:
-            q.block_step = 1
-        table.tokens[slots[:, None], cols] = new
-        return new, adopted_x0, adopted_conf
-
-    def _predict_lengths(self, hidden, offsets, jobs, reqs) -> None:
-        """Adaptive length prediction (policies/length.py) for the refreshed requests with ``alp``:
-        the refresh forward predicts every still-masked canvas position; a confident end marker
-        cuts the live canvas after its block. Later steps attend only to the live canvas (the
-        dual cache's sequence length is ``prompt + gen``) and later refreshes process only it."""
-        table, shift = self.table, self.shift
+    def _cut_canvas(self, hidden: torch.Tensor, offsets: list[int], jobs: list[tuple[int, int]],
+                    reqs: list[ODBRequest]) -> None:
+        """Adaptive length prediction (policies.step.cut_canvas) for the refreshed requests with
+        ``alp``: the refresh forward predicts every still-masked canvas position; a confident end
+        marker cuts the live canvas after its block. Later steps attend only to the live canvas
+        (the dual cache's sequence length is ``prompt + gen``), later refreshes process only it,
+        and the KV blocks past it go back to vLLM's pool (``PagedCache.release``)."""
         groups: dict = defaultdict(list)
         for i, q in enumerate(reqs):
             if q.cfg.alp:
-                groups[q.cfg].append(i)
+                groups[q.cfg, q.markers].append(i)
         if not groups:
             return
-        device = hidden.device
-        cut: list[tuple[int, torch.Tensor]] = []
-        for cfg, members in groups.items():
-            width = max(reqs[i].gen for i in members)
-            x0 = torch.full((len(members), width), table.mask_id, dtype=torch.long, device=device)
-            conf = torch.zeros((len(members), width), dtype=torch.float32, device=device)
-            scan = torch.zeros((len(members), width), dtype=torch.bool, device=device)
-            for j, i in enumerate(members):
-                q, slot = reqs[i], jobs[i][0]
-                a = q.start - q.prompt_len  # canvas column of the block start
-                for c in range(a, q.gen, _ALP_ROWS):  # bounded fp32 [rows, vocab] at a time
-                    d = min(q.gen, c + _ALP_ROWS)
-                    rows = offsets[i] + q.prompt_len + c - shift + torch.arange(d - c, device=device)
-                    x0[j, c:d], conf[j, c:d] = predict(drop_token(self.state.model.compute_logits(hidden[rows]),
-                                                                  table.mask_id))
-                scan[j, a:q.gen] = table.tokens[slot, q.start:q.end] == table.mask_id
-            gen = to_device([reqs[i].gen for i in members], device)
-            new = predict_length(x0, conf, scan, 0, gen, table.markers, cfg.alp_threshold, cfg.block_length,
-                                 cfg.alp_min_length)
-            cut.extend(zip(members, new))
-        lengths = torch.stack([n for _, n in cut]).tolist()  # one host sync for the step's refreshes
-        for (i, _), g in zip(cut, lengths):
+        order, cuts = [], []
+        for (cfg, markers), members in groups.items():
+            group = [reqs[i] for i in members]
+            x0, conf, scan = self._canvas(hidden, [offsets[i] for i in members], [jobs[i][0] for i in members], group)
+            gen = to_device([q.gen for q in group], self.device)
+            forced = forced_lengths([q.forcing for q in group], [q.block_index for q in group], [q.gen for q in group],
+                                    self.device)
+            cuts.append(cut_canvas(x0, conf, scan, 0, gen, markers, cfg, forced))
+            order += members
+        for i, gen in zip(order, torch.cat(cuts).tolist()):  # one host sync for the step's refreshes
             q = reqs[i]
-            if q.replay is not None:  # the recorded cut (the predictions above are ALP's cost)
-                g = min(q.gen, q.replay.length(q.block_index, q.gen))
-            if int(g) < q.gen:
-                q.gen = int(g)
-                if kv_release.note(q.req_id, q.end):  # the scheduler frees the KV blocks past it
-                    self.state.trim_blocks(jobs[i][0], q.end + self.width - self.block)  # and so do we
-            q.stats["canvas_predicted"] = q.gen
+            if q.cut(int(gen)):
+                self.cache.paged.release(q.req_id, jobs[i][0], q.end, self.width - self.block)
+
+    def _canvas(self, hidden: torch.Tensor, offsets: list[int], slots: list[int], reqs: list[ODBRequest]):
+        """ALP's inputs for ``reqs`` from their refresh rows: predictions and confidences of every
+        canvas position (``policies.length.canvas_predictions``, ``_ALP_ROWS`` rows at a time) and
+        which of them are still masked ([R, longest canvas] each)."""
+        table, shift = self.table, self.shift
+        width = max(q.gen for q in reqs)
+        x0 = torch.full((len(reqs), width), table.mask_id, dtype=torch.long, device=hidden.device)
+        conf = torch.zeros((len(reqs), width), dtype=torch.float32, device=hidden.device)
+        scan = torch.zeros((len(reqs), width), dtype=torch.bool, device=hidden.device)
+        for j, q in enumerate(reqs):
+            a = q.start - q.prompt_len  # canvas column of the block start
+            for c in range(a, q.gen, _ALP_ROWS):  # bounded fp32 [rows, vocab] at a time
+                d = min(q.gen, c + _ALP_ROWS)
+                rows = offsets[j] + q.prompt_len + c - shift + torch.arange(d - c, device=hidden.device)
+                x0[j, c:d], conf[j, c:d] = canvas_predictions(self.cache.logits(hidden[rows]), table.mask_id)
+            scan[j, a:q.gen] = table.tokens[slots[j], q.start:q.end] == table.mask_id
+        return x0, conf, scan
 
     def _write_drafts(self, slots: list[int]) -> None:
         """Next step's query rows of each request: ``tokens[s - shift : s - shift + width]``, or a
@@ -434,10 +449,9 @@ class ODBSampler:
         if not slots:
             return
         table = self.table
-        device = table.tokens.device
-        slot_t = to_device(slots, device)
-        starts = to_device([table.get(s).start - self.shift for s in slots], device)
-        cols = starts[:, None] + torch.arange(self.width, device=device)[None]
+        slot_t = to_device(slots, self.device)
+        starts = to_device([table.get(s).start - self.shift for s in slots], self.device)
+        cols = starts[:, None] + torch.arange(self.width, device=self.device)[None]
         self.req_states.draft_tokens[slot_t, : self.width] = table.tokens[slot_t[:, None], cols]
         for s in slots:
             plan = table.get(s).plan
@@ -459,9 +473,13 @@ def token_chunks(lengths: list[int], budget: int) -> list[tuple[int, int]]:
     return chunks
 
 
-def _adaptive(cfg) -> bool:
-    """Thresholds that move during a block (policies/adaptive.py)."""
-    return cfg.rule == "adaptive" or bool(cfg.threshold_alpha)
+def _check_actions(input_batch, rows: StepRows, refresh: list[tuple[int, int]], out: StepOutput) -> None:
+    """VLLM_ODB_CHECK=1: each row's action this step goes to its history (engine/check.py)."""
+    actions = {**{int(r): "prefill chunk" for r in rows.prefill},
+               **{int(r): "short window" for r in rows.partial},
+               **{int(r): "decode" for r in rows.decode}}
+    actions.update({r: actions.get(r, "?") + " + refresh" for _, r in refresh})
+    check.sampled(input_batch, rows.nlog, actions, out.num_sampled, out.num_rejected)
 
 
 def _checkpoint(where: str) -> None:
@@ -471,16 +489,3 @@ def _checkpoint(where: str) -> None:
             torch.cuda.synchronize()
         except Exception as e:
             raise RuntimeError(f"vllm-odb check: the sampler's {where} phase failed on the device") from e
-
-
-def _force(commit: torch.Tensor, conf: torch.Tensor, masked: torch.Tensor, reqs: list) -> torch.Tensor:
-    """Benchmarks' trace replay: a replaying request commits its recorded count this forward
-    (policies/replay.py) instead of the rule's decision; other rows keep theirs."""
-    rows = [j for j, q in enumerate(reqs) if q.replay is not None]
-    if not rows:
-        return commit
-    idx = to_device(rows, commit.device)
-    counts = to_device([reqs[j].replay.count(reqs[j].block_index, reqs[j].block_step) for j in rows], commit.device)
-    commit = commit.clone()
-    commit[idx] = forced_commit(conf[idx], masked[idx], counts)
-    return commit

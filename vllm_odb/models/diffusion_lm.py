@@ -9,8 +9,8 @@ select ENCODER_ONLY attention and drop the cache.
 
 Besides the compiled ``forward`` that vLLM runs (and captures in CUDA graphs), the model has
 ``refresh_forward``: the same layers over whole sequences with dense attention supplied by the
-caller. The engine uses it for the Fast-dLLM cache refresh (engine/refresh.py), which has to
-rewrite KV of positions vLLM considers computed.
+caller. The engine uses it for the Fast-dLLM cache refresh (engine/model_state.py
+``CacheRefresh``), which has to rewrite KV of positions vLLM considers computed.
 
 Weights load by their official names: LLaDA's OLMo names go through a ``WeightsMapper`` built
 from the one name table in ``vllm_odb.checkpoint``; Dream's are already the Llama/Qwen2 names.

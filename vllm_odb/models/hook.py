@@ -6,7 +6,7 @@ engine knobs (``--additional-config '{"odb": {...}}'``) into vLLM settings:
 - the canvas: ``diffusion_config.canvas_length = block_length + shift`` (Dream's query window
   starts one position before the block, because Dream predicts token i from position i-1), or on
   a jump-share engine the most rows one request's drafts can lay out (``knobs.canvas_width``:
-  ``ridge_rows``, Dream ``2 * ridge_rows - window``; engine/branches.py), with PIECEWISE CUDA
+  ``ridge_rows``, Dream ``2 * ridge_rows - window``; engine/model_state.py), with PIECEWISE CUDA
   graphs (the draft rows' attention runs outside the graphs) and at most ``ridge_rows // window``
   requests at once;
 - bidirectional paged attention: ``use_non_causal`` and, unless the user chose one, the Triton
@@ -90,7 +90,7 @@ def verify_and_update(vllm_config) -> None:
 
     cc = vllm_config.compilation_config
     if cfg.jump:
-        # Draft rows take an attention side path (engine/branches.py) outside CUDA graphs.
+        # Draft rows take an attention side path (engine/model_state.py BranchAttention) outside CUDA graphs.
         from vllm.config.compilation import CUDAGraphMode
 
         if cc.cudagraph_mode is None or cc.cudagraph_mode.has_full_cudagraphs():

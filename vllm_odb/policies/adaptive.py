@@ -50,6 +50,11 @@ def streaming_threshold(cfg: DecodeConfig, tokens: torch.Tensor, valid: torch.Te
     return dynamic_threshold(cfg.threshold, cfg.threshold_alpha, masked_ratio(tokens, valid, mask_id))
 
 
+def moving_thresholds(cfg: DecodeConfig) -> bool:
+    """The threshold moves during a block (APD, or Streaming-dLLM's dynamic threshold)."""
+    return cfg.rule == "adaptive" or bool(cfg.threshold_alpha)
+
+
 class BlockThresholds:
     """The threshold of each step of one block for a batch of requests that start the block
     together (create one per block: APD state is reset at every block).

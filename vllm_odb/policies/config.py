@@ -70,7 +70,7 @@ class DecodeConfig:
     alp_min_length: int = 0
     early_stop: bool = False
     jump: bool = False
-    # Default: the H100 ridge point measured by scripts/measure_ridge.py (753.5 TFLOP/s bf16 matmul /
+    # Default: the H100 ridge point measured by `bench measure-ridge` (753.5 TFLOP/s bf16 matmul /
     # 2999 GB/s copy = 251 FLOP/byte; benchmarks/results/gpu/ridge-h100.json).
     ridge_rows: int = 251
     max_draft_positions: int = 8

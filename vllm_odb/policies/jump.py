@@ -109,6 +109,24 @@ class BranchLayout:
     num_rows: torch.Tensor  # [B] real (non-padding) rows of each request
 
 
+@dataclass
+class Branches:
+    """One jump-share step of a batch (policies/step.py ``plan_branches``): the base block and D
+    drafts, and the query rows they take (``layout``)."""
+
+    blocks: torch.Tensor  # [B, 1 + D, K] each branch's block (branch 0: the base)
+    positions: torch.Tensor  # [B, p] drafted block positions
+    drafted: torch.Tensor  # [B, p] their drafted tokens
+    family: torch.Tensor  # [D, p] which drafted positions each draft fills
+    valid: torch.Tensor  # [B, D] drafts within each request's share of the budget
+    layout: BranchLayout
+
+    @property
+    def sizes(self) -> torch.Tensor:
+        """[1 + D] drafted tokens each branch adopts (0 for the base)."""
+        return torch.cat([torch.zeros(1, dtype=torch.long, device=self.family.device), self.family.sum(1)])
+
+
 def branch_blocks(block: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor, family: torch.Tensor) -> torch.Tensor:
     """[B, 1 + D, K]: the base block and each draft's block (drafted positions filled)."""
     b, k = block.shape

@@ -7,17 +7,24 @@ canvas only ever shrinks. End markers are token sequences: the model's EOS / end
 (length 1) plus the request's stop strings, tokenized; a multi-token marker matches only where
 every one of its tokens is predicted with confidence >= theta.
 
-Early termination: once a block is fully decoded and holds an end marker, the request is done.
+Early termination: once a block is fully decoded and completes an end marker, the request is done.
+Both engines reach these rules through policies/step.py (``cut_canvas``, ``block_ends``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from vllm_odb.policies.confidence import drop_token, predict
+from vllm_odb.policies.host import to_device
+
 Marker = tuple[int, ...]
+Markers = tuple[Marker, ...]  # one request's end markers
 
 
-def marker_hits(tokens: torch.Tensor, markers: list[Marker], conf: torch.Tensor | None = None,
+def marker_hits(tokens: torch.Tensor, markers: Sequence[Marker], conf: torch.Tensor | None = None,
                 theta: float = 0.0, valid: torch.Tensor | None = None) -> torch.Tensor:
     """hits[b, j]: a marker starts at column j of ``tokens`` [B, N] (all of its tokens inside the
     row, ``valid`` there, and with ``conf`` >= theta when ``conf`` is given)."""
@@ -43,7 +50,7 @@ def predict_length(
     scan: torch.Tensor,
     offset: int,
     length: torch.Tensor,
-    markers: list[Marker],
+    markers: Sequence[Marker],
     theta: float,
     block_length: int,
     min_length: int = 0,
@@ -64,6 +71,21 @@ def predict_length(
     return torch.where(hits.any(1), torch.minimum(cut, length), length)
 
 
-def block_ends_request(block_tokens: torch.Tensor, done_block: torch.Tensor, markers: list[Marker]) -> torch.Tensor:
-    """[B] True where the block just finished (``done_block``) holds an end marker."""
-    return done_block & marker_hits(block_tokens, markers).any(1)
+def row_marker_hits(tokens: torch.Tensor, markers: Sequence[Markers], valid: torch.Tensor | None = None) -> torch.Tensor:
+    """[B] row b of ``tokens`` [B, N] holds one of its own end markers ``markers[b]`` (every token
+    of it inside the row, and ``valid`` there). Rows usually share their markers (the checkpoint's
+    end ids): then one pass; each request's stop strings add a pass per distinct marker."""
+    kinds = set(markers)
+    if len(kinds) <= 1:
+        return marker_hits(tokens, list(next(iter(kinds), ())), valid=valid).any(1)
+    hits = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    for marker in sorted(set().union(*kinds)):
+        rows = to_device([marker in m for m in markers], tokens.device, torch.bool)
+        hits |= marker_hits(tokens, [marker], valid=valid).any(1) & rows
+    return hits
+
+
+def canvas_predictions(logits: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ALP reads from a refresh: the greedy prediction and its probability at every canvas
+    position of ``logits`` [..., V] (the mask token is never a prediction)."""
+    return predict(drop_token(logits, mask_id))

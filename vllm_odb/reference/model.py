@@ -17,26 +17,13 @@ Dynamic-dLLM's feature cache uses a second, per-layer path (``DecoderLayer.forwa
 a layer recomputes keys, attention and FFN for selected tokens only and reuses the cached
 outputs of the others (``LayerCache``); reference/dcu.py drives it.
 
-``attention_impl`` chooses how the cache is kept and attended (same logits either way):
-- ``"plain"`` (default): keys are cached after RoPE; a step rotates its own rows only and builds
-  the key set by concatenation.
-- ``"research"``: the cost structure of the research code the benchmarks compare against
-  (Fast-dLLM's LLaDA and Dream model files, read for the calibration of the speed-benchmarks
-  issue, see scripts/calibrate_fastdllm.py). Keys are cached before RoPE and the whole key set is
-  rotated again in every layer of every forward; a dual-cache step writes the block's keys and
-  values into the cache in place at the indices of a device-side position mask, found in every
-  layer (``nonzero``, which waits for the GPU), converts queries and keys for RoPE, then slices
-  the queries' tables at the end of that range, read back to the host for each bound of each
-  slice (four more waits per layer, as there); for LLaDA on CUDA the attention call is compiled,
-  as there. The research code's bs-1 decode forward is host-bound, so these waits, which stop
-  the host from running ahead of the GPU, are most of its cost. It covers what the research code
-  has (no cache, prefix cache, dual cache); draft branches, suffix views and the feature cache
-  run ``"plain"`` only.
+A benchmark may stand in its own forward (``DiffusionLM.forward_override``): the speed benchmarks'
+research-code cache layout does (vllm_odb/bench/research.py). The decoders only let it refuse,
+by name, a config it does not cover.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from dataclasses import dataclass
@@ -77,7 +64,7 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[t
     return emb.cos(), emb.sin()
 
 
-def _rotate_half(t: torch.Tensor) -> torch.Tensor:
+def rotate_half(t: torch.Tensor) -> torch.Tensor:
     a, b = t.chunk(2, dim=-1)
     return torch.cat([-b, a], dim=-1)
 
@@ -85,20 +72,9 @@ def _rotate_half(t: torch.Tensor) -> torch.Tensor:
 def apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, in_fp32: bool) -> torch.Tensor:
     if in_fp32:
         tf = t.float()
-        return (tf * cos + _rotate_half(tf) * sin).to(t.dtype)
+        return (tf * cos + rotate_half(tf) * sin).to(t.dtype)
     cos, sin = cos.to(t.dtype), sin.to(t.dtype)
-    return t * cos + _rotate_half(t) * sin
-
-
-ATTENTION_IMPLS = ("plain", "research")
-
-
-def key_positions(key_mask: torch.Tensor | None, batch: int, n_keys: int, device) -> torch.Tensor:
-    """Positions of a whole key set: real tokens counted from 0 (left padding sits at 0), as
-    generate() numbers them; without a mask, 0..n_keys-1."""
-    if key_mask is None:
-        return torch.arange(n_keys, device=device).expand(batch, -1)
-    return (key_mask.long().cumsum(1) - 1).clamp_min(0)
+    return t * cos + rotate_half(t) * sin
 
 
 class Attention(nn.Module):
@@ -111,12 +87,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, spec.num_kv_heads * hd, bias=spec.qkv_bias)
         self.o_proj = nn.Linear(spec.num_heads * hd, d, bias=False)
 
-    def forward(self, h, cos, sin, mask, past=None, splice=None):
+    def qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of ``h`` [B, Q, d] before RoPE, as [B, heads, Q, head_dim]."""
         s = self.spec
         b, q_len, _ = h.shape
         q = self.q_proj(h).view(b, q_len, s.num_heads, s.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(b, q_len, s.num_kv_heads, s.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(b, q_len, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def forward(self, h, cos, sin, mask, past=None, splice=None):
+        s = self.spec
+        b, q_len, _ = h.shape
+        q, k, v = self.qkv(h)
         q = apply_rope(q, cos, sin, s.rope_in_fp32)
         k = apply_rope(k, cos, sin, s.rope_in_fp32)
         if past is not None:
@@ -130,66 +113,6 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, is_causal=False)
         out = out.transpose(1, 2).reshape(b, q_len, s.num_heads * s.head_dim)
         return self.o_proj(out), (k, v)
-
-    def forward_research(self, h, key_cos, key_sin, mask, past=None, replace=None):
-        """``attention_impl="research"`` (module docstring). ``key_cos``/``key_sin``: RoPE tables
-        of the whole key set [B, 1, K, hd]; ``past``: un-rotated (k, v); ``replace``: [B, K] bool
-        marking the rows a dual-cache step overwrites (every row of the batch marks the same
-        range); without it a ``past`` is a prefix and the step's rows are appended."""
-        s = self.spec
-        b, q_len, _ = h.shape
-        q = self.q_proj(h).view(b, q_len, s.num_heads, s.head_dim).transpose(1, 2)
-        k = self.k_proj(h).view(b, q_len, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        v = self.v_proj(h).view(b, q_len, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        if past is not None and replace is not None:
-            pk, pv = past
-            idx = replace.nonzero(as_tuple=True)[1][:q_len]  # the first row's range; waits for the GPU
-            pk[:, :, idx] = k
-            pv[:, :, idx] = v
-            k, v = pk, pv
-            end = idx.max() + 1  # the block's end, on the device
-        else:
-            if past is not None:
-                k = torch.cat([past[0], k], dim=2)
-                v = torch.cat([past[1], v], dim=2)
-            end = k.shape[2]
-        if s.rope_in_fp32:
-            qr, kr = q.float(), k.float()
-        else:
-            qr, kr = q, k
-            key_cos, key_sin = key_cos.to(q.dtype), key_sin.to(q.dtype)
-
-        def stop() -> int:  # as in the research code, each slice bound reads the block end back
-            return int(end)
-
-        q_cos, q_sin = key_cos[:, :, stop() - q_len:stop()], key_sin[:, :, stop() - q_len:stop()]
-        q = (qr * q_cos + _rotate_half(qr) * q_sin).to(q.dtype)
-        kr = (kr * key_cos + _rotate_half(kr) * key_sin).to(k.dtype)
-        groups = s.num_heads // s.num_kv_heads
-        vr = v
-        if groups > 1:
-            kr, vr = kr.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        attend = _compiled_attention() if s.arch == "llada" and q.is_cuda and COMPILE_RESEARCH_ATTENTION else _attention
-        out = attend(q, kr, vr, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(b, q_len, s.num_heads * s.head_dim)
-        return self.o_proj(out), (k, v)
-
-
-def _attention(q, k, v, attn_mask=None):
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)
-
-
-# Fast-dLLM's LLaDA file calls its attention kernel through torch.compile; Dream's file does not.
-# At batch 1 the compiled call's dispatch (~0.5 ms, once per layer) is, with the host waits above,
-# most of the gap between the research code's forward and an eager one (the calibration measured
-# both: BENCHMARKS.md), so the research impl makes the same call for LLaDA. Only on CUDA, the device the calibration is about: on the CPU it
-# would only add compile time to the tests. False: eager (the calibration's diagnostic variant).
-COMPILE_RESEARCH_ATTENTION = True
-
-
-@functools.cache
-def _compiled_attention():
-    return torch.compile(_attention)
 
 
 class MLP(nn.Module):
@@ -232,14 +155,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec)
 
-    def forward(self, h, cos, sin, mask, past=None, splice=None, research=False, replace=None):
-        """With ``research``, attention is ``Attention.forward_research``: ``cos``/``sin`` are
-        the whole key set's tables and ``replace`` stands for ``splice``."""
-        xn = self.input_layernorm(h)
-        if research:
-            a, kv = self.self_attn.forward_research(xn, cos, sin, mask, past, replace)
-        else:
-            a, kv = self.self_attn(xn, cos, sin, mask, past, splice)
+    def forward(self, h, cos, sin, mask, past=None, splice=None):
+        a, kv = self.self_attn(self.input_layernorm(h), cos, sin, mask, past, splice)
         h = h + a
         return h + self.mlp(self.post_attention_layernorm(h)), kv
 
@@ -283,22 +200,14 @@ class Backbone(nn.Module):
 class DiffusionLM(nn.Module):
     """A bidirectional transformer returning raw (unshifted) logits."""
 
-    def __init__(self, spec: ModelSpec, attention_impl: str = "plain"):
+    def __init__(self, spec: ModelSpec):
         super().__init__()
         self.spec = spec
         self.model = Backbone(spec)
         self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
-        self.attention_impl = attention_impl
-
-    @property
-    def attention_impl(self) -> str:
-        return self._attention_impl
-
-    @attention_impl.setter
-    def attention_impl(self, value: str) -> None:
-        if value not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl {value!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
-        self._attention_impl = value
+        # A benchmark's stand-in for ``forward`` (same arguments, the model first), or None: it
+        # may refuse a decoding config by name in ``check(cfg)``, which generate() calls.
+        self.forward_override = None
 
     def forward(
         self,
@@ -312,10 +221,9 @@ class DiffusionLM(nn.Module):
     ):
         """input_ids, positions: [B, Q]. key_mask: [B, K] (True = a real key) over the key set
         after splicing; attn_mask: [B or 1, Q, K] (True = may attend). Returns logits [B, Q, V]
-        and, with ``return_kv``, the per-layer (k, v) of the whole key set (keys after RoPE; with
-        ``attention_impl="research"`` before it, and a dual-cache step writes into ``past``)."""
-        if self._attention_impl == "research":
-            return self._forward_research(input_ids, positions, key_mask, past, splice, attn_mask, return_kv)
+        and, with ``return_kv``, the per-layer (k, v) of the whole key set (keys after RoPE)."""
+        if self.forward_override is not None:
+            return self.forward_override(self, input_ids, positions, key_mask, past, splice, attn_mask, return_kv)
         mask = None
         if key_mask is not None:
             mask = key_mask[:, None, None, :]
@@ -328,44 +236,13 @@ class DiffusionLM(nn.Module):
             h, kv = layer(h, cos, sin, mask, None if past is None else past[i], splice)
             if return_kv:
                 kvs.append(kv)
-        return self._head(h, kvs if return_kv else None)
+        logits = self.head(h)
+        return (logits, kvs) if return_kv else logits
 
-    def _head(self, h: torch.Tensor, kvs: KV | None):
-        h = self.model.norm(h)
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of the last layer's hidden states: final norm, then the LM head (or the tied embedding)."""
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(h, head)
-        return logits if kvs is None else (logits, kvs)
-
-    def _forward_research(self, input_ids, positions, key_mask, past, splice, attn_mask, return_kv):
-        b, q_len = input_ids.shape
-        if attn_mask is not None:
-            raise ValueError('attention_impl="research" has no attn_mask (draft branches run "plain")')
-        replace = None
-        if past is None:
-            n_keys, pos = q_len, positions
-        else:
-            n_past = past[0][0].shape[2]
-            start, end = splice if splice is not None else (n_past, n_past)
-            if (start, end) == (n_past, n_past):  # prefix cache: append
-                n_keys = n_past + q_len
-            elif end - start == q_len:  # dual cache: overwrite [start, end)
-                n_keys = n_past
-                replace = torch.zeros((b, n_keys), dtype=torch.bool, device=input_ids.device)
-                replace[:, start:end] = True
-            else:
-                raise ValueError(f'attention_impl="research" splices as many rows as it queries '
-                                 f'(splice {splice} with {q_len} query rows)')
-            pos = key_positions(key_mask, b, n_keys, input_ids.device)
-        # The research code passes a mask only when some key is padding (it checks on the host).
-        mask = None if key_mask is None or bool(key_mask.all()) else key_mask[:, None, None, :]
-        cos, sin = rope_tables(pos, self.spec.head_dim, self.spec.rope_theta)
-        h = self.model.embed_tokens(input_ids)
-        kvs: KV = []
-        for i, layer in enumerate(self.model.layers):
-            h, kv = layer(h, cos, sin, mask, None if past is None else past[i], research=True, replace=replace)
-            if return_kv:
-                kvs.append(kv)
-        return self._head(h, kvs if return_kv else None)
+        return F.linear(self.model.norm(h), head)
 
 
 def init_weights(model: DiffusionLM, std: float = 0.02, seed: int | None = None) -> None:

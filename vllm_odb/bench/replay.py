@@ -7,7 +7,12 @@ length each refresh leaves, the block decoding ends after) and replay it: the en
 code path (refreshes, cached steps, jump-share layouts, ALP's predictions over the canvas) on the
 big model, but the commit counts, the canvas cuts and the end come from the trace. A forward's
 shape depends only on those (masked positions per block, live canvas, live batch), so the replayed
-run makes the recorded forwards. Both engines force through these functions.
+run makes the recorded forwards.
+
+Both engines take a ``Replay`` per request as their ``Forcing`` (policies/forcing.py: the three
+decisions it overrides). The reference loop records with a ``Recorder`` as its step observer
+(``generate_traced`` wraps both); the vLLM engine gets a trace per request as
+``SamplingParams.extra_args["replay"]``, and imports this module only when a request carries one.
 """
 
 from __future__ import annotations
@@ -16,14 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_odb.policies.commit import commit_topk
-
 
 @dataclass(frozen=True)
 class Replay:
-    """``commits[b][k]``: tokens the k-th forward of block ``b`` committed (drafted tokens a
-    jump-share step adopted included); ``lengths[b]``: the live canvas after block ``b``'s refresh.
-    Decoding ends after the last recorded block."""
+    """One request's recorded trace, its ``Forcing``. ``commits[b][k]``: tokens the k-th forward
+    of block ``b`` committed (drafted tokens a jump-share step adopted included); ``lengths[b]``:
+    the live canvas after block ``b``'s refresh. Decoding ends after the last recorded block."""
 
     commits: tuple[tuple[int, ...], ...]
     lengths: tuple[int, ...]
@@ -64,15 +67,10 @@ class Replay:
             raise ValueError("replay: commits is a list of lists of integers, lengths a list of integers") from None
 
 
-def forced_commit(conf: torch.Tensor, masked: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """The ``counts[b]`` most confident masked positions of each row (at least one where any is
-    masked): the recorded number of commits, placed where this model is most confident."""
-    return commit_topk(conf, masked, counts.clamp_min(1))
-
-
 class Recorder:
-    """Builds each request's ``Replay`` from a decoding loop: call ``refresh`` after a block's
-    refresh (with the live canvas lengths) and ``step`` after every forward."""
+    """The reference loop's step observer that builds each request's ``Replay``: ``block`` at a
+    block's start, ``set_lengths`` after its refresh (the live canvas lengths) and ``step`` after
+    every forward."""
 
     def __init__(self, batch: int):
         self.commits: list[list[list[int]]] = [[] for _ in range(batch)]
@@ -98,3 +96,17 @@ class Recorder:
     def traces(self) -> list[dict]:
         return [Replay(tuple(map(tuple, c)), tuple(n)).to_dict() if c else None
                 for c, n in zip(self.commits, self.lengths)]
+
+
+def generate_traced(model, prompts: list[list[int]], cfg, special, replay: list[Replay] | None = None,
+                    record: bool = False, **kwargs):
+    """The reference loop (``vllm_odb.reference.generate.generate``) with trace replay and recording:
+    ``replay``, one trace per prompt, forced onto this model; with ``record``, ``stats["trace"]``
+    holds each request's trace as a dict (None for a request that decoded nothing)."""
+    from vllm_odb.reference.generate import generate
+
+    recorder = Recorder(len(prompts)) if record else None
+    out = generate(model, prompts, cfg, special, forcing=replay, observer=recorder, **kwargs)
+    if recorder is not None:
+        out.stats["trace"] = recorder.traces()
+    return out

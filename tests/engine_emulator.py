@@ -1,0 +1,124 @@
+"""The vLLM engine's decode loop on CPU, with the reference model standing in for vLLM's forward.
+
+What runs is the engine's own code: ``RequestTable`` (requests, knobs, stop strings),
+``ODBSampler`` (decode, advance, emit, refresh, ALP, drafts), ``CacheRefresh`` (the refresh side
+forward's jobs) and ``JumpPlan``. What is emulated is what vLLM and the GPU provide: the
+scheduler (one request at a time, a prefill step, then decode steps until an emitted block holds
+an end id, as vLLM's stop check does), the forward of a decode step (the reference model on the
+window vLLM is fed, ``req_states.draft_tokens``, over the keys the last refresh wrote: the dual
+cache; jump-share plans' rows with the layout's mask, as ``BranchAttention`` computes them) and
+the refresh forward (the reference model over the job's sequence, keeping its keys and values as
+the request's cache). So a response and its NFE must equal the reference loop's, as on the GPU
+(``bench vllm-parity``), without the GPU.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import torch
+
+from vllm_odb.engine.model_state import CacheRefresh, PagedCache
+from vllm_odb.engine.requests import RequestTable
+from vllm_odb.engine.sampler import ODBSampler
+
+BLOCKS_PER_SLOT = 64
+
+
+class EmulatedEngine:
+    def __init__(self, ckpt, engine_cfg, slots: int = 2, max_model_len: int = 512):
+        self.model, self.special = ckpt.model, ckpt.special
+        self.shift = ckpt.model.spec.logits_shift
+        self.table = RequestTable(slots, max_model_len, engine_cfg, self.shift, ckpt.special.mask_id,
+                                  ckpt.special.eos_id, [(e,) for e in ckpt.special.end_ids], "cpu",
+                                  tokenizer=lambda: ckpt.tokenizer)
+        self.width = self.table.width
+        kbs = 4
+        self.paged = PagedCache(kernel_block_size=kbs)
+        self.slot_of_kv = lambda kv_slot: int(kv_slot) // (BLOCKS_PER_SLOT * kbs)
+        stand_in = types.SimpleNamespace(model=types.SimpleNamespace(refresh_forward=self._refresh_forward),
+                                         compute_logits=lambda h: h)
+        self.draft_tokens = torch.zeros(slots, self.width, dtype=torch.long)
+        base = types.SimpleNamespace(sampling_states=None, req_states=types.SimpleNamespace(draft_tokens=self.draft_tokens))
+        self.sampler = ODBSampler(self.table, CacheRefresh(stand_in, self.paged), base, 4096)
+        self.kv: dict[int, list] = {}  # each request's keys and values as its last refresh wrote them
+
+    def generate(self, prompt: list[int], sampling_params, slot: int = 0) -> list[int]:
+        """One request through the engine: its response tokens as vLLM emits them (up to and
+        without the first end id)."""
+        before = dict(self.table.counters.totals)
+        q = self.table.add(slot, "r", prompt, None, sampling_params)
+        self._tables([slot])
+        out = self._step([slot], prefill=True)
+        emitted: list[int] = []
+        ends = set(self.special.end_ids)
+        for _ in range(4 * q.cfg.gen_length + 8):
+            out = self._step([slot], prefill=False)
+            n = int(out.num_sampled[0])
+            emitted += out.sampled_token_ids[0, :n].tolist()
+            if ends & set(emitted):
+                break
+        else:
+            raise AssertionError("the request never emitted an end id")
+        self.table.remove("r")
+        # What the engine's metrics counted for the request (forwards it takes after the block
+        # that ends it are not: engine/requests.py ``RequestTable.ended``).
+        self.stats = {k: v - before[k] for k, v in self.table.counters.totals.items()}
+        return emitted[:min(emitted.index(e) for e in ends if e in emitted)]
+
+    def _tables(self, slots: list[int]) -> None:
+        """Each batch row's block table: its request's own range of blocks."""
+        self.paged.block_tables = torch.stack([torch.arange(s * BLOCKS_PER_SLOT, (s + 1) * BLOCKS_PER_SLOT)
+                                               for s in slots])
+
+    def _step(self, slots: list[int], prefill: bool):
+        n = len(slots)
+        reqs = [self.table.get(s) for s in slots]
+        if prefill:
+            lens = np.array([q.start for q in reqs])
+            batch = types.SimpleNamespace(
+                num_reqs=n, idx_mapping_np=np.array(slots), num_draft_tokens=0, cu_num_logits_np=np.zeros(n + 1, int),
+                is_prefilling_np=np.ones(n, bool), num_scheduled_tokens=lens, num_computed_prefill_tokens_np=np.zeros(n),
+                prefill_len_np=lens, num_tokens=int(lens.sum()), req_ids=[q.req_id for q in reqs])
+            return self.sampler(torch.zeros(n, 1), batch)
+        logits = torch.cat([self._window_logits(s, q) for s, q in zip(slots, reqs)])
+        counts = np.full(n, self.width)
+        batch = types.SimpleNamespace(
+            num_reqs=n, idx_mapping_np=np.array(slots), num_draft_tokens=int(counts.sum()),
+            cu_num_logits_np=np.concatenate([[0], np.cumsum(counts)]), is_prefilling_np=np.zeros(n, bool),
+            num_scheduled_tokens=counts, num_computed_prefill_tokens_np=np.zeros(n), prefill_len_np=np.zeros(n),
+            num_tokens=int(counts.sum()), req_ids=[q.req_id for q in reqs])
+        return self.sampler(logits, batch)
+
+    def _refresh_forward(self, ids, pos, attend):
+        """The refresh side forward: the reference model over each job's sequence, whose keys and
+        values become that request's cache (in the order of its cache slots)."""
+        out = []
+        for a, b in attend.bounds:
+            keys = torch.ones((1, b - a), dtype=torch.bool)
+            logits, kv = self.model(ids[None, a:b], pos[None, a:b], keys, return_kv=True)
+            self.kv[self.slot_of_kv(attend.slots[a])] = kv
+            out.append(logits[0])
+        return torch.cat(out)
+
+    def _window_logits(self, slot: int, q) -> torch.Tensor:
+        """A decode step's forward for one request: its ``width`` rows as vLLM feeds them (the
+        draft tokens), over the dual cache's keys ``[0, q.keys)`` with the window's rows spliced
+        in. A jump-share plan's rows carry their layout's positions and mask; padding rows decide
+        nothing and get zeros."""
+        if q.finished:  # EOS blocks: the sampler reads none of these rows
+            return torch.zeros(self.width, self.model.spec.vocab_size)
+        window = self.table.window
+        q0 = q.start - self.shift
+        kv = [(k[:, :, :q.keys], v[:, :, :q.keys]) for k, v in self.kv[slot]]
+        tokens = self.draft_tokens[slot]
+        if q.plan is None:
+            rows, pos, attn = window, torch.arange(q0, q0 + window), None
+        else:
+            rows, pos = q.plan.num_rows, q0 + q.plan.offsets
+            attn = torch.ones((1, rows, q.keys - window + rows), dtype=torch.bool)
+            attn[0, :, q0:q0 + rows] = q.plan.attn
+        keys = torch.ones((1, q.keys - window + rows), dtype=torch.bool)
+        logits = self.model(tokens[None, :rows], pos[None], keys, past=kv, splice=(q0, q0 + window), attn_mask=attn)[0]
+        return torch.cat([logits, torch.zeros(self.width - rows, logits.shape[-1])])

@@ -1,0 +1,83 @@
+"""The engine's decode loop against the reference loop on CPU (tests/engine_emulator.py: the
+engine's table, sampler and refresh driven as vLLM drives them, the reference model standing in
+for vLLM's forward): every request's response and NFE equal the reference's, on both tiny
+checkpoints, for each engine method; the GPU runs (``bench vllm-parity``) check the same with
+vLLM's own forward."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from engine_emulator import EmulatedEngine  # noqa: E402
+from vllm_odb.engine.knobs import engine_config  # noqa: E402
+from vllm_odb.reference.generate import generate, response_ids  # noqa: E402
+from vllm_odb.reference.loader import load_checkpoint  # noqa: E402
+from vllm_odb.tiny.suite import make_suite  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+GEN, BLOCK = 64, 16
+_CKPT: dict = {}
+
+
+def _ckpt(fmt: str):
+    if fmt not in _CKPT:
+        _CKPT[fmt] = load_checkpoint(str(ROOT / "checkpoints" / f"tiny-{fmt}"))
+    return _CKPT[fmt]
+
+
+def _parity(fmt: str, section: dict, n: int = 3, stop: list[str] | None = None) -> dict:
+    """Each of ``n`` suite prompts alone through the emulated engine and the reference loop."""
+    torch.manual_seed(0)
+    ck = _ckpt(fmt)
+    engine_cfg = engine_config({"odb": {"block_length": BLOCK, "gen_length": GEN, **section}})
+    engine = EmulatedEngine(ck, engine_cfg)
+    cfg = engine_cfg.replace(gen_length=GEN)
+    stop_ids = [ck.tokenizer(s, add_special_tokens=False)["input_ids"] for s in stop or []]
+    got = {"tokens": 0, "nfe": [], "ref_nfe": [], "drafts": 0, "canvas": []}
+    for e in make_suite(41, n):
+        prompt = ck.encode_chat(e.prompt)
+        sp = types.SimpleNamespace(temperature=0.0, max_tokens=GEN, extra_args=None, stop=stop)
+        out = engine.generate(prompt, sp)
+        ref = generate(ck.model, [prompt], cfg, ck.special, stop=stop_ids)
+        ref_stop = generate(ck.model, [prompt], cfg.replace(early_stop=True), ck.special, stop=stop_ids)
+        assert out == response_ids(ref.tokens[0], ck.special), e.prompt
+        got["nfe"].append(engine.stats["forwards"])
+        got["ref_nfe"].append(ref_stop.nfe[0])
+        assert engine.stats["canvas_predicted"] == ref_stop.stats["canvas_length"][0]
+        got["canvas"].append(engine.stats["canvas_predicted"])
+        got["drafts"] += engine.stats["drafts_accepted"]
+        assert engine.stats["drafts_accepted"] == ref_stop.stats["drafted_accepted"][0]
+        got["tokens"] += len(out)
+    assert got["nfe"] == got["ref_nfe"]
+    return got
+
+
+@pytest.mark.parametrize("fmt", ["llada", "dream"])
+@pytest.mark.parametrize("section", [{"method": "fast-dllm", "threshold": 1.0}, {"method": "odb-alp"},
+                                     {"method": "dynamic-apd"}, {"method": "odb-alp", "threshold_alpha": 0.3},
+                                     {"method": "fast-dllm", "suffix_window": 16, "threshold_alpha": 0.3}],
+                         ids=["fast-dllm", "odb-alp", "dynamic-apd", "dynamic-threshold", "suffix-pruning"])
+def test_engine_decodes_as_the_reference(fmt, section):
+    assert _parity(fmt, section)["tokens"] > 0
+
+
+@pytest.mark.parametrize("fmt", ["llada", "dream"])
+def test_jump_share_engine_decodes_as_the_reference(fmt):
+    got = _parity(fmt, {"method": "odb", "threshold": 1.0, "ridge_rows": 64})
+    assert got["drafts"] > 0
+
+
+@pytest.mark.parametrize("fmt", ["llada", "dream"])
+def test_stop_strings_are_end_markers_on_both_engines(fmt):
+    """A request's stop strings, tokenized by the engine (engine/requests.py ``StopMarkers``), are
+    end markers there as in the reference loop: ALP cuts the canvas at one ("+" in "8+2=10, ...")
+    and early termination stops at one (" s", two tokens)."""
+    plain = _parity(fmt, {"method": "odb-alp"})
+    stopped = _parity(fmt, {"method": "odb-alp"}, stop=["+", " s"])
+    assert stopped["canvas"][0] < plain["canvas"][0]
