@@ -1,0 +1,200 @@
+"""LLaDA's and Dream's config classes and the engine config hook (CPU; models/configs.py,
+models/hook.py), end to end through vLLM's config path on its CPU platform."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+pytest.importorskip("vllm")
+
+
+from test_checkpoint import dream_7b_config, llada_8b_config  # noqa: E402
+from vllm_odb.checkpoint import ModelSpec, read_config  # noqa: E402
+from vllm_odb.models.configs import DreamConfig, LLaDAConfig  # noqa: E402
+from vllm_plugin_common import (  # noqa: E402,F401
+    CONFIG_CLASS,
+    SHIFT,
+    TINY,
+    _cpu_shims,
+    _create,
+    _engine,
+    cpu_vllm,
+    plugins_loaded,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config classes
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt, kv_heads", [("llada", 4), ("dream", 2)])
+def test_tiny_config_standard_names(fmt, kv_heads):
+    cfg = CONFIG_CLASS[fmt].from_pretrained(str(TINY[fmt]))
+    got = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers,
+           cfg.intermediate_size, cfg.vocab_size, cfg.head_dim)
+    assert got == (256, 4, kv_heads, 8, 768, 128, 64)
+
+
+@pytest.mark.parametrize("fmt", ["llada", "dream"])
+def test_tiny_config_default_canvas_length(fmt):
+    assert CONFIG_CLASS[fmt].from_pretrained(str(TINY[fmt])).canvas_length == 32 + SHIFT[fmt]
+
+
+@pytest.mark.parametrize("fmt", ["llada", "dream"])
+def test_tiny_config_spec_matches_checkpoint_parser(fmt):
+    cfg = CONFIG_CLASS[fmt].from_pretrained(str(TINY[fmt]))
+    assert cfg.spec == ModelSpec.from_config(read_config(str(TINY[fmt])))
+
+
+@pytest.mark.parametrize("fmt", ["llada", "dream"])
+def test_config_round_trips_through_to_dict(fmt):
+    cfg = CONFIG_CLASS[fmt].from_pretrained(str(TINY[fmt]))
+    cfg.canvas_length = 17
+    again = CONFIG_CLASS[fmt].from_dict(cfg.to_dict())
+    assert (again.spec, again.canvas_length) == (cfg.spec, 17)
+
+
+@pytest.mark.parametrize("cls", [LLaDAConfig, DreamConfig])
+def test_bare_config_constructs(cls):
+    cls()
+
+
+def test_llada_8b_config_sizes():
+    cfg = LLaDAConfig.from_dict(llada_8b_config())
+    got = (cfg.vocab_size, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+           cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size, cfg.mask_token_id, cfg.canvas_length)
+    assert got == (126464, 32, 4096, 32, 32, 128, 12288, 126336, 32)
+    assert cfg.spec == ModelSpec.from_config(llada_8b_config())
+
+
+def test_dream_7b_config_sizes():
+    cfg = DreamConfig.from_dict(dream_7b_config())
+    got = (cfg.vocab_size, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+           cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size, cfg.mask_token_id, cfg.canvas_length)
+    assert got == (152064, 28, 3584, 28, 4, 128, 18944, 151666, 33)
+    assert cfg.spec == ModelSpec.from_config(dream_7b_config())
+
+@pytest.fixture(scope="module", params=["llada", "dream"])
+def engine_vc(request):
+    with pytest.MonkeyPatch.context() as mp:
+        _cpu_shims(mp)
+        return request.param, _create(request.param)
+
+# ---------------------------------------------------------------------------------------------
+# The engine config hook, end to end on vLLM's CPU platform
+# ---------------------------------------------------------------------------------------------
+
+
+def test_hook_canvas_length(engine_vc):
+    fmt, vc = engine_vc
+    assert vc.diffusion_config.canvas_length == 16 + SHIFT[fmt]
+
+
+def test_hook_speculative_tokens_are_the_canvas(engine_vc):
+    _, vc = engine_vc
+    assert vc.num_speculative_tokens == vc.diffusion_config.canvas_length
+
+
+def test_hook_hf_config_canvas_length(engine_vc):
+    fmt, vc = engine_vc
+    assert isinstance(vc.model_config.hf_config, CONFIG_CLASS[fmt])
+    assert vc.model_config.hf_config.canvas_length == 16 + SHIFT[fmt]
+
+
+def test_hook_attention(engine_vc):
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    _, vc = engine_vc
+    assert vc.attention_config.backend == AttentionBackendEnum.TRITON_ATTN
+    assert vc.attention_config.use_non_causal
+
+
+def test_hook_no_prefix_caching_no_chunked_prefill(engine_vc):
+    _, vc = engine_vc
+    assert not vc.cache_config.enable_prefix_caching
+    assert not vc.scheduler_config.enable_chunked_prefill
+
+
+def test_hook_token_budget_holds_a_prompt(engine_vc):
+    _, vc = engine_vc
+    assert vc.scheduler_config.max_num_batched_tokens >= vc.model_config.max_model_len
+
+
+def test_hook_default_max_num_seqs(engine_vc):
+    _, vc = engine_vc
+    assert vc.scheduler_config.max_num_seqs == 64
+
+
+def test_hook_cudagraph_sizes_cover_the_batch(engine_vc):
+    _, vc = engine_vc
+    assert vc.compilation_config.max_cudagraph_capture_size == 64 * vc.diffusion_config.canvas_length
+
+
+def test_hook_default_max_tokens_is_gen_length(engine_vc):
+    _, vc = engine_vc
+    assert vc.model_config.override_generation_config["max_new_tokens"] == 64
+
+
+def test_hook_sets_engine_knobs_on_hf_config(engine_vc):
+    _, vc = engine_vc
+    assert vc.model_config.hf_config.odb_engine["block_length"] == 16
+    assert vc.model_config.hf_config.odb_engine == dataclasses.asdict(_engine())
+
+
+def test_hook_runner_is_generate(engine_vc):
+    _, vc = engine_vc
+    assert vc.model_config.runner_type == "generate"
+    assert vc.model_config.is_diffusion
+
+
+def test_hook_bad_knob_names_it(cpu_vllm):
+    with pytest.raises(ValueError, match="threshold"):
+        _create("llada", additional_config={"odb": {"threshold": 2}})
+
+
+@pytest.mark.parametrize("fmt, canvas", [("llada", 8), ("dream", 16)])  # Dream's canvas is block + 1
+def test_hook_disagreeing_canvas_length_raises(cpu_vllm, fmt, canvas):
+    with pytest.raises(ValueError, match="canvas_length"):
+        _create(fmt, diffusion_config={"canvas_length": canvas})
+
+
+def test_hook_agreeing_canvas_length_accepted(cpu_vllm):
+    assert _create("dream", diffusion_config={"canvas_length": 17}).diffusion_config.canvas_length == 17
+
+
+def test_hook_refuses_flashinfer(cpu_vllm):
+    with pytest.raises(ValueError, match="FLASHINFER"):
+        _create("llada", attention_backend="FLASHINFER")
+
+
+def test_hook_turns_requested_prefix_caching_off(cpu_vllm):
+    assert not _create("llada", enable_prefix_caching=True).cache_config.enable_prefix_caching
+
+
+def test_hook_keeps_user_max_new_tokens(cpu_vllm):
+    vc = _create("llada", override_generation_config={"max_new_tokens": 32})
+    assert vc.model_config.override_generation_config["max_new_tokens"] == 32
+
+
+def test_hook_keeps_a_lower_max_num_seqs(cpu_vllm):
+    assert _create("llada", max_num_seqs=100).scheduler_config.max_num_seqs == 100
+
+
+def test_hook_caps_vllm_default_sized_max_num_seqs(cpu_vllm):
+    """Documented (models/hook.py): values >= vLLM's default (128) are cut to 64 (logits memory)."""
+    assert _create("llada", max_num_seqs=256).scheduler_config.max_num_seqs == 64
+
+@pytest.mark.parametrize("fmt", ["llada", "dream"])
+def test_hook_jump_share_engine(cpu_vllm, fmt):
+    from vllm.config.compilation import CUDAGraphMode
+
+    vc = _create(fmt, speculative_config={"method": "odb"})
+    window = 16 + SHIFT[fmt]
+    assert vc.diffusion_config.canvas_length == (251 if fmt == "llada" else 2 * 251 - window)
+    assert vc.scheduler_config.max_num_seqs == 251 // window
+    assert vc.scheduler_config.max_num_batched_tokens >= vc.scheduler_config.max_num_seqs * 251
+    assert not vc.compilation_config.cudagraph_mode.has_full_cudagraphs()
+    assert vc.compilation_config.cudagraph_mode in (CUDAGraphMode.PIECEWISE, CUDAGraphMode.NONE)
