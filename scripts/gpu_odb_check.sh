@@ -15,7 +15,7 @@ case "${PART:-parity}" in
       bash scripts/gpu_vllm_check.sh ;;
   loopback)
     model="${MODEL:-tiny-llada}"
-    SERVER_LOG="$OUT/server-$model.log" timeout 580 python3 scripts/server_loopback.py \
+    SERVER_LOG="$OUT/server-$model.log" timeout 580 python3 -m vllm_odb.bench server-loopback \
       --model "checkpoints/$model" --clients "${CLIENTS:-64}" ${KV_BLOCKS:+--kv-blocks "$KV_BLOCKS"} --out "$OUT/loopback-$model.json" \
       > "$OUT/loopback-$model.log" 2>&1
     rc=$?

@@ -29,7 +29,7 @@ run() { echo "+ python -m vllm_odb.bench speed $*"; timeout "${STEP_TIMEOUT:-560
 case "${PART:-reference}" in
   calib)
     for g in 256 1024; do
-      timeout 270 python3 scripts/calibrate_fastdllm.py --fastdllm-dir .gpu/fastdllm --config 8b --device cuda \
+      timeout 270 python3 -m vllm_odb.bench calibrate-fastdllm --fastdllm-dir .gpu/fastdllm --config 8b --device cuda \
         --dtype bfloat16 --iters 20 --prompt-len 512 --gen-length $g --block-length 32 --variants --profile \
         --out "$OUT/calib-fastdllm-8b-g$g.json" > "$OUT/calib-g$g.log" 2>&1; echo "calib gen $g rc=$?"
       grep -E "^\[calibrate\]" "$OUT/calib-g$g.log" | tail -1

@@ -13,7 +13,7 @@ for c in $CHECKS; do
   model="${c%%:*}"; mode="${c##*:}"
   tag="$model-$mode${TAG:-}"; log="$OUT/parity/$tag.log"
   echo "== $model $mode ${PARITY_ARGS:-}" | tee -a "$OUT/parity/summary.txt"
-  timeout "${CHECK_TIMEOUT:-300}" python3 scripts/vllm_parity.py --model "checkpoints/$model" --mode "$mode" \
+  timeout "${CHECK_TIMEOUT:-300}" python3 -m vllm_odb.bench vllm-parity --model "checkpoints/$model" --mode "$mode" \
     --out "$OUT/parity/$tag.json" ${PARITY_ARGS:-} > "$log" 2>&1
   rc=$?; [[ $rc -ne 0 ]] && status=$rc
   grep -E '^\{"model"|MISMATCH' "$log" | head -5 | tee -a "$OUT/parity/summary.txt"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stage NVlabs/Fast-dLLM's LLaDA model code into .gpu/fastdllm/ for the baseline calibration
-# (issue #8: scripts/calibrate_fastdllm.py times it beside the reference engine).
+# (issue #8: `python -m vllm_odb.bench calibrate-fastdllm` times it beside the reference engine).
 #
 #   scripts/stage_fastdllm.sh <mirror-git-dir> [commit]
 #

@@ -1,21 +1,15 @@
-"""scripts/calibrate_fastdllm.py's interleaved timing (the calibration's figures come from it);
-the rest of the script needs Fast-dLLM's code, staged only for GPU runs."""
+"""``bench calibrate-fastdllm``'s interleaved timing (vllm_odb/bench/calibrate.py; the calibration's
+figures come from it); the rest of the command needs Fast-dLLM's code, staged only for GPU runs."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from vllm_odb.bench import calibrate
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("calibrate_fastdllm", ROOT / "scripts" / "calibrate_fastdllm.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return calibrate
 
 
 def test_calls_are_timed_round_by_round_in_order():

@@ -1,6 +1,6 @@
 """GPU checks of the vLLM engine (marked ``gpu``; skipped without CUDA or vLLM).
 
-Each test runs ``scripts/vllm_parity.py`` in a subprocess (a vLLM engine per process): vLLM's
+Each test runs ``python -m vllm_odb.bench vllm-parity`` in a subprocess (a vLLM engine per process): vLLM's
 greedy outputs must equal the reference loop's, token for token, alone and batched.
 """
 
@@ -19,12 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _parity(fmt: str, tmp_path, *args: str) -> dict:
-    """Run scripts/vllm_parity.py on the tiny ``fmt`` checkpoint (8 prompts, eager, block 16) with
+    """Run ``bench vllm-parity`` on the tiny ``fmt`` checkpoint (8 prompts, eager, block 16) with
     ``args``; it must exit 0 (its own token, NFE, canvas and draft checks). Returns its summary."""
     pytest.importorskip("vllm")
     out = tmp_path / "parity.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "vllm_parity.py"), "--model", str(ROOT / "checkpoints" / f"tiny-{fmt}"),
+        [sys.executable, "-m", "vllm_odb.bench", "vllm-parity", "--model", str(ROOT / "checkpoints" / f"tiny-{fmt}"),
          "--mode", "eager", "--n", "8", "--block-length", "16", *args, "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,22 +1,16 @@
-"""scripts/profile_decode_step.py's trace analysis (the numbers BENCHMARKS.md's per-step profile
-reports), on a hand-made chrome trace."""
+"""``bench profile-decode-step``'s trace analysis (vllm_odb/bench/profile_decode.py; the numbers
+BENCHMARKS.md's per-step profile reports), on a hand-made chrome trace."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from vllm_odb.bench import profile_decode
 
 
 @pytest.fixture(scope="module")
 def prof():
-    spec = importlib.util.spec_from_file_location("profile_decode_step", ROOT / "scripts" / "profile_decode_step.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return profile_decode
 
 
 def test_union_merges_overlaps_and_keeps_gaps(prof):

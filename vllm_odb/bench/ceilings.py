@@ -3,9 +3,18 @@
 Their ratio is the ridge point (FLOP/byte), which is also the number of query rows a forward can
 carry before it stops being memory bound (``DecodeConfig.ridge_rows``); the copy bandwidth over
 the weight bytes is the floor of a memory-bound decode step.
+
+``python -m vllm_odb.bench measure-ridge [--json out.json]`` measures them: peak bf16 matmul
+FLOP/s (a large square GEMM) over device-to-device copy bandwidth (read + write of a large buffer)
+is the ridge point in FLOP/byte. A bf16 GEMM of N token rows against a d x d weight does 2*N*d*d
+FLOPs over about 2*d*d weight bytes, so its arithmetic intensity is about N: the ridge point is
+also the number of query rows a forward can carry before it stops being memory bound.
 """
 
 from __future__ import annotations
+
+import argparse
+import json
 
 import torch
 
@@ -42,3 +51,17 @@ def measure() -> dict:
     return {"device": torch.cuda.get_device_name(), "bf16_matmul_tflops": round(flops / 1e12, 1),
             "copy_bandwidth_gbs": round(bandwidth / 1e9, 1), "ridge_flop_per_byte": round(flops / bandwidth, 1),
             "ridge_rows": int(flops / bandwidth)}
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--json", default=None, help="also write the result to this file")
+
+
+def main(args: argparse.Namespace) -> int:
+    """``measure-ridge``: print the ceilings and the ridge point as one JSON line."""
+    result = measure()
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0

@@ -1,14 +1,15 @@
-"""Calibrate the reference engine against the official Fast-dLLM model code (issue #8).
+"""``python -m vllm_odb.bench calibrate-fastdllm``: calibrate the reference engine against the official
+Fast-dLLM model code (issue #8).
 
     scripts/stage_fastdllm.sh <Fast-dLLM mirror git dir>        # once: fills .gpu/fastdllm/
-    python scripts/calibrate_fastdllm.py --fastdllm-dir .gpu/fastdllm \
+    python -m vllm_odb.bench calibrate-fastdllm --fastdllm-dir .gpu/fastdllm \
         [--config 8b|small] [--prompt-len 512 --gen-length 256 --block-length 32] \
         [--iters 20 --warmup 3] [--device cuda --dtype bfloat16] [--order ours,theirs] \
         [--variants] [--profile] [--out calib.json]
 
 The reference engine stands in for the research code in every ratio of the benchmarks, so its
 per-forward time must match the research code's. The benchmarks run it with
-``attention_impl="research"`` (vllm_odb/reference/model.py: the cache kept as the research code
+``attention_impl="research"`` (vllm_odb/bench/research.py: the cache kept as the research code
 keeps it); that is "ours" here, and the faster ``"plain"`` layout is timed beside it for the
 record. This script times, at batch 1 and with identical shapes and identical (random,
 name-seeded) weights:
@@ -63,13 +64,10 @@ import zlib
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from vllm_odb.bench.full_size import llada_8b_config  # noqa: E402
-from vllm_odb.checkpoint import ModelSpec, official_to_internal  # noqa: E402
-from vllm_odb.reference.model import DiffusionLM  # noqa: E402
+from vllm_odb.bench import research
+from vllm_odb.bench.full_size import llada_8b_config
+from vllm_odb.checkpoint import ModelSpec, official_to_internal
+from vllm_odb.reference.model import DiffusionLM
 
 PKG = "fastdllm_llada_model"  # the name their llada/model package is imported under
 SHIMS: list[str] = []  # compatibility shims applied before importing their code (recorded)
@@ -328,8 +326,6 @@ def prepare_ours(cfg, args, device, dtype, inp, flags: dict) -> tuple[dict, dict
     the research impl with an eager attention call (LLaDA's research file compiles it, and so
     does ours on CUDA) and plain without the key mask. Each call sets the state it needs (SDPA
     switches, impl, compile switch) first: the calls are timed interleaved with theirs."""
-    from vllm_odb.reference import model as ref_model
-
     model = build_ours(cfg, device, dtype, args.seed)
     x, block, s, e = inp["x"], inp["block"], inp["s"], inp["e"]
     key_mask = torch.ones_like(x, dtype=torch.bool)  # bs 1, no padding (as generate() builds it)
@@ -342,8 +338,8 @@ def prepare_ours(cfg, args, device, dtype, inp, flags: dict) -> tuple[dict, dict
     for name, impl, compiled, km in variants:
         def setup(impl=impl, compiled=compiled):
             set_sdpa_flags(flags)
-            model.attention_impl = impl
-            ref_model.COMPILE_RESEARCH_ATTENTION = compiled
+            research.set_attention_impl(model, impl)
+            research.COMPILE_RESEARCH_ATTENTION = compiled
 
         setup()
         logits, cache = model(x, pos, km, return_kv=True)
@@ -413,43 +409,27 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--fastdllm-dir", default=".gpu/fastdllm")
-    ap.add_argument("--config", default="8b", choices=["8b", "small"])
-    ap.add_argument("--prompt-len", type=int, default=512)
-    ap.add_argument("--gen-length", type=int, default=256)
-    ap.add_argument("--block-length", type=int, default=32)
-    ap.add_argument("--block-index", type=int, default=0, help="which block the decode step recomputes")
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tolerance", type=float, default=0.15, help="allowed |ours/theirs - 1|")
-    ap.add_argument("--variants", action="store_true",
-                    help="also time ours research with a compiled attention call, and plain without the key mask")
-    ap.add_argument("--profile", action="store_true",
-                    help="profile each decode and refresh (host ops, kernels, host waits, GPU busy, top host ops)")
-    ap.add_argument("--order", default="ours,theirs", choices=["ours,theirs", "theirs,ours"],
-                    help="whose calls come first in each timing round")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-
+def _check(args) -> tuple[torch.device, dict]:
+    """The device (made current) and the model config, or ValueError naming the bad flag."""
     if args.gen_length % args.block_length or not 0 <= args.block_index < args.gen_length // args.block_length:
-        ap.error("gen-length must be a multiple of block-length and block-index a block of it")
+        raise ValueError("gen-length must be a multiple of block-length and block-index a block of it")
     device = torch.device(args.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            ap.error("--device cuda but CUDA is not available")
+            raise ValueError("--device cuda but CUDA is not available")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
-    dtype = getattr(torch, args.dtype)
     cfg = make_config(args.config)
     if args.prompt_len + args.gen_length > cfg["max_sequence_length"]:
-        ap.error("prompt-len + gen-length exceeds max_sequence_length")
+        raise ValueError("prompt-len + gen-length exceeds max_sequence_length")
+    return device, cfg
 
+
+def _time_both(args, device: torch.device, cfg: dict):
+    """Both models built, their logits kept, their calls timed interleaved (and profiled with
+    --profile). Returns the timings per impl, both sides' logits and both SDPA switch sets."""
+    dtype = getattr(torch, args.dtype)
     inp = make_inputs(cfg, args, device)
     default_flags = sdpa_flags()  # before their module can flip the global SDPA switches
     if device.type == "cuda":
@@ -463,10 +443,13 @@ def main() -> None:
         if args.profile:
             for name in ("research", "plain", "fastdllm"):
                 timed[name]["profile"] = {kind: profile_fn(fn, device) for kind, fn in calls[name].items()}
-    from vllm_odb.reference import model as ref_model
-
-    ref_model.COMPILE_RESEARCH_ATTENTION = True
+    research.COMPILE_RESEARCH_ATTENTION = True
     set_sdpa_flags(default_flags)
+    return inp, timed, ours_out, theirs_out, default_flags, their_flags
+
+
+def _result(args, device, cfg, inp, timed, ours_out, theirs_out, default_flags, their_flags) -> dict:
+    """The calibration's JSON: medians, ratios (ours / theirs), equivalence of the logits."""
     theirs = timed.pop("fastdllm")
     ours_all = timed
     ours, plain = ours_all["research"], ours_all["plain"]  # the reference engine's calibrated impl first
@@ -516,19 +499,48 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "cuda": torch.version.cuda, "python": platform.python_version()},
     }
+    return result
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--fastdllm-dir", default=".gpu/fastdllm")
+    ap.add_argument("--config", default="8b", choices=["8b", "small"])
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--gen-length", type=int, default=256)
+    ap.add_argument("--block-length", type=int, default=32)
+    ap.add_argument("--block-index", type=int, default=0, help="which block the decode step recomputes")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tolerance", type=float, default=0.15, help="allowed |ours/theirs - 1|")
+    ap.add_argument("--variants", action="store_true",
+                    help="also time ours research with a compiled attention call, and plain without the key mask")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile each decode and refresh (host ops, kernels, host waits, GPU busy, top host ops)")
+    ap.add_argument("--order", default="ours,theirs", choices=["ours,theirs", "theirs,ours"],
+                    help="whose calls come first in each timing round")
+    ap.add_argument("--out", default=None)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        device, cfg = _check(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = _result(args, device, cfg, *_time_both(args, device, cfg))
     text = json.dumps(result, indent=1)
     print(text)
-    eq = result["equivalence"]
+    eq, ours, theirs, ratio = (result[k] for k in ("equivalence", "ours", "fastdllm", "ratio_ours_over_fastdllm"))
     print(f"[calibrate] {result['device']} {args.config} {args.dtype}: "
-          f"refresh ours {ours['refresh']['median_ms']:.3f} ms / fastdllm {theirs['refresh']['median_ms']:.3f} ms "
-          f"= {ratio['refresh']:.3f}; decode ours {ours['decode']['median_ms']:.3f} ms / fastdllm "
-          f"{theirs['decode']['median_ms']:.3f} ms = {ratio['decode']:.3f}; within +-{args.tolerance:.0%}: "
+          f"refresh ours {ours['refresh_ms']:.3f} ms / fastdllm {theirs['refresh_ms']:.3f} ms "
+          f"= {ratio['refresh']:.3f}; decode ours {ours['decode_ms']:.3f} ms / fastdllm "
+          f"{theirs['decode_ms']:.3f} ms = {ratio['decode']:.3f}; within +-{args.tolerance:.0%}: "
           f"{result['within_15pct']} (plain impl: {result['ratio_ours_plain_over_fastdllm']}); max |dlogit| refresh {eq['refresh_logits']['max_abs_diff']:.3g}, "
           f"decode {eq['decode_logits']['max_abs_diff']:.3g}", file=sys.stderr)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
-
-
-if __name__ == "__main__":
-    main()
+    return 0

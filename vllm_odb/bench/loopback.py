@@ -1,6 +1,7 @@
-"""Loopback test of the OpenAI-compatible server on a shipped tiny checkpoint (needs a GPU).
+"""``python -m vllm_odb.bench server-loopback``: the OpenAI-compatible server on a shipped tiny
+checkpoint, end to end (needs a GPU).
 
-    python scripts/server_loopback.py --model checkpoints/tiny-llada --clients 64 --out loopback.json
+    python -m vllm_odb.bench server-loopback --model checkpoints/tiny-llada --clients 64 --out loopback.json
 
 1. Offline: ``LLM(..., speculative_config={"method": "odb"}).generate/chat`` gives every request's
    expected text (mixed: ODB and plain fast-dllm requests, completions and chat, some with a stop
@@ -181,8 +182,7 @@ def scrape(base: str) -> dict[str, float]:
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--port", type=int, default=8765)
@@ -190,7 +190,9 @@ def main() -> int:
     ap.add_argument("--kv-blocks", type=int, help="a small KV pool (num_gpu_blocks_override) so blocks that "
                     "ALP cuts free are reused by other requests")
     ap.add_argument("--out")
-    args = ap.parse_args()
+
+
+def main(args: argparse.Namespace) -> int:
     faulthandler.dump_traceback_later(560, exit=True)
     import requests
 
@@ -264,6 +266,3 @@ def main() -> int:
             print("BAD-INPUT", json.dumps(b))
     return 0 if ok else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

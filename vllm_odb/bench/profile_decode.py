@@ -1,11 +1,12 @@
-"""Where a batch-1 decode step of the vLLM engine spends its time (issue #8's per-step profile).
+"""``python -m vllm_odb.bench profile-decode-step``: where a batch-1 decode step of the vLLM engine
+spends its time (issue #8's per-step profile).
 
-    python scripts/profile_decode_step.py --model llada-8b --out profile-llada.json
+    python -m vllm_odb.bench profile-decode-step --model llada-8b --out profile-llada.json
 
 Runs the engine in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, so the profiler sees the
 worker's kernels) on a full-size config with random weights (``load_format="dummy"``): one
 request, prompt ``--prompt-len``, gen ``--gen-length``. Random weights commit one token per step,
-so after the first block nearly every engine step is a decode step. The script drives
+so after the first block nearly every engine step is a decode step. The command drives
 ``LLMEngine.step()`` itself, skips ``--skip`` steps, then profiles ``--steps`` steps with
 ``torch.profiler`` (CPU and CUDA activity). Per step it reports the wall time of ``step()`` and the
 GPU's busy time inside it (the union of kernel and memcpy intervals), split into matmul,
@@ -89,8 +90,7 @@ def analyse(trace: dict, step_marks: list[tuple[float, float]]) -> dict:
             "top_host_ops_ms": [{"name": n, "ms_total": round(ms, 3)} for n, ms in top_host]}
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", choices=("llada-8b", "dream-7b"), required=True)
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--gen-length", type=int, default=256)
@@ -98,24 +98,41 @@ def main() -> int:
     ap.add_argument("--skip", type=int, default=40, help="engine steps before profiling")
     ap.add_argument("--steps", type=int, default=24, help="engine steps profiled")
     ap.add_argument("--out", required=True)
-    args = ap.parse_args()
+
+
+def main(args: argparse.Namespace) -> int:
     faulthandler.dump_traceback_later(560, exit=True)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-
-    import torch
-    from torch.profiler import ProfilerActivity, profile, record_function
-
     from vllm_odb.bench.ceilings import measure
     from vllm_odb.bench.costs import weight_bytes
-    from vllm_odb.bench.full_size import FULL_SIZE, write_config_dir
+    from vllm_odb.bench.full_size import FULL_SIZE
     from vllm_odb.checkpoint import ModelSpec
 
     ceilings = measure()
     spec = ModelSpec.from_config(FULL_SIZE[args.model]())
-    path = write_config_dir(args.model, tempfile.mkdtemp(prefix=args.model))
+    engine = _engine(args, spec)
+    plain, res, python_host = _profile_steps(engine, args)
+    floor_ms = weight_bytes(spec) / (ceilings["copy_bandwidth_gbs"] * 1e9) * 1e3
+    summary = _summary(res, plain, floor_ms)
+    out = {"model": args.model, "weights": "random (load_format=dummy)", "prompt_len": args.prompt_len,
+           "gen_length": args.gen_length, "block_length": args.block_length, "ceilings": ceilings,
+           "when": time.strftime("%Y-%m-%d %H:%M:%S"), "summary": summary, **res, "python_host_cprofile": python_host}
+    print(json.dumps(summary))
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    return 0
+
+
+def _engine(args, spec):
+    """The engine in this process on the random-weight config, one request added and ``--skip``
+    steps taken (after a warm-up request of the same shape)."""
+    import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from vllm_odb.bench.full_size import write_config_dir
+
+    path = write_config_dir(args.model, tempfile.mkdtemp(prefix=args.model))
     llm = LLM(model=path, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=args.prompt_len + args.gen_length + 64, gpu_memory_utilization=0.85,
               max_num_seqs=8, seed=0,
@@ -128,44 +145,56 @@ def main() -> int:
     engine.add_request("profiled", TokensPrompt(prompt_token_ids=prompt), sp)
     for _ in range(args.skip):
         engine.step()
+    return engine
+
+
+def _profile_steps(engine, args):
+    """``--steps`` engine steps three times: timed without a profiler (which slows the host side),
+    under torch.profiler (analysed per step) and under cProfile (the host's Python functions)."""
+    import cProfile
+    import pstats
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
     plain = []  # step wall without the profiler, whose host-side recording slows the host
     for _ in range(args.steps):
         t0 = time.perf_counter()
         engine.step()
         plain.append((time.perf_counter() - t0) * 1e3)
-    marks = []
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(args.steps):
             with record_function(f"engine_step_{i}"):
                 engine.step()
     torch.cuda.synchronize()
-    import cProfile
-    import pstats
     pyprof = cProfile.Profile()  # where the host's Python time goes, per function
     pyprof.enable()
     for _ in range(args.steps):
         engine.step()
     pyprof.disable()
     stats = pstats.Stats(pyprof)
+
     def top_py(key: int) -> list[dict]:  # key 2: own time, 3: cumulative
         rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][key])[:30]
         return [{"function": f"{os.path.basename(f)}:{line}:{name}", "ms_per_step": round(v[key] * 1e3 / args.steps, 3)}
                 for (f, line, name), v in rows]
-    python_host = {"own_time": top_py(2), "cumulative": top_py(3)}
+
     while engine.has_unfinished_requests():
         engine.step()
     trace_path = os.path.join(tempfile.mkdtemp(), "trace.json")
     prof.export_chrome_trace(trace_path)
     with open(trace_path) as f:
         trace = json.load(f)
-    for e in trace["traceEvents"]:
-        if e.get("ph") == "X" and str(e.get("name", "")).startswith("engine_step_") and e.get("cat") == "user_annotation":
-            marks.append((e["ts"], e["ts"] + e["dur"]))
-    marks.sort()
-    res = analyse(trace, marks)
-    floor_ms = weight_bytes(spec) / (ceilings["copy_bandwidth_gbs"] * 1e9) * 1e3
+    marks = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace["traceEvents"]
+                   if e.get("ph") == "X" and str(e.get("name", "")).startswith("engine_step_")
+                   and e.get("cat") == "user_annotation")
+    return plain, analyse(trace, marks), {"own_time": top_py(2), "cumulative": top_py(3)}
+
+
+def _summary(res: dict, plain: list[float], floor_ms: float) -> dict:
+    """p50s over the decode steps (the most common kernel count; refresh steps launch more)."""
     counts = [s["kernels"] for s in res["steps"] if s["kernels"] > 0]
-    typical = statistics.mode(counts)  # the decode step's kernel count; refresh steps launch more
+    typical = statistics.mode(counts)
     decode = [s for s in res["steps"] if s["kernels"] == typical]
     summary = {
         "steps_profiled": len(res["steps"]), "decode_steps": len(decode),
@@ -183,14 +212,4 @@ def main() -> int:
     summary["wall_over_floor"] = round(summary["wall_ms_p50"] / floor_ms, 3)
     summary["gpu_idle_fraction"] = round(1 - summary["gpu_busy_ms_p50"] / summary["wall_ms_p50"], 3)
     summary["unprofiled_wall_over_floor"] = round(summary["wall_ms_unprofiled_p50"] / floor_ms, 3)
-    out = {"model": args.model, "weights": "random (load_format=dummy)", "prompt_len": args.prompt_len,
-           "gen_length": args.gen_length, "block_length": args.block_length, "ceilings": ceilings,
-           "when": time.strftime("%Y-%m-%d %H:%M:%S"), "summary": summary, **res, "python_host_cprofile": python_host}
-    print(json.dumps(summary))
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return summary

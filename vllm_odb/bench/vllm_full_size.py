@@ -1,13 +1,15 @@
-"""Full-size LLaDA-8B / Dream-7B (random weights) on the vLLM engine: per-step cost vs the GPU's ceilings.
+"""``python -m vllm_odb.bench vllm-full-size``: full-size LLaDA-8B / Dream-7B (random weights) on the
+vLLM engine, per-step cost vs the GPU's ceilings.
 
-    python scripts/vllm_full_size.py --model llada-8b --out full-llada.json
+    python -m vllm_odb.bench vllm-full-size --model llada-8b --out full-llada.json
 
 Weights are vLLM's ``load_format="dummy"`` (random, made on the GPU; never shipped), so the
 model is never confident: every step commits one token, which is exactly what a per-step cost
 measurement wants. Measures, in this run: the ceilings (bf16 matmul, device copy), then for
 batch 1 and ``--batch``: the engine's decode step (wall time of a decode-only engine step,
 scheduling included) against the weight-streaming floor (weight bytes / copy bandwidth), and the
-refresh forward against the bf16 peak (achieved FLOP/s).
+refresh forward against the bf16 peak (achieved FLOP/s). Step times come from the engine's step
+profiler (bench/profile.py).
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ import tempfile
 import time
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", choices=("llada-8b", "dream-7b"), required=True)
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--gen-length", type=int, default=256)
@@ -30,7 +31,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--out")
-    args = ap.parse_args()
+
+
+def main(args: argparse.Namespace) -> int:
     faulthandler.dump_traceback_later(560, exit=True)
 
     import torch
@@ -44,7 +47,9 @@ def main() -> int:
     spec = ModelSpec.from_config(FULL_SIZE[args.model]())
     path = write_config_dir(args.model, tempfile.mkdtemp(prefix=args.model))
     profile = os.path.join(tempfile.mkdtemp(), "steps.jsonl")
-    os.environ["VLLM_ODB_PROFILE"] = profile
+    from vllm_odb.engine import PROFILE_ENV
+
+    os.environ[PROFILE_ENV] = profile  # the engine's step profiler (bench/profile.py)
 
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -98,6 +103,3 @@ def main() -> int:
             json.dump(result, f, indent=1)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,7 +1,8 @@
-"""Token parity: vLLM engine vs the reference loop, same decoding mode, on a shipped tiny checkpoint.
+"""``python -m vllm_odb.bench vllm-parity``: token parity of the vLLM engine with the reference loop,
+same decoding mode, on a shipped tiny checkpoint (needs a GPU).
 
-    python scripts/vllm_parity.py --model checkpoints/tiny-llada --mode eager --out parity.json
-    python scripts/vllm_parity.py --model checkpoints/tiny-dream --method odb-alp --select speculative
+    python -m vllm_odb.bench vllm-parity --model checkpoints/tiny-llada --mode eager --out parity.json
+    python -m vllm_odb.bench vllm-parity --model checkpoints/tiny-dream --method odb --select speculative
 
 ``--method``: the reference loop's method; the engine gets the same knobs through
 ``additional_config`` or (``--select speculative``, odb methods) ``speculative_config={"method": "odb"}``.
@@ -19,14 +20,14 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
-import sys
 import time
 
 import torch
 
+METHODS = ("fast-dllm", "odb-alp", "odb-jump", "odb", "dynamic-apd", "odb-streaming")
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--mode", choices=("eager", "graphs"), default="eager")
     ap.add_argument("--dtype", default="float32")
@@ -38,8 +39,7 @@ def main() -> int:
     ap.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     ap.add_argument("--ridge-rows", type=int, default=None,
                     help="draft budget (jump-share); also sets a jump-share engine's canvas width")
-    ap.add_argument("--method", choices=("fast-dllm", "odb-alp", "odb-jump", "odb", "dynamic-apd", "odb-streaming"),
-                    default="fast-dllm")
+    ap.add_argument("--method", choices=METHODS, default="fast-dllm")
     ap.add_argument("--threshold-alpha", type=float, default=None,
                     help="Streaming-dLLM's dynamic threshold (threshold_alpha) on top of --method")
     ap.add_argument("--suffix-window", type=int, default=None,
@@ -47,47 +47,83 @@ def main() -> int:
     ap.add_argument("--select", choices=("additional", "speculative"), default="additional",
                     help="how the engine is told the method")
     ap.add_argument("--out")
-    args = ap.parse_args()
+
+
+def main(args: argparse.Namespace) -> int:
     faulthandler.dump_traceback_later(500, exit=True)
-
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    from vllm_odb.engine.metrics import snapshot
     from vllm_odb.policies import DecodeConfig
+
+    cfg = DecodeConfig.for_method(args.method, gen_length=args.gen_length, block_length=args.block_length,
+                                  threshold=args.threshold, ridge_rows=args.ridge_rows, **_streaming(args))
+    prompts, ref, end_ids = _reference(args, cfg)
+    rows, counted, seconds = _vllm(args, prompts, end_ids)
+    summary = {
+        "model": args.model, "mode": args.mode, "dtype": args.dtype, "n": args.n, "tp": args.tp,
+        "method": args.method, "select": args.select, **_streaming(args),
+        "nfe": {"reference": ref["nfe"], "vllm": counted["forwards"], "vllm_idle_forwards": counted["idle_forwards"]},
+        "canvas": {"reference": ref["canvas"], "vllm": counted["canvas_predicted"]},
+        "drafts_accepted": {"reference": ref["drafted"], "vllm": counted["drafts_accepted"]},
+        "gen_length": args.gen_length, "block_length": args.block_length, "threshold": args.threshold,
+        "alone_match": 0, "batched_match": 0, "prompt_lens": sorted({len(p) for p in prompts}),
+        "seconds": {"reference": ref["seconds"], **seconds},
+    }
+    for row, r in zip(rows, ref["responses"]):
+        row.update(ref=r, alone_match=row["alone"] == r, batched_match=row["batched"] == r)
+        summary["alone_match"] += row["alone_match"]
+        summary["batched_match"] += row["batched_match"]
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"summary": summary, "rows": rows}, f, indent=1)
+    print(json.dumps(summary))
+    # Jump-share's draft budget is shared by the live batch (ridge_rows // requests), so a batched
+    # engine drafts fewer positions than a request alone: batched tokens are reported, not required.
+    ok = (summary["alone_match"] == args.n and (cfg.jump or summary["batched_match"] == args.n)
+          and all(v["reference"] == v["vllm"] for v in (summary["nfe"], summary["canvas"], summary["drafts_accepted"])))
+    if not ok:
+        for x in rows:
+            if not (x["alone_match"] and x["batched_match"]):
+                print("MISMATCH", json.dumps(x))
+    return 0 if ok else 1
+
+
+def _reference(args, cfg):
+    """The reference loop on every prompt alone: responses, and NFE, canvas and drafts summed."""
     from vllm_odb.reference.generate import generate, response_ids
     from vllm_odb.reference.loader import load_checkpoint
     from vllm_odb.tiny.suite import make_suite
 
-    dtype = getattr(torch, args.dtype)
-    ck = load_checkpoint(args.model, dtype=dtype, device="cuda")
-    examples = make_suite(args.seed, args.n)
-    prompts = [ck.encode_chat(e.prompt) for e in examples]
-    cfg = DecodeConfig.for_method(args.method, gen_length=args.gen_length, block_length=args.block_length,
-                                  threshold=args.threshold, ridge_rows=args.ridge_rows,
-                                  **_streaming(args))
+    ck = load_checkpoint(args.model, dtype=getattr(torch, args.dtype), device="cuda")
+    prompts = [ck.encode_chat(e.prompt) for e in make_suite(args.seed, args.n)]
     t0 = time.time()
     outs = [generate(ck.model, [p], cfg, ck.special) for p in prompts]
-    ref = [response_ids(o.tokens[0], ck.special) for o in outs]
     # vLLM ends a request at the block that emits its EOS, which is early termination: its NFE is
     # the reference's with early_stop (the same tokens up to the end marker).
     nfe_outs = outs if cfg.early_stop else [generate(ck.model, [p], cfg.replace(early_stop=True), ck.special)
                                             for p in prompts]
-    ref_nfe = sum(o.nfe[0] for o in nfe_outs)
-    ref_canvas = sum(o.stats["canvas_length"][0] for o in outs)
-    ref_drafted = sum(o.stats["drafted_accepted"][0] for o in outs)
-    t_ref = time.time() - t0
+    ref = {"responses": [response_ids(o.tokens[0], ck.special) for o in outs],
+           "nfe": sum(o.nfe[0] for o in nfe_outs), "canvas": sum(o.stats["canvas_length"][0] for o in outs),
+           "drafted": sum(o.stats["drafted_accepted"][0] for o in outs), "seconds": round(time.time() - t0, 2)}
     end_ids = set(ck.special.end_ids)
     del ck
     torch.cuda.empty_cache()
+    return prompts, ref, end_ids
+
+
+def _vllm(args, prompts, end_ids):
+    """vLLM on every prompt alone, then all in one batch: each row's responses, the engine's
+    counters over the alone runs, and the times."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_odb.engine.metrics import snapshot
 
     t0 = time.time()
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=512, gpu_memory_utilization=0.4,
               max_num_seqs=max(16, args.n), enforce_eager=args.mode == "eager", seed=0,
-              tensor_parallel_size=args.tp, disable_custom_all_reduce=args.tp > 1,
-              **engine_method(args))
-    t_init = time.time() - t0
+              tensor_parallel_size=args.tp, disable_custom_all_reduce=args.tp > 1, **engine_method(args))
+    seconds = {"vllm_init": round(time.time() - t0, 2)}
     sp = SamplingParams(temperature=0.0, max_tokens=args.gen_length)
+
     def cut(ids):
         for i, t in enumerate(ids):
             if t in end_ids:
@@ -98,44 +134,15 @@ def main() -> int:
     t0 = time.time()
     alone = [llm.generate([TokensPrompt(prompt_token_ids=p)], sp, use_tqdm=False)[0].outputs[0].token_ids
              for p in prompts]
-    t_alone = time.time() - t0
+    seconds["vllm_alone"] = round(time.time() - t0, 2)
     after = snapshot()
     t0 = time.time()
     batched = [o.outputs[0].token_ids for o in llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp,
                                                             use_tqdm=False)]
-    t_batch = time.time() - t0
-    rows = []
-    for i, (r, a, b) in enumerate(zip(ref, alone, batched)):
-        rows.append({"i": i, "prompt_len": len(prompts[i]), "ref": r, "alone": cut(a), "batched": cut(b),
-                     "alone_match": cut(a) == r, "batched_match": cut(b) == r})
-    summary = {
-        "model": args.model, "mode": args.mode, "dtype": args.dtype, "n": args.n, "tp": args.tp,
-        "method": args.method, "select": args.select, **_streaming(args),
-        "nfe": {"reference": ref_nfe, "vllm": after["forwards"] - before["forwards"],
-                "vllm_idle_forwards": after["idle_forwards"] - before["idle_forwards"]},
-        "canvas": {"reference": ref_canvas, "vllm": after["canvas_predicted"] - before["canvas_predicted"]},
-        "drafts_accepted": {"reference": ref_drafted, "vllm": after["drafts_accepted"] - before["drafts_accepted"]},
-        "gen_length": args.gen_length, "block_length": args.block_length, "threshold": args.threshold,
-        "alone_match": sum(x["alone_match"] for x in rows), "batched_match": sum(x["batched_match"] for x in rows),
-        "prompt_lens": sorted({x["prompt_len"] for x in rows}),
-        "seconds": {"reference": round(t_ref, 2), "vllm_init": round(t_init, 2), "vllm_alone": round(t_alone, 2),
-                    "vllm_batch": round(t_batch, 2)},
-    }
-    if args.out:
-        json.dump({"summary": summary, "rows": rows}, open(args.out, "w"), indent=1)
-    print(json.dumps(summary))
-    # Jump-share's draft budget is shared by the live batch (ridge_rows // requests), so a batched
-    # engine drafts fewer positions than a request alone: batched tokens are reported, not required.
-    jump = DecodeConfig.for_method(args.method).jump
-    ok = (summary["alone_match"] == args.n and (jump or summary["batched_match"] == args.n)
-          and summary["nfe"]["reference"] == summary["nfe"]["vllm"]
-          and summary["canvas"]["reference"] == summary["canvas"]["vllm"]
-          and summary["drafts_accepted"]["reference"] == summary["drafts_accepted"]["vllm"])
-    if not ok:
-        for x in rows:
-            if not (x["alone_match"] and x["batched_match"]):
-                print("MISMATCH", json.dumps(x))
-    return 0 if ok else 1
+    seconds["vllm_batch"] = round(time.time() - t0, 2)
+    rows = [{"i": i, "prompt_len": len(p), "alone": cut(a), "batched": cut(b)}
+            for i, (p, a, b) in enumerate(zip(prompts, alone, batched))]
+    return rows, {k: after[k] - before[k] for k in after}, seconds
 
 
 def _streaming(args) -> dict:
@@ -155,7 +162,3 @@ def engine_method(args) -> dict:
             raise SystemExit("--select speculative selects the odb method")
         return {"additional_config": {"odb": section}, "speculative_config": {"method": "odb"}}
     return {"additional_config": {"odb": {**section, "method": args.method}}}
-
-
-if __name__ == "__main__":
-    sys.exit(main())
