@@ -44,28 +44,33 @@ class EmulatedEngine:
         self.sampler = ODBSampler(self.table, CacheRefresh(stand_in, self.paged), base, 4096)
         self.kv: dict[int, list] = {}  # each request's keys and values as its last refresh wrote them
 
-    def generate(self, prompt: list[int], sampling_params, slot: int = 0) -> list[int]:
-        """One request through the engine: its response tokens as vLLM emits them (up to and
-        without the first end id)."""
+    def generate(self, prompts: list[list[int]], sampling_params) -> list[list[int]]:
+        """The requests through the engine at once (the first step prefills them all): each one's
+        response tokens as vLLM emits them (up to and without the first end id). ``self.stats``:
+        what the engine's metrics counted for them, summed."""
         before = dict(self.table.counters.totals)
-        q = self.table.add(slot, "r", prompt, None, sampling_params)
-        self._tables([slot])
-        out = self._step([slot], prefill=True)
-        emitted: list[int] = []
+        slots = list(range(len(prompts)))
+        for s, p in zip(slots, prompts):
+            self.table.add(s, f"r{s}", p, None, sampling_params)
+        self._step(slots, prefill=True)
+        emitted: dict[int, list[int]] = {s: [] for s in slots}
         ends = set(self.special.end_ids)
-        for _ in range(4 * q.cfg.gen_length + 8):
-            out = self._step([slot], prefill=False)
-            n = int(out.num_sampled[0])
-            emitted += out.sampled_token_ids[0, :n].tolist()
-            if ends & set(emitted):
+        active = list(slots)
+        for _ in range(4 * max(self.table.get(s).cfg.gen_length for s in slots) + 8):
+            out = self._step(active, prefill=False)
+            for row, s in enumerate(active):
+                emitted[s] += out.sampled_token_ids[row, :int(out.num_sampled[row])].tolist()
+            for s in [s for s in active if ends & set(emitted[s])]:  # vLLM's stop check ends it
+                self.table.remove(f"r{s}")
+                active.remove(s)
+            if not active:
                 break
         else:
-            raise AssertionError("the request never emitted an end id")
-        self.table.remove("r")
-        # What the engine's metrics counted for the request (forwards it takes after the block
-        # that ends it are not: engine/requests.py ``RequestTable.ended``).
+            raise AssertionError("a request never emitted an end id")
+        # What the engine's metrics counted (forwards a request takes after the block that ends it
+        # are not: engine/requests.py ``RequestTable.ended``).
         self.stats = {k: v - before[k] for k, v in self.table.counters.totals.items()}
-        return emitted[:min(emitted.index(e) for e in ends if e in emitted)]
+        return [e[:min(e.index(t) for t in ends if t in e)] for e in emitted.values()]
 
     def _tables(self, slots: list[int]) -> None:
         """Each batch row's block table: its request's own range of blocks."""
@@ -73,6 +78,7 @@ class EmulatedEngine:
                                                for s in slots])
 
     def _step(self, slots: list[int], prefill: bool):
+        self._tables(slots)
         n = len(slots)
         reqs = [self.table.get(s) for s in slots]
         if prefill:

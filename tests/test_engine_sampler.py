@@ -286,3 +286,25 @@ def test_refresh_chunk_size_is_the_runners_token_budget_unless_overridden(monkey
     assert Engine(cfg).sampler.refresh_budget == 4096  # the runner's max_num_tokens
     monkeypatch.setenv("VLLM_ODB_REFRESH_TOKENS", "123")
     assert Engine(cfg).sampler.refresh_budget == 123
+
+
+def test_the_step_profiler_attaches_only_when_asked(monkeypatch, tmp_path):
+    """Benchmarks' step profiler (bench/profile.py): the sampler's step observer when
+    VLLM_ODB_PROFILE names a file, one JSON line per step; None when serving."""
+    import json
+
+    cfg = DecodeConfig(gen_length=32, block_length=8)
+    monkeypatch.delenv("VLLM_ODB_PROFILE", raising=False)
+    assert Engine(cfg).sampler.observer is None
+    path = tmp_path / "steps.jsonl"
+    monkeypatch.setenv("VLLM_ODB_PROFILE", str(path))
+    engine = Engine(cfg, refresh_logits=lambda ids, pos: torch.zeros(len(ids), VOCAB))  # one commit a step
+    engine.add(0, "a", [1, 2, 3, 4])
+    engine.add(1, "b", [1, 2, 3])
+    engine.prefill_done([0, 1])
+    engine.decode({0: window(8), 1: window(8)})
+    first, second = [json.loads(line) for line in path.read_text().splitlines()]
+    assert first["step_s"] is None and (first["refresh_reqs"], first["decode_reqs"]) == (2, 0)
+    assert first["refresh_tokens"] == (4 + 32) + (3 + 32) and first["refresh_s"] > 0
+    assert second["step_s"] > 0 and (second["refresh_reqs"], second["decode_reqs"]) == (0, 2)
+    assert second["kv_tokens"] == 36 + 35 and second["refresh_s"] == 0.0 and second["reqs"] == 2

@@ -5,7 +5,7 @@ engine process (``vllm_odb.engine.step_observer``): it appends one JSON line per
 ``path``, with the wall time since the previous step ended (``step_s``), the time of the refresh
 phase (``refresh_s``), the decode and refresh requests, the tokens the refreshes processed and the
 keys the decode rows attended, and the runner's batch (``tokens``, ``reqs``). Each line syncs the
-device first, so the times are of finished work. ``bench speed`` and ``bench vllm-full-size``
+device first (on a GPU), so the times are of finished work. ``bench speed`` and ``bench vllm-full-size``
 read it (decode-only and refresh-only steps against the GPU's ceilings).
 """
 
@@ -28,7 +28,8 @@ class StepProfiler:
 
     def step_ended(self, report) -> None:
         """``report``: the sampler's ``StepReport`` (the batch, the decoded and refreshed requests)."""
-        torch.cuda.synchronize()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         now = time.perf_counter()
         batch = report.input_batch
         row = {"step_s": None if self._last_end is None else now - self._last_end,

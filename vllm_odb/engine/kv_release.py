@@ -14,7 +14,7 @@ The worker keeps its own copy of each request's block list (the runner's ``Block
 vLLM only ever appends to: blocks the scheduler allocates after the free (a finished request's
 EOS steps run past its cut end) arrive as new ids and land after the worker's count. So when the
 worker notes a cut that a scheduler in its process will act on, it trims its count to the same
-number of blocks (``keep_blocks``; ``ODBModelState.trim_blocks``), and both lists stay equal.
+number of blocks (``keep_blocks``; ``model_state.PagedCache.release``), and both lists stay equal.
 Without that, positions past the cut would map to freed blocks that another request may own.
 
 Safe because nothing reads or writes past ``end`` before the free: refreshes cover ``[0, end)``,
