@@ -48,6 +48,9 @@ BENCH_METHODS = {
 }
 VLLM_METHODS = ("fast-dllm", "odb-alp", "odb")
 FULL_SIZE_TRACES = {"llada-8b": "checkpoints/tiny-llada", "dream-7b": "checkpoints/tiny-dream"}
+# The shipped traces of those checkpoints (``python -m vllm_odb.bench traces``): the default dynamics
+# of a full-size row. Read only: a method or gen length they lack is an error naming the command.
+DEFAULT_TRACES = {"llada-8b": "benchmarks/traces/tiny-llada.json", "dream-7b": "benchmarks/traces/tiny-dream.json"}
 SUITE_SEED = 0
 
 
@@ -71,7 +74,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="reference engine's attention: 'research' keeps the cache as the research code does "
                          "(calibrated against Fast-dLLM: scripts/calibrate_fastdllm.py), 'plain' is our faster "
                          "layout; methods the research code lacks (jump-share) always run 'plain'")
-    ap.add_argument("--traces", help="JSON file of recorded traces: read if present, else written")
+    ap.add_argument("--traces", help="JSON file of recorded traces: read if present, else written (default for "
+                    "llada-8b / dream-7b: the shipped benchmarks/traces/tiny-*.json, read only)")
     ap.add_argument("--engine-args", default="{}", type=_engine_args,
                     help='extra vLLM engine arguments as a JSON object, e.g. \'{"async_scheduling": false}\'')
     ap.add_argument("--out", required=True, help="results JSON (rows are appended to an existing file)")
@@ -140,6 +144,12 @@ def _load_or_record(args, methods, gens, n, device) -> dict:
         with open(args.traces) as f:
             data = json.load(f)
         missing = [(m, g) for m in methods for g in gens if _trace_key(m, g, args.engine) not in data["traces"]]
+        short = [_trace_key(m, g, args.engine) for m in methods for g in gens if m != "vanilla"
+                 and len(data["traces"].get(_trace_key(m, g, args.engine), [])) < n]
+        if getattr(args, "default_traces", False) and (missing or short):
+            raise ValueError(f"--traces {args.traces} (the default) lacks {missing or short} for {n} requests; record "
+                             f"them with python -m vllm_odb.bench traces --model {data['trace_model']} ... --out FILE "
+                             "and pass --traces FILE")
         if not missing:
             return data
         more = record_traces(data["trace_model"], [m for m, _ in missing], sorted({g for _, g in missing}), n, args,
@@ -480,6 +490,8 @@ def main(args: argparse.Namespace) -> int:
                 method_config(m, g, args)  # every knob checked before any model loads
         full = args.model in FULL_SIZE_TRACES
         if full:
+            if not args.traces and not args.trace_model:  # the shipped traces of the default checkpoint
+                args.traces, args.default_traces = DEFAULT_TRACES[args.model], True
             args.trace_model = args.trace_model or FULL_SIZE_TRACES[args.model]
         elif not os.path.isdir(args.model):
             raise ValueError(f"--model {args.model!r}: a checkpoint directory or one of {sorted(FULL_SIZE_TRACES)}")
