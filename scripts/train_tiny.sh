@@ -7,33 +7,37 @@
 #   PHASE=all   ...                                  # both (longer than one device call may run)
 #
 # Checkpoints are trained in $WORK (default /tmp/tiny-train), which the eval phase reads: on the
-# device, make the two calls back to back so the machine stays warm. MAXMIN (default 6.8) fits each
+# device, make the two calls back to back so the machine stays warm (a first run's eval of 200 prompts
+# per method and three trace lengths outran a call: hence LIMIT 100 and the bounded processes). INIT_DIR
+# continues from earlier checkpoints ($INIT_DIR/tiny-FMT, --init). MAXMIN (default 6.8) fits each
 # run's step count to that many minutes; the run records the steps it took (training_log.json), and
 # `python -m vllm_odb.tiny.train --format F --out DIR --steps N` replays it.
 set -euo pipefail
 OUT=${OUT:-out}; WORK=${WORK:-/tmp/tiny-train}; MAXMIN=${MAXMIN:-6.8}; PHASE=${PHASE:-all}
-LIMIT=${LIMIT:-200}; JUMP_LIMIT=${JUMP_LIMIT:-64}; TRACE_GENS=${TRACE_GENS:-256,1024}
+LIMIT=${LIMIT:-100}; JUMP_LIMIT=${JUMP_LIMIT:-48}; TRACE_GENS=${TRACE_GENS:-256,1024}; EVAL_TIMEOUT=${EVAL_TIMEOUT:-480}
 mkdir -p "$OUT" "$WORK"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if [[ $PHASE == train || $PHASE == all ]]; then
   for fmt in llada dream; do
     python3 -m vllm_odb.tiny.train --format $fmt --out "$WORK/tiny-$fmt" --steps 1000000 --max-minutes "$MAXMIN" \
-      ${TRAIN_ARGS:-} > "$WORK/train-$fmt.log" 2>&1 &
+      ${INIT_DIR:+--init "$INIT_DIR/tiny-$fmt"} ${TRAIN_ARGS:-} > "$WORK/train-$fmt.log" 2>&1 &
   done
   wait
   tail -n 4 "$WORK"/train-*.log
   for fmt in llada dream; do tar -cf "$OUT/tiny-$fmt.tar" -C "$WORK" "tiny-$fmt" "train-$fmt.log"; done
 fi
 if [[ $PHASE == eval || $PHASE == all ]]; then
+  # Four processes on the one GPU (the tiny models leave it mostly idle), each bounded so the results
+  # are packed inside a device call's 10 minutes.
   for fmt in llada dream; do
-    ( python3 -m vllm_odb.bench dynamics --model "$WORK/tiny-$fmt" --limit "$LIMIT" --jump-limit "$JUMP_LIMIT" \
-        --seed 0 --gen-length 512 --out "$WORK/dynamics-$fmt.json" > "$WORK/dynamics-$fmt.md" 2> "$WORK/dynamics-$fmt.log" \
-        || echo "dynamics $fmt failed: $(tail -3 "$WORK/dynamics-$fmt.log")"
-      python3 -m vllm_odb.bench traces --model "$WORK/tiny-$fmt" --gen-lengths "$TRACE_GENS" \
-        --out "$WORK/traces-$fmt.json" 2> "$WORK/traces-$fmt.log" || echo "traces $fmt failed: $(tail -3 "$WORK/traces-$fmt.log")"
-    ) &
+    timeout "$EVAL_TIMEOUT" python3 -m vllm_odb.bench dynamics --model "$WORK/tiny-$fmt" --limit "$LIMIT" \
+      --jump-limit "$JUMP_LIMIT" --seed 0 --gen-length 512 --out "$WORK/dynamics-$fmt.json" \
+      > "$WORK/dynamics-$fmt.md" 2> "$WORK/dynamics-$fmt.log" &
+    timeout "$EVAL_TIMEOUT" python3 -m vllm_odb.bench traces --model "$WORK/tiny-$fmt" --gen-lengths "$TRACE_GENS" \
+      --out "$WORK/traces-$fmt.json" 2> "$WORK/traces-$fmt.log" &
   done
-  wait
+  wait || true
   cat "$WORK"/dynamics-*.md
-  tar -cf "$OUT/eval.tar" -C "$WORK" $(cd "$WORK" && ls dynamics-* traces-*)
+  tail -n 2 "$WORK"/traces-*.log
+  tar -cf "$OUT/eval.tar" -C "$WORK" $(cd "$WORK" && ls dynamics-* traces-* 2>/dev/null)
 fi

@@ -4,7 +4,8 @@ The speed benchmarks replay what the tiny checkpoints do, so their dynamics have
 real LLaDA or Dream run (research/dynamics.md). For each method this decodes the suite on the
 reference engine and reports, from the recorded traces:
 
-- accuracy (the suite's verifier: final answer and every checkable step) and final-answer accuracy;
+- accuracy (the verifier of the checkpoint's suite, tiny/suites.py: final answer and every
+  checkable step) and final-answer accuracy;
 - ``tokens_per_forward``: response tokens before the end marker / NFE, as the papers count it (NFE
   of the run as the method runs it: fast-dllm decodes the whole canvas); ``tokens_per_forward_es``
   counts forwards up to the block holding the end marker only (what the engine, which stops there,
@@ -127,12 +128,12 @@ def _share(flags) -> float:
 def run(args: argparse.Namespace) -> dict:
     from vllm_odb.bench.quality import decode_suite
     from vllm_odb.reference.loader import load_checkpoint
-    from vllm_odb.tiny.suite import make_suite
+    from vllm_odb.tiny import suites
 
     methods = parse_methods(args.methods, args.threshold, args.gen_length, args.block_length)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = load_checkpoint(args.model, device=device)
-    suite = make_suite(args.seed, args.limit)
+    suite = suites.for_checkpoint(args.model).make_suite(args.seed, args.limit)
     results, reference = {}, None
     for name, cfg in methods:
         alone = cfg.jump  # the draft budget is shared by the batch: decode a request alone
@@ -142,8 +143,13 @@ def run(args: argparse.Namespace) -> dict:
         if name == "fast-dllm" and reference is None:
             reference = {i: r["response"] for i, r in enumerate(records)}
         print(json.dumps({name: results[name]}), file=sys.stderr)
-    return {"model": args.model, "seed": args.seed, "gen_length": args.gen_length,
-            "block_length": args.block_length, "threshold": args.threshold, "device": device, "methods": results}
+        result = {"model": args.model, "seed": args.seed, "gen_length": args.gen_length,
+                  "block_length": args.block_length, "threshold": args.threshold, "device": device,
+                  "methods": results}
+        if args.out:  # each method lands at once: a run stopped later keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+    return result
 
 
 def table(result: dict) -> str:
@@ -168,8 +174,5 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
     print(table(result))
     return 0

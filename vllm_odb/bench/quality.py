@@ -1,6 +1,6 @@
 """``python -m vllm_odb.bench quality``: accuracy of a decoding method on the synthetic suite.
 
-Answers are scored by the suite's verifier (tiny/suite.py ``check``): ``accuracy`` counts answers
+Answers are scored by the verifier of the suite the checkpoint was trained on (tiny/suites.py): ``accuracy`` counts answers
 whose final answer and every checkable step are right, ``final_accuracy`` the final answer alone.
 Prints one JSON object on the last line of stdout (with ``--json``) holding at least
 ``accuracy``, ``nfe``, ``generated_tokens``, ``wall_s`` and per-task accuracy; a progress bar on
@@ -61,14 +61,16 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def decode_suite(ckpt, suite, cfg: DecodeConfig, batch_size: int, generator=None, record: bool = False,
-                 desc: str = "") -> tuple[list[dict], int]:
+                 desc: str = "", check=None) -> tuple[list[dict], int]:
     """Decode ``suite`` with ``cfg`` in batches on the reference engine. Returns one record per
-    example (its response text and length, NFE, the verifier's ``check``, the per-request stats of
+    example (its response text and length, NFE, the verifier's ``check`` (default: that of the checkpoint's suite), the per-request stats of
     ``generate``, with ``record`` its trace) and the batches' forwards."""
     from tqdm import tqdm
 
     from vllm_odb.reference.generate import generate, response_ids
-    from vllm_odb.tiny.suite import check
+    from vllm_odb.tiny import suites
+
+    check = check or suites.for_checkpoint(ckpt.path).check
 
     records, forwards = [], 0
     bar = tqdm(total=len(suite), desc=desc, file=sys.stderr, unit="prompt")
@@ -105,13 +107,13 @@ def quality_config(args: argparse.Namespace) -> DecodeConfig:
 
 def run_quality(args: argparse.Namespace) -> dict:
     from vllm_odb.reference.loader import load_checkpoint
-    from vllm_odb.tiny.suite import make_suite
+    from vllm_odb.tiny import suites
 
     cfg = quality_config(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = load_checkpoint(args.model, dtype=DTYPES[args.dtype], device=device)
     tasks = tuple(args.tasks.split(",")) if args.tasks else None
-    suite = make_suite(args.seed, args.limit, tasks)
+    suite = suites.for_checkpoint(args.model).make_suite(args.seed, args.limit, tasks)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     t0 = time.time()
     records, forwards = decode_suite(ckpt, suite, cfg, args.batch_size, gen, desc=f"{args.method} {args.engine}")

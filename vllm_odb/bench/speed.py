@@ -48,8 +48,9 @@ BENCH_METHODS = {
 }
 VLLM_METHODS = ("fast-dllm", "odb-alp", "odb")
 FULL_SIZE_TRACES = {"llada-8b": "checkpoints/tiny-llada", "dream-7b": "checkpoints/tiny-dream"}
-# The shipped traces of those checkpoints (``python -m vllm_odb.bench traces``): the default dynamics
-# of a full-size row. Read only: a method or gen length they lack is an error naming the command.
+# Shipped traces of those checkpoints (``python -m vllm_odb.bench traces``), once they decode like
+# the real models (worked-suite checkpoints): the default dynamics of a full-size row where the file
+# exists. Read only: a method or gen length they lack is an error naming the command.
 DEFAULT_TRACES = {"llada-8b": "benchmarks/traces/tiny-llada.json", "dream-7b": "benchmarks/traces/tiny-dream.json"}
 SUITE_SEED = 0
 
@@ -119,10 +120,10 @@ def record_traces(path: str, methods, gens, n: int, args, device) -> dict:
     """Each method's dynamics on the trained checkpoint: one trace per suite prompt, alone."""
     from vllm_odb.reference.generate import generate, response_ids
     from vllm_odb.reference.loader import load_checkpoint
-    from vllm_odb.tiny.suite import make_suite
+    from vllm_odb.tiny import suites
 
     ck = load_checkpoint(path, dtype=torch.float32, device=device)
-    prompts = [ck.encode_chat(e.prompt) for e in make_suite(SUITE_SEED, n)]
+    prompts = [ck.encode_chat(e.prompt) for e in suites.for_checkpoint(path).make_suite(SUITE_SEED, n)]
     traces = {}
     jobs = [(m, g) for m in methods for g in gens]
     for m, g in tqdm(jobs, desc=f"traces on {os.path.basename(path)}", file=sys.stderr):
@@ -144,12 +145,6 @@ def _load_or_record(args, methods, gens, n, device) -> dict:
         with open(args.traces) as f:
             data = json.load(f)
         missing = [(m, g) for m in methods for g in gens if _trace_key(m, g, args.engine) not in data["traces"]]
-        short = [_trace_key(m, g, args.engine) for m in methods for g in gens if m != "vanilla"
-                 and len(data["traces"].get(_trace_key(m, g, args.engine), [])) < n]
-        if getattr(args, "default_traces", False) and (missing or short):
-            raise ValueError(f"--traces {args.traces} (the default) lacks {missing or short} for {n} requests; record "
-                             f"them with python -m vllm_odb.bench traces --model {data['trace_model']} ... --out FILE "
-                             "and pass --traces FILE")
         if not missing:
             return data
         more = record_traces(data["trace_model"], [m for m, _ in missing], sorted({g for _, g in missing}), n, args,
@@ -161,6 +156,18 @@ def _load_or_record(args, methods, gens, n, device) -> dict:
         with open(args.traces, "w") as f:
             json.dump(data, f)
     return data
+
+
+def check_default_traces(path: str, engine: str, methods, gens, n: int) -> None:
+    """The shipped traces are read only: each requested method and gen length must be there, with
+    ``n`` requests (vanilla: one row of batch 1 at least)."""
+    with open(path) as f:
+        traces = json.load(f)["traces"]
+    short = [_trace_key(m, g, engine) for m in methods for g in gens
+             if len(traces.get(_trace_key(m, g, engine), [])) < (1 if m == "vanilla" else n)]
+    if short:
+        raise ValueError(f"--traces {path} (the default) lacks {short} for {n} requests; record them with "
+                         "python -m vllm_odb.bench traces ... --out FILE and pass --traces FILE")
 
 
 def _replay_prompts(traces: list[dict], spec) -> list[list[int]]:
@@ -250,11 +257,12 @@ def run_reference(args, methods, gens, batches, emit) -> None:
         model, spec, special = _random_full_size(args.model, dtype, device)
     else:
         from vllm_odb.reference.loader import load_checkpoint
-        from vllm_odb.tiny.suite import make_suite
+        from vllm_odb.tiny import suites
 
         ck = load_checkpoint(args.model, dtype=dtype, device=device)
         model, spec, special = ck.model, ck.model.spec, ck.special
-        suite = [ck.encode_chat(e.prompt) for e in make_suite(SUITE_SEED, max(batches + [args.requests]))]
+        suite = [ck.encode_chat(e.prompt) for e in
+                 suites.for_checkpoint(args.model).make_suite(SUITE_SEED, max(batches + [args.requests]))]
     jobs = [(m, g, b) for m in methods for g in gens for b in batches]
     _warm_up(model, jobs, args, special, full, traces, spec, None if full else suite)
     for m, g, b in tqdm(jobs, desc=f"reference {args.model}", file=sys.stderr):
@@ -361,11 +369,11 @@ def run_vllm(args, methods, gens, batches, emit) -> None:
         end_ids, prompts_by = None, None
     else:
         from vllm_odb.reference.loader import load_checkpoint
-        from vllm_odb.tiny.suite import make_suite
+        from vllm_odb.tiny import suites
 
         ck = load_checkpoint(args.model)
         spec, end_ids = ck.model.spec, set(ck.special.end_ids)
-        prompts_by = [ck.encode_chat(e.prompt) for e in make_suite(SUITE_SEED, n)]
+        prompts_by = [ck.encode_chat(e.prompt) for e in suites.for_checkpoint(args.model).make_suite(SUITE_SEED, n)]
         del ck
     profile = os.path.join(tempfile.mkdtemp(), "steps.jsonl")
     os.environ["VLLM_ODB_PROFILE"] = profile
@@ -490,8 +498,10 @@ def main(args: argparse.Namespace) -> int:
                 method_config(m, g, args)  # every knob checked before any model loads
         full = args.model in FULL_SIZE_TRACES
         if full:
-            if not args.traces and not args.trace_model:  # the shipped traces of the default checkpoint
-                args.traces, args.default_traces = DEFAULT_TRACES[args.model], True
+            if not args.traces and not args.trace_model and os.path.exists(DEFAULT_TRACES[args.model]):
+                args.traces = DEFAULT_TRACES[args.model]  # shipped, read only
+                runs = [m for m in methods if args.engine == "reference" or m in VLLM_METHODS]
+                check_default_traces(args.traces, args.engine, runs, gens, max(batches + [args.requests]))
             args.trace_model = args.trace_model or FULL_SIZE_TRACES[args.model]
         elif not os.path.isdir(args.model):
             raise ValueError(f"--model {args.model!r}: a checkpoint directory or one of {sorted(FULL_SIZE_TRACES)}")

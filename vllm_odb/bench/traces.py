@@ -63,7 +63,7 @@ def record(ckpt, prompts: list[list[int]], cfg, batch_size: int) -> list[dict]:
 
 def run(args: argparse.Namespace) -> dict:
     from vllm_odb.reference.loader import load_checkpoint
-    from vllm_odb.tiny.suite import make_suite
+    from vllm_odb.tiny import suites
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> dict:
     gens = _ints(args.gen_lengths, "gen-lengths")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = load_checkpoint(args.model, device=device)
-    prompts = [ckpt.encode_chat(e.prompt) for e in make_suite(SUITE_SEED, args.requests)]
+    prompts = [ckpt.encode_chat(e.prompt) for e in suites.for_checkpoint(args.model).make_suite(SUITE_SEED, args.requests)]
     traces: dict[str, list[dict]] = {}
     jobs = [(m, g) for m in methods for g in gens]
     for m, g in tqdm(jobs, desc=f"traces of {args.model}", file=sys.stderr):

@@ -1,10 +1,11 @@
 """The two tiny checkpoint formats: config.json and tokenizer files shaped like the official ones.
 
-The tokenizer is a byte-level BPE like the official ones (Dream's is Qwen2's, LLaDA's a
-byte-level BPE too): the GPT-2 pre-tokenizer splits words, numbers and punctuation, every byte
-has a token (any text encodes, losslessly), and merges learnt from the suite make each of its
-words and numbers one token, so a model reads and writes words, not characters. It carries the
-official special tokens of each family, so chat templates, mask/EOS/EOT lookups and stop strings
+Tokenizers, one per suite (tiny/suites.py). The worked suite's is a byte-level BPE like the
+official ones (Dream's is Qwen2's, LLaDA's a byte-level BPE too): the GPT-2 pre-tokenizer splits
+words, numbers and punctuation, every byte has a token (any text encodes, losslessly), and merges
+learnt from the suite make each of its words and numbers one token, so a model reads and writes
+words, not characters. The basic suite's is character level (printable ASCII and newline). Both
+carry the official special tokens of each family, so chat templates, mask/EOS/EOT lookups and stop strings
 work exactly as with the real checkpoints, only with other ids. The embedding has more rows than
 the tokenizer has tokens, as in the official checkpoints (LLaDA 126464 rows for 126349 tokens).
 """
@@ -14,7 +15,8 @@ from __future__ import annotations
 import functools
 import os
 
-# The corpus the merges are learnt from: suite examples of a seed no evaluation or training set
+CHARS = [chr(c) for c in range(32, 127)] + ["\n"]  # the basic suite's tokens
+# The corpus the worked suite's merges are learnt from: suite examples of a seed no evaluation or training set
 # uses, two wordings each, the numbers 0..999 and the chat templates' words.
 TOKENIZER_SEED = 77_777
 TOKENIZER_EXAMPLES = 20_000
@@ -52,7 +54,7 @@ FORMATS = {"llada": (LLADA_SPECIALS, LLADA_CHAT_TEMPLATE), "dream": (DREAM_SPECI
 def _corpus() -> list[str]:
     import random
 
-    from vllm_odb.tiny.suite import make_suite
+    from vllm_odb.tiny.worked import make_suite
 
     rng = random.Random(TOKENIZER_SEED)
     texts = []
@@ -77,14 +79,21 @@ def _learnt_bpe() -> str:
     return tok.to_str()
 
 
-def build_tokenizer(fmt: str):
-    """A transformers fast tokenizer for ``fmt`` ("llada" or "dream"), its merges learnt from the
-    suite (deterministic: the same corpus and trainer give the same vocabulary)."""
-    from tokenizers import AddedToken, Tokenizer
+def build_tokenizer(fmt: str, suite: str = "worked"):
+    """A transformers fast tokenizer for ``fmt`` ("llada" or "dream") and ``suite``: for the
+    worked suite its merges are learnt from the suite (deterministic: the same corpus and trainer
+    give the same vocabulary); for the basic suite, characters."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
     specials, template = FORMATS[fmt]
-    tok = Tokenizer.from_str(_learnt_bpe())
+    if suite == "worked":
+        tok = Tokenizer.from_str(_learnt_bpe())
+    elif suite == "basic":
+        tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(CHARS)}, merges=[], ignore_merges=True))
+        tok.decoder = decoders.Fuse()
+    else:
+        raise ValueError(f"unknown suite {suite!r}; choose from ['basic', 'worked']")
     names = [specials["bos"], specials["eos"], specials["mask"], *specials["extra"]]
     tok.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
     return PreTrainedTokenizerFast(

@@ -1,7 +1,7 @@
 """The ideal model of the suite: exact posteriors over an answer's wording, and how they decode.
 
 A suite answer is a sequence of steps, each rendered by one of a known set of wordings with known
-probabilities (tiny/suite.py ``step_renderings``), then end-of-turn and EOS to the canvas end.
+probabilities (tiny/worked.py ``step_renderings``), then end-of-turn and EOS to the canvas end.
 Given any set of committed canvas tokens, the posterior over renderings consistent with them
 follows by a forward-backward pass over (step, start position), and with it every position's
 predictive distribution. A model trained to convergence on the suite approximates exactly these
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vllm_odb.tiny.suite import Example, step_renderings
+from vllm_odb.tiny.worked import Example, step_renderings
 
 Lattice = list[list[tuple[tuple[int, ...], float]]]
 

@@ -7,7 +7,7 @@ The response canvas is ``answer <end-of-turn> <EOS> ... <EOS>`` up to the canvas
 LLaDA's SFT, so the model learns where an answer ends and to fill the rest with EOS. Canvases run
 from 128 to 1024 positions, so EOS is predicted confidently far past an answer (what adaptive
 length prediction reads) and near it. Each example's answer is one wording of its worked solution
-(tiny/suite.py): across the pool the model sees every step phrased several ways, and learns the
+(tiny/worked.py): across the pool the model sees every step phrased several ways, and learns the
 content as certain and the wording as a distribution. The prompt is never masked. Half of each batch uses LLaDA's i.i.d. masking (ratio t ~ U(0, 1)); the other
 half looks like semi-autoregressive decoding (clean prefix, a partly masked 32-token block, fully
 masked suffix), the states the block decoders actually visit. Dream is trained with its shifted
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from vllm_odb.checkpoint import ModelSpec, special_tokens
 from vllm_odb.reference.model import DiffusionLM, init_weights, save_model
 from vllm_odb.tiny.formats import FORMATS, build_tokenizer, model_config, write_generation_config
-from vllm_odb.tiny.suite import make_suite
+from vllm_odb.tiny.worked import make_suite
 
 SIZES = {  # hidden, layers, heads, kv heads, mlp; even head counts so TP=2 splits them
     "llada": dict(hidden=256, layers=8, heads=4, kv_heads=4, mlp=768),
@@ -43,6 +43,7 @@ SIZES = {  # hidden, layers, heads, kv heads, mlp; even head counts so TP=2 spli
 }
 VOCAB_ROWS = 2048  # the tokenizer has about 1770 tokens (tiny/formats.py)
 MAX_LEN = 2048
+FIT_AT = (40, 140, 600, 2000)  # steps where --max-minutes refits the step count
 TRAIN_SEED_OFFSET = 1_000_003  # training examples never come from the evaluation seeds (0..999)
 
 
@@ -155,6 +156,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-minutes", type=float, default=None, help="safety stop (logged)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--log-every", type=int, default=200)
+    ap.add_argument("--init", help="start from this checkpoint's weights (continue a run) instead of random ones")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="run the model eager on CUDA")
     args = ap.parse_args(argv)
 
@@ -170,6 +172,10 @@ def main(argv=None) -> int:
     special = special_tokens(spec, tokenizer)
     model = DiffusionLM(spec)
     init_weights(model, seed=args.seed)
+    if args.init:  # continue a run: the same format and sizes, its weights
+        from vllm_odb.reference.model import load_model
+
+        model.load_state_dict(load_model(args.init).state_dict())
     model.to(args.device).train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.format}: {n_params / 1e6:.2f}M parameters on {args.device}", file=sys.stderr)
@@ -196,16 +202,17 @@ def main(argv=None) -> int:
     log, loss_sum, stopped_early = [], None, False
     step = 0
     while step < args.steps:
-        if step == 40:
-            t40 = time.time()
-        if step == 140 and args.max_minutes is not None:
-            # Fit the run (and its LR schedule) into the time limit; the log records the steps, and
-            # re-running with --steps N reproduces the run without the time limit.
-            per_step = (time.time() - t40) / 100
-            fit = int(step + (60 * args.max_minutes - (time.time() - t0)) / per_step * 0.95)
-            if fit < args.steps:
+        if step in FIT_AT and args.max_minutes is not None:
+            # Fit the run (and its LR schedule) into the time limit, from the pace since the last
+            # fit point (the first steps compile; a run beside another shares the GPU, whose pace
+            # changes as the other compiles); the log records the steps, and re-running with
+            # --steps N reproduces the run without the time limit.
+            if step > FIT_AT[0]:
+                per_step = (time.time() - t_fit) / (step - s_fit)
+                fit = int(step + (60 * args.max_minutes - (time.time() - t0)) / per_step * 0.97)
                 print(f"{per_step * 1e3:.0f} ms/step: --steps {args.steps} -> {fit} to fit --max-minutes", file=sys.stderr)
                 args.steps = fit
+            t_fit, s_fit = time.time(), step
         if args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes:
             stopped_early = True
             print(f"safety stop after {step} steps ({args.max_minutes} min)", file=sys.stderr)
@@ -256,7 +263,7 @@ def main(argv=None) -> int:
     tokenizer.save_pretrained(args.out)
     _official_tokenizer_class(args.out)
     with open(os.path.join(args.out, "training_log.json"), "w") as f:
-        json.dump({"args": vars(args), "parameters": n_params, "steps_done": step,
+        json.dump({"args": {**vars(args), "suite": "worked"}, "parameters": n_params, "steps_done": step,
                    "stopped_early": stopped_early, "seconds": round(time.time() - t0, 1), "log": log}, f, indent=1)
         f.write("\n")
     print(f"saved {args.out}", file=sys.stderr)

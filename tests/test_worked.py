@@ -1,4 +1,4 @@
-"""The synthetic suite (tiny/suite.py), its verifier, the tiny formats' tokenizer and the oracle."""
+"""The worked suite (tiny/worked.py), its verifier, the tiny formats' tokenizer and the oracle."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from vllm_odb.tiny.formats import FORMATS, build_tokenizer
 from vllm_odb.tiny.oracle import Oracle, answer_lattice, decode
-from vllm_odb.tiny.suite import TASKS, Step, check, make_suite, score, step_renderings
+from vllm_odb.tiny.worked import TASKS, Step, check, make_suite, score, step_renderings
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +179,27 @@ def test_oracle_on_the_suite_decodes_a_few_tokens_per_forward(tok):
         first += [steps[0] / 32 for steps in d.commits[:d.response // 32]]
     assert 2.5 <= resp / nfe <= 4.5
     assert statistics.mean(first) < 0.35
+
+
+@pytest.mark.slow
+def test_trainer_writes_an_official_layout_checkpoint_and_continues_one(tmp_path):
+    """Two steps of the worked-suite trainer on the CPU, then two more from its weights (--init):
+    the checkpoint loads, names its suite, and the second run starts from the first's weights."""
+    import json
+
+    import torch
+
+    from vllm_odb.reference.model import load_model
+    from vllm_odb.tiny import suites
+    from vllm_odb.tiny.train import main
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--format", "dream", "--steps", "2", "--pool", "64", "--tokens-per-batch", "1024", "--device", "cpu"]
+    assert main([*common, "--out", str(a)]) == 0
+    assert suites.suite_name(str(a)) == "worked"
+    assert json.loads((a / "config.json").read_text())["architectures"] == ["DreamModel"]
+    first = load_model(str(a))
+    assert main([*common, "--out", str(b), "--init", str(a), "--lr", "0"]) == 0  # lr 0: the weights stay
+    second = load_model(str(b))
+    for (n, p), (_, q) in zip(first.named_parameters(), second.named_parameters()):
+        assert torch.equal(p, q), n
