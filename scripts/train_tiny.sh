@@ -1,28 +1,43 @@
 #!/usr/bin/env bash
-# Train both tiny checkpoints (on the lent GPU) and evaluate them with the quality command.
-#   OUT=out bash scripts/train_tiny.sh   # $OUT/tiny-{llada,dream}.tar (checkpoints), $OUT/results.tar (logs, JSON)
-# Checkpoints are trained in $WORK (default /tmp/tiny-train) and packed, since few files come back.
-# Steps: STEPS (default 6000); MAXMIN caps each run's minutes (the run shrinks its step count to fit).
+# Train both tiny checkpoints on the lent GPU, then measure how they decode and record their traces.
+#
+#   PHASE=train OUT=out bash scripts/train_tiny.sh   # both formats at once; $OUT/tiny-{llada,dream}.tar
+#   PHASE=eval  OUT=out bash scripts/train_tiny.sh   # bench dynamics + bench traces of $WORK's checkpoints;
+#                                                    # $OUT/eval.tar (dynamics-*.json/.md, traces-*.json, logs)
+#   PHASE=all   ...                                  # both (longer than one device call may run)
+#
+# Checkpoints are trained in $WORK (default /tmp/tiny-train), which the eval phase reads: on the
+# device, make the two calls back to back so the machine stays warm (a first run's eval of 200 prompts
+# per method and three trace lengths outran a call: hence LIMIT 100 and the bounded processes). INIT_DIR
+# continues from earlier checkpoints ($INIT_DIR/tiny-FMT, --init). MAXMIN (default 6.8) fits each
+# run's step count to that many minutes; the run records the steps it took (training_log.json), and
+# `python -m vllm_odb.tiny.train --format F --out DIR --steps N` replays it.
 set -euo pipefail
-OUT=${OUT:-out}; WORK=${WORK:-/tmp/tiny-train}; STEPS=${STEPS:-6000}; MAXMIN=${MAXMIN:-7}; LIMIT=${LIMIT:-300}
+OUT=${OUT:-out}; WORK=${WORK:-/tmp/tiny-train}; MAXMIN=${MAXMIN:-6.8}; PHASE=${PHASE:-all}
+LIMIT=${LIMIT:-100}; JUMP_LIMIT=${JUMP_LIMIT:-48}; TRACE_GENS=${TRACE_GENS:-256,1024}; EVAL_TIMEOUT=${EVAL_TIMEOUT:-480}
 mkdir -p "$OUT" "$WORK"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-for fmt in llada dream; do
-  python3 -m vllm_odb.tiny.train --format $fmt --out "$WORK/tiny-$fmt" --steps "$STEPS" --max-minutes "$MAXMIN" \
-    ${TRAIN_ARGS:-} > "$WORK/train-$fmt.log" 2>&1 &
-done
-wait
-for fmt in llada dream; do
-  for method in vanilla fast-dllm; do
-    python3 -m vllm_odb.bench quality --model "$WORK/tiny-$fmt" --method $method --limit "$LIMIT" --seed 0 \
-      --gen-length 64 --block-length 32 --batch-size 250 --json 2>/dev/null | tail -1 > "$WORK/quality-$fmt-$method.json" || true
-    python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[1], r['accuracy'], r['per_task'], r['nfe'])" "$WORK/quality-$fmt-$method.json" || true
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if [[ $PHASE == train || $PHASE == all ]]; then
+  for fmt in llada dream; do
+    python3 -m vllm_odb.tiny.train --format $fmt --out "$WORK/tiny-$fmt" --steps 1000000 --max-minutes "$MAXMIN" \
+      ${INIT_DIR:+--init "$INIT_DIR/tiny-$fmt"} ${TRAIN_ARGS:-} > "$WORK/train-$fmt.log" 2>&1 &
   done
-  # A canvas of one block, the shortest an ALP cut leaves.
-  python3 -m vllm_odb.bench quality --model "$WORK/tiny-$fmt" --method fast-dllm --limit "$LIMIT" --seed 0 \
-    --gen-length 32 --block-length 32 --threshold 1.0 --batch-size 250 --json 2>/dev/null | tail -1 > "$WORK/quality-$fmt-gen32.json" || true
-  python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[1], r['accuracy'], r['per_task'], r['nfe'])" "$WORK/quality-$fmt-gen32.json" || true
-done
-tail -n 3 "$WORK"/train-*.log
-for fmt in llada dream; do tar -cf "$OUT/tiny-$fmt.tar" -C "$WORK" "tiny-$fmt"; done
-tar -cf "$OUT/results.tar" -C "$WORK" $(cd "$WORK" && ls *.log *.json)
+  wait
+  tail -n 4 "$WORK"/train-*.log
+  for fmt in llada dream; do tar -cf "$OUT/tiny-$fmt.tar" -C "$WORK" "tiny-$fmt" "train-$fmt.log"; done
+fi
+if [[ $PHASE == eval || $PHASE == all ]]; then
+  # Four processes on the one GPU (the tiny models leave it mostly idle), each bounded so the results
+  # are packed inside a device call's 10 minutes.
+  for fmt in llada dream; do
+    timeout "$EVAL_TIMEOUT" python3 -m vllm_odb.bench dynamics --model "$WORK/tiny-$fmt" --limit "$LIMIT" \
+      --jump-limit "$JUMP_LIMIT" --seed 0 --gen-length 512 --out "$WORK/dynamics-$fmt.json" \
+      > "$WORK/dynamics-$fmt.md" 2> "$WORK/dynamics-$fmt.log" &
+    timeout "$EVAL_TIMEOUT" python3 -m vllm_odb.bench traces --model "$WORK/tiny-$fmt" --gen-lengths "$TRACE_GENS" \
+      --out "$WORK/traces-$fmt.json" 2> "$WORK/traces-$fmt.log" &
+  done
+  wait || true
+  cat "$WORK"/dynamics-*.md
+  tail -n 2 "$WORK"/traces-*.log
+  tar -cf "$OUT/eval.tar" -C "$WORK" $(cd "$WORK" && ls dynamics-* traces-* 2>/dev/null)
+fi

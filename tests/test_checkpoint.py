@@ -222,7 +222,7 @@ def test_dream_names_map_to_themselves():
 @pytest.mark.parametrize("fmt,heads,kv_heads", [("llada", 4, 2), ("dream", 4, 2)])
 def test_internal_names_match_model_state_dict(fmt, heads, kv_heads):
     """The official names of a spec, mapped inward, are exactly the model's parameters."""
-    cfg = model_config(fmt, build_tokenizer(fmt), hidden=64, layers=2, heads=heads, kv_heads=kv_heads,
+    cfg = model_config(fmt, build_tokenizer(fmt, "basic"), hidden=64, layers=2, heads=heads, kv_heads=kv_heads,
                        mlp=128, vocab_rows=128, max_len=512)
     spec = ModelSpec.from_config(cfg)
     model = DiffusionLM(spec)
@@ -322,7 +322,7 @@ def test_llada_multi_query_and_defaults():
 def test_save_load_round_trip(tmp_path, fmt, heads, kv_heads):
     from safetensors import safe_open
 
-    cfg = model_config(fmt, build_tokenizer(fmt), hidden=64, layers=2, heads=heads, kv_heads=kv_heads,
+    cfg = model_config(fmt, build_tokenizer(fmt, "basic"), hidden=64, layers=2, heads=heads, kv_heads=kv_heads,
                        mlp=128, vocab_rows=128, max_len=512)
     spec = ModelSpec.from_config(cfg)
     model = DiffusionLM(spec)
@@ -362,7 +362,7 @@ def test_save_load_round_trip(tmp_path, fmt, heads, kv_heads):
 def test_load_model_rejects_missing_tensor(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    cfg = model_config("dream", build_tokenizer("dream"), hidden=64, layers=2, heads=4, kv_heads=2,
+    cfg = model_config("dream", build_tokenizer("dream", "basic"), hidden=64, layers=2, heads=4, kv_heads=2,
                        mlp=128, vocab_rows=128, max_len=512)
     model = DiffusionLM(ModelSpec.from_config(cfg))
     save_model(model, str(tmp_path), cfg, dtype=torch.float32)

@@ -48,7 +48,7 @@ _TOKENIZERS: dict[str, object] = {}
 
 def _tokenizer(fmt: str):
     if fmt not in _TOKENIZERS:
-        _TOKENIZERS[fmt] = build_tokenizer(fmt)
+        _TOKENIZERS[fmt] = build_tokenizer(fmt, "basic")
     return _TOKENIZERS[fmt]
 
 

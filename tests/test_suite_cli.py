@@ -47,7 +47,7 @@ def test_unknown_task_and_scoring():
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_tokenizer_round_trip_and_templates(fmt):
-    tok = build_tokenizer(fmt)
+    tok = build_tokenizer(fmt, "basic")
     text = "What is 47+38? Show the column sums."
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert len(ids) == len(text) and tok.decode(ids) == text  # character level, lossless

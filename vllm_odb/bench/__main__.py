@@ -10,7 +10,10 @@ import sys
 # command -> (module in vllm_odb.bench, help). Modules are imported when their command runs, so a
 # command's heavy imports (vLLM, the GPU) are paid only by it.
 COMMANDS = {
-    "quality": ("quality", "exact match on the synthetic suite"),
+    "quality": ("quality", "accuracy on the synthetic suite (the verifier of the checkpoint's suite)"),
+    "dynamics": ("dynamics", "how a checkpoint decodes: tokens per forward, answer lengths, first forwards, EOS fill, "
+                             "ALP cuts, accepted drafts"),
+    "traces": ("traces", "record a checkpoint's decoding traces for the speed benchmarks (every method, both engines)"),
     "speed": ("speed", "tokens/s, latency, NFE and step cost per method and engine (full-size configs by trace replay)"),
     "report": ("report", "speed results JSON -> markdown summary and PNG plots"),
     "dcu-cost": ("dcu_cost", "refresh, dual-cache decode and DCU forwards timed at one shape (does DCU pay on the engine?)"),

@@ -1,5 +1,7 @@
-"""``python -m vllm_odb.bench quality``: exact match of a decoding method on the synthetic suite.
+"""``python -m vllm_odb.bench quality``: accuracy of a decoding method on the synthetic suite.
 
+Answers are scored by the verifier of the suite the checkpoint was trained on (tiny/suites.py): ``accuracy`` counts answers
+whose final answer and every checkable step are right, ``final_accuracy`` the final answer alone.
 Prints one JSON object on the last line of stdout (with ``--json``) holding at least
 ``accuracy``, ``nfe``, ``generated_tokens``, ``wall_s`` and per-task accuracy; a progress bar on
 stderr. The prompts come from ``--seed`` (the checkpoints were trained on other seeds).
@@ -58,63 +60,74 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--json", action="store_true", help="print the result as one JSON line")
 
 
-def run_quality(args: argparse.Namespace) -> dict:
+def decode_suite(ckpt, suite, cfg: DecodeConfig, batch_size: int, generator=None, record: bool = False,
+                 desc: str = "", check=None) -> tuple[list[dict], int]:
+    """Decode ``suite`` with ``cfg`` in batches on the reference engine. Returns one record per
+    example (its response text and length, NFE, the verifier's ``check`` (default: that of the
+    checkpoint's suite), the per-request stats of ``generate``, with ``record`` its trace) and
+    the batches' forwards."""
     from tqdm import tqdm
 
-    from vllm_odb.reference.generate import generate, response_ids
-    from vllm_odb.reference.loader import load_checkpoint
-    from vllm_odb.tiny.suite import make_suite, score
+    from vllm_odb.bench.replay import generate_traced
+    from vllm_odb.reference.generate import response_ids
+    from vllm_odb.tiny import suites
 
+    check = check or suites.for_checkpoint(ckpt.path).check
+
+    records, forwards = [], 0
+    bar = tqdm(total=len(suite), desc=desc, file=sys.stderr, unit="prompt")
+    for i in range(0, len(suite), batch_size):
+        chunk = suite[i:i + batch_size]
+        out = generate_traced(ckpt.model, [ckpt.encode_chat(e.prompt) for e in chunk], cfg, ckpt.special,
+                              generator=generator, record=record)
+        forwards += out.forwards
+        for j, (ex, canvas, nfe) in enumerate(zip(chunk, out.tokens, out.nfe)):
+            resp = response_ids(canvas, ckpt.special)
+            text = ckpt.tokenizer.decode(resp, skip_special_tokens=True)
+            records.append({"example": ex, "text": text, "response": len(resp), "nfe": nfe,
+                            "check": check(text, ex), **{k: v[j] for k, v in out.stats.items()}})
+        bar.update(len(chunk))
+    bar.close()
+    return records, forwards
+
+
+def quality_config(args: argparse.Namespace) -> DecodeConfig:
     if args.engine not in ENGINES:
         raise ChoiceError(f"unknown engine {args.engine!r}; choose from {list(ENGINES)}")
     if args.method not in METHODS:
         raise ChoiceError(f"unknown method {args.method!r}; choose from {sorted(METHODS)}")
     if args.dtype not in DTYPES:
         raise ChoiceError(f"unknown dtype {args.dtype!r}; choose from {list(DTYPES)}")
-    cfg = DecodeConfig.for_method(
+    return DecodeConfig.for_method(
         args.method, gen_length=args.gen_length, block_length=args.block_length, threshold=args.threshold,
         factor=args.factor, steps=args.steps, cache=args.cache, rule=args.rule, temperature=args.temperature,
         alp_threshold=args.alp_threshold, alp_min_length=args.alp_min_length, ridge_rows=args.ridge_rows,
         max_draft_positions=args.max_draft_positions, suffix_window=args.suffix_window,
         threshold_alpha=args.threshold_alpha, apd_alpha=args.apd_alpha, apd_beta=args.apd_beta, apd_min=args.apd_min,
         dcu_layer_budget=args.dcu_layer_budget, dcu_window=args.dcu_window, dcu_prompt_interval=args.dcu_prompt_interval)
+
+
+def run_quality(args: argparse.Namespace) -> dict:
+    from vllm_odb.reference.loader import load_checkpoint
+    from vllm_odb.tiny import suites
+
+    cfg = quality_config(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = load_checkpoint(args.model, dtype=DTYPES[args.dtype], device=device)
     tasks = tuple(args.tasks.split(",")) if args.tasks else None
-    suite = make_suite(args.seed, args.limit, tasks)
+    suite = suites.for_checkpoint(args.model).make_suite(args.seed, args.limit, tasks)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-
-    per_task = defaultdict(lambda: [0, 0])
-    nfe_total, generated, forwards = 0, 0, 0
-    totals = defaultdict(int)
-    samples = []
-    bar = tqdm(total=len(suite), desc=f"{args.method} {args.engine}", file=sys.stderr, unit="prompt")
     t0 = time.time()
-    for i in range(0, len(suite), args.batch_size):
-        chunk = suite[i:i + args.batch_size]
-        prompts = [ckpt.encode_chat(e.prompt) for e in chunk]
-        out = generate(ckpt.model, prompts, cfg, ckpt.special, generator=gen)
-        forwards += out.forwards
-        for key, values in out.stats.items():
-            totals[key] += sum(values)
-        for ex, canvas, nfe in zip(chunk, out.tokens, out.nfe):
-            resp = response_ids(canvas, ckpt.special)
-            text = ckpt.tokenizer.decode(resp, skip_special_tokens=True)
-            ok = score(text, ex.answer)
-            per_task[ex.task][0] += ok
-            per_task[ex.task][1] += 1
-            nfe_total += nfe
-            generated += len(resp)
-            totals["actual_length"] += min(len(resp) + 1, cfg.gen_length)  # + the end marker
-            if len(samples) < 5:
-                samples.append({"task": ex.task, "prompt": ex.prompt, "answer": ex.answer, "output": text})
-        bar.update(len(chunk))
+    records, forwards = decode_suite(ckpt, suite, cfg, args.batch_size, gen, desc=f"{args.method} {args.engine}")
     if device == "cuda":
         torch.cuda.synchronize()
     wall = time.time() - t0
-    bar.close()
     n = len(suite)
-    correct = sum(c for c, _ in per_task.values())
+    per_task = defaultdict(list)
+    for r in records:
+        per_task[r["example"].task].append(r["check"]["steps"])
+    total = lambda key: sum(r[key] for r in records)  # noqa: E731
+    nfe = total("nfe")
     return {
         "model": args.model, "method": args.method, "engine": args.engine, "seed": args.seed, "limit": n,
         "gen_length": cfg.gen_length, "block_length": cfg.block_length, "rule": cfg.rule, "cache": cfg.cache,
@@ -123,16 +136,20 @@ def run_quality(args: argparse.Namespace) -> dict:
         "apd": [cfg.apd_alpha, cfg.apd_beta, cfg.apd_min] if cfg.rule == "adaptive" else None,
         "dcu": [cfg.dcu_layer_budget, cfg.dcu_window, cfg.dcu_prompt_interval] if cfg.dcu else None,
         "alp": cfg.alp, "early_stop": cfg.early_stop, "jump": cfg.jump, "ridge_rows": cfg.ridge_rows if cfg.jump else None,
-        "accuracy": correct / n,
-        "per_task": {t: c / m for t, (c, m) in sorted(per_task.items())},
-        "nfe": nfe_total / n, "forwards": forwards, "generated_tokens": generated,
-        "tokens_per_forward": generated / max(1, nfe_total),
-        "refresh_tokens": totals["refresh_tokens"] / n,
-        "predicted_length": totals["canvas_length"] / n, "actual_length": totals["actual_length"] / n,
-        "drafted_per_forward": totals["drafted_accepted"] / max(1, totals["cached_forwards"]),
-        "query_rows_per_forward": totals["query_rows"] / max(1, totals["cached_forwards"]),
-        "dcu_recompute_fraction": totals["dcu_recomputed"] / totals["dcu_dense"] if cfg.dcu else None,
-        "wall_s": round(wall, 3), "samples": samples,
+        "accuracy": sum(r["check"]["steps"] for r in records) / n,
+        "final_accuracy": sum(r["check"]["final"] for r in records) / n,
+        "per_task": {t: sum(v) / len(v) for t, v in sorted(per_task.items())},
+        "nfe": nfe / n, "forwards": forwards, "generated_tokens": total("response"),
+        "tokens_per_forward": total("response") / max(1, nfe),
+        "refresh_tokens": total("refresh_tokens") / n,
+        "predicted_length": total("canvas_length") / n,
+        "actual_length": sum(min(r["response"] + 1, cfg.gen_length) for r in records) / n,  # + the end marker
+        "drafted_per_forward": total("drafted_accepted") / max(1, total("cached_forwards")),
+        "query_rows_per_forward": total("query_rows") / max(1, total("cached_forwards")),
+        "dcu_recompute_fraction": total("dcu_recomputed") / total("dcu_dense") if cfg.dcu else None,
+        "wall_s": round(wall, 3),
+        "samples": [{"task": r["example"].task, "prompt": r["example"].prompt, "answer": r["example"].answer,
+                     "output": r["text"]} for r in records[:5]],
     }
 
 

@@ -49,6 +49,10 @@ BENCH_METHODS = {
 }
 VLLM_METHODS = ("fast-dllm", "odb-alp", "odb")
 FULL_SIZE_TRACES = {"llada-8b": "checkpoints/tiny-llada", "dream-7b": "checkpoints/tiny-dream"}
+# Shipped traces of those checkpoints (``python -m vllm_odb.bench traces``), once they decode like
+# the real models (worked-suite checkpoints): the default dynamics of a full-size row where the file
+# exists. Read only: a method or gen length they lack is an error naming the command.
+DEFAULT_TRACES = {"llada-8b": "benchmarks/traces/tiny-llada.json", "dream-7b": "benchmarks/traces/tiny-dream.json"}
 SUITE_SEED = 0
 
 
@@ -72,7 +76,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="reference engine's attention: 'research' keeps the cache as the research code does "
                          "(calibrated against Fast-dLLM: bench calibrate-fastdllm), 'plain' is our faster "
                          "layout; methods the research code lacks (jump-share) always run 'plain'")
-    ap.add_argument("--traces", help="JSON file of recorded traces: read if present, else written")
+    ap.add_argument("--traces", help="JSON file of recorded traces: read if present, else written (default for "
+                    "llada-8b / dream-7b: the shipped benchmarks/traces/tiny-*.json, read only)")
     ap.add_argument("--engine-args", default="{}", type=_engine_args,
                     help='extra vLLM engine arguments as a JSON object, e.g. \'{"async_scheduling": false}\'')
     ap.add_argument("--out", required=True, help="results JSON (rows are appended to an existing file)")
@@ -116,10 +121,10 @@ def record_traces(path: str, methods, gens, n: int, args, device) -> dict:
     """Each method's dynamics on the trained checkpoint: one trace per suite prompt, alone."""
     from vllm_odb.reference.generate import response_ids
     from vllm_odb.reference.loader import load_checkpoint
-    from vllm_odb.tiny.suite import make_suite
+    from vllm_odb.tiny import suites
 
     ck = load_checkpoint(path, dtype=torch.float32, device=device)
-    prompts = [ck.encode_chat(e.prompt) for e in make_suite(SUITE_SEED, n)]
+    prompts = [ck.encode_chat(e.prompt) for e in suites.for_checkpoint(path).make_suite(SUITE_SEED, n)]
     traces = {}
     jobs = [(m, g) for m in methods for g in gens]
     for m, g in tqdm(jobs, desc=f"traces on {os.path.basename(path)}", file=sys.stderr):
@@ -152,6 +157,18 @@ def _load_or_record(args, methods, gens, n, device) -> dict:
         with open(args.traces, "w") as f:
             json.dump(data, f)
     return data
+
+
+def check_default_traces(path: str, engine: str, methods, gens, n: int) -> None:
+    """The shipped traces are read only: each requested method and gen length must be there, with
+    ``n`` requests (vanilla: one row of batch 1 at least)."""
+    with open(path) as f:
+        traces = json.load(f)["traces"]
+    short = [_trace_key(m, g, engine) for m in methods for g in gens
+             if len(traces.get(_trace_key(m, g, engine), [])) < (1 if m == "vanilla" else n)]
+    if short:
+        raise ValueError(f"--traces {path} (the default) lacks {short} for {n} requests; record them with "
+                         "python -m vllm_odb.bench traces ... --out FILE and pass --traces FILE")
 
 
 def _replay_prompts(traces: list[dict], spec) -> list[list[int]]:
@@ -239,11 +256,12 @@ def run_reference(args, methods, gens, batches, emit) -> None:
         model, spec, special = _random_full_size(args.model, dtype, device)
     else:
         from vllm_odb.reference.loader import load_checkpoint
-        from vllm_odb.tiny.suite import make_suite
+        from vllm_odb.tiny import suites
 
         ck = load_checkpoint(args.model, dtype=dtype, device=device)
         model, spec, special = ck.model, ck.model.spec, ck.special
-        suite = [ck.encode_chat(e.prompt) for e in make_suite(SUITE_SEED, max(batches + [args.requests]))]
+        suite = [ck.encode_chat(e.prompt) for e in
+                 suites.for_checkpoint(args.model).make_suite(SUITE_SEED, max(batches + [args.requests]))]
     jobs = [(m, g, b) for m in methods for g in gens for b in batches]
     _warm_up(model, jobs, args, special, full, traces, spec, None if full else suite)
     for m, g, b in tqdm(jobs, desc=f"reference {args.model}", file=sys.stderr):
@@ -351,11 +369,11 @@ def run_vllm(args, methods, gens, batches, emit) -> None:
         end_ids, prompts_by = None, None
     else:
         from vllm_odb.reference.loader import load_checkpoint
-        from vllm_odb.tiny.suite import make_suite
+        from vllm_odb.tiny import suites
 
         ck = load_checkpoint(args.model)
         spec, end_ids = ck.model.spec, set(ck.special.end_ids)
-        prompts_by = [ck.encode_chat(e.prompt) for e in make_suite(SUITE_SEED, n)]
+        prompts_by = [ck.encode_chat(e.prompt) for e in suites.for_checkpoint(args.model).make_suite(SUITE_SEED, n)]
         del ck
     profile = os.path.join(tempfile.mkdtemp(), "steps.jsonl")
     os.environ[PROFILE_ENV] = profile  # the engine's step profiler (bench/profile.py)
@@ -480,6 +498,10 @@ def main(args: argparse.Namespace) -> int:
                 method_config(m, g, args)  # every knob checked before any model loads
         full = args.model in FULL_SIZE_TRACES
         if full:
+            if not args.traces and not args.trace_model and os.path.exists(DEFAULT_TRACES[args.model]):
+                args.traces = DEFAULT_TRACES[args.model]  # shipped, read only
+                runs = [m for m in methods if args.engine == "reference" or m in VLLM_METHODS]
+                check_default_traces(args.traces, args.engine, runs, gens, max(batches + [args.requests]))
             args.trace_model = args.trace_model or FULL_SIZE_TRACES[args.model]
         elif not os.path.isdir(args.model):
             raise ValueError(f"--model {args.model!r}: a checkpoint directory or one of {sorted(FULL_SIZE_TRACES)}")

@@ -1,16 +1,26 @@
 """The two tiny checkpoint formats: config.json and tokenizer files shaped like the official ones.
 
-The tokenizer is character level (printable ASCII plus newline) with the official special tokens
-of each family, so chat templates, mask/EOS/EOT lookups and stop strings work exactly as with the
-real checkpoints, only with other ids. The embedding has more rows than the tokenizer has tokens,
-as in the official checkpoints (LLaDA 126464 rows for 126349 tokens).
+Tokenizers, one per suite (tiny/suites.py). The worked suite's is a byte-level BPE like the
+official ones (Dream's is Qwen2's, LLaDA's a byte-level BPE too): the GPT-2 pre-tokenizer splits
+words, numbers and punctuation, every byte has a token (any text encodes, losslessly), and merges
+learnt from the suite make each of its words and numbers one token, so a model reads and writes
+words, not characters. The basic suite's is character level (printable ASCII and newline). Both
+carry the official special tokens of each family, so chat templates, mask/EOS/EOT lookups and stop strings
+work exactly as with the real checkpoints, only with other ids. The embedding has more rows than
+the tokenizer has tokens, as in the official checkpoints (LLaDA 126464 rows for 126349 tokens).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
-CHARS = [chr(c) for c in range(32, 127)] + ["\n"]
+CHARS = [chr(c) for c in range(32, 127)] + ["\n"]  # the basic suite's tokens
+# The corpus the worked suite's merges are learnt from: suite examples of a seed no evaluation or training set
+# uses, two wordings each, the numbers 0..999 and the chat templates' words.
+TOKENIZER_SEED = 77_777
+TOKENIZER_EXAMPLES = 20_000
+MAX_VOCAB = 2048  # merges stop once every word of the corpus is one token (about 1800)
 
 LLADA_SPECIALS = {
     "bos": "<|startoftext|>",
@@ -41,15 +51,49 @@ DREAM_CHAT_TEMPLATE = (
 FORMATS = {"llada": (LLADA_SPECIALS, LLADA_CHAT_TEMPLATE), "dream": (DREAM_SPECIALS, DREAM_CHAT_TEMPLATE)}
 
 
-def build_tokenizer(fmt: str):
-    """A transformers fast tokenizer for ``fmt`` ("llada" or "dream")."""
+def _corpus() -> list[str]:
+    import random
+
+    from vllm_odb.tiny.worked import make_suite
+
+    rng = random.Random(TOKENIZER_SEED)
+    texts = []
+    for e in make_suite(TOKENIZER_SEED, TOKENIZER_EXAMPLES):
+        texts += [e.prompt, e.answer, e.render(rng)]
+    texts += [" ".join(str(i) for i in range(1000))] * 20
+    texts += ["system\nYou are a helpful assistant.", "user", "assistant"] * 100
+    return texts
+
+
+@functools.cache
+def _learnt_bpe() -> str:
+    """The byte-level BPE learnt from the suite corpus, serialized (learnt once per process)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=MAX_VOCAB, min_frequency=1, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer)
+    return tok.to_str()
+
+
+def build_tokenizer(fmt: str, suite: str = "worked"):
+    """A transformers fast tokenizer for ``fmt`` ("llada" or "dream") and ``suite``: for the
+    worked suite its merges are learnt from the suite (deterministic: the same corpus and trainer
+    give the same vocabulary); for the basic suite, characters."""
     from tokenizers import AddedToken, Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
     specials, template = FORMATS[fmt]
-    vocab = {c: i for i, c in enumerate(CHARS)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
-    tok.decoder = decoders.Fuse()
+    if suite == "worked":
+        tok = Tokenizer.from_str(_learnt_bpe())
+    elif suite == "basic":
+        tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(CHARS)}, merges=[], ignore_merges=True))
+        tok.decoder = decoders.Fuse()
+    else:
+        raise ValueError(f"unknown suite {suite!r}; choose from ['basic', 'worked']")
     names = [specials["bos"], specials["eos"], specials["mask"], *specials["extra"]]
     tok.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in names])
     return PreTrainedTokenizerFast(

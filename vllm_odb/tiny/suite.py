@@ -1,4 +1,9 @@
-"""A synthetic instruction suite with exact-match answers of varied lengths.
+"""The basic suite: synthetic instructions with exact-match answers of 1-25 characters.
+
+The shipped tiny checkpoints were trained on it (at commit 7589191's trainer). Its answers are
+too short and too determined to decode like a real model (one forward per block); the worked
+suite (tiny/worked.py) replaces it for training. ``tiny/suites.py`` tells which suite a
+checkpoint was trained on.
 
 Every example is generated from a seed, so a held-out evaluation set is just another seed. The
 answers run from 1 character (counting) to about 25 (addition with worked steps), which gives
@@ -84,3 +89,10 @@ def make_suite(seed: int, n: int, tasks: tuple[str, ...] | None = None) -> list[
 def score(prediction: str, answer: str) -> bool:
     """Exact match after trimming surrounding whitespace."""
     return prediction.strip() == answer
+
+
+def check(prediction: str, ex: Example) -> dict[str, bool]:
+    """The verifier's interface (tiny/suites.py): the answer has no steps to check apart from
+    itself, so both verdicts are exact match."""
+    ok = score(prediction, ex.answer)
+    return {"final": ok, "steps": ok}

@@ -4,14 +4,19 @@
     python -m vllm_odb.tiny.train --format dream --out checkpoints/tiny-dream
 
 The response canvas is ``answer <end-of-turn> <EOS> ... <EOS>`` up to the canvas length, as in
-LLaDA's SFT, so the model learns where an answer ends and to fill the rest with EOS. The prompt
-is never masked. Half of each batch uses LLaDA's i.i.d. masking (ratio t ~ U(0, 1)); the other
+LLaDA's SFT, so the model learns where an answer ends and to fill the rest with EOS. Canvases run
+from 128 to 1024 positions, so EOS is predicted confidently far past an answer (what adaptive
+length prediction reads) and near it. Each example's answer is one wording of its worked solution
+(tiny/worked.py): across the pool the model sees every step phrased several ways, and learns the
+content as certain and the wording as a distribution. The prompt is never masked. Half of each batch uses LLaDA's i.i.d. masking (ratio t ~ U(0, 1)); the other
 half looks like semi-autoregressive decoding (clean prefix, a partly masked 32-token block, fully
 masked suffix), the states the block decoders actually visit. Dream is trained with its shifted
 objective: the logits at position i-1 predict token i.
 
 Seeded and deterministic up to GPU kernel nondeterminism; ``--steps`` fixes the length of a run
-(``--max-minutes`` is only a safety stop, logged if it triggers).
+(``--max-minutes`` fits the step count to a time limit once, early, and the log records the
+result, so ``--steps N`` replays the run). On CUDA the model is compiled (``--no-compile`` runs it
+eager; a compile failure falls back to eager and says so).
 """
 
 from __future__ import annotations
@@ -30,45 +35,61 @@ import torch.nn.functional as F
 from vllm_odb.checkpoint import ModelSpec, special_tokens
 from vllm_odb.reference.model import DiffusionLM, init_weights, save_model
 from vllm_odb.tiny.formats import FORMATS, build_tokenizer, model_config, write_generation_config
-from vllm_odb.tiny.suite import make_suite
+from vllm_odb.tiny.worked import make_suite
 
 SIZES = {  # hidden, layers, heads, kv heads, mlp; even head counts so TP=2 splits them
     "llada": dict(hidden=256, layers=8, heads=4, kv_heads=4, mlp=768),
     "dream": dict(hidden=256, layers=8, heads=4, kv_heads=2, mlp=768),
 }
-VOCAB_ROWS = 128
+VOCAB_ROWS = 2048  # the tokenizer has about 1770 tokens (tiny/formats.py)
 MAX_LEN = 2048
+FIT_AT = (40, 140, 600, 2000)  # steps where --max-minutes refits the step count
 TRAIN_SEED_OFFSET = 1_000_003  # training examples never come from the evaluation seeds (0..999)
 
 
-def encode_pool(tokenizer, fmt: str, n: int, seed: int):
-    """Tokenize ``n`` suite examples: left-aligned prompts and answers (+ end-of-turn), padded."""
-    examples = make_suite(seed, n)
+def _suite_texts(job: tuple[int, int]) -> list[tuple[str, str]]:
+    seed, n = job
+    return [(e.prompt, e.answer) for e in make_suite(seed, n)]
+
+
+def encode_pool(tokenizer, fmt: str, n: int, seed: int, workers: int = 8):
+    """Tokenize ``n`` suite examples: left-aligned prompts and answers (+ end-of-turn), padded.
+    The examples come from ``workers`` suites of seeds ``seed * 1000 + k`` (made in parallel)."""
+    import multiprocessing
+
+    import numpy as np
+
+    jobs = [(seed * 1000 + k, n // workers + (k < n % workers)) for k in range(workers)]
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        texts = [t for chunk in pool.map(_suite_texts, jobs) for t in chunk]
     end_of_turn = FORMATS[fmt][0]["extra"][-1]  # <|eot_id|> / <|im_end|>
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": e.prompt}],
-                                             add_generation_prompt=True, tokenize=False) for e in examples]
-    p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    a_ids = tokenizer([e.answer + end_of_turn for e in examples], add_special_tokens=False)["input_ids"]
-    pw, aw = max(map(len, p_ids)), max(map(len, a_ids))
+    # The chat template around one user turn, rendered once (every prompt is the same shape).
+    head, tail = tokenizer.apply_chat_template([{"role": "user", "content": "\x00"}], add_generation_prompt=True,
+                                               tokenize=False).split("\x00")
+    p_ids = tokenizer([head + p.strip() + tail for p, _ in texts], add_special_tokens=False)["input_ids"]
+    a_ids = tokenizer([a + end_of_turn for _, a in texts], add_special_tokens=False)["input_ids"]
     pad = tokenizer.pad_token_id
-    P = torch.full((n, pw), pad, dtype=torch.long)
-    A = torch.full((n, aw), pad, dtype=torch.long)
-    for i, (p, a) in enumerate(zip(p_ids, a_ids)):
-        P[i, :len(p)] = torch.tensor(p)
-        A[i, :len(a)] = torch.tensor(a)
-    return P, torch.tensor([len(p) for p in p_ids]), A, torch.tensor([len(a) for a in a_ids])
+
+    def padded(rows):
+        out = np.full((len(rows), max(map(len, rows))), pad, dtype=np.int64)
+        for i, r in enumerate(rows):
+            out[i, :len(r)] = r
+        return torch.from_numpy(out)
+
+    return (padded(p_ids), torch.tensor([len(p) for p in p_ids]), padded(a_ids),
+            torch.tensor([len(a) for a in a_ids]))
 
 
-def sample_canvas_length(rng: random.Random, min_len: int) -> int:
-    """Mostly short canvases (where the answer is a large part of the loss), sometimes long ones so
-    that EOS is predicted confidently far from the answer. Lengths are multiples of 32 so that a
-    run sees few distinct shapes (each new shape costs kernel selection on the GPU)."""
+def sample_canvas_length(rng: random.Random) -> int:
+    """Mostly canvases of 128-512 positions (the answer a large part of the loss, and the shortest
+    ones what ALP's cuts leave), sometimes up to 1024 so that EOS is predicted confidently far
+    from the answer. Multiples of 32."""
     r = rng.random()
-    if r < 0.75:
-        return rng.choice(range(-(-min_len // 32) * 32, 161, 32))  # 32 .. 160
-    if r < 0.92:
-        return rng.choice([192, 256, 384])
-    return rng.choice([512, 1024])
+    if r < 0.7:
+        return rng.choice(range(128, 513, 32))
+    if r < 0.88:
+        return rng.choice(range(544, 769, 32))
+    return rng.choice(range(800, 1025, 32))
 
 
 def make_batch(pool, idx, width, eos_id, mask_id, block, gen: torch.Generator):
@@ -100,11 +121,11 @@ def make_batch(pool, idx, width, eos_id, mask_id, block, gen: torch.Generator):
     return x, target, masked, is_pad
 
 
-def loss_fn(model: DiffusionLM, batch, pad_weight: float) -> torch.Tensor:
+def loss_fn(model, shift: int, batch, pad_weight: float) -> torch.Tensor:
     x, target, masked, is_pad = batch
     pos = torch.arange(x.shape[1], device=x.device)[None].expand_as(x)
     logits = model(x, pos)
-    if model.spec.logits_shift:  # Dream: position i-1 predicts token i
+    if shift:  # Dream: position i-1 predicts token i
         logits, target, masked, is_pad = logits[:, :-1], target[:, 1:], masked[:, 1:], is_pad[:, 1:]
     ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
     w = masked.float() * torch.where(is_pad, pad_weight, 1.0)
@@ -135,6 +156,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-minutes", type=float, default=None, help="safety stop (logged)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--log-every", type=int, default=200)
+    ap.add_argument("--init", help="start from this checkpoint's weights (continue a run) instead of random ones")
+    ap.add_argument("--no-compile", dest="compile", action="store_false", help="run the model eager on CUDA")
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -149,16 +172,22 @@ def main(argv=None) -> int:
     special = special_tokens(spec, tokenizer)
     model = DiffusionLM(spec)
     init_weights(model, seed=args.seed)
+    if args.init:  # continue a run: the same format and sizes, its weights
+        from vllm_odb.reference.model import load_model
+
+        model.load_state_dict(load_model(args.init).state_dict())
     model.to(args.device).train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.format}: {n_params / 1e6:.2f}M parameters on {args.device}", file=sys.stderr)
 
     pool = tuple(t.to(args.device) for t in encode_pool(tokenizer, args.format, args.pool, args.seed + TRAIN_SEED_OFFSET))
-    min_canvas = int(pool[3].max()) + 1
     pool_plen, pool_alen = pool[1].cpu(), pool[3].cpu()
     fits_by_width: dict[int, torch.Tensor] = {}
     dgen = torch.Generator(device=args.device).manual_seed(args.seed)
     cuda = args.device.startswith("cuda")
+    # torch.compile fuses the norms, RoPE and SwiGLU (the step is memory bound on them); shapes vary
+    # per batch, so it compiles them as dynamic.
+    step_model = torch.compile(model, dynamic=True) if cuda and args.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01, fused=cuda)
     warmup = min(300, args.steps // 10)
 
@@ -173,16 +202,17 @@ def main(argv=None) -> int:
     log, loss_sum, stopped_early = [], None, False
     step = 0
     while step < args.steps:
-        if step == 40:
-            t40 = time.time()
-        if step == 140 and args.max_minutes is not None:
-            # Fit the run (and its LR schedule) into the time limit; the log records the steps, and
-            # re-running with --steps N reproduces the run without the time limit.
-            per_step = (time.time() - t40) / 100
-            fit = int(step + (60 * args.max_minutes - (time.time() - t0)) / per_step * 0.95)
-            if fit < args.steps:
+        if step in FIT_AT and args.max_minutes is not None:
+            # Fit the run (and its LR schedule) into the time limit, from the pace since the last
+            # fit point (the first steps compile; a run beside another shares the GPU, whose pace
+            # changes as the other compiles); the log records the steps, and re-running with
+            # --steps N reproduces the run without the time limit.
+            if step > FIT_AT[0]:
+                per_step = (time.time() - t_fit) / (step - s_fit)
+                fit = int(step + (60 * args.max_minutes - (time.time() - t0)) / per_step * 0.97)
                 print(f"{per_step * 1e3:.0f} ms/step: --steps {args.steps} -> {fit} to fit --max-minutes", file=sys.stderr)
                 args.steps = fit
+            t_fit, s_fit = time.time(), step
         if args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes:
             stopped_early = True
             print(f"safety stop after {step} steps ({args.max_minutes} min)", file=sys.stderr)
@@ -191,19 +221,31 @@ def main(argv=None) -> int:
         # take the rest of the width as canvas. Rows with prompts near the anchor get canvases near
         # the drawn length, so every prompt also meets short canvases (as ALP's cuts produce).
         anchor = int(pool_plen[rng.randrange(args.pool)])
-        width = anchor + sample_canvas_length(rng, min_canvas)
+        width = -(-(anchor + sample_canvas_length(rng)) // 32) * 32
         fits = fits_by_width.get(width)
         if fits is None:
             fits = fits_by_width[width] = (pool_plen + pool_alen < width).nonzero().flatten().to(args.device)
+        if len(fits) == 0:  # a canvas shorter than every answer of this prompt length: draw again
+            continue
         bs = max(8, args.tokens_per_batch // width)
         idx = fits[torch.randint(0, len(fits), (bs,), generator=dgen, device=args.device)]
         batch = make_batch(pool, idx, width, special.eos_id, special.mask_id, 32, dgen)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        with autocast:
-            loss = loss_fn(model, batch, args.pad_weight)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            with autocast:
+                loss = loss_fn(step_model, spec.logits_shift, batch, args.pad_weight)
+            loss.backward()
+        except Exception as e:  # noqa: BLE001 -- a compile failure: train eager instead
+            if step_model is model:
+                raise
+            print(f"torch.compile failed ({type(e).__name__}: {e}); training eager", file=sys.stderr)
+            step_model, args.compile = model, False
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                loss = loss_fn(model, spec.logits_shift, batch, args.pad_weight)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
@@ -221,7 +263,7 @@ def main(argv=None) -> int:
     tokenizer.save_pretrained(args.out)
     _official_tokenizer_class(args.out)
     with open(os.path.join(args.out, "training_log.json"), "w") as f:
-        json.dump({"args": vars(args), "parameters": n_params, "steps_done": step,
+        json.dump({"args": {**vars(args), "suite": "worked"}, "parameters": n_params, "steps_done": step,
                    "stopped_early": stopped_early, "seconds": round(time.time() - t0, 1), "log": log}, f, indent=1)
         f.write("\n")
     print(f"saved {args.out}", file=sys.stderr)

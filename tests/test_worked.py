@@ -1,0 +1,205 @@
+"""The worked suite (tiny/worked.py), its verifier, the tiny formats' tokenizer and the oracle."""
+
+from __future__ import annotations
+
+import random
+import statistics
+
+import numpy as np
+import pytest
+
+from vllm_odb.tiny.formats import FORMATS, build_tokenizer
+from vllm_odb.tiny.oracle import Oracle, answer_lattice, decode
+from vllm_odb.tiny.worked import TASKS, Step, check, make_suite, score, step_renderings
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer("llada")
+
+
+def test_suite_is_seeded_and_balanced():
+    a, b, c = make_suite(0, 100), make_suite(0, 100), make_suite(1, 100)
+    assert [e.prompt for e in a] == [e.prompt for e in b] and [e.answer for e in a] == [e.answer for e in b]
+    assert [e.prompt for e in a] != [e.prompt for e in c]
+    assert {e.task for e in a} == set(TASKS)
+    with pytest.raises(ValueError, match="unknown task"):
+        make_suite(0, 3, ("chain", "poetry"))
+
+
+def test_answers_are_long_worked_solutions(tok):
+    """Answers of 60-400 tokens, a mean of 150-250 (research/dynamics.md: LLaDA's GSM8K answers
+    run ~230-270 tokens at gen 512), and at most 400 so they fit a 512 canvas with room."""
+    suite = make_suite(3, 500)
+    lengths = [len(ids) for ids in tok([e.answer for e in suite], add_special_tokens=False)["input_ids"]]
+    assert 60 <= min(lengths) and max(lengths) <= 400
+    assert 150 <= statistics.mean(lengths) <= 250
+    for task in TASKS:  # the number of steps depends on the problem
+        assert len({len(e.steps) for e in suite if e.task == task}) > 3
+
+
+def test_every_wording_passes_the_verifier_and_wordings_vary():
+    rng = random.Random(0)
+    for e in make_suite(2, 60):
+        texts = {e.render(rng) for _ in range(6)}
+        assert len(texts) > 1, e.task  # the wording is not fixed by the prompt
+        for t in texts:
+            assert check(t, e) == {"final": True, "steps": True}, (e.task, t)
+
+
+def test_step_renderings_enumerate_the_distribution():
+    step = Step(("[a|b] x.", " y[| z]."))
+    rend = step_renderings(step)
+    assert rend == pytest.approx({"a x.": 0.25, "b x.": 0.25, " y.": 0.25, " y z.": 0.25})
+    for e in make_suite(4, 20):
+        for s in e.steps:
+            assert sum(step_renderings(s).values()) == pytest.approx(1.0)
+
+
+def _mutate_number(text: str, which: int) -> str:
+    import re
+
+    nums = list(re.finditer(r"\d+", text))
+    m = nums[which]
+    return text[:m.start()] + str(int(m.group()) + 1) + text[m.end():]
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_the_verifier_rejects_wrong_answers_and_wrong_steps(task):
+    e = next(x for x in make_suite(6, 20) if x.task == task)
+    assert score(e.answer, e)
+    assert not check(_mutate_number(e.answer, -1), e)["final"]  # the final answer
+    last = " there are" if task == "tally" else " The answer is"
+    assert not score(e.answer.rsplit(last, 1)[0], e)  # no final answer
+    if task == "chain":  # a wrong box on the way
+        path = e.truth[1]
+        wrong = e.answer.replace(f"the {path[3]} box.", f"the {path[5]} box.", 1)
+        assert check(wrong, e) == {"final": True, "steps": False}
+    elif task in ("shop", "story"):  # a wrong intermediate result, the final answer kept
+        import re
+
+        m = re.search(r"(=|is|which is|that is) (\d+)", e.answer)
+        bad = e.answer[:m.start(2)] + str(int(m.group(2)) + 1) + e.answer[m.end(2):]
+        assert check(bad, e) == {"final": True, "steps": False}
+    elif task == "tally":  # a wrong running count
+        bad = e.answer.replace(" 1 ", " 2 ", 1)
+        assert bad != e.answer and not score(bad, e)
+    elif task == "sort":  # picked out of order
+        order = e.truth
+        bad = e.answer.replace(f" {order[1]}.", " 100.", 1)
+        assert check(bad, e)["steps"] is False
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_tokenizer_is_byte_level_bpe_with_word_tokens(fmt, tok):
+    t = build_tokenizer(fmt)
+    for text in ("Count each kind of fruit: apple, pear.", "héllo wörld ✓ 12345 <b>\n\tx", ""):
+        assert t.decode(t(text, add_special_tokens=False)["input_ids"]) == text  # lossless, any text
+    words = " The card in the amber box says jade, so we open the jade box. The answer is 137."
+    ids = t(words, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(words.split()) + 3  # one token a word, and one each for ',' and the two '.'
+    base = t.backend_tokenizer.get_vocab(with_added_tokens=False)
+    assert base == tok.backend_tokenizer.get_vocab(with_added_tokens=False)  # one BPE, the formats' specials on top
+    text = "What is 7 * 8?"
+    rendered = t.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    if fmt == "llada":
+        assert rendered == ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n" + text +
+                            "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    else:
+        assert rendered == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n" + text +
+                            "<|im_end|>\n<|im_start|>assistant\n")
+    specials = FORMATS[fmt][0]
+    for name in [specials["mask"], specials["eos"], *specials["extra"]]:
+        assert t(name, add_special_tokens=False)["input_ids"] == [t.convert_tokens_to_ids(name)]
+
+
+def test_a_rendering_tokenizes_as_its_steps_do(tok):
+    """The oracle's lattice relies on step boundaries being token boundaries."""
+    rng = random.Random(1)
+    for e in make_suite(8, 25):
+        parts = [s.render(rng) for s in e.steps]
+        whole = tok("".join(parts), add_special_tokens=False)["input_ids"]
+        assert whole == [i for p in tok(parts, add_special_tokens=False)["input_ids"] for i in p]
+
+
+# ---------------------------------------------------------------------------------------- oracle
+
+END, FILL, V = 8, 9, 10
+
+
+def _brute_marginals(lattice, g, committed):
+    """Every rendering consistent with ``committed``, weighted: the posterior by enumeration."""
+    import itertools
+
+    dist = np.zeros((g, V))
+    for combo in itertools.product(*lattice):
+        toks = [t for alt, _ in combo for t in alt] + [END]
+        if len(toks) > g:
+            continue
+        canvas = toks + [FILL] * (g - len(toks))
+        if any(c >= 0 and c != x for c, x in zip(committed, canvas)):
+            continue
+        w = float(np.prod([p for _, p in combo]))
+        dist[np.arange(g), canvas] += w
+    dist /= dist[0].sum()
+    return dist.argmax(1), dist.max(1)
+
+
+def test_oracle_marginals_equal_enumeration():
+    lattice = [[((1,), 0.5), ((1, 2), 0.5)], [((3,), 1.0)], [((4, 5), 0.25), ((6,), 0.75)]]
+    g = 8
+    oracle = Oracle(lattice, g, END, FILL)
+    for committed in ([-1] * g, [1, 2] + [-1] * 6, [-1, -1, 3] + [-1] * 5, [-1] * 4 + [END] + [-1] * 3):
+        c = np.array(committed)
+        x0, conf = oracle.marginals(c, V)
+        bx0, bconf = _brute_marginals(lattice, g, committed)
+        assert np.allclose(conf, bconf) and (x0[bconf < 0.99] == bx0[bconf < 0.99]).all()
+    with pytest.raises(ValueError, match="fit no rendering"):
+        oracle.marginals(np.array([7] + [-1] * 7), V)
+
+
+def test_oracle_decoding_commits_the_determined_and_forces_the_wording():
+    fixed = [[((1, 2, 3), 1.0)], [((4, 5), 1.0)]]
+    d = decode(Oracle(fixed, 8, END, FILL), V, block=8)
+    assert d.nfe == 1 and d.response == 5 and d.commits == [[8]]  # all determined: one forward
+    branching = [[((1,), 0.5), ((2, 7), 0.5)], [((3, 3), 1.0)]]
+    d = decode(Oracle(branching, 8, END, FILL), V, block=8)
+    assert d.commits[0][0] < 8 and d.nfe >= 2  # the wording must be chosen first
+
+
+def test_oracle_on_the_suite_decodes_a_few_tokens_per_forward(tok):
+    """The suite admits about 3 tokens per forward at threshold 0.9 for an ideal model (the
+    yardstick is LLaDA's ~2.8 on GSM8K), and a block's first forward commits a minority of it."""
+    eot, eos = tok.convert_tokens_to_ids("<|eot_id|>"), tok.eos_token_id
+    resp, nfe, first = 0, 0, []
+    for e in make_suite(0, 10):
+        d = decode(Oracle(answer_lattice(e, tok), 512, eot, eos), len(tok))
+        resp += d.response
+        nfe += d.nfe
+        first += [steps[0] / 32 for steps in d.commits[:d.response // 32]]
+    assert 2.5 <= resp / nfe <= 4.5
+    assert statistics.mean(first) < 0.35
+
+
+@pytest.mark.slow
+def test_trainer_writes_an_official_layout_checkpoint_and_continues_one(tmp_path):
+    """Two steps of the worked-suite trainer on the CPU, then two more from its weights (--init):
+    the checkpoint loads, names its suite, and the second run starts from the first's weights."""
+    import json
+
+    import torch
+
+    from vllm_odb.reference.model import load_model
+    from vllm_odb.tiny import suites
+    from vllm_odb.tiny.train import main
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--format", "dream", "--steps", "2", "--pool", "64", "--tokens-per-batch", "1024", "--device", "cpu"]
+    assert main([*common, "--out", str(a)]) == 0
+    assert suites.suite_name(str(a)) == "worked"
+    assert json.loads((a / "config.json").read_text())["architectures"] == ["DreamModel"]
+    first = load_model(str(a))
+    assert main([*common, "--out", str(b), "--init", str(a), "--lr", "0"]) == 0  # lr 0: the weights stay
+    second = load_model(str(b))
+    for (n, p), (_, q) in zip(first.named_parameters(), second.named_parameters()):
+        assert torch.equal(p, q), n
