@@ -150,45 +150,45 @@ def test_hook_runner_is_generate(engine_vc):
     assert vc.model_config.is_diffusion
 
 
-def test_hook_bad_knob_names_it(cpu_vllm):
+def test_hook_bad_knob_names_it(cpu_vllm):  # noqa: F811 (the fixture)
     with pytest.raises(ValueError, match="threshold"):
         _create("llada", additional_config={"odb": {"threshold": 2}})
 
 
 @pytest.mark.parametrize("fmt, canvas", [("llada", 8), ("dream", 16)])  # Dream's canvas is block + 1
-def test_hook_disagreeing_canvas_length_raises(cpu_vllm, fmt, canvas):
+def test_hook_disagreeing_canvas_length_raises(cpu_vllm, fmt, canvas):  # noqa: F811 (the fixture)
     with pytest.raises(ValueError, match="canvas_length"):
         _create(fmt, diffusion_config={"canvas_length": canvas})
 
 
-def test_hook_agreeing_canvas_length_accepted(cpu_vllm):
+def test_hook_agreeing_canvas_length_accepted(cpu_vllm):  # noqa: F811 (the fixture)
     assert _create("dream", diffusion_config={"canvas_length": 17}).diffusion_config.canvas_length == 17
 
 
-def test_hook_refuses_flashinfer(cpu_vllm):
+def test_hook_refuses_flashinfer(cpu_vllm):  # noqa: F811 (the fixture)
     with pytest.raises(ValueError, match="FLASHINFER"):
         _create("llada", attention_backend="FLASHINFER")
 
 
-def test_hook_turns_requested_prefix_caching_off(cpu_vllm):
+def test_hook_turns_requested_prefix_caching_off(cpu_vllm):  # noqa: F811 (the fixture)
     assert not _create("llada", enable_prefix_caching=True).cache_config.enable_prefix_caching
 
 
-def test_hook_keeps_user_max_new_tokens(cpu_vllm):
+def test_hook_keeps_user_max_new_tokens(cpu_vllm):  # noqa: F811 (the fixture)
     vc = _create("llada", override_generation_config={"max_new_tokens": 32})
     assert vc.model_config.override_generation_config["max_new_tokens"] == 32
 
 
-def test_hook_keeps_a_lower_max_num_seqs(cpu_vllm):
+def test_hook_keeps_a_lower_max_num_seqs(cpu_vllm):  # noqa: F811 (the fixture)
     assert _create("llada", max_num_seqs=100).scheduler_config.max_num_seqs == 100
 
 
-def test_hook_caps_vllm_default_sized_max_num_seqs(cpu_vllm):
+def test_hook_caps_vllm_default_sized_max_num_seqs(cpu_vllm):  # noqa: F811 (the fixture)
     """Documented (models/hook.py): values >= vLLM's default (128) are cut to 64 (logits memory)."""
     assert _create("llada", max_num_seqs=256).scheduler_config.max_num_seqs == 64
 
 @pytest.mark.parametrize("fmt", ["llada", "dream"])
-def test_hook_jump_share_engine(cpu_vllm, fmt):
+def test_hook_jump_share_engine(cpu_vllm, fmt):  # noqa: F811 (the fixture)
     from vllm.config.compilation import CUDAGraphMode
 
     vc = _create(fmt, speculative_config={"method": "odb"})

@@ -45,12 +45,12 @@ def _cli(argv):
     (["--speculative-config", '{"threshold": 0.8}', "--speculative", "odb"], {"method": "odb", "threshold": 0.8}, None),
     (["--spec-method", "odb"], None, "odb"),
 ])
-def test_cli_selects_odb(cpu_vllm, argv, spec, method):
+def test_cli_selects_odb(cpu_vllm, argv, spec, method):  # noqa: F811 (the fixture)
     args = _cli(argv)
     assert (args.speculative_config, args.spec_method) == (spec, method)
 
 
-def test_cli_shorthand_conflict_names_both_flags(cpu_vllm, capsys):
+def test_cli_shorthand_conflict_names_both_flags(cpu_vllm, capsys):  # noqa: F811 (the fixture)
     with pytest.raises(SystemExit):
         _cli(["--speculative-config", '{"method": "ngram"}', "--speculative", "odb"])
     assert "--speculative" in capsys.readouterr().err
@@ -58,7 +58,7 @@ def test_cli_shorthand_conflict_names_both_flags(cpu_vllm, capsys):
 
 @pytest.mark.parametrize("fmt", ["llada", "dream"])
 @pytest.mark.parametrize("spec", [{"method": "odb"}, {"method": "odb", "alp_threshold": 0.7}])
-def test_speculative_odb_becomes_the_decoding_section(cpu_vllm, fmt, spec):
+def test_speculative_odb_becomes_the_decoding_section(cpu_vllm, fmt, spec):  # noqa: F811 (the fixture)
     vc = _create(fmt, additional_config={"odb": {"block_length": 16}}, speculative_config=spec)
     assert vc.speculative_config is None  # V2 would refuse a speculator; the canvas sets the slots
     assert vc.num_speculative_tokens == vc.diffusion_config.canvas_length == (251 if fmt == "llada" else 485)
@@ -67,7 +67,7 @@ def test_speculative_odb_becomes_the_decoding_section(cpu_vllm, fmt, spec):
     assert engine["alp_threshold"] == spec.get("alp_threshold", 0.9)
 
 
-def test_spec_method_odb_from_cli_builds_the_engine(cpu_vllm):
+def test_spec_method_odb_from_cli_builds_the_engine(cpu_vllm):  # noqa: F811 (the fixture)
     args = _cli(["--spec-method", "odb"])
     vc = _create("llada", speculative_config=args.speculative_config, spec_method=args.spec_method)
     assert vc.speculative_config is None and vc.model_config.hf_config.odb_engine["alp"]
@@ -82,7 +82,7 @@ def test_spec_method_odb_from_cli_builds_the_engine(cpu_vllm):
     ({"speculative_config": {"method": "odb"}, "additional_config": {"odb": {"method": "fast-dllm"}}}, "method"),
     ({"speculative_config": {"method": "odb"}, "spec_tokens": 4}, "spec-tokens"),
 ])
-def test_speculative_odb_errors_name_the_knob(cpu_vllm, kwargs, name):
+def test_speculative_odb_errors_name_the_knob(cpu_vllm, kwargs, name):  # noqa: F811 (the fixture)
     with pytest.raises(ValueError, match=rf"{name}") as info:
         _create("llada", **kwargs)
     assert "speculative" in str(info.value)
@@ -96,7 +96,7 @@ def test_speculative_odb_refused_for_other_models():
                                                                    model_type="llama"))
 
 
-def test_other_speculative_methods_untouched(cpu_vllm):
+def test_other_speculative_methods_untouched(cpu_vllm):  # noqa: F811 (the fixture)
     """Without "odb" the original method runs (here: ngram's own validation)."""
     from vllm.engine.arg_utils import EngineArgs
 

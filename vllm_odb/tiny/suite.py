@@ -73,17 +73,10 @@ LONGEST_ANSWER = 24  # "9+9=18, 9+9+1=19, so 198"-style answers; checked by a te
 
 def make_suite(seed: int, n: int, tasks: tuple[str, ...] | None = None) -> list[Example]:
     """``n`` examples cycling through the tasks, drawn from ``random.Random(seed)``."""
-    names = tuple(tasks or TASKS)
-    unknown = [t for t in names if t not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; choose from {sorted(TASKS)}")
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        task = names[i % len(names)]
-        prompt, answer = TASKS[task](rng)
-        out.append(Example(task, prompt, answer))
-    return out
+    from vllm_odb.tiny.suites import cycle_tasks
+
+    makers = {name: (lambda rng, name=name, make=make: Example(name, *make(rng))) for name, make in TASKS.items()}
+    return cycle_tasks(makers, seed, n, tasks)
 
 
 def score(prediction: str, answer: str) -> bool:

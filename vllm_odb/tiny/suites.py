@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import random
 from types import ModuleType
 
 SUITES = {"basic": "vllm_odb.tiny.suite", "worked": "vllm_odb.tiny.worked"}
@@ -35,3 +36,14 @@ def suite_name(checkpoint: str) -> str:
 
 def for_checkpoint(checkpoint: str) -> ModuleType:
     return get(suite_name(checkpoint))
+
+
+def cycle_tasks(tasks: dict, seed: int, n: int, names: tuple[str, ...] | None = None) -> list:
+    """``n`` examples cycling through ``names`` (default: every task of ``tasks``, a name -> maker
+    of one example from a ``random.Random``), drawn from ``random.Random(seed)``."""
+    names = tuple(names or tasks)
+    unknown = [t for t in names if t not in tasks]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; choose from {sorted(tasks)}")
+    rng = random.Random(seed)
+    return [tasks[names[i % len(names)]](rng) for i in range(n)]

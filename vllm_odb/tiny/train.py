@@ -143,7 +143,7 @@ def _official_tokenizer_class(path: str) -> None:
         f.write("\n")
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--format", choices=sorted(SIZES), required=True)
     ap.add_argument("--out", required=True)
@@ -153,42 +153,111 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--pool", type=int, default=200_000, help="examples tokenized up front")
     ap.add_argument("--pad-weight", type=float, default=0.3, help="loss weight of EOS fill positions")
-    ap.add_argument("--max-minutes", type=float, default=None, help="safety stop (logged)")
+    ap.add_argument("--max-minutes", type=float, default=None, help="fit the step count to this many minutes")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--log-every", type=int, default=200)
     ap.add_argument("--init", help="start from this checkpoint's weights (continue a run) instead of random ones")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="run the model eager on CUDA")
-    args = ap.parse_args(argv)
+    return ap
 
-    torch.manual_seed(args.seed)
-    if args.device.startswith("cuda"):
-        # cuDNN attention builds a plan per shape; the flash / memory-efficient kernels do not.
-        torch.backends.cuda.enable_cudnn_sdp(False)
-        torch.backends.cuda.matmul.allow_tf32 = True
-    rng = random.Random(args.seed)
+
+def _new_model(args):
+    """The tokenizer, config.json dict, spec and model of a run (``--init``: that checkpoint's weights)."""
     tokenizer = build_tokenizer(args.format)
     config = model_config(args.format, tokenizer, vocab_rows=VOCAB_ROWS, max_len=MAX_LEN, **SIZES[args.format])
     spec = ModelSpec.from_config(config)
-    special = special_tokens(spec, tokenizer)
     model = DiffusionLM(spec)
     init_weights(model, seed=args.seed)
     if args.init:  # continue a run: the same format and sizes, its weights
         from vllm_odb.reference.model import load_model
 
         model.load_state_dict(load_model(args.init).state_dict())
-    model.to(args.device).train()
+    return tokenizer, config, spec, model.to(args.device).train()
+
+
+class Batches:
+    """Training batches from the tokenized pool. Row width = an anchor prompt's length + a canvas
+    length; rows whose prompt and answer fit take the rest of the width as canvas. Rows with
+    prompts near the anchor get canvases near the drawn length, so every prompt also meets short
+    canvases (as ALP's cuts produce)."""
+
+    def __init__(self, pool, args, special, rng: random.Random):
+        self.pool, self.args, self.special, self.rng = pool, args, special, rng
+        self.plen, self.alen = pool[1].cpu(), pool[3].cpu()
+        self.fits: dict[int, torch.Tensor] = {}
+        self.gen = torch.Generator(device=args.device).manual_seed(args.seed)
+
+    def draw(self):
+        while True:
+            anchor = int(self.plen[self.rng.randrange(len(self.plen))])
+            width = -(-(anchor + sample_canvas_length(self.rng)) // 32) * 32
+            fits = self.fits.get(width)
+            if fits is None:
+                fits = self.fits[width] = (self.plen + self.alen < width).nonzero().flatten().to(self.args.device)
+            if len(fits):  # else a canvas shorter than every answer of this prompt length: draw again
+                break
+        bs = max(8, self.args.tokens_per_batch // width)
+        idx = fits[torch.randint(0, len(fits), (bs,), generator=self.gen, device=self.args.device)]
+        return make_batch(self.pool, idx, width, self.special.eos_id, self.special.mask_id, 32, self.gen)
+
+
+class StepLoss:
+    """Forward and backward of one batch, compiled on CUDA: torch.compile fuses the norms, RoPE and
+    SwiGLU (the step is memory bound on them); shapes vary per batch, so they are dynamic. A compile
+    failure falls back to eager, once, and says so."""
+
+    def __init__(self, model, shift: int, args):
+        self.model, self.shift, self.args = model, shift, args
+        cuda = args.device.startswith("cuda")
+        self.step_model = torch.compile(model, dynamic=True) if cuda and args.compile else model
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+
+    def _run(self, model, batch):
+        with self.autocast:
+            loss = loss_fn(model, self.shift, batch, self.args.pad_weight)
+        loss.backward()
+        return loss
+
+    def __call__(self, batch, opt):
+        opt.zero_grad(set_to_none=True)
+        try:
+            return self._run(self.step_model, batch)
+        except Exception as e:  # noqa: BLE001 -- a compile failure: train eager instead
+            if self.step_model is self.model:
+                raise
+            print(f"torch.compile failed ({type(e).__name__}: {e}); training eager", file=sys.stderr)
+            self.step_model, self.args.compile = self.model, False
+            opt.zero_grad(set_to_none=True)
+            return self._run(self.model, batch)
+
+
+def _fit_steps(args, step: int, t0: float, since: tuple[float, int] | None) -> None:
+    """Fit the run (and its LR schedule) into ``--max-minutes`` from the pace since the last fit
+    point (the first steps compile; a run beside another shares the GPU, whose pace changes as the
+    other compiles); the log records the steps, and ``--steps N`` replays the run."""
+    if since is None:
+        return
+    per_step = (time.time() - since[0]) / (step - since[1])
+    fit = int(step + (60 * args.max_minutes - (time.time() - t0)) / per_step * 0.97)
+    print(f"{per_step * 1e3:.0f} ms/step: --steps {args.steps} -> {fit} to fit --max-minutes", file=sys.stderr)
+    args.steps = fit
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    torch.manual_seed(args.seed)
+    if args.device.startswith("cuda"):
+        # cuDNN attention builds a plan per shape; the flash / memory-efficient kernels do not.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    tokenizer, config, spec, model = _new_model(args)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.format}: {n_params / 1e6:.2f}M parameters on {args.device}", file=sys.stderr)
-
     pool = tuple(t.to(args.device) for t in encode_pool(tokenizer, args.format, args.pool, args.seed + TRAIN_SEED_OFFSET))
-    pool_plen, pool_alen = pool[1].cpu(), pool[3].cpu()
-    fits_by_width: dict[int, torch.Tensor] = {}
-    dgen = torch.Generator(device=args.device).manual_seed(args.seed)
-    cuda = args.device.startswith("cuda")
-    # torch.compile fuses the norms, RoPE and SwiGLU (the step is memory bound on them); shapes vary
-    # per batch, so it compiles them as dynamic.
-    step_model = torch.compile(model, dynamic=True) if cuda and args.compile else model
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01, fused=cuda)
+    batches = Batches(pool, args, special_tokens(spec, tokenizer), random.Random(args.seed))
+    step_loss = StepLoss(model, spec.logits_shift, args)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01,
+                            fused=args.device.startswith("cuda"))
     warmup = min(300, args.steps // 10)
 
     def lr_at(step):
@@ -197,77 +266,44 @@ def main(argv=None) -> int:
         prog = (step - warmup) / max(1, args.steps - warmup)
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * prog)))
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else torch.autocast("cpu", enabled=False)
     t0 = time.time()
-    log, loss_sum, stopped_early = [], None, False
-    step = 0
+    log, loss_sum, stopped_early, since, step = [], None, False, None, 0
     while step < args.steps:
         if step in FIT_AT and args.max_minutes is not None:
-            # Fit the run (and its LR schedule) into the time limit, from the pace since the last
-            # fit point (the first steps compile; a run beside another shares the GPU, whose pace
-            # changes as the other compiles); the log records the steps, and re-running with
-            # --steps N reproduces the run without the time limit.
-            if step > FIT_AT[0]:
-                per_step = (time.time() - t_fit) / (step - s_fit)
-                fit = int(step + (60 * args.max_minutes - (time.time() - t0)) / per_step * 0.97)
-                print(f"{per_step * 1e3:.0f} ms/step: --steps {args.steps} -> {fit} to fit --max-minutes", file=sys.stderr)
-                args.steps = fit
-            t_fit, s_fit = time.time(), step
+            _fit_steps(args, step, t0, since)
+            since = (time.time(), step)
         if args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes:
             stopped_early = True
             print(f"safety stop after {step} steps ({args.max_minutes} min)", file=sys.stderr)
             break
-        # Row width = an anchor prompt's length + a canvas length; rows whose prompt and answer fit
-        # take the rest of the width as canvas. Rows with prompts near the anchor get canvases near
-        # the drawn length, so every prompt also meets short canvases (as ALP's cuts produce).
-        anchor = int(pool_plen[rng.randrange(args.pool)])
-        width = -(-(anchor + sample_canvas_length(rng)) // 32) * 32
-        fits = fits_by_width.get(width)
-        if fits is None:
-            fits = fits_by_width[width] = (pool_plen + pool_alen < width).nonzero().flatten().to(args.device)
-        if len(fits) == 0:  # a canvas shorter than every answer of this prompt length: draw again
-            continue
-        bs = max(8, args.tokens_per_batch // width)
-        idx = fits[torch.randint(0, len(fits), (bs,), generator=dgen, device=args.device)]
-        batch = make_batch(pool, idx, width, special.eos_id, special.mask_id, 32, dgen)
+        batch = batches.draw()
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        opt.zero_grad(set_to_none=True)
-        try:
-            with autocast:
-                loss = loss_fn(step_model, spec.logits_shift, batch, args.pad_weight)
-            loss.backward()
-        except Exception as e:  # noqa: BLE001 -- a compile failure: train eager instead
-            if step_model is model:
-                raise
-            print(f"torch.compile failed ({type(e).__name__}: {e}); training eager", file=sys.stderr)
-            step_model, args.compile = model, False
-            opt.zero_grad(set_to_none=True)
-            with autocast:
-                loss = loss_fn(model, spec.logits_shift, batch, args.pad_weight)
-            loss.backward()
+        loss = step_loss(batch, opt)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         if step % args.log_every == 0 or step == args.steps - 1:
             mean = loss_sum.item() / (1 if step == 0 else args.log_every)  # one host sync per log line
             loss_sum = None
-            rec = {"step": step, "loss": round(mean, 4), "lr": lr_at(step), "s": round(time.time() - t0, 1)}
-            log.append(rec)
-            print(json.dumps(rec), file=sys.stderr, flush=True)
+            log.append({"step": step, "loss": round(mean, 4), "lr": lr_at(step), "s": round(time.time() - t0, 1)})
+            print(json.dumps(log[-1]), file=sys.stderr, flush=True)
         step += 1
+    _save(model, tokenizer, config, args, {"parameters": n_params, "steps_done": step, "stopped_early": stopped_early,
+                                           "seconds": round(time.time() - t0, 1), "log": log})
+    return 0
 
+
+def _save(model, tokenizer, config: dict, args, record: dict) -> None:
     model.eval()
     save_model(model, args.out, config)
     write_generation_config(args.out, config)
     tokenizer.save_pretrained(args.out)
     _official_tokenizer_class(args.out)
     with open(os.path.join(args.out, "training_log.json"), "w") as f:
-        json.dump({"args": {**vars(args), "suite": "worked"}, "parameters": n_params, "steps_done": step,
-                   "stopped_early": stopped_early, "seconds": round(time.time() - t0, 1), "log": log}, f, indent=1)
+        json.dump({"args": {**vars(args), "suite": "worked"}, **record}, f, indent=1)
         f.write("\n")
     print(f"saved {args.out}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

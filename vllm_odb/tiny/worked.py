@@ -267,12 +267,9 @@ TASKS = {"chain": _chain, "shop": _shop, "tally": _tally, "sort": _sort, "story"
 
 def make_suite(seed: int, n: int, tasks: tuple[str, ...] | None = None) -> list[Example]:
     """``n`` examples cycling through the tasks, drawn from ``random.Random(seed)``."""
-    names = tuple(tasks or TASKS)
-    unknown = [t for t in names if t not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; choose from {sorted(TASKS)}")
-    rng = random.Random(seed)
-    return [TASKS[names[i % len(names)]](rng) for i in range(n)]
+    from vllm_odb.tiny.suites import cycle_tasks
+
+    return cycle_tasks(TASKS, seed, n, tasks)
 
 
 # ---------------------------------------------------------------------------------------- verifier
