@@ -45,12 +45,15 @@ def test_unknown_task_and_scoring():
     assert score(" 42 \n", "42") and not score("42.", "42")
 
 
+@pytest.mark.parametrize("suite", ["basic", "worked"])
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
-def test_tokenizer_round_trip_and_templates(fmt):
-    tok = build_tokenizer(fmt, "basic")
+def test_tokenizer_round_trip_and_templates(fmt, suite):
+    tok = build_tokenizer(fmt, suite)
     text = "What is 47+38? Show the column sums."
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    assert len(ids) == len(text) and tok.decode(ids) == text  # character level, lossless
+    assert tok.decode(ids) == text  # lossless
+    if suite == "basic":
+        assert len(ids) == len(text)  # character level
     rendered = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
     if fmt == "llada":
         assert rendered == ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n" + text +
