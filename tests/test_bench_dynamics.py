@@ -91,3 +91,18 @@ def test_traces_record_both_engines_and_record_once_when_both_stop_early(tmp_pat
     with pytest.raises(ValueError, match="lacks"):
         speed.check_default_traces(str(out), "vllm", ["fast-dllm"], [64, 128], 3)
     assert main(["traces", "--model", "checkpoints/tiny-llada", "--methods", "nope", "--out", str(out)]) == 2
+
+
+def test_speed_reads_the_shipped_traces_of_a_full_size_model_by_default(tmp_path, monkeypatch, capsys):
+    """With no --traces and no --trace-model, a full-size row replays the shipped traces when they
+    exist, read only: a row they cannot serve is an error naming the command, before any model loads."""
+    shipped = tmp_path / "tiny-llada.json"
+    shipped.write_text(json.dumps({"trace_model": "checkpoints/tiny-llada",
+                                   "traces": {"fast-dllm|256|reference": [{"prompt_len": 3}]}}))
+    monkeypatch.setitem(speed.DEFAULT_TRACES, "llada-8b", str(shipped))
+    argv = ["speed", "--engine", "reference", "--model", "llada-8b", "--methods", "fast-dllm", "--gen-lengths",
+            "256", "--batches", "1", "--requests", "2", "--out", str(tmp_path / "o.json")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(shipped) in err and "fast-dllm|256|reference" in err and "bench traces" in err
+    assert json.loads(shipped.read_text())["traces"]["fast-dllm|256|reference"] == [{"prompt_len": 3}]  # untouched
