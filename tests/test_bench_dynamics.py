@@ -13,8 +13,10 @@ from vllm_odb.policies import DecodeConfig
 from vllm_odb.tiny import suites
 
 
-def _record(response, commits, **stats):
-    return {"response": response, "nfe": sum(map(len, commits)), "check": {"final": True, "steps": response > 40},
+def _record(response, commits, task="", **stats):
+    from types import SimpleNamespace
+
+    return {"example": SimpleNamespace(task=task), "response": response, "nfe": sum(map(len, commits)), "check": {"final": True, "steps": response > 40},
             "trace": {"commits": commits, "lengths": [0] * len(commits)}, **stats}
 
 
@@ -42,6 +44,13 @@ def test_method_metrics_alp_and_jump_fields():
     assert m["alp_truncated_share"] == pytest.approx(1 / 3)  # the 50-token answer ran into its 48 cut
     assert m["alp_cut_inside_fast_dllm_answer"] == pytest.approx(1 / 3)
     assert m["drafted_per_forward"] == 1.0
+    assert "accuracy_by_task" not in m  # records whose examples name no task
+
+
+def test_method_metrics_accuracy_by_task():
+    cfg = DecodeConfig.for_method("fast-dllm", gen_length=64, block_length=8)
+    recs = [_record(30, [[8]], task="sort"), _record(50, [[8]], task="sort"), _record(50, [[8]], task="chain")]
+    assert dynamics.method_metrics(recs, cfg, None)["accuracy_by_task"] == {"chain": 1.0, "sort": 0.5}
 
 
 def test_method_names_take_a_threshold():

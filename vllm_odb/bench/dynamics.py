@@ -99,6 +99,10 @@ def method_metrics(records: list[dict], cfg: DecodeConfig, reference: dict[int, 
            "final_accuracy": _share(r["check"]["final"] for r in records),
            "response_mean": statistics.mean(resp), "response_min": min(resp), "response_max": max(resp),
            "nfe_mean": nfe / n, "tokens_per_forward": sum(resp) / max(1, nfe)}
+    tasks = sorted({getattr(r["example"], "task", "") for r in records} - {""})
+    if tasks:  # which computations a model has not learnt yet
+        out["accuracy_by_task"] = {t: _share(r["check"]["steps"] for r in records if r["example"].task == t)
+                                   for t in tasks}
     tm = trace_metrics(records, cfg.block_length)
     out["tokens_per_forward_es"] = sum(resp) / max(1, tm.pop("nfe_es"))
     out.update(tm)
@@ -164,6 +168,12 @@ def table(result: dict) -> str:
     for name, m in result["methods"].items():
         cells = [fmt.format(m[key]) if m.get(key) is not None else "" for key, _, fmt in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    tasks = sorted({t for m in result["methods"].values() for t in m.get("accuracy_by_task", {})})
+    if tasks:
+        lines += ["", "| accuracy by task | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+        for name, m in result["methods"].items():
+            by = m.get("accuracy_by_task", {})
+            lines.append(f"| {name} | " + " | ".join(f"{by[t]:.0%}" if t in by else "" for t in tasks) + " |")
     return "\n".join(lines)
 
 

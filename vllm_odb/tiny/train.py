@@ -111,7 +111,11 @@ def make_batch(pool, idx, width, eos_id, mask_id, block, gen: torch.Generator):
     t = torch.rand(b, 1, generator=gen, device=dev).clamp_min(1e-3)
     iid = torch.rand(b, width, generator=gen, device=dev) < t
     n_blocks = ((width - plen) // block).clamp_min(1)[:, None]
-    start = (torch.rand(b, 1, generator=gen, device=dev) * n_blocks).floor().long() * block
+    # The decoded block is mostly one holding the answer (or the block after it), where the content
+    # is learnt; sometimes anywhere in the EOS fill.
+    answer_blocks = torch.minimum(n_blocks, alen[:, None] // block + 2)
+    span = torch.where(torch.rand(b, 1, generator=gen, device=dev) < 0.8, answer_blocks, n_blocks)
+    start = (torch.rand(b, 1, generator=gen, device=dev) * span).floor().long() * block
     semi = ((rel >= start) & (rel < start + block) & iid) | (rel >= start + block)
     use_semi = torch.rand(b, 1, generator=gen, device=dev) < 0.5
     masked = torch.where(use_semi, semi, iid) & in_canvas

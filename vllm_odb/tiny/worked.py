@@ -10,7 +10,7 @@ the determined tokens in parallel and has to choose, one forced commit at a time
 wording branches (``research/dynamics.md``'s yardstick: about 3 tokens per forward).
 
 Five tasks, each a multi-step computation whose number of steps depends on the problem:
-- ``chain``: follow cards from box to box until the coin (pointer chasing, 6-18 hops);
+- ``chain``: follow cards from box to box to the one with the coin (pointer chasing, 8-18 hops);
 - ``shop``: costs of several purchases (small products) and their running total;
 - ``tally``: count the kinds in a list item by item; the summary lists the kinds in any order;
 - ``sort``: sort numbers by picking the smallest left each time;
@@ -115,8 +115,8 @@ def _example(task: str, prompt: str, steps: list[Step], truth: tuple, rng: rando
 
 
 def _chain(rng: random.Random) -> Example:
-    """Pointer chasing: each box's card names the next box; count the boxes opened up to the coin."""
-    hops = rng.randint(8, 20)
+    """Pointer chasing: each box's card names the next box; the box with no card holds the coin."""
+    hops = rng.randint(8, 18)
     extra = rng.randint(1, 4)
     labels = rng.sample(BOXES, hops + 1 + extra)
     path, others = labels[:hops + 1], labels[hops + 1:]
@@ -127,8 +127,8 @@ def _chain(rng: random.Random) -> Example:
             "The card in the {a} box says {b}.")
     facts = " ".join(rng.choice(fact).format(a=a, b=b) for a, b in cards)
     start, end, n = path[0], path[-1], hops + 1
-    prompt = (f"Each box holds a card naming another box. {facts} The {end} box holds a gold coin. Start at the "
-              f"{start} box and follow the cards. How many boxes do you open to find the coin?")
+    prompt = (f"Each box holds a card naming another box, except one box that holds a gold coin. {facts} Start "
+              f"at the {start} box and follow the cards. Which box holds the coin?")
     steps = [Step((f"[We|I] start at the {start} box and follow the cards.",))]
     for a, b in zip(path, path[1:]):
         steps.append(Step((
@@ -136,17 +136,18 @@ def _chain(rng: random.Random) -> Example:
             f" In the {a} box [is|we find] a card saying {b}, so we go to the {b} box.",
             f" [Next,|Then] the {a} box points us to the {b} box.",
         )))
-    steps.append(Step((f" The coin is in the {end} box. [That makes|So we open] {n} boxes. The answer is {n}.",)))
-    return _example("chain", prompt, steps, (n, tuple(path)), rng)
+    steps.append(Step((f" The {end} box has no card[| in it]: the coin is [there|in the {end} box]. "
+                       f"The answer is {end}.",)))
+    return _example("chain", prompt, steps, (end, tuple(path)), rng)
 
 
 def _shop(rng: random.Random) -> Example:
     """Costs of several purchases (quantity x price), then their running total."""
     while True:
-        goods = rng.sample(GOODS, rng.randint(6, 9))
-        buys = [(rng.randint(1, 5), rng.randint(1, 9), g) for g in goods]
+        goods = rng.sample(GOODS, rng.randint(5, 8))
+        buys = [(rng.randint(1, 4), rng.randint(1, 6), g) for g in goods]
         total = sum(q * p for q, p, _ in buys)
-        if total <= 200:
+        if total <= 100:
             break
     name = rng.choice(NAMES)
     listed = [f"{_article(one)} {one} for {_dollars(p)}" if q == 1 else f"{q} {many} at {_dollars(p)} each"
@@ -178,8 +179,8 @@ def _shop(rng: random.Random) -> Example:
 
 def _tally(rng: random.Random) -> Example:
     """Count each kind in a list, item by item; the summary names the kinds in any order."""
-    kinds = rng.sample(FRUITS, rng.randint(2, 4))
-    items = [rng.choice(kinds) for _ in range(rng.randint(14, 28))]
+    kinds = rng.sample(FRUITS, rng.randint(2, 3))
+    items = [rng.choice(kinds) for _ in range(rng.randint(12, 24))]
     for k in kinds:  # every kind appears
         if k not in items:
             items[rng.randrange(len(items))] = k
@@ -205,7 +206,7 @@ def _tally(rng: random.Random) -> Example:
 
 def _sort(rng: random.Random) -> Example:
     """Sort by taking the smallest number left each time."""
-    nums = rng.sample(range(1, 100), rng.randint(12, 20))
+    nums = rng.sample(range(1, 61), rng.randint(10, 18))
     order = sorted(nums)
     prompt = f"Sort these numbers from smallest to largest: {', '.join(map(str, nums))}."
     steps = [Step(("[We|I] pick the smallest number left each time.",)),
@@ -225,13 +226,13 @@ def _story(rng: random.Random) -> Example:
     """A chain of gains and losses, each step written as its arithmetic."""
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
     f = rng.choice([n for n in NAMES if n != name])
-    have = rng.randint(10, 60)
+    have = rng.randint(5, 40)
     start = have
     sentences, steps = [], [Step((f"{name} starts with {have} {thing}.",))]
-    for _ in range(rng.randint(8, 14)):
-        kind = "gain" if have < 5 else rng.choice(("gain", "loss", "bags") if have < 60 else ("loss",))
-        if kind == "bags" and have <= 70:
-            k, m = rng.randint(2, 4), rng.randint(2, 6)
+    for _ in range(rng.randint(8, 12)):
+        kind = "gain" if have < 5 else rng.choice(("gain", "loss", "bags") if have < 50 else ("loss",))
+        if kind == "bags" and have <= 40:
+            k, m = rng.randint(2, 3), rng.randint(2, 5)
             new = have + k * m
             sentences.append(f"Then {name} gets {k} bags with {m} {thing} in each.")
             steps.append(Step((
@@ -239,7 +240,7 @@ def _story(rng: random.Random) -> Example:
                 f" The bags hold {k} times {m} = {k * m}, so {name} has {have} + {k * m} = {new}.",
             )))
         elif kind in ("gain", "bags"):
-            x = rng.randint(1, min(20, 99 - have))
+            x = rng.randint(1, min(12, 60 - have))
             new = have + x
             sentences.append(f"Then {name} " + rng.choice(_GAIN).format(x=x, f=f) + ".")
             steps.append(Step((
@@ -248,7 +249,7 @@ def _story(rng: random.Random) -> Example:
                 f" {name} gains {x}[, so|:] {have} + {x} = {new}.",
             )))
         else:
-            x = rng.randint(1, min(20, have))
+            x = rng.randint(1, min(12, have))
             new = have - x
             sentences.append(f"Then {name} " + rng.choice(_LOSS).format(x=x, f=f) + ".")
             steps.append(Step((
@@ -312,9 +313,10 @@ def _arithmetic_holds(text: str) -> bool:
 
 
 def _check_chain(text: str, ex: Example) -> tuple[bool, bool]:
-    n, path = ex.truth
+    end, path = ex.truth
     visited = [a or b for a, b in re.findall(r"(?:open|go to) the (\w+) box|us to the (\w+) box", text)]
-    return _final_number(text) == n, visited == list(path[1:])
+    m = re.search(r"The answer is (\w+)\.?$", text)
+    return m is not None and m.group(1) == end, visited == list(path[1:])
 
 
 def _check_shop(text: str, ex: Example) -> tuple[bool, bool]:
