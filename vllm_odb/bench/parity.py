@@ -30,6 +30,8 @@ METHODS = ("fast-dllm", "odb-alp", "odb-jump", "odb", "dynamic-apd", "odb-stream
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--mode", choices=("eager", "graphs"), default="eager")
+    ap.add_argument("--gpu-memory", type=float, default=0.4,
+                    help="vLLM's gpu_memory_utilization (lower it to run several checks on one GPU at once)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--gen-length", type=int, default=64)
@@ -118,7 +120,7 @@ def _vllm(args, prompts, end_ids):
     from vllm_odb.engine.metrics import snapshot
 
     t0 = time.time()
-    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=512, gpu_memory_utilization=0.4,
+    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=512, gpu_memory_utilization=args.gpu_memory,
               max_num_seqs=max(16, args.n), enforce_eager=args.mode == "eager", seed=0,
               tensor_parallel_size=args.tp, disable_custom_all_reduce=args.tp > 1, **engine_method(args))
     seconds = {"vllm_init": round(time.time() - t0, 2)}
