@@ -1,0 +1,140 @@
+"""The ``odb_suite`` lm-eval task (vllm_odb/eval) on CPU: lm-eval's own task loading gives the
+documents, prompt and metric of ``python -m vllm_odb.bench quality``, and lm-eval driven end to
+end with the ``odb-reference`` model (the reference engine) scores what ``bench quality`` scores
+on the same prompts. No server and no network (the GPU test against ``vllm serve`` is
+test_gpu_lm_eval.py). Skipped without lm-eval (``pip install -e '.[eval]'``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_odb.eval import TASK, include_path, suite_task
+from vllm_odb.tiny import suites
+
+lm_eval = pytest.importorskip("lm_eval")
+ROOT = Path(__file__).resolve().parents[1]
+LLADA = str(ROOT / "checkpoints" / "tiny-llada")
+
+
+def _task_manager(metadata: dict):
+    """lm-eval's task index over our include path only (its own ~10k task files take seconds to
+    scan and are not needed here)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path(), include_defaults=False, metadata=metadata)
+
+
+def _load(metadata: dict | None = None):
+    return _task_manager(metadata or {}).load([TASK])["tasks"][TASK]
+
+
+def _predictions(ex, rng) -> list[str]:
+    """Right, reworded (worked suite), truncated, padded, wrong and empty answers."""
+    out = [ex.answer, f"  {ex.answer}\n", ex.answer[:-1], ex.answer + " 1", "", "nonsense"]
+    if hasattr(ex, "render"):
+        out += [ex.render(rng) for _ in range(3)]
+        out.append(ex.answer.replace("The answer is", "The answer is 1"))
+    return out
+
+
+@pytest.mark.parametrize("suite,seed", [("basic", 0), ("basic", 5), ("worked", 1)])
+def test_documents_prompt_and_metric_are_bench_quality_s(suite, seed):
+    """lm-eval's documents are ``bench quality --seed S``'s suite (its first N for ``--limit N``),
+    the prompt is the suite's prompt, and the task's metric on right and wrong answers is the
+    suite's verifier (accuracy = ``steps``, final_accuracy = ``final``), as quality scores it."""
+    task = _load({"suite": suite, "suite_seed": seed, "suite_size": 40})
+    docs = list(task.test_docs())
+    module = suites.get(suite)
+    examples = module.make_suite(seed, 40)
+    assert len(docs) == 40
+    for n in (1, 7, 40):  # --limit n: lm-eval takes the first n documents
+        assert [d["prompt"] for d in docs[:n]] == [e.prompt for e in module.make_suite(seed, n)]
+    rng = random.Random(0)
+    right = wrong = 0
+    for doc, ex in zip(docs[:12], examples):
+        assert (doc["task"], doc["prompt"], doc["answer"]) == (ex.task, ex.prompt, ex.answer)
+        assert task.doc_to_text(doc) == ex.prompt
+        for pred in _predictions(ex, rng):
+            verdict = module.check(pred, ex)
+            got = task.process_results(doc, [pred])
+            assert got == {"accuracy": float(verdict["steps"]), "final_accuracy": float(verdict["final"])}, pred
+            right += verdict["steps"]
+            wrong += not verdict["steps"]
+    assert right and wrong
+    assert task.config.output_type == "generate_until"
+    assert task.config.generation_kwargs["until"] == [] and task.config.generation_kwargs["max_gen_toks"] == 64
+
+
+def test_suite_follows_the_checkpoint(tmp_path):
+    """Without ``suite``, the documents come from the suite the checkpoint (``checkpoint``, or
+    lm-eval's model argument when it is a directory) was trained on; bad names are one-line
+    errors."""
+    worked = tmp_path / "ckpt"
+    worked.mkdir()
+    (worked / "training_log.json").write_text(json.dumps({"args": {"suite": "worked"}}))
+    assert suite_task.resolve_suite(checkpoint=str(worked)) == "worked"
+    assert suite_task.resolve_suite(model=str(worked)) == "worked"
+    assert suite_task.resolve_suite(model=LLADA) == suite_task.resolve_suite() == "basic"
+    assert suite_task.resolve_suite(suite="worked", model=LLADA) == "worked"
+    assert suite_task.resolve_suite(model="some-served-name") == "basic"
+    docs = suite_task.suite_docs(model=str(worked), suite_size=3, version=1.0, base_url="http://127.0.0.1:1")
+    assert [d["prompt"] for d in docs] == [e.prompt for e in suites.get("worked").make_suite(0, 3)]
+    with pytest.raises(ValueError, match="suite"):
+        suite_task.suite_docs(suite="nope")
+    with pytest.raises(ValueError, match="checkpoint"):
+        suite_task.suite_docs(checkpoint=str(tmp_path / "missing"))
+    tasks = suite_task.suite_docs(suite_tasks="add,sort", suite_size=4)
+    assert [d["task"] for d in tasks] == ["add", "sort", "add", "sort"]
+
+
+def test_include_path_helper():
+    out = subprocess.run([sys.executable, "-m", "vllm_odb.eval", "--print-include-path"], cwd=ROOT, check=False,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == include_path()
+    assert (Path(out.stdout.strip()) / "odb_suite.yaml").is_file()
+
+
+def _quality(limit: int, gen: int, block: int, method: str) -> dict:
+    from vllm_odb.bench.quality import add_arguments, run_quality
+
+    ap = argparse.ArgumentParser()
+    add_arguments(ap)
+    args = ap.parse_args(["--model", LLADA, "--method", method, "--limit", str(limit), "--seed", "0",
+                          "--gen-length", str(gen), "--block-length", str(block), "--device", "cpu"])
+    return run_quality(args)
+
+
+def test_lm_eval_end_to_end_with_the_reference_engine_scores_like_bench_quality():
+    """lm-eval's simple_evaluate with ``odb-reference`` (the reference engine on CPU) on 5 prompts,
+    gen length 16 (long answers get cut, so some are wrong): its accuracy, final accuracy and
+    every answer equal ``bench quality --limit 5 --gen-length 16 --block-length 16``'s, and the
+    context it built is the checkpoint's chat template around the suite's prompt."""
+    from lm_eval import simple_evaluate
+
+    import vllm_odb.eval.reference_lm  # noqa: F401  registers odb-reference
+    from vllm_odb.reference.loader import load_tokenizer
+
+    limit, gen = 5, 16
+    out = simple_evaluate(model="odb-reference", model_args={"pretrained": LLADA, "method": "odb", "block_length": gen},
+                          tasks=[TASK], limit=limit, apply_chat_template=True, batch_size=32, device="cpu",
+                          gen_kwargs={"max_gen_toks": gen}, log_samples=True,
+                          task_manager=_task_manager({"suite_seed": 0}))
+    ours = _quality(limit, gen, gen, "odb")
+    res = out["results"][TASK]
+    assert res["accuracy,none"] == ours["accuracy"]
+    assert res["final_accuracy,none"] == ours["final_accuracy"]
+    assert 0 < ours["accuracy"] < 1  # some right, some wrong: the comparison means something
+    samples = sorted(out["samples"][TASK], key=lambda s: s["doc_id"])
+    assert [s["resps"][0][0] for s in samples] == [s["output"] for s in ours["samples"]]
+    tok = load_tokenizer(LLADA)
+    for s in samples:
+        context = s["arguments"]["gen_args_0"]["arg_0"] if isinstance(s["arguments"], dict) else s["arguments"][0][0]
+        assert context == tok.apply_chat_template([{"role": "user", "content": s["doc"]["prompt"]}],
+                                                  add_generation_prompt=True, tokenize=False)
