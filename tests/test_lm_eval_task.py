@@ -111,6 +111,7 @@ def _quality(limit: int, gen: int, block: int, method: str) -> dict:
     return run_quality(args)
 
 
+@pytest.mark.slow
 def test_lm_eval_end_to_end_with_the_reference_engine_scores_like_bench_quality():
     """lm-eval's simple_evaluate with ``odb-reference`` (the reference engine on CPU) on 5 prompts,
     gen length 16 (long answers get cut, so some are wrong): its accuracy, final accuracy and
@@ -138,3 +139,130 @@ def test_lm_eval_end_to_end_with_the_reference_engine_scores_like_bench_quality(
         context = s["arguments"]["gen_args_0"]["arg_0"] if isinstance(s["arguments"], dict) else s["arguments"][0][0]
         assert context == tok.apply_chat_template([{"role": "user", "content": s["doc"]["prompt"]}],
                                                   add_generation_prompt=True, tokenize=False)
+
+
+def test_in_process_vllm_model_can_read_our_config():
+    """lm-eval's ``--model vllm`` calls ``transformers.AutoConfig.from_pretrained(pretrained)``
+    right after it built ``LLM(...)``: without remote code that only works for LLaDA and Dream
+    because vLLM, loading the config through our plugin, registers our config classes with
+    transformers. Checked here without a GPU: vLLM's config loading, then lm-eval's call."""
+    pytest.importorskip("vllm")
+    from transformers import AutoConfig
+    from vllm.transformers_utils.config import get_config
+
+    import vllm_odb
+    from vllm_odb.models.configs import DreamConfig, LLaDAConfig
+
+    vllm_odb.register()
+    for fmt, cls in (("llada", LLaDAConfig), ("dream", DreamConfig)):
+        path = str(ROOT / "checkpoints" / f"tiny-{fmt}")
+        get_config(path, trust_remote_code=False)  # what LLM(...) does in lm-eval's process
+        assert isinstance(AutoConfig.from_pretrained(path, trust_remote_code=False), cls)
+
+
+class _ReferenceServer:
+    """A loopback stand-in for ``vllm serve`` (127.0.0.1, an ephemeral port) answering
+    /v1/chat/completions and /v1/completions with the reference engine through ``odb-reference``
+    (block 16; ``vllm_xargs`` as per-request knobs, ``stop`` strings as end markers): it checks
+    lm-eval's side of the protocol (what the API models send and how they read answers) without a
+    GPU. Chat renders the checkpoint's template as vLLM does; completions take token ids. Records
+    every request body."""
+
+    def __init__(self, lm):
+        import http.server
+        import threading
+
+        owner, self.bodies = self, []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                owner.bodies.append(body)
+                text = owner.answer(self.path, body)
+                key = "message" if self.path.endswith("/chat/completions") else "text"
+                choice = {"index": 0, "finish_reason": "stop",
+                          key: {"role": "assistant", "content": text} if key == "message" else text}
+                data = json.dumps({"id": "x", "object": "x", "created": 0, "model": body["model"],
+                                   "choices": [choice]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.lm = lm
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def answer(self, path: str, body: dict) -> str:
+        tok = self.lm.ckpt.tokenizer
+        if path.endswith("/chat/completions"):
+            context = tok.apply_chat_template(body["messages"], add_generation_prompt=True, tokenize=False)
+        else:
+            (ids,) = body["prompt"]  # one request of token ids (lm-eval's batch of 1)
+            context = tok.decode(ids)
+            assert tok(context, add_special_tokens=False)["input_ids"] == ids
+        gen = {"max_gen_toks": body["max_tokens"], "until": body.get("stop") or [],
+               "temperature": body.get("temperature"), "extra_args": body.get("vllm_xargs")}
+        return self.lm._decode([context], gen)[0]
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def reference_server():
+    from vllm_odb.eval.reference_lm import ReferenceLM
+
+    server = _ReferenceServer(ReferenceLM(pretrained=LLADA, method="fast-dllm", block_length=16, device="cpu"))
+    yield server
+    server.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("api", ["local-chat-completions", "local-completions"])
+def test_lm_eval_api_models_against_a_loopback_stand_in(api, reference_server, monkeypatch):
+    """lm-eval's ``local-chat-completions`` / ``local-completions`` (the models the README runs
+    against ``vllm serve``) on 5 prompts against the reference stand-in: they send the suite's
+    prompt (as the chat's user turn, or as the chat template's token ids with no second BOS),
+    ``max_tokens`` = the task's ``max_gen_toks``, temperature 0, ``vllm_xargs`` from
+    ``--gen_kwargs``, and no stop string but the tokenizer's EOS (completions); the score equals
+    ``bench quality``'s for the method ``vllm_xargs`` picks."""
+    from lm_eval import simple_evaluate
+
+    from vllm_odb.reference.loader import load_checkpoint
+
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    limit, gen = 5, 16
+    srv = reference_server
+    srv.bodies.clear()
+    chat = api == "local-chat-completions"
+    args = {"model": LLADA, "base_url": f"{srv.base}/{'chat/completions' if chat else 'completions'}",
+            "max_retries": 1}
+    if not chat:
+        args |= {"tokenizer_backend": "huggingface", "tokenized_requests": True}
+    out = simple_evaluate(model=api, model_args=args, tasks=[TASK], limit=limit, apply_chat_template=True,
+                          gen_kwargs={"max_gen_toks": gen, "vllm_xargs": {"method": "odb"}}, log_samples=True,
+                          task_manager=_task_manager({"suite_seed": 0}))
+    ours = _quality(limit, gen, gen, "odb")
+    res = out["results"][TASK]
+    assert (res["accuracy,none"], res["final_accuracy,none"]) == (ours["accuracy"], ours["final_accuracy"])
+    samples = sorted(out["samples"][TASK], key=lambda s: s["doc_id"])
+    assert [s["resps"][0][0] for s in samples] == [s["output"] for s in ours["samples"]]
+    ck = load_checkpoint(LLADA)
+    prompts = [e.prompt for e in suites.get("basic").make_suite(0, limit)]
+    bodies = sorted(srv.bodies, key=lambda b: prompts.index(b["messages"][0]["content"]) if chat
+                    else [ck.encode_chat(p) for p in prompts].index(b["prompt"][0]))
+    assert len(bodies) == limit
+    for body, prompt in zip(bodies, prompts):
+        if chat:
+            assert body["messages"] == [{"role": "user", "content": prompt}] and body["stop"] == []
+        else:
+            assert body["prompt"] == [ck.encode_chat(prompt)] and body["stop"] == [ck.tokenizer.eos_token]
+        assert body["max_tokens"] == gen and body["temperature"] == 0 and body["vllm_xargs"] == {"method": "odb"}
