@@ -266,3 +266,40 @@ def test_lm_eval_api_models_against_a_loopback_stand_in(api, reference_server, m
         else:
             assert body["prompt"] == [ck.encode_chat(prompt)] and body["stop"] == [ck.tokenizer.eos_token]
         assert body["max_tokens"] == gen and body["temperature"] == 0 and body["vllm_xargs"] == {"method": "odb"}
+        assert body["seed"] == 1234  # always sent: the server must take it (test_the_server_takes_the_seed...)
+
+
+@pytest.mark.parametrize("api", ["chat", "completions"])
+def test_the_server_takes_the_seed_lm_eval_sends(api):
+    """lm-eval's API models send ``"seed": 1234`` with every request (it cannot be left out). The
+    plugin's request validation (patches/diffusion_params.py) takes it on greedy requests, where
+    it changes nothing, and drops it; a sampling request with a seed is still refused by name."""
+    pytest.importorskip("vllm")
+    import types
+
+    import vllm.plugins
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    from vllm_odb.engine.knobs import engine_config
+    from vllm_odb.models.configs import LLaDAConfig
+
+    vllm.plugins.load_general_plugins()
+    cfg = LLaDAConfig.from_pretrained(LLADA)
+    engine = engine_config({"odb": {"block_length": 32}})
+    cfg.odb_engine = {k: getattr(engine, k) for k in engine.__dataclass_fields__}
+    model_config = types.SimpleNamespace(is_diffusion=True, hf_config=cfg)
+
+    def params(temperature: float):
+        body = {"model": "m", "max_tokens": 64, "temperature": temperature, "stop": [], "seed": 1234,
+                "vllm_xargs": {"method": "fast-dllm"}}
+        if api == "chat":
+            return ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], **body).to_sampling_params(64, {})
+        return CompletionRequest(prompt=[[1, 2, 3]], **body).to_sampling_params(64, None)
+
+    greedy = params(0.0)
+    assert greedy.seed == 1234
+    greedy._validate_diffusion(model_config)
+    assert greedy.seed is None and greedy.extra_args == {"method": "fast-dllm"}
+    with pytest.raises(ValueError, match=r"\bseed\b"):
+        params(0.7)._validate_diffusion(model_config)
