@@ -141,16 +141,23 @@ def test_lm_eval_end_to_end_with_the_reference_engine_scores_like_bench_quality(
                                                   add_generation_prompt=True, tokenize=False)
 
 
-def test_in_process_vllm_model_can_read_our_config():
+def test_in_process_vllm_model_can_read_our_config_and_pass_knobs():
     """lm-eval's ``--model vllm`` calls ``transformers.AutoConfig.from_pretrained(pretrained)``
     right after it built ``LLM(...)``: without remote code that only works for LLaDA and Dream
     because vLLM, loading the config through our plugin, registers our config classes with
-    transformers. Checked here without a GPU: vLLM's config loading, then lm-eval's call."""
+    transformers. And the ``SamplingParams`` it builds from the task's and ``--gen_kwargs``'
+    generation arguments pass the plugin's request validation, carrying ``extra_args`` (the
+    knobs) and ``skip_special_tokens``. Checked here without a GPU."""
     pytest.importorskip("vllm")
+    import types
+
+    from lm_eval.models.vllm_causallms import VLLM
     from transformers import AutoConfig
+    from vllm import SamplingParams
     from vllm.transformers_utils.config import get_config
 
     import vllm_odb
+    from vllm_odb.engine.knobs import engine_config
     from vllm_odb.models.configs import DreamConfig, LLaDAConfig
 
     vllm_odb.register()
@@ -158,6 +165,17 @@ def test_in_process_vllm_model_can_read_our_config():
         path = str(ROOT / "checkpoints" / f"tiny-{fmt}")
         get_config(path, trust_remote_code=False)  # what LLM(...) does in lm-eval's process
         assert isinstance(AutoConfig.from_pretrained(path, trust_remote_code=False), cls)
+
+    task_kwargs = dict(_load().config.generation_kwargs)
+    gen = task_kwargs | {"skip_special_tokens": True, "extra_args": {"method": "fast-dllm", "threshold": 0.8}}
+    kwargs, until, max_gen_toks = VLLM.modify_gen_kwargs(gen, eos="<|endoftext|>")
+    params = SamplingParams(max_tokens=max_gen_toks, stop=until, **kwargs)  # as lm-eval's generate_until
+    cfg = LLaDAConfig.from_pretrained(LLADA)
+    engine = engine_config({"odb": {"block_length": 32}})
+    cfg.odb_engine = {k: getattr(engine, k) for k in engine.__dataclass_fields__}
+    params._validate_diffusion(types.SimpleNamespace(is_diffusion=True, hf_config=cfg))
+    assert params.max_tokens == 64 and params.temperature == 0 and params.skip_special_tokens
+    assert params.extra_args == {"method": "fast-dllm", "threshold": 0.8} and params.stop == ["<|endoftext|>"]
 
 
 class _ReferenceServer:
