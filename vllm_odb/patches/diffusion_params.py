@@ -4,8 +4,10 @@ vLLM's diffusion path rejects every request whose temperature is not 1.0 (it was
 DiffusionGemma's fixed temperature schedule), so greedy decoding (``temperature=0``), which
 LLaDA's and Dream's papers report and Dream's generation_config asks for, fails validation. For
 our models this replacement accepts any temperature >= 0 (the decoding policy uses it: 0 = argmax,
-> 0 = Gumbel sampling), keeps vLLM's refusals that still hold (min_p, seed, min_tokens,
-logit_bias, bad_words, allowed_token_ids; logprobs, which the engine does not produce), refuses
+> 0 = Gumbel sampling), keeps vLLM's refusals that still hold (min_p, seed when sampling,
+min_tokens, logit_bias, bad_words, allowed_token_ids; logprobs, which the engine does not
+produce), drops the seed of a greedy request (nothing to seed; OpenAI clients such as lm-eval's
+send one with every request), refuses
 ``n > 1`` and the OpenAI ``best_of`` that vLLM would silently ignore, and
 validates the decoding knobs in ``extra_args`` here, in the front end, so a bad knob is a
 ``ValueError`` naming it (HTTP 400 on the server) instead of an engine failure. When the request
@@ -29,11 +31,12 @@ def validate_odb_request(params, hf_config) -> None:
 
     extra = dict(params.extra_args or {})
     ignored = extra.pop(IGNORED_FIELDS_KEY, {}) or {}
+    greedy = params.temperature < _SAMPLING_EPS
     refused = [name for name, bad in (
         ("n", params.n > 1),
         *((name, True) for name in sorted(ignored)),
         ("min_p", params.min_p > _SAMPLING_EPS),
-        ("seed", params.seed is not None),
+        ("seed", params.seed is not None and not greedy),
         ("min_tokens", params.min_tokens > 0),
         ("logit_bias", bool(params.logit_bias)),
         ("bad_words", bool(params.bad_words)),
@@ -46,6 +49,8 @@ def validate_odb_request(params, hf_config) -> None:
                          + (" (one completion per request; send the request n times)" if "n" in refused else ""))
     if IGNORED_FIELDS_KEY in (params.extra_args or {}):
         params.extra_args = extra or None
+    if greedy:
+        params.seed = None  # argmax decoding draws nothing: the seed changes nothing
     engine = DecodeConfig(**hf_config.odb_engine)
     cfg = request_config(engine, params.extra_args, params.temperature, params.max_tokens)
     if params.extra_args and "gen_length" in params.extra_args:

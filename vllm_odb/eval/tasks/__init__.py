@@ -1,0 +1,1 @@
+"""lm-eval task files (include path): odb_suite.yaml and its hooks (utils.py)."""
