@@ -65,6 +65,9 @@ def test_patches_applied():
     assert getattr(SamplingParams._validate_diffusion, "_odb_patched", False)
     assert getattr(Scheduler.__init__, "_odb_patched", False)
     assert getattr(GPUModelRunner.initialize_kv_cache, "_odb_patched", False)
+    from vllm.v1.worker import gpu_worker
+
+    assert getattr(gpu_worker.warmup_kernels, "_odb_patched", False)
 
 
 def test_runner_patch_hands_block_tables_to_our_model_state_only():
@@ -133,3 +136,43 @@ def test_apply_all_refuses_other_versions(monkeypatch):
     monkeypatch.setattr(vllm, "__version__", "0.25.1")
     with pytest.raises(RuntimeError, match=re.escape("0.25.1")):
         patches.apply_all()
+
+
+def _warmup_like(prompt_len: int):
+    """A stand-in for vLLM 0.26's ``warmup_kernels``: new requests named ``_warmup_i_`` with
+    prompt ids ``range(prompt_len)`` (as vLLM's are), handed to the worker's execute_model."""
+    from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput
+
+    def warmup_kernels(model_runner, execute_model, sample_tokens):
+        ids = list(range(prompt_len))
+        out = SchedulerOutput.make_empty()
+        out.scheduled_new_reqs = [
+            NewRequestData(req_id=f"_warmup_{i}_", prompt_token_ids=ids, mm_features=[], sampling_params=None,
+                           pooling_params=None, block_ids=([],), num_computed_tokens=0, lora_request=None,
+                           prefill_token_ids=ids)
+            for i in range(2)]
+        execute_model(out)
+
+    return warmup_kernels
+
+
+@pytest.mark.parametrize("ours", [True, False])
+def test_warmup_prompt_ids_stay_inside_our_vocabulary(ours):
+    """vLLM's warm-up feeds ids up to the decode query length (a jump-share engine's canvas width,
+    252 by default) into a model whose vocabulary may be smaller (128 rows): for our models the ids
+    are taken modulo the vocabulary; other models see vLLM's ids unchanged."""
+    import types
+
+    from vllm_odb.patches import warmup_ids
+
+    hf = types.SimpleNamespace(odb_engine={"method": "odb"} if ours else None)
+    runner = types.SimpleNamespace(model_config=types.SimpleNamespace(hf_config=hf, get_vocab_size=lambda: 128))
+    seen = []
+    warmup_ids.wrap(_warmup_like(252))(runner, lambda out: seen.extend(out.scheduled_new_reqs), None)
+    assert len(seen) == 2
+    for req in seen:
+        if ours:
+            assert max(req.prompt_token_ids) == 127 and req.prompt_token_ids == req.prefill_token_ids
+            assert req.prompt_token_ids[128:131] == [0, 1, 2]
+        else:
+            assert req.prompt_token_ids == list(range(252))
