@@ -12,7 +12,8 @@ wording branches (``research/dynamics.md``'s yardstick: about 3 tokens per forwa
 Five tasks, each a multi-step computation whose number of steps depends on the problem:
 - ``chain``: follow cards from box to box to the one with the coin (pointer chasing, 8-18 hops);
 - ``shop``: costs of several purchases (small products) and their running total;
-- ``tally``: count the kinds in a list item by item; the summary lists the kinds in any order;
+- ``tally``: count the kinds in a numbered list item by item, restating the counts; the summary
+  lists the kinds in any order;
 - ``sort``: sort numbers by picking the smallest left each time;
 - ``story``: a chain of gains and losses (+, -, small products).
 
@@ -123,9 +124,7 @@ def _chain(rng: random.Random) -> Example:
     cards = [(path[i], path[i + 1]) for i in range(hops)]
     cards += [(o, rng.choice([x for x in labels if x != o])) for o in others]
     rng.shuffle(cards)
-    fact = ("The {a} box holds a card that says {b}.", "In the {a} box is a card saying {b}.",
-            "The card in the {a} box says {b}.")
-    facts = " ".join(rng.choice(fact).format(a=a, b=b) for a, b in cards)
+    facts = " ".join(f"The {a} box has a card saying {b}." for a, b in cards)  # one form: a plain lookup
     start, end, n = path[0], path[-1], hops + 1
     prompt = (f"Each box holds a card naming another box, except one box that holds a gold coin. {facts} Start "
               f"at the {start} box and follow the cards. Which box holds the coin?")
@@ -178,26 +177,31 @@ def _shop(rng: random.Random) -> Example:
 
 
 def _tally(rng: random.Random) -> Example:
-    """Count each kind in a list, item by item; the summary names the kinds in any order."""
+    """Count each kind in a numbered list, item by item, each step restating every count so far
+    (so a step follows from the one before and its item); the summary names the kinds in any order."""
     kinds = rng.sample(FRUITS, rng.randint(2, 3))
-    items = [rng.choice(kinds) for _ in range(rng.randint(12, 24))]
+    items = [rng.choice(kinds) for _ in range(rng.randint(10, 18))]
     for k in kinds:  # every kind appears
         if k not in items:
             items[rng.randrange(len(items))] = k
-    prompt = f"Count each kind of fruit in this list: {', '.join(one for one, _ in items)}."
+    listed = ", ".join(f"item {i}: {one}" for i, (one, _) in enumerate(items, 1))
+    prompt = f"Count each kind of fruit in this list: {listed}."
+    plural = {one: many for one, many in kinds}
+
+    def counted(counts: dict[str, int]) -> str:
+        return _listing([f"{c} {k if c == 1 else plural[k]}" for k, c in counts.items()])
+
     steps = [Step(("[We|I] go through the list one by one.",))]
     counts: dict[str, int] = {}
     for i, (one, many) in enumerate(items, 1):
-        c = counts[one] = counts.get(one, 0) + 1
-        word = one if c == 1 else many
-        a = _article(one)
+        counts[one] = counts.get(one, 0) + 1
+        a, state = _article(one), counted(counts)
         steps.append(Step((
-            f" Item {i} is {a} {one}, so [we have|that makes] {c} {word}.",
-            f" Next comes {a} {one}: {c} {word} so far.",
-            f" Then {a} {one}, bringing the {one} count to {c}.",
+            f" Item {i} is {a} {one}, so [we have|that makes] {state}.",
+            f" Item {i}, {a} {one}: {state} so far.",
+            f" [Next,|Then] item {i} is {a} {one}, [giving|bringing us to] {state}.",
         )))
-    first_seen = list(dict.fromkeys(one for one, _ in items))
-    plural = {one: many for one, many in kinds}
+    first_seen = list(counts)
     orders = itertools.permutations(first_seen) if len(first_seen) <= 4 else [tuple(first_seen)]
     summaries = [_listing([f"{counts[k]} {k if counts[k] == 1 else plural[k]}" for k in order]) for order in orders]
     steps.append(Step(tuple(f" [So|In total] there are {s}." for s in summaries)))
@@ -324,23 +328,26 @@ def _check_shop(text: str, ex: Example) -> tuple[bool, bool]:
     return _final_number(text) == total, True
 
 
-_TALLY_STEP = re.compile(r"Item \d+ is an? (\w+), so (?:we have|that makes) (\d+) \w+\."
-                         r"|Next comes an? (\w+): (\d+) \w+ so far\."
-                         r"|Then an? (\w+), bringing the \w+ count to (\d+)\.")
+_TALLY_STEP = re.compile(r"[Ii]tem (\d+)(?: is|,) an? (\w+)(?:, so (?:we have|that makes)|:|, (?:giving|bringing us to)) "
+                         r"([^.]*?)(?: so far)?\.")
+
+
+def _counts(text: str) -> dict[str, int]:
+    plural = {many: one for one, many in FRUITS}
+    return {plural.get(w, w): int(c) for c, w in re.findall(r"(\d+) (\w+)", text)}
 
 
 def _check_tally(text: str, ex: Example) -> tuple[bool, bool]:
     counts, items = ex.truth
     summary = text.rsplit(" there are ", 1)[-1] if " there are " in text else ""
-    plural = {many: one for one, many in FRUITS}
-    got = {plural.get(w, w): int(c) for c, w in re.findall(r"(\d+) (\w+)", summary)}
-    seen, running, ok = [], {}, True
+    running: dict[str, int] = {}
+    seen, ok = [], True
     for m in _TALLY_STEP.finditer(text):
-        kind, c = next((m.group(i), m.group(i + 1)) for i in (1, 3, 5) if m.group(i))
+        index, kind, state = int(m.group(1)), m.group(2), m.group(3)
         running[kind] = running.get(kind, 0) + 1
         seen.append(kind)
-        ok &= running[kind] == int(c)
-    return got == dict(counts), ok and seen == list(items)
+        ok &= index == len(seen) and _counts(state) == running
+    return _counts(summary) == dict(counts), ok and seen == list(items)
 
 
 def _check_sort(text: str, ex: Example) -> tuple[bool, bool]:
