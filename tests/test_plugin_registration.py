@@ -176,3 +176,19 @@ def test_warmup_prompt_ids_stay_inside_our_vocabulary(ours):
             assert req.prompt_token_ids[128:131] == [0, 1, 2]
         else:
             assert req.prompt_token_ids == list(range(252))
+
+
+@pytest.mark.parametrize("version", ["0.33.0", "0.27.1", "0.26.1"])
+def test_register_on_another_vllm_is_one_line_naming_both_versions(monkeypatch, version):
+    """What ``vllm serve`` / ``LLM(...)`` on an unsupported vLLM raise from the plugin entry point:
+    one line naming the installed and the supported version, before any other vLLM internals are
+    touched (no patch applied, nothing registered)."""
+    monkeypatch.setattr(vllm, "__version__", version)
+    monkeypatch.setattr(vllm_odb, "_registered", False)
+    monkeypatch.setattr(patches, "apply_all", lambda: pytest.fail("apply_all ran on an unsupported vLLM"))
+    with pytest.raises(RuntimeError) as e:
+        vllm_odb.register()
+    message = str(e.value)
+    assert "\n" not in message
+    assert f"vllm=={version}" in message and f"vllm=={patches.SUPPORTED_VLLM}" in message
+    assert not vllm_odb._registered

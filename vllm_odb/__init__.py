@@ -23,11 +23,15 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    from vllm_odb import patches
+
+    # First, before any other vLLM import: on another vLLM version the error is this one line
+    # naming both versions, not whatever internal module moved.
+    patches.check_vllm_version()
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     from vllm.transformers_utils.config import _CONFIG_REGISTRY
 
-    from vllm_odb import patches
     from vllm_odb.engine import metrics
     from vllm_odb.models import configs
     from vllm_odb.models.hook import ODBConfigHook
