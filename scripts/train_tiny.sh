@@ -5,6 +5,9 @@
 #   PHASE=eval  OUT=out bash scripts/train_tiny.sh   # bench dynamics + bench traces of $WORK's checkpoints;
 #                                                    # $OUT/eval.tar (dynamics-*.json/.md, traces-*.json, logs)
 #   PHASE=all   ...                                  # both (longer than one device call may run)
+#   QUICK_EVAL=1 (with PHASE=train): after training, 20 prompts of fast-dllm per format (accuracy by
+#                task, tokens per forward) in ~1 minute, so a training call reports how far it got;
+#                leave room for it (MAXMIN=7.5 in a 10-minute call)
 #
 # Checkpoints are trained in $WORK (default /tmp/tiny-train), which the eval phase reads: on the
 # device, make the two calls back to back so the machine stays warm (a first run's eval of 200 prompts
@@ -24,7 +27,18 @@ if [[ $PHASE == train || $PHASE == all ]]; then
   done
   wait
   tail -n 4 "$WORK"/train-*.log
-  for fmt in llada dream; do tar -cf "$OUT/tiny-$fmt.tar" -C "$WORK" "tiny-$fmt" "train-$fmt.log"; done
+  if [[ ${QUICK_EVAL:-0} != 0 ]]; then  # a 20-prompt fast-dllm reading (accuracy by task), bounded
+    for fmt in llada dream; do
+      timeout "${QUICK_EVAL_TIMEOUT:-75}" python3 -m vllm_odb.bench dynamics --model "$WORK/tiny-$fmt" \
+        --methods fast-dllm --limit 20 --batch-size 20 --seed 0 --gen-length 512 \
+        --out "$WORK/quick-eval-$fmt.json" > "$WORK/quick-eval-$fmt.md" 2> /dev/null &
+    done
+    wait || true
+    cat "$WORK"/quick-eval-*.md
+  fi
+  for fmt in llada dream; do
+    tar -cf "$OUT/tiny-$fmt.tar" -C "$WORK" "tiny-$fmt" "train-$fmt.log" $(cd "$WORK" && ls quick-eval-$fmt.* 2>/dev/null)
+  done
 fi
 if [[ $PHASE == eval || $PHASE == all ]]; then
   # Four processes on the one GPU (the tiny models leave it mostly idle), each bounded so the results
