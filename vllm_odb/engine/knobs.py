@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 
+from vllm_odb.engine import faults
 from vllm_odb.policies.config import METHODS, DecodeConfig
 
 ENGINE_SECTION = "odb"  # --additional-config '{"odb": {...}}'
@@ -95,6 +96,8 @@ def request_config(engine: DecodeConfig, extra_args: dict | None, temperature: f
     where = "extra_args: "
     if REPLAY_ARG in args:
         request_forcing(args.pop(REPLAY_ARG))
+    if faults.ARG in args:  # debug fault injection (engine/faults.py): refused unless enabled
+        faults.parse(args.pop(faults.ARG))
     for name in REQUEST_ONLY_NOT_KNOBS:
         if name in args:
             raise ValueError(f"{where}{name} is not an extra arg; use SamplingParams.temperature")
