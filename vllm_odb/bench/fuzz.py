@@ -388,11 +388,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int, default=24)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    ap.add_argument("--eager", action="store_true", help="serve without CUDA graphs (starts faster)")
     ap.add_argument("--out")
 
 
 def main(args: argparse.Namespace) -> int:
-    cmd = None if args.url else serving.serve_command(args.model, args.port, args.speculative)
+    cmd = None if args.url else serving.serve_command(args.model, args.port, args.speculative,
+                                                      ["--enforce-eager"] if args.eager else [])
     t0 = time.time()
     with serving.Server(cmd=cmd, url=args.url) as server:
         model = server.model_name()
