@@ -85,7 +85,8 @@ def test_percentiles():
     assert serving.percentile([], 50) is None
     assert serving.percentile([3.0], 99) == 3.0
     xs = [float(x) for x in range(1, 101)]
-    assert serving.percentile(xs, 50) == 50.5 and serving.percentile(xs, 0) == 1.0 and serving.percentile(xs, 100) == 100.0
+    assert serving.percentile(xs, 50) == 50.5
+    assert serving.percentile(xs, 0) == 1.0 and serving.percentile(xs, 100) == 100.0
     assert abs(serving.percentile(xs, 99) - 99.01) < 1e-9
 
 

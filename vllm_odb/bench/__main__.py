@@ -22,6 +22,8 @@ COMMANDS = {
     "server-fuzz": ("fuzz", "malformed requests against the OpenAI server: 4xx only, never a 5xx or a hang (GPU)"),
     "server-soak": ("soak", "200 streaming clients, 1,000 requests with aborts: answers equal offline, KV returned, "
                             "latency (GPU)"),
+    "server-faults": ("fault_check", "injected failures: a faulted request ends with an error, the others and the server "
+                                     "go on; an engine crash fails /health (GPU)"),
     "vllm-full-size": ("vllm_full_size", "full-size random-weight per-step cost on the vLLM engine (GPU)"),
     "profile-decode-step": ("profile_decode", "where a batch-1 decode step of the engine spends its time (GPU)"),
     "calibrate-fastdllm": ("calibrate", "reference engine vs Fast-dLLM's model code, per forward (GPU; staged code)"),

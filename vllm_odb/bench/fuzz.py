@@ -410,6 +410,7 @@ def main(args: argparse.Namespace) -> int:
             if running == 0 and waiting == 0:
                 break
             time.sleep(0.5)
+        log = server.log_tail()
     failures = []
     for case, answer in zip(cases, answers):
         case["answer"] = answer
@@ -442,7 +443,7 @@ def main(args: argparse.Namespace) -> int:
     summary["ok"] = ok
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"summary": summary, "cases": cases}, f, indent=1)
+            json.dump({"summary": summary, "cases": cases, "server_log_tail": log}, f, indent=1)
     print(json.dumps(summary))
     for case in failures[:20]:
         print("FAIL", json.dumps({k: case.get(k) for k in ("id", "category", "note", "expect", "problem")}))

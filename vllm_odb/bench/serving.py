@@ -100,6 +100,14 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
 
+    def log_tail(self, lines: int = 80) -> list[str]:
+        """The last ``lines`` lines of the server's log (a started server's), for a report."""
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read().splitlines()[-lines:]
+        except OSError:
+            return []
+
     def model_name(self) -> str:
         return json.loads(get(f"{self.url}/v1/models")[1])["data"][0]["id"]
 

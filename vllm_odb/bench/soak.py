@@ -329,10 +329,11 @@ def main(args: argparse.Namespace) -> int:
             time.sleep(0.5)
         health = serving.get(f"{server.url}/health")[0]
         metrics_text = serving.get(f"{server.url}/metrics")[1]
-    return report(args, plan, methods, start, end, health, metrics_text, t_offline, t_load, time.time() - t_start)
+        log = server.log_tail()
+    return report(args, plan, methods, start, end, health, metrics_text, t_offline, t_load, time.time() - t_start, log)
 
 
-def report(args, plan, methods, start, end, health, metrics_text, t_offline, t_load, t_total) -> int:
+def report(args, plan, methods, start, end, health, metrics_text, t_offline, t_load, t_total, log=()) -> int:
     results = [r.get("got") for r in plan]
     unsent = sum(g is None for g in results)
     problems = {}
@@ -357,6 +358,7 @@ def report(args, plan, methods, start, end, health, metrics_text, t_offline, t_l
         "by_method": {m: sum(r["method"] == m for r in plan) for m in methods},
         "failed": len(problems),
         "failed_by_length": {k: sum(plan[i]["length"] == k for i in problems) for k in ("short", "medium", "long")},
+        "failed_by_method": {m: sum(plan[i]["method"] == m for i in problems) for m in methods},
         "timeouts": sum(bool(r["got"].get("timeout")) for r in sent),
         "errors": sum(bool(r["got"].get("error") or r["got"].get("exception")) for r in sent),
         "kv_cache": {"start": kv0, "end": kv1, "returned": kv0["free_blocks"] == kv1["free_blocks"]
@@ -375,7 +377,8 @@ def report(args, plan, methods, start, end, health, metrics_text, t_offline, t_l
                 "expected_tokens", "finish_reason")
         rows = [{k: r.get(k) for k in keys} | {"got": r.get("got"), "problems": problems.get(r["i"])} for r in plan]
         with open(args.out, "w") as f:
-            json.dump({"summary": summary, "requests": rows, "metrics_text_end": metrics_text}, f, indent=1)
+            json.dump({"summary": summary, "requests": rows, "metrics_text_end": metrics_text,
+                       "server_log_tail": list(log)}, f, indent=1)
     print(json.dumps(summary))
     for i, p in list(problems.items())[:10]:
         r = plan[i]
