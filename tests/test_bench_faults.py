@@ -13,16 +13,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_requests_and_faulted_copies():
     plan = fault_check.fault_requests(12, 24, True, str(ROOT / "checkpoints" / "tiny-llada"))
     assert len(plan) == 12 and {r["api"] for r in plan} == {"chat", "completions"}
-    assert {r["method"] for r in plan} == {"fast-dllm", "odb-alp", "odb"}
+    assert {r["method"] for r in plan} == {"fast-dllm", "odb-alp"}  # no drafts: batch-independent answers
     assert {r["stream"] for r in plan} == {True, False}
     assert all(r["ids"] for r in plan if r["api"] == "completions")
-    faulted = fault_check.faulted_copies(plan)
+    faulted = fault_check.faulted_copies(plan, True)
+    assert {r["method"] for r in faulted[1::2]} == {"odb"}
+    assert "odb" not in {r["method"] for r in fault_check.faulted_copies(plan, False)}
     assert [r["fault"] for r in faulted] == [f for f, _ in fault_check.FAULTS]
     assert [r["i"] for r in faulted] == list(range(12, 12 + len(faulted)))
     assert all(r["xargs"] == {"debug_fault": r["fault"]} for r in faulted)
     assert {int(r["fault"].split("@")[1]) <= fault_check.EARLY for r in faulted} == {True, False}
-    assert "odb" not in {r["method"] for r in fault_check.fault_requests(6, 24, False,
-                                                                           str(ROOT / "checkpoints" / "tiny-llada"))}
 
 
 def test_ended_with_error():
@@ -42,8 +42,9 @@ def _run(plan, faulted, **override):
 
 
 def test_judge_requests():
-    plan = [{"i": i, "prompt": i} for i in range(4)]
-    faulted = [{"i": 4, "prompt": 0, "fault": "nan@1"}, {"i": 5, "prompt": 1, "fault": "raise@6"}]
+    plan = [{"i": i, "prompt": i, "method": "fast-dllm"} for i in range(4)]
+    faulted = [{"i": 4, "prompt": 0, "fault": "nan@1", "method": "fast-dllm"},
+               {"i": 5, "prompt": 1, "fault": "raise@6", "method": "fast-dllm"}]
     assert _run(plan, faulted) == []
     # another request's answer changed beside the faulted ones
     assert _run(plan, faulted, r2={"status": 200, "done": True, "text": "zz"}) == [
@@ -56,3 +57,6 @@ def test_judge_requests():
     assert _run(plan, faulted, r5={"status": 200, "done": True, "text": "??"}) == [
         "faulted request 5 (raise@6) completed with another answer"]
     assert _run(plan, faulted, r5={"status": 0, "timeout": True}) == ["faulted request 5 (raise@6): no answer"]
+    assert _run(plan, faulted, r5={"status": 400, "error": "x"}) == ["faulted request 5 (raise@6) ended with 400"]
+    faulted[1]["method"] = "odb"  # a drafting request's answer may differ across batches
+    assert _run(plan, faulted, r5={"status": 200, "done": True, "text": "??"}) == []

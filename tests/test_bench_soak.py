@@ -61,6 +61,9 @@ GOOD = {"status": 200, "done": True, "text": "so 85", "finish_reason": "stop",
 @pytest.mark.parametrize("change,problem", [
     ({}, None),
     ({"text": "so 86"}, "text differs"),
+    ({"text": "so 8", "finish_reason": "length", "usage": {"prompt_tokens": 30, "completion_tokens": 4}},
+     "text differs"),  # another text: its own finish reason and length
+    ({"text": "so 8", "finish_reason": None}, ["text differs", "no finish reason or token count"]),
     ({"finish_reason": "length"}, "finish_reason length != stop"),
     ({"usage": {"prompt_tokens": 30, "completion_tokens": 6}}, "completion_tokens 6 != 5"),
     ({"usage": {"prompt_tokens": 31, "completion_tokens": 5}}, "prompt_tokens 31 != 30"),
@@ -73,7 +76,7 @@ GOOD = {"status": 200, "done": True, "text": "so 85", "finish_reason": "stop",
 ])
 def test_compare(change, problem):
     got = soak.compare(EXPECTED, {**GOOD, **change})
-    assert got == ([] if problem is None else [problem])
+    assert got == ([] if problem is None else problem if isinstance(problem, list) else [problem])
 
 
 def test_latency_summary():

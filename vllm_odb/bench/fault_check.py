@@ -45,8 +45,10 @@ EARLY = 2  # faults at forwards <= EARLY always fire
 
 def fault_requests(n: int, seed: int, speculative: bool, model: str) -> list[dict]:
     """``n`` plain requests (suite questions; completions by token ids and chat; every other one
-    streams), max_tokens 64."""
-    methods = soak.METHODS_SPECULATIVE if speculative else soak.METHODS_DEFAULT
+    streams), max_tokens 64. Methods without drafts (``fast-dllm``, ``odb-alp``), whose answers do
+    not depend on the batch they share (soak.py's doc): the faulted copies add ``odb`` ones on a
+    jump-share engine."""
+    methods = soak.METHODS_DEFAULT
     convs = soak.suite_conversations(n, seed)
     plan = [{"i": i, "prompt": i, "api": "chat" if i % 3 == 1 else "completions", "method": methods[i % len(methods)],
              "max_tokens": 64, "abort_after": 0, "stream": i % 2 == 0} for i in range(n)]
@@ -54,9 +56,12 @@ def fault_requests(n: int, seed: int, speculative: bool, model: str) -> list[dic
     return plan
 
 
-def faulted_copies(plan: list[dict]) -> list[dict]:
+def faulted_copies(plan: list[dict], speculative: bool) -> list[dict]:
+    """A copy of one of the first requests per fault of ``FAULTS``; on a jump-share engine every
+    other one asks for ``odb`` (the fault then hits a drafting request)."""
     return [{**plan[j % len(plan)], "i": len(plan) + j, "fault": fault, "stream": stream,
-             "xargs": {"debug_fault": fault}} for j, (fault, stream) in enumerate(FAULTS)]
+             "xargs": {"debug_fault": fault}, **({"method": "odb"} if speculative and j % 2 else {})}
+            for j, (fault, stream) in enumerate(FAULTS)]
 
 
 async def fetch_one(session, base: str, model: str, r: dict, timeout: float) -> dict:
@@ -123,14 +128,16 @@ def judge_requests(plan: list[dict], faulted: list[dict], baseline: list[dict], 
             continue
         elif at <= EARLY:
             problems.append(f"faulted request {r['i']} ({r['fault']}) did not end with an error: {got.get('status')}")
-        elif got.get("text") != baseline[r["prompt"] % len(plan)].get("text"):
+        elif got.get("status") != 200 or not got.get("done"):
+            problems.append(f"faulted request {r['i']} ({r['fault']}) ended with {got.get('status')}")
+        elif r["method"] != "odb" and got.get("text") != baseline[r["prompt"] % len(plan)].get("text"):
             problems.append(f"faulted request {r['i']} ({r['fault']}) completed with another answer")
     return problems
 
 
 def phase_requests(args, env: dict) -> dict:
     plan = fault_requests(args.requests, args.seed, args.speculative, args.model)
-    faulted = faulted_copies(plan)
+    faulted = faulted_copies(plan, args.speculative)
     cmd = serving.serve_command(args.model, args.port, args.speculative, ["--enforce-eager"] if args.eager else [])
     with serving.Server(cmd=cmd, env=env, log_path=_log("requests")) as server:
         model = server.model_name()

@@ -19,6 +19,11 @@ load well past its batch (needs a GPU).
    request with a timeout, all within ``--max-seconds``.
 4. Checks (``compare``): every completed stream equals its offline text, finish reason and token
    counts; an aborted stream's text is a prefix of its offline text; no request errs or hangs;
+   for ``odb`` requests (jump-share drafts) the text is compared and reported, but a difference
+   fails the run only with ``--strict-odb``: which drafts a request gets depends on how many
+   requests share the step's draft budget, and a verified draft may lead to another verified
+   state, so equality across different batches is only promised without drafts (BENCHMARKS.md,
+   the server loopback);
    afterwards no request running or waiting and the KV cache's free blocks back to their start
    (``/metrics``: ``vllm:kv_cache_usage_perc`` and ``vllm:cache_config_info``'s pool size).
    Recorded: p50/p99 latency and time to first chunk, requests/s and output tokens/s.
@@ -81,6 +86,9 @@ def pick_stop(text: str, rng: random.Random) -> str | None:
     return None
 
 
+TEXT_PROBLEMS = ("text differs", "aborted stream is not a prefix of the offline text")
+
+
 def compare(req: dict, got: dict) -> list[str]:
     """What differs between a request's offline answer (``req``: ``expected``, ``expected_tokens``,
     ``prompt_tokens``, ``finish_reason``) and what its stream gave (``got``: ``status``, ``text``,
@@ -99,11 +107,14 @@ def compare(req: dict, got: dict) -> list[str]:
         problems.append("stream ended without [DONE]")
     if text != req["expected"]:
         problems.append("text differs")
-    if got.get("finish_reason") != req["finish_reason"]:
-        problems.append(f"finish_reason {got.get('finish_reason')} != {req['finish_reason']}")
     usage = got.get("usage") or {}
-    if usage.get("completion_tokens") != req["expected_tokens"]:
-        problems.append(f"completion_tokens {usage.get('completion_tokens')} != {req['expected_tokens']}")
+    if text == req["expected"]:  # a different text has its own finish reason and length
+        if got.get("finish_reason") != req["finish_reason"]:
+            problems.append(f"finish_reason {got.get('finish_reason')} != {req['finish_reason']}")
+        if usage.get("completion_tokens") != req["expected_tokens"]:
+            problems.append(f"completion_tokens {usage.get('completion_tokens')} != {req['expected_tokens']}")
+    elif not got.get("finish_reason") or not usage.get("completion_tokens"):
+        problems.append("no finish reason or token count")
     if usage.get("prompt_tokens") != req["prompt_tokens"]:
         problems.append(f"prompt_tokens {usage.get('prompt_tokens')} != {req['prompt_tokens']}")
     return problems
@@ -299,6 +310,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     ap.add_argument("--max-seconds", type=float, default=540.0, help="bound on the whole run")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs, offline and served (starts faster)")
+    ap.add_argument("--strict-odb", action="store_true", help="an odb request's text must equal offline too "
+                    "(jump-share drafts depend on the batch: module doc)")
     ap.add_argument("--out")
 
 
@@ -336,11 +349,13 @@ def main(args: argparse.Namespace) -> int:
 def report(args, plan, methods, start, end, health, metrics_text, t_offline, t_load, t_total, log=()) -> int:
     results = [r.get("got") for r in plan]
     unsent = sum(g is None for g in results)
-    problems = {}
+    problems, odb_text = {}, {}
     for r in plan:
         if r.get("got") is not None:
             p = compare(r, r["got"])
-            if p:
+            if p and r["method"] == "odb" and not args.strict_odb and set(p) <= set(TEXT_PROBLEMS):
+                odb_text[r["i"]] = p  # jump-share: not promised across batches (module doc)
+            elif p:
                 problems[r["i"]] = p
     sent = [r for r in plan if r.get("got") is not None]
     aborted = [r for r in sent if r["got"].get("aborted")]
@@ -356,7 +371,7 @@ def report(args, plan, methods, start, end, health, metrics_text, t_offline, t_l
         "aborts_planned_but_finished_first": sum(1 for r in completed if r["abort_after"]),
         "with_stop": sum(bool(r.get("stop")) for r in plan), "chat": sum(r["api"] == "chat" for r in plan),
         "by_method": {m: sum(r["method"] == m for r in plan) for m in methods},
-        "failed": len(problems),
+        "failed": len(problems), "odb_text_differs": len(odb_text), "strict_odb": args.strict_odb,
         "failed_by_length": {k: sum(plan[i]["length"] == k for i in problems) for k in ("short", "medium", "long")},
         "failed_by_method": {m: sum(plan[i]["method"] == m for i in problems) for m in methods},
         "timeouts": sum(bool(r["got"].get("timeout")) for r in sent),
@@ -375,12 +390,13 @@ def report(args, plan, methods, start, end, health, metrics_text, t_offline, t_l
     if args.out:
         keys = ("i", "prompt", "api", "method", "max_tokens", "length", "stop", "abort_after", "expected",
                 "expected_tokens", "finish_reason")
-        rows = [{k: r.get(k) for k in keys} | {"got": r.get("got"), "problems": problems.get(r["i"])} for r in plan]
+        rows = [{k: r.get(k) for k in keys} | {"got": r.get("got"),
+                                                "problems": problems.get(r["i"], odb_text.get(r["i"]))} for r in plan]
         with open(args.out, "w") as f:
             json.dump({"summary": summary, "requests": rows, "metrics_text_end": metrics_text,
                        "server_log_tail": list(log)}, f, indent=1)
     print(json.dumps(summary))
-    for i, p in list(problems.items())[:10]:
+    for i, p in (list(problems.items()) + list(odb_text.items()))[:10]:
         r = plan[i]
         print("MISMATCH", json.dumps({"i": i, "api": r["api"], "method": r["method"], "stop": r.get("stop"),
                                       "problems": p, "expected": r["expected"][:120],
