@@ -142,7 +142,7 @@ def _ckpt(fmt: str):
     return _CKPT[fmt]
 
 
-def _batch(fmt: str, fault_of: dict[int, str], n: int = 5):
+def _batch(fmt: str, fault_of: dict[int, str], n: int = 5, section: dict | None = None):
     """``n`` suite prompts at once through the emulated engine (odb-alp, threshold 1.0 so blocks
     take several decode steps), request i carrying ``fault_of.get(i)``; and each prompt alone
     through the reference loop."""
@@ -152,8 +152,8 @@ def _batch(fmt: str, fault_of: dict[int, str], n: int = 5):
     from vllm_odb.tiny.suite import make_suite
 
     ck = _ckpt(fmt)
-    engine_cfg = engine_config({"odb": {"block_length": BLOCK, "gen_length": GEN, "method": "odb-alp",
-                                        "threshold": 1.0}})
+    engine_cfg = engine_config({"odb": {"block_length": BLOCK, "gen_length": GEN,
+                                        **(section or {"method": "odb-alp", "threshold": 1.0})}})
     engine = EmulatedEngine(ck, engine_cfg, slots=n)
     prompts = [ck.encode_chat(e.prompt) for e in make_suite(47, n)]
     sps = [types.SimpleNamespace(temperature=0.0, max_tokens=GEN, stop=None,
@@ -181,6 +181,29 @@ def test_faulted_requests_end_with_an_error_and_the_others_decode_as_alone(fmt, 
         emitted = engine.emitted_tokens[i]
         assert emitted == refs[i][:len(emitted)]
     assert not engine.table.failed and not engine.table.faulty  # all left the table
+
+
+@pytest.mark.parametrize("fault", ["nan@3", "raise@3", "nan@4"])
+def test_faults_on_a_jump_share_engine(debug_faults, monkeypatch, fault):
+    """The same on the jump-share engine (odb; two requests, so the draft budget leaves room for
+    drafts): a fault in a step that decides from branches ends that request with an error having
+    emitted a prefix of its reference; the other completes. (Its tokens are not compared: drafts
+    depend on the requests sharing the step.)"""
+    from vllm_odb.engine.sampler import ODBSampler
+
+    branched = []
+    branch_step = ODBSampler._branch_step
+
+    def spy(self, logits, first_row, q, *args):
+        branched.append((q.req_id, q.forwards_taken + 1))
+        return branch_step(self, logits, first_row, q, *args)
+
+    monkeypatch.setattr(ODBSampler, "_branch_step", spy)
+    engine, got, refs = _batch("llada", {0: fault}, n=2, section={"method": "odb", "threshold": 1.0, "ridge_rows": 64})
+    assert engine.errors == {0} and got[1] is not None and engine.emitted_after_error == 0
+    assert engine.emitted_tokens[0] == refs[0][:len(engine.emitted_tokens[0])]
+    at = int(fault.split("@")[1])
+    assert ("r0", at) in branched  # the faulted forward decided from branches
 
 
 @pytest.mark.parametrize("fmt", ["llada"])
