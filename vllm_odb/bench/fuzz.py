@@ -393,6 +393,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    serving.prepare_out(args.out)
     cmd = None if args.url else serving.serve_command(args.model, args.port, args.speculative,
                                                       ["--enforce-eager"] if args.eager else [])
     t0 = time.time()

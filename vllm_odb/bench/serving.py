@@ -44,6 +44,12 @@ def serve_command(model: str, port: int, speculative: bool, extra: list[str] | N
     return cmd + list(extra or [])
 
 
+def prepare_out(path: str | None) -> None:
+    """Make the report's directory now, not after the run."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+
 def get(url: str, timeout: float = 10.0) -> tuple[int, str]:
     """(status, body) of a GET; status 0 when nothing answered (refused, reset, timed out)."""
     try:

@@ -316,6 +316,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    serving.prepare_out(args.out)
     t_start = time.time()
     hard_end = t_start + args.max_seconds
     methods = METHODS_SPECULATIVE if args.speculative else METHODS_DEFAULT
