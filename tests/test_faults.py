@@ -183,12 +183,12 @@ def test_faulted_requests_end_with_an_error_and_the_others_decode_as_alone(fmt, 
     assert not engine.table.failed and not engine.table.faulty  # all left the table
 
 
-@pytest.mark.parametrize("fault", ["nan@3", "raise@3", "nan@4"])
+@pytest.mark.parametrize("fault", ["nan@1", "nan@3", "raise@3", "nan@4"])
 def test_faults_on_a_jump_share_engine(debug_faults, monkeypatch, fault):
     """The same on the jump-share engine (odb; two requests, so the draft budget leaves room for
-    drafts): a fault in a step that decides from branches ends that request with an error having
-    emitted a prefix of its reference; the other completes. (Its tokens are not compared: drafts
-    depend on the requests sharing the step.)"""
+    drafts): a fault in a step that decides from branches (or in the refresh that plans the first
+    ones) ends that request with an error having emitted a prefix of its reference; the other
+    completes. (Its tokens are not compared: drafts depend on the requests sharing the step.)"""
     from vllm_odb.engine.sampler import ODBSampler
 
     branched = []
@@ -203,7 +203,7 @@ def test_faults_on_a_jump_share_engine(debug_faults, monkeypatch, fault):
     assert engine.errors == {0} and got[1] is not None and engine.emitted_after_error == 0
     assert engine.emitted_tokens[0] == refs[0][:len(engine.emitted_tokens[0])]
     at = int(fault.split("@")[1])
-    assert ("r0", at) in branched  # the faulted forward decided from branches
+    assert at == 1 or ("r0", at) in branched  # the faulted forward decided from branches
 
 
 @pytest.mark.parametrize("fmt", ["llada"])
@@ -231,7 +231,11 @@ def test_the_scheduler_ends_a_reported_request_with_an_error(monkeypatch):
     from vllm.v1.structured_output import StructuredOutputManager
     from vllm_plugin_common import _cpu_shims, _create
 
+    from vllm_odb.engine import kv_release
+
     _cpu_shims(monkeypatch)
+    # the scheduler patch tells kv_release a scheduler listens in this process: undone after the test
+    monkeypatch.setattr(kv_release, "_listening", kv_release._listening)
     vllm.plugins.load_general_plugins()
     config = _create("llada")
     config.cache_config.num_gpu_blocks = 64
