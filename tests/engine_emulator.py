@@ -10,6 +10,10 @@ cache; jump-share plans' rows with the layout's mask, as ``BranchAttention`` com
 the refresh forward (the reference model over the job's sequence, keeping its keys and values as
 the request's cache). So a response and its NFE must equal the reference loop's, as on the GPU
 (``bench vllm-parity``), without the GPU.
+
+A request the sampler reports failed (``SamplerOutput.num_nans``) is ended with an error as vLLM's
+scheduler ends it (patches/request_errors.py), ``error_lag`` steps later (async scheduling has
+the next step scheduled before it reads this one's output).
 """
 
 from __future__ import annotations
@@ -44,23 +48,41 @@ class EmulatedEngine:
         self.sampler = ODBSampler(self.table, CacheRefresh(stand_in, self.paged), base, 4096)
         self.kv: dict[int, list] = {}  # each request's keys and values as its last refresh wrote them
 
-    def generate(self, prompts: list[list[int]], sampling_params) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], sampling_params, error_lag: int = 1) -> list[list[int] | None]:
         """The requests through the engine at once (the first step prefills them all): each one's
-        response tokens as vLLM emits them (up to and without the first end id). ``self.stats``:
-        what the engine's metrics counted for them, summed."""
+        response tokens as vLLM emits them (up to and without the first end id), or None for a
+        request that ended with an error. ``sampling_params``: one for all, or one per prompt.
+        ``self.stats``: what the engine's metrics counted for them, summed; ``self.errors``: the
+        slots that ended with an error, ``self.emitted_tokens``: every request's emitted tokens,
+        and ``self.emitted_after_error``: tokens any of them emitted after the step that reported
+        it."""
         before = dict(self.table.counters.totals)
         slots = list(range(len(prompts)))
-        for s, p in zip(slots, prompts):
-            self.table.add(s, f"r{s}", p, None, sampling_params)
-        self._step(slots, prefill=True)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        for s, p, sp in zip(slots, prompts, params):
+            self.table.add(s, f"r{s}", p, None, sp)
+        out = self._step(slots, prefill=True)
+        failing = {s: error_lag for row, s in enumerate(slots) if out.num_nans is not None and out.num_nans[row] > 0}
         emitted: dict[int, list[int]] = {s: [] for s in slots}
+        self.errors, self.emitted_after_error = set(), 0
         ends = set(self.special.end_ids)
         active = list(slots)
         for _ in range(4 * max(self.table.get(s).cfg.gen_length for s in slots) + 8):
             out = self._step(active, prefill=False)
             for row, s in enumerate(active):
-                emitted[s] += out.sampled_token_ids[row, :int(out.num_sampled[row])].tolist()
-            for s in [s for s in active if ends & set(emitted[s])]:  # vLLM's stop check ends it
+                new = out.sampled_token_ids[row, :int(out.num_sampled[row])].tolist()
+                emitted[s] += new
+                if s in failing:
+                    self.emitted_after_error += len(new)
+                elif out.num_nans is not None and out.num_nans[row] > 0:
+                    failing[s] = error_lag
+            for s in [s for s in active if s in failing and failing[s] <= 0]:  # the scheduler's error finish
+                self.errors.add(s)
+                self.table.remove(f"r{s}")
+                active.remove(s)
+            for s in failing:
+                failing[s] -= 1
+            for s in [s for s in active if s not in failing and ends & set(emitted[s])]:  # vLLM's stop check
                 self.table.remove(f"r{s}")
                 active.remove(s)
             if not active:
@@ -70,7 +92,9 @@ class EmulatedEngine:
         # What the engine's metrics counted (forwards a request takes after the block that ends it
         # are not: engine/requests.py ``RequestTable.ended``).
         self.stats = {k: v - before[k] for k, v in self.table.counters.totals.items()}
-        return [e[:min(e.index(t) for t in ends if t in e)] for e in emitted.values()]
+        self.emitted_tokens = [emitted[s] for s in slots]
+        return [None if s in self.errors else e[:min(e.index(t) for t in ends if t in e)]
+                for s, e in emitted.items()]
 
     def _tables(self, slots: list[int]) -> None:
         """Each batch row's block table: its request's own range of blocks."""

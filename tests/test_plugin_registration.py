@@ -64,6 +64,7 @@ def test_patches_applied():
 
     assert getattr(SamplingParams._validate_diffusion, "_odb_patched", False)
     assert getattr(Scheduler.__init__, "_odb_patched", False)
+    assert getattr(Scheduler.update_from_output, "_odb_patched", False)
     assert getattr(GPUModelRunner.initialize_kv_cache, "_odb_patched", False)
     from vllm.v1.worker import gpu_worker
 

@@ -19,6 +19,11 @@ COMMANDS = {
     "dcu-cost": ("dcu_cost", "refresh, dual-cache decode and DCU forwards timed at one shape (does DCU pay on the engine?)"),
     "vllm-parity": ("parity", "vLLM engine vs the reference loop on a tiny checkpoint: tokens, NFE, canvas, drafts (GPU)"),
     "server-loopback": ("loopback", "the OpenAI server end to end: streams, stop strings, bad input, metrics (GPU)"),
+    "server-fuzz": ("fuzz", "malformed requests against the OpenAI server: 4xx only, never a 5xx or a hang (GPU)"),
+    "server-soak": ("soak", "200 streaming clients, 1,000 requests with aborts: answers equal offline, KV returned, "
+                            "latency (GPU)"),
+    "server-faults": ("fault_check", "injected failures: a faulted request ends with an error, the others and the server "
+                                     "go on; an engine crash fails /health (GPU)"),
     "vllm-full-size": ("vllm_full_size", "full-size random-weight per-step cost on the vLLM engine (GPU)"),
     "profile-decode-step": ("profile_decode", "where a batch-1 decode step of the engine spends its time (GPU)"),
     "calibrate-fastdllm": ("calibrate", "reference engine vs Fast-dLLM's model code, per forward (GPU; staged code)"),

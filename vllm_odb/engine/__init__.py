@@ -8,6 +8,9 @@ import os
 # raises naming the request instead of a device assert later (debugging only: it syncs the device).
 CHECK = os.environ.get("VLLM_ODB_CHECK", "") not in ("", "0")
 
+# VLLM_ODB_DEBUG_FAULTS=1: requests may ask for injected failures (extra_args "debug_fault"; engine/faults.py),
+# for the reliability tests. Off: the key is an unknown knob.
+
 # VLLM_ODB_PROFILE=path: the benchmarks' step profiler appends one JSON line per engine step
 # (vllm_odb/bench/profile.py; it adds a device sync per step).
 PROFILE_ENV = "VLLM_ODB_PROFILE"

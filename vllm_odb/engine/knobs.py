@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 
+from vllm_odb.engine import faults
 from vllm_odb.policies.config import METHODS, DecodeConfig
 
 ENGINE_SECTION = "odb"  # --additional-config '{"odb": {...}}'
@@ -33,6 +34,12 @@ REQUEST_ONLY_NOT_KNOBS = ("temperature",)
 REPLAY_ARG = "replay"  # a benchmark trace (vllm_odb/bench/replay.py), not a decoding knob
 # What a method preset sets: a request naming a method drops the engine's values of these.
 MODE_KNOBS = ("rule", "cache", "alp", "early_stop", "jump", "suffix_window", "threshold_alpha", "dcu")
+# Boolean knobs. The OpenAI server's ``vllm_xargs`` holds strings and numbers only, so a JSON
+# true/false arrives as 1/0: a request's 0 or 1 for these is false or true.
+BOOL_KNOBS = ("alp", "early_stop", "jump", "dcu")
+# A request's extra_args cross to the engine core as msgpack, which has no integers outside
+# [-2**63, 2**64): a larger one must be refused here, or it fails later as a server error.
+_WIRE_INTS = (-(1 << 63), (1 << 64) - 1)
 
 
 # Reference-engine-only policies (Dynamic-dLLM's DCU): refused by name on the engine rather than
@@ -60,7 +67,7 @@ def _engine_checks(cfg: DecodeConfig, where: str) -> DecodeConfig:
 def _from_knobs(knobs: dict, where: str) -> DecodeConfig:
     knobs = dict(knobs)
     method = knobs.pop("method", "fast-dllm")
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"{where}method={method!r}; choose from {sorted(METHODS)}")
     try:
         return DecodeConfig.from_dict({**METHODS[method], **knobs})
@@ -93,8 +100,15 @@ def request_config(engine: DecodeConfig, extra_args: dict | None, temperature: f
     knobs raise ``ValueError`` naming them), then vLLM's temperature."""
     args = dict(extra_args or {})
     where = "extra_args: "
+    for name, value in args.items():
+        _check_wire(where, name, value)
     if REPLAY_ARG in args:
         request_forcing(args.pop(REPLAY_ARG))
+    if faults.ARG in args:  # debug fault injection (engine/faults.py): refused unless enabled
+        faults.parse(args.pop(faults.ARG))
+    for name in BOOL_KNOBS:
+        if type(args.get(name)) is int and args[name] in (0, 1):
+            args[name] = bool(args[name])
     for name in REQUEST_ONLY_NOT_KNOBS:
         if name in args:
             raise ValueError(f"{where}{name} is not an extra arg; use SamplingParams.temperature")
@@ -114,6 +128,14 @@ def request_config(engine: DecodeConfig, extra_args: dict | None, temperature: f
         raise ValueError(f"{where}jump=true needs a jump-share engine (method 'odb' or 'odb-jump', e.g. "
                          "--speculative odb): its canvas holds the draft rows")
     return cfg
+
+
+def _check_wire(where: str, name: str, value) -> None:
+    if isinstance(value, list):
+        for v in value:
+            _check_wire(where, name, v)
+    elif isinstance(value, int) and not isinstance(value, bool) and not _WIRE_INTS[0] <= value <= _WIRE_INTS[1]:
+        raise ValueError(f"{where}{name}: an integer out of range")
 
 
 def request_forcing(value):

@@ -10,6 +10,10 @@ and the state machine the sampler drives (engine/sampler.py), one method a trans
                                             |  starts with a refresh (cut() may shrink the canvas)
                                             +-- False -> finished: EOS blocks until vLLM stops it
 
+    any state --(its step unusable: non-finite logits, or its own part of the step raised)-->
+      failed (RequestTable.fail): nothing more goes out; the sampler reports it every step until
+      vLLM's scheduler ends it with an error (patches/request_errors.py)
+
 GPU side: ``tokens[slot]`` = prompt, committed blocks and the canvas still being decoded (masks
 where undecided), the sequence the refresh forward reads and the draft slots are cut from.
 """
@@ -23,7 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from vllm_odb.engine import CHECK, check, kv_release
+from vllm_odb.engine import CHECK, check, faults, kv_release
 from vllm_odb.engine.knobs import REPLAY_ARG, canvas_width, live_gen_length, request_config, request_forcing
 from vllm_odb.engine.metrics import COUNTERS, RequestCounters
 from vllm_odb.policies import DecodeConfig
@@ -85,6 +89,8 @@ class ODBRequest:
     counted: bool = False  # its stats went to the metrics (when it finished, or when removed)
     plan: JumpPlan | None = None  # jump-share: the branches of its next decode step
     forcing: Forcing | None = None  # benchmarks: a trace's decisions (policies/forcing.py); None when serving
+    error: str | None = None  # why its step failed (RequestTable.fail); it then ends with an error
+    fault: faults.Fault | None = None  # debug fault injection (engine/faults.py); None when serving
     block_step: int = 0  # forwards taken in the current block
     thresholds: BlockThresholds | None = None  # APD / dynamic thresholds of the current block
     # Per-request counters, named as in engine/metrics.py (forwards = NFE).
@@ -118,6 +124,11 @@ class ODBRequest:
         """Canvas positions after the block that the current block's steps see."""
         stop, final = self.kept()
         return list(range(self.start + self.cfg.block_length, stop)) + ([] if final is None else [final])
+
+    @property
+    def forwards_taken(self) -> int:
+        """Forwards the request took so far (refreshes and decode steps, idle ones included)."""
+        return self.stats["forwards"] + self.stats["idle_forwards"]
 
     @property
     def block_index(self) -> int:
@@ -218,6 +229,13 @@ class RequestTable:
                                  dtype=torch.long, device=device)
         self.reqs: list[ODBRequest | None] = [None] * max_num_reqs
         self.slot_of: dict[str, int] = {}
+        # Slots whose request failed (RequestTable.fail), until it leaves; slots whose request
+        # carries a debug fault (engine/faults.py; always empty unless enabled).
+        self.failed: set[int] = set()
+        self.faulty: set[int] = set()
+        # Per slot: the request's last refresh produced non-finite logits. Read with the next
+        # decode step's flags (engine/sampler.py), so the refresh adds no host sync.
+        self.unusable = torch.zeros(max_num_reqs, dtype=torch.bool, device=device)
 
     def add(self, slot: int, req_id: str, prompt_ids: list[int], prefill_ids: list[int] | None,
             sampling_params) -> ODBRequest:
@@ -226,12 +244,13 @@ class RequestTable:
         self.remove(req_id)
         sp = sampling_params
         warmup = req_id.startswith("_warmup_")  # vLLM's kernel warm-up: run the path, decode nothing
-        forcing, markers = None, self.markers
+        forcing, markers, fault = None, self.markers, None
         try:
             extra = getattr(sp, "extra_args", None)
             cfg = self.engine if warmup else request_config(
                 self.engine, extra, getattr(sp, "temperature", 0.0), getattr(sp, "max_tokens", None))
             forcing = None if warmup else request_forcing((extra or {}).get(REPLAY_ARG))
+            fault = None if warmup else faults.request_fault(extra)
             markers = markers if warmup else markers + self.stop_markers(getattr(sp, "stop", None))
         except ValueError as e:  # validated in the front end (patches/diffusion_params.py); never
             log.error("request %s: %s; it ends without output", req_id, e)  # crash the engine
@@ -240,13 +259,17 @@ class RequestTable:
         ids = list(prefill_ids) if prefill_ids else list(prompt_ids)
         gen = live_gen_length(cfg, plen, self.max_model_len, self.width - self.block)
         req = ODBRequest(req_id=req_id, cfg=cfg, prompt_len=plen, gen=gen, start=len(ids), markers=markers,
-                         warmup=warmup, forcing=forcing)
+                         warmup=warmup, forcing=forcing, fault=fault)
         req.stats["canvas_requested"] = req.stats["canvas_predicted"] = gen
         row = self.tokens[slot]
         row.fill_(self.mask_id)
         row[: len(ids)] = to_device(ids, self.device)
         self.reqs[slot] = req
         self.slot_of[req_id] = slot
+        self.failed.discard(slot)
+        self.unusable[slot] = False
+        if fault is not None:
+            self.faulty.add(slot)
         if CHECK:
             check.HISTORY.log(req_id, f"added at slot {slot}: prompt {plen}, prefill {len(ids)}, canvas end {req.end}"
                                       f"{' (warm-up or refused)' if warmup else ''}")
@@ -263,6 +286,8 @@ class RequestTable:
         if slot is not None:
             self._count(self.reqs[slot])
             self.reqs[slot] = None
+            self.failed.discard(slot)
+            self.faulty.discard(slot)
 
     def _count(self, req: ODBRequest) -> None:
         if not (req.warmup or req.counted):
@@ -281,6 +306,21 @@ class RequestTable:
         req.plan = None
         self.tokens[slot, req.start:] = self.eos_id
         self._count(req)  # its decoding is over; an aborted request is counted when removed
+
+    def fail(self, slot: int, reason: str) -> None:
+        """The request's step cannot be used (``reason``): it decodes and emits nothing more, and
+        the sampler reports it until vLLM's scheduler ends it with an error (engine/sampler.py,
+        patches/request_errors.py). The other requests go on."""
+        req = self.reqs[slot]
+        log.error("vllm-odb: request %s failed: %s; it ends with an error", req.req_id, reason)
+        req.error = reason
+        req.finished = True
+        req.plan = None
+        self.failed.add(slot)
+        self.faulty.discard(slot)
+        self._count(req)
+        if CHECK:
+            check.HISTORY.log(req.req_id, f"failed: {reason}")
 
     def ended(self, slot: int) -> None:
         """The request emitted a block holding an end marker, on which vLLM stops it: its stats go

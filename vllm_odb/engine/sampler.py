@@ -24,6 +24,17 @@ A block that the refresh step already completes is committed on the next step. A
 request (canvas done, or an end marker with ``early_stop``) commits EOS blocks until vLLM's stop
 check ends it.
 
+One request's failure ends that request, not the engine. A step whose confidences are not finite
+(its logits hold NaN or inf: a NaN confidence must never commit tokens) fails the request, found
+with the step's host sync (a refresh's, with the next decode step's: ``RequestTable.unusable``); an
+exception in a request's own part of the step (its state machine, planning, the refresh's checks:
+``_own_part``) fails it too. A failed request emits nothing more, its slots are rejected, and the
+step's ``SamplerOutput.num_nans`` marks its row, every step it is still in the batch: the scheduler
+patch (patches/request_errors.py) finishes it with vLLM's ``FINISHED_ERROR``. What fails the batch
+as a whole (the forward, a device error, the tensors of all requests) still raises: vLLM's engine
+core dies, and the server's ``/health`` answers 503. ``VLLM_ODB_DEBUG_FAULTS`` (engine/faults.py)
+injects such failures for the tests.
+
 Logits are read in tiles over requests (``_TILE_BYTES`` of fp32 work each), so the sampler never
 holds more than a bounded slice of [requests x block, vocab] in fp32 at once. One host sync per
 step (which blocks completed) decides the refreshes; jump-share planning adds a few per planned
@@ -39,6 +50,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable
@@ -47,7 +59,7 @@ import numpy as np
 import torch
 from vllm.v1.worker.gpu.sample.output import SamplerOutput
 
-from vllm_odb.engine import CHECK, check, step_observer
+from vllm_odb.engine import CHECK, check, faults, step_observer
 from vllm_odb.engine.requests import JumpPlan, ODBRequest, RequestTable, decode_rows
 from vllm_odb.policies.adaptive import moving_thresholds, streaming_threshold
 from vllm_odb.policies.forcing import forced_counts, forced_ends, forced_lengths
@@ -73,6 +85,7 @@ class StepRows:
     decode: list[int]  # rows deciding a block: a full window of a request in the table
     partial: np.ndarray  # rows whose window the scheduler cut short: they decide nothing
     prefill: np.ndarray  # rows still prefilling their prompt (no logits)
+    failed: list[int]  # rows of requests that failed (RequestTable.fail): they decide nothing
 
     @classmethod
     def of(cls, input_batch, table: RequestTable, width: int) -> "StepRows":
@@ -87,9 +100,10 @@ class StepRows:
         # and all its slots are rejected, so vLLM's computed count stays where it was.
         full = decode_rows(input_batch, width)
         full = full[nlog[full] == width]
-        decode = [int(r) for r in full if table.get(int(slots[r])) is not None]
+        failed = [r for r in range(n) if int(slots[r]) in table.failed] if table.failed else []
+        decode = [int(r) for r in full if table.get(int(slots[r])) is not None and int(slots[r]) not in table.failed]
         return cls(slots, nlog, decode, np.setdiff1d(np.flatnonzero(nlog > 0), full),
-                   np.flatnonzero((nlog == 0) & input_batch.is_prefilling_np[:n]))
+                   np.flatnonzero((nlog == 0) & input_batch.is_prefilling_np[:n]), failed)
 
     def prefilled(self, input_batch, table: RequestTable) -> list[tuple[int, int]]:
         """(slot, row) of the prompts whose prefill completes this step: a refresh starts their first block."""
@@ -118,6 +132,7 @@ class StepOutput:
         self.sampled = torch.zeros((n, width), dtype=torch.int32, device=device)
         self.num_sampled = torch.zeros(n, dtype=torch.int32, device=device)
         self.num_rejected = torch.zeros(n, dtype=torch.int32, device=device)
+        self.num_nans = None  # rows of failed requests (> 0), for the scheduler; None: none
         self.emitted = False  # a block went out (it may end its request)
 
     def emit(self, rows: list[int], blocks: torch.Tensor) -> None:
@@ -134,12 +149,19 @@ class StepOutput:
         if rows.decode:
             r = to_device(rows.decode, self.device)
             self.num_rejected[r] = self.width - self.num_sampled[r]
-        if len(rows.partial):
-            self.num_rejected[to_device(rows.partial, self.device)] = to_device(
-                rows.nlog[rows.partial], self.device, self.num_rejected.dtype)
+        cut = np.union1d(rows.partial, np.asarray(rows.failed, dtype=np.int64)).astype(np.int64)
+        if len(cut):
+            self.num_rejected[to_device(cut, self.device)] = to_device(rows.nlog[cut], self.device,
+                                                                       self.num_rejected.dtype)
+
+    def report_failed(self, rows: list[int]) -> None:
+        """Rows of failed requests: ``num_nans`` > 0 there (vLLM's per-request channel from the
+        runner to the scheduler; patches/request_errors.py ends them with an error)."""
+        self.num_nans = torch.zeros(len(self.num_sampled), dtype=torch.int32, device=self.device)
+        self.num_nans[to_device(rows, self.device)] = 1
 
     def result(self) -> SamplerOutput:
-        return SamplerOutput(sampled_token_ids=self.sampled, logprobs_tensors=None, num_nans=None,
+        return SamplerOutput(sampled_token_ids=self.sampled, logprobs_tensors=None, num_nans=self.num_nans,
                              num_sampled=self.num_sampled, num_rejected=self.num_rejected)
 
 
@@ -201,8 +223,8 @@ class ODBSampler:
         decoded = [table.get(s) for s in slots]
         refresh: list[tuple[int, int]] = []  # (slot, batch row): a refresh starts their next block
         if decoded:
-            masked, step = self._decode(logits, input_batch.cu_num_logits_np, rows.decode, slots, decoded)
-            refresh += self._advance(rows.decode, slots, decoded, masked, step, out)
+            masked, step, unusable = self._decode(logits, input_batch.cu_num_logits_np, rows.decode, slots, decoded)
+            refresh += self._advance(rows.decode, slots, decoded, masked, step, unusable, out)
             _checkpoint("decode")
         out.reject(rows)
         refresh += rows.prefilled(input_batch, table)
@@ -215,6 +237,8 @@ class ODBSampler:
             _checkpoint("refresh")
         self._write_drafts(rows.touched(table, refresh))
         _checkpoint("drafts")
+        if table.failed:  # failed earlier or in this step: the scheduler ends them with an error
+            out.report_failed([r for r in range(len(rows.slots)) if int(rows.slots[r]) in table.failed])
         table.counters.flush(force=out.emitted or table.idle())  # blocks out may end requests: at once
         if self.observer:
             self.observer.step_ended(StepReport(input_batch, decoded, [table.get(s) for s, _ in refresh]))
@@ -223,7 +247,9 @@ class ODBSampler:
     def _decode(self, logits, cu: np.ndarray, dec_rows: list[int], slot_list: list[int], reqs: list[ODBRequest]):
         """Decode: one policy step on every decode request's block (request ``slot_list[i]`` in
         batch row ``dec_rows[i]``; ``cu``: each row's first logit row), written back to the table.
-        Returns the blocks' masked positions before the step, and the step."""
+        Returns the blocks' masked positions before the step, the step, and which requests'
+        steps are unusable: a non-finite confidence (NaN or inf in their logits), in this step or
+        in their last refresh's (``RequestTable.unusable``)."""
         table, blk = self.table, self.block
         slots = to_device(slot_list, self.device)
         cols = table.block_cols(reqs)
@@ -233,6 +259,9 @@ class ODBSampler:
         # window starts one position early, so row j is position s-1+j and predicts slot j).
         first = to_device([int(cu[r]) for r in dec_rows], self.device)
         vocab = logits.shape[-1]
+        if table.faulty:  # debug fault injection only (engine/faults.py)
+            for i in self._faults_due(reqs):
+                logits[int(cu[dec_rows[i]]): int(cu[dec_rows[i]]) + self.width] = float("nan")
 
         def block_logits(idx: torch.Tensor) -> torch.Tensor:
             return logits[(first[idx][:, None] + self._cols[None]).reshape(-1)].view(len(idx), blk, vocab)
@@ -240,39 +269,87 @@ class ODBSampler:
         step = self._block_steps(reqs, slots, block, masked, block_logits, max(1, _TILE_BYTES // (blk * vocab * 4)))
         for i, q in enumerate(reqs):
             if q.plan is not None and not q.finished:
-                b = self._branch_step(logits, int(cu[dec_rows[i]]), q, slot_list[i], masked[i])
-                step.block[i], step.x0[i], step.conf[i], step.accepted[i] = b.block[0], b.x0[0], b.conf[0], b.accepted[0]
+                with self._own_part(slot_list[i], q):
+                    b = self._branch_step(logits, int(cu[dec_rows[i]]), q, slot_list[i], masked[i])
+                    step.block[i], step.x0[i], step.conf[i] = b.block[0], b.x0[0], b.conf[0]
+                    step.accepted[i] = b.accepted[0]
         table.tokens[slots[:, None], cols] = step.block
-        return masked, step
+        return masked, step, ~torch.isfinite(step.conf).all(1) | table.unusable[slots]
 
     def _advance(self, dec_rows: list[int], slots: list[int], reqs: list[ODBRequest], masked: torch.Tensor,
-                 step: Step, out: StepOutput) -> list[tuple[int, int]]:
+                 step: Step, unusable: torch.Tensor, out: StepOutput) -> list[tuple[int, int]]:
         """Each decode request after its step (engine/requests.py), then the completed blocks go
         out. Returns (slot, row) of the requests whose next block starts with a refresh."""
         table = self.table
         left = step.block == table.mask_id
         ends = self._block_ends(reqs, slots, step.block)
         # the step's host sync
-        flags = torch.stack([~left.any(1), ends, masked.any(1), left.sum(1), step.accepted], 1).tolist()
-        live = sum(1 for q, f in zip(reqs, flags) if not q.finished and not f[0])
+        flags = torch.stack([~left.any(1), ends, masked.any(1), left.sum(1), step.accepted, unusable], 1).tolist()
+        live = sum(1 for q, f in zip(reqs, flags) if not q.finished and not f[0] and not f[5])
         refresh, done = [], []
         for i, (r, slot, q) in enumerate(zip(dec_rows, slots, reqs)):
-            complete, has_end, decided, masks_left, accepted = flags[i]
-            q.forwarded(bool(decided), accepted)
-            if not complete:
-                if q.cfg.jump and not q.finished:
-                    self._plan(q, slot, step.block[i], step.x0[i], step.conf[i], masks_left, live)
+            if q.error is not None:  # failed in this step's decode
                 continue
-            done.append(i)
-            if q.complete_block(q.stops(bool(has_end))):
-                if has_end:  # vLLM stops the request on this block (its EOS / stop string): count it
-                    table.ended(slot)  # now, not when vLLM's removal reaches us
-                refresh.append((slot, r))
-            else:
-                table.finish(slot)
+            if flags[i][5] and not q.finished:  # (a finished request's logits are not read)
+                table.fail(slot, "non-finite logits (NaN or inf) in its forward")
+                continue
+            with self._own_part(slot, q):
+                emit, again = self._advance_one(q, slot, flags[i], step, i, live)
+                if emit:
+                    done.append(i)
+                if again:
+                    refresh.append((slot, r))
         if done:
             out.emit([dec_rows[i] for i in done], step.block[to_device(done, self.device)])
         return refresh
+
+    def _advance_one(self, q: ODBRequest, slot: int, flags: list, step: Step, i: int, live: int) -> tuple[bool, bool]:
+        """One decode request after its step (row ``i`` of ``step``; ``flags``: its row of the
+        step's host sync). Returns whether its block goes out, and whether a refresh starts its
+        next block."""
+        complete, has_end, decided, masks_left, accepted, _ = flags
+        if q.fault is not None and q.fault.kind == "raise" and q.fault.due(q.forwards_taken):
+            raise faults.InjectedFault(f"debug fault {q.fault} in request {q.req_id}'s step")
+        q.forwarded(bool(decided), accepted)
+        if not complete:
+            if q.cfg.jump and not q.finished:
+                self._plan(q, slot, step.block[i], step.x0[i], step.conf[i], masks_left, live)
+            return False, False
+        if q.complete_block(q.stops(bool(has_end))):
+            if has_end:  # vLLM stops the request on this block (its EOS / stop string): count it
+                self.table.ended(slot)  # now, not when vLLM's removal reaches us
+            return True, True
+        self.table.finish(slot)
+        return True, False
+
+    @contextmanager
+    def _own_part(self, slot: int, q: ODBRequest):
+        """A request's own part of the step: an exception in it fails that request only
+        (``RequestTable.fail``: it ends with an error) and the step goes on for the others. A
+        device error is the engine's, not the request's: after the exception a device sync runs,
+        and raises if the device failed."""
+        try:
+            yield
+        except Exception as e:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            log.exception("vllm-odb: request %s raised in its part of the step", q.req_id)
+            self.table.fail(slot, f"{type(e).__name__}: {e}")
+
+    def _faults_due(self, reqs: list[ODBRequest]) -> list[int]:
+        """Debug fault injection (engine/faults.py) at this forward of ``reqs``: a ``crash`` raises
+        here, failing the whole step; returns the indices whose logits turn to NaN (``raise``
+        faults fire in the request's own part of the step)."""
+        nan = []
+        for i, q in enumerate(reqs):
+            f = q.fault
+            if f is None or q.finished or not f.due(q.forwards_taken):
+                continue
+            if f.kind == "crash":
+                raise faults.InjectedFault(f"debug fault {f} in request {q.req_id}: the whole step fails")
+            if f.kind == "nan":
+                nan.append(i)
+        return nan
 
     def _refresh(self, jobs: list[tuple[int, int]]) -> None:
         """Refresh forward for each (slot, batch row); ALP on its canvas predictions; then the
@@ -281,11 +358,20 @@ class ODBSampler:
         memory profile measured, so the KV cache it sized leaves room for them; one request longer
         than the budget runs alone)."""
         table, blk, shift = self.table, self.block, self.shift
+        checked = []
+        for slot, row in jobs:  # host-side invariants of the rows read below (cheap: Python ints)
+            q = table.get(slot)
+            with self._own_part(slot, q):
+                if q.fault is not None and q.fault.kind == "raise" and q.fault.due(q.forwards_taken):
+                    raise faults.InjectedFault(f"debug fault {q.fault} in request {q.req_id}'s refresh")
+                if not (shift <= q.start and q.start + blk <= q.end <= table.max_model_len + self.width):
+                    raise RuntimeError(f"vllm-odb: refresh of request {q.req_id} with block start {q.start}, canvas "
+                                       f"end {q.end} (prompt {q.prompt_len}, gen {q.gen}, finished {q.finished})")
+                checked.append((slot, row))
+        jobs = checked
+        if not jobs:
+            return
         reqs = [table.get(s) for s, _ in jobs]
-        for q in reqs:  # host-side invariants of the rows read below (cheap: Python ints)
-            if not (shift <= q.start and q.start + blk <= q.end <= table.max_model_len + self.width):
-                raise RuntimeError(f"vllm-odb: refresh of request {q.req_id} with block start {q.start}, "
-                                   f"canvas end {q.end} (prompt {q.prompt_len}, gen {q.gen}, finished {q.finished})")
         steps = [self._refresh_chunk(jobs[a:b], reqs[a:b])
                  for a, b in token_chunks([q.keys for q in reqs], self.refresh_budget)]
         new, x0, conf = (torch.cat(t) for t in zip(*((s.block, s.x0, s.conf) for s in steps)))
@@ -295,7 +381,8 @@ class ODBSampler:
             live = sum(1 for n in left if n)
             for i in jumping:
                 if left[i]:
-                    self._plan(reqs[i], jobs[i][0], new[i], x0[i], conf[i], left[i], live)
+                    with self._own_part(jobs[i][0], reqs[i]):
+                        self._plan(reqs[i], jobs[i][0], new[i], x0[i], conf[i], left[i], live)
 
     def _refresh_chunk(self, jobs: list[tuple[int, int]], reqs: list[ODBRequest]) -> Step:
         """One side forward over ``jobs``; ALP; their first step. Returns it ([jobs, block])."""
@@ -305,6 +392,9 @@ class ODBSampler:
                                                             for (s, r), (stop, final) in zip(jobs, kept)])
         first = to_device([o + q.start - shift for o, q in zip(offsets, reqs)], self.device)
         logits = self.cache.logits(hidden[(first[:, None] + self._cols[None]).reshape(-1)]).view(len(jobs), blk, -1)
+        if self.table.faulty:  # debug fault injection only (engine/faults.py)
+            for i in self._faults_due(reqs):
+                logits[i] = float("nan")
         slots = to_device([s for s, _ in jobs], self.device)
         cols = table.block_cols(reqs)
         block = table.tokens[slots[:, None], cols]
@@ -315,6 +405,8 @@ class ODBSampler:
         for q in reqs:
             q.stepped()
         table.tokens[slots[:, None], cols] = step.block
+        # non-finite logits fail the request at its next decode step's sync (_advance)
+        table.unusable[slots] |= ~torch.isfinite(step.conf).all(1)
         return step
 
     # ---- the policies, per request group --------------------------------------------------

@@ -28,10 +28,17 @@ def check_vllm_version(version: str | None = None) -> None:
 def apply_all() -> list[str]:
     """Apply every patch once per process; returns the names applied so far."""
     check_vllm_version()
-    from vllm_odb.patches import (diffusion_params, runner_block_tables, scheduler_lookahead, speculative_odb,
-                                  warmup_ids)
+    from vllm_odb.patches import (
+        diffusion_params,
+        request_errors,
+        runner_block_tables,
+        scheduler_lookahead,
+        speculative_odb,
+        warmup_ids,
+    )
 
-    for module in (diffusion_params, scheduler_lookahead, runner_block_tables, speculative_odb, warmup_ids):
+    for module in (diffusion_params, scheduler_lookahead, request_errors, runner_block_tables, speculative_odb,
+                   warmup_ids):
         if module.NAME not in _applied:
             module.apply()
             _applied.add(module.NAME)

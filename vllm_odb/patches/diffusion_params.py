@@ -47,6 +47,12 @@ def validate_odb_request(params, hf_config) -> None:
     if refused:
         raise ValueError(f"{', '.join(refused)}: not supported for diffusion LMs on vllm-odb"
                          + (" (one completion per request; send the request n times)" if "n" in refused else ""))
+    for stop in [params.stop] if isinstance(params.stop, str) else params.stop or []:
+        if isinstance(stop, str) and not stop.isascii():  # a lone surrogate cannot reach the engine core
+            try:
+                stop.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"stop={stop!r}: not valid unicode (a lone surrogate)") from None
     if IGNORED_FIELDS_KEY in (params.extra_args or {}):
         params.extra_args = extra or None
     if greedy:
