@@ -256,7 +256,7 @@ def _wrong_role(rng, model):
 
 def _refused_param(rng, model):
     field, value, expect = rng.choice([
-        ("n", 2, "4xx"), ("best_of", 3, "4xx"), ("logprobs", 2, "4xx"), ("seed", 7, "4xx"), ("min_p", 0.1, "not-5xx"),
+        ("n", 2, "4xx"), ("best_of", 3, "4xx"), ("logprobs", 2, "4xx"), ("seed", 7, "not-5xx"), ("min_p", 0.1, "not-5xx"),
         ("min_tokens", 4, "4xx"), ("logit_bias", {"5": 10}, "4xx"), ("allowed_token_ids", [1, 2], "4xx"),
         ("prompt_logprobs", 1, "4xx"), ("use_beam_search", True, "not-5xx"),
         ("vllm_xargs", {"block_length": 32}, "4xx"), ("vllm_xargs", {"temperature": 0.5}, "4xx"),
@@ -272,6 +272,8 @@ def _refused_param(rng, model):
         body["logprobs"], body["top_logprobs"] = True, value
     else:
         body[field] = value
+    if field == "seed" and rng.random() < 0.5:  # a greedy request's seed is dropped; a sampled one's refused
+        body["temperature"], expect = 0.7, "4xx"
     return {"endpoint": CHAT if chat else COMPLETIONS, "body": body, "expect": expect,
             "note": f"{field}={json.dumps(value)[:60]}"}
 
