@@ -94,6 +94,7 @@ def test_generate_command():
     assert "tenalp" in r.stdout
     bad = _run("vllm_odb.generate", "--model", "checkpoints/tiny-llada", "--threshold", "1.5", "hi")
     assert bad.returncode == 2 and "threshold" in bad.stderr
+    assert bad.stderr.splitlines() == ["error: threshold=1.5 must be in (0, 1]"]  # one line, no traceback
 
 
 def test_plugin_entry_point_declared_and_idempotent():

@@ -4,6 +4,10 @@
 
 Runs the reference engine (pure PyTorch, CPU or GPU). Prints each response and the decoding
 statistics (forwards, canvas length after adaptive length prediction, drafted tokens accepted).
+
+Bad input is one line on stderr, ``error: ...``, and exit status 2: a directory that is not a
+checkpoint or whose weights are missing, truncated or of other sizes than its config.json, a
+malformed JSON file, an empty prompt, a knob the method ignores (``--method vanilla --threshold``).
 """
 
 from __future__ import annotations
@@ -15,7 +19,20 @@ import time
 
 import torch
 
+from vllm_odb.errors import USER_ERRORS, ODBError, cli_error
 from vllm_odb.policies.config import METHODS, DecodeConfig
+
+
+def check_prompts(prompts: list[str], stops: list[str]) -> None:
+    """An empty prompt would decode to noise, an empty stop string would end every answer at once:
+    both are refused, naming the one at fault."""
+    for i, p in enumerate(prompts, 1):
+        if not p.strip():
+            raise ODBError(f"prompt {i} of {len(prompts)} ({p!r}) is empty: a diffusion LM would decode noise "
+                           "from it; pass the text to answer")
+    for s in stops:
+        if not s:
+            raise ODBError("--stop '' is empty: a stop string must hold some text")
 
 
 def main(argv=None) -> int:
@@ -36,17 +53,17 @@ def main(argv=None) -> int:
     prompts = args.prompts or ["What is 47+38? Show the column sums.", "Sort these letters: q d m a",
                                "Reverse the word planet."]
     try:
+        check_prompts(prompts, args.stop)
         cfg = DecodeConfig.for_method(args.method, gen_length=args.gen_length, block_length=args.block_length,
                                       threshold=args.threshold)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         ckpt = load_checkpoint(args.model, device=device)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    stop = [ckpt.tokenizer(s, add_special_tokens=False)["input_ids"] for s in args.stop]
-    t0 = time.time()
-    out = generate(ckpt.model, [ckpt.encode_chat(p) for p in prompts], cfg, ckpt.special, stop=stop)
-    wall = time.time() - t0
+        stop = [ckpt.tokenizer(s, add_special_tokens=False)["input_ids"] for s in args.stop]
+        t0 = time.time()
+        out = generate(ckpt.model, [ckpt.encode_chat(p) for p in prompts], cfg, ckpt.special, stop=stop)
+        wall = time.time() - t0
+    except USER_ERRORS as e:
+        return cli_error(e)
     for i, (p, canvas) in enumerate(zip(prompts, out.tokens)):
         text = ckpt.tokenizer.decode(response_ids(canvas, ckpt.special), skip_special_tokens=True)
         for s in args.stop:
