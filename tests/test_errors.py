@@ -187,6 +187,17 @@ def test_cli_unsupported_feature_exits_2(ckpt, capsys, cli):
     _assert_one_line_error(*run(["--model", str(ckpt), *extra], capsys), f"{ckpt}/config.json", "scale_logits")
 
 
+@pytest.mark.parametrize("command", [["dynamics", "--methods", "fast-dllm", "--limit", "1"],
+                                     ["traces", "--methods", "fast-dllm", "--engines", "reference", "--out"]])
+def test_other_bench_commands_report_a_bad_checkpoint_in_one_line(ckpt, tmp_path, capsys, command):
+    from vllm_odb.bench.__main__ import main
+
+    message = _fault(ckpt, "truncated weights")
+    out = [str(tmp_path / "traces.json")] if command[-1] == "--out" else []
+    rc = main([command[0], "--model", str(ckpt), *command[1:], *out])
+    _assert_one_line_error(rc, capsys.readouterr(), message)
+
+
 @pytest.mark.parametrize("prompts, name", [([""], "prompt 1 of 1"), (["hi", "   "], "prompt 2 of 2 ('   ')")])
 def test_generate_refuses_an_empty_prompt_by_number(capsys, prompts, name):
     _assert_one_line_error(*_generate(["--model", str(TINY_LLADA), *prompts], capsys), name, "empty")
