@@ -198,3 +198,36 @@ def test_hook_jump_share_engine(cpu_vllm, fmt):  # noqa: F811 (the fixture)
     assert vc.scheduler_config.max_num_batched_tokens >= vc.scheduler_config.max_num_seqs * 251
     assert not vc.compilation_config.cudagraph_mode.has_full_cudagraphs()
     assert vc.compilation_config.cudagraph_mode in (CUDAGraphMode.PIECEWISE, CUDAGraphMode.NONE)
+
+
+# ---------------------------------------------------------------------------------------------
+# A local checkpoint's weights, checked when the engine is configured
+# ---------------------------------------------------------------------------------------------
+
+
+def _bad_copy(tmp_path, fault):
+    import shutil
+
+    from test_errors import CHECKPOINT_FAULTS
+
+    path = shutil.copytree(TINY["llada"], tmp_path / "ckpt")
+    make, message = CHECKPOINT_FAULTS[fault]
+    make(path)
+    return path, message.format(p=path)
+
+
+@pytest.mark.parametrize("fault", ["truncated weights", "config sizes differ from the weights", "no weights",
+                                   "more layers in the config"])
+def test_hook_refuses_bad_weights_naming_the_file(cpu_vllm, tmp_path, fault):  # noqa: F811 (the fixture)
+    """One line naming the file (inside vLLM's config error), not a traceback from the worker's
+    weight loader after the engine started."""
+    import re
+
+    path, message = _bad_copy(tmp_path, fault)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _create("llada", model=str(path))
+
+
+def test_hook_leaves_dummy_weights_alone(cpu_vllm, tmp_path):  # noqa: F811 (the fixture)
+    path, _ = _bad_copy(tmp_path, "no weights")  # the full-size benchmarks load a config alone
+    assert _create("llada", model=str(path), load_format="dummy").model_config.hf_config.canvas_length == 16

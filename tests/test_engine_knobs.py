@@ -4,6 +4,7 @@ or refuses by name."""
 
 from __future__ import annotations
 
+import re
 import types
 
 import pytest
@@ -132,6 +133,34 @@ def test_request_temperature_comes_from_sampling_params():
 def test_request_errors_name_the_knob(extra, name):
     with pytest.raises(ValueError, match=rf"\b{name}\b"):
         request_config(ENGINE, extra, 0.0, None)
+
+
+@pytest.mark.parametrize("extra, name, setting", [
+    ({"factor": 2.0}, "factor", "rule='threshold'"),
+    ({"apd_alpha": 0.1}, "apd_alpha", "rule='threshold'"),
+    ({"alp_threshold": 0.7}, "alp_threshold", "alp=false"),
+    ({"method": "fast-dllm", "alp_min_length": 32}, "alp_min_length", "method 'fast-dllm' (alp=false)"),
+    ({"ridge_rows": 64}, "ridge_rows", "jump=false"),
+    ({"rule": "factor", "threshold": 0.7}, "threshold", "rule='factor'"),
+    ({"dcu_window": 8}, "dcu_window", "dcu=false"),
+])
+def test_request_knob_its_config_ignores_is_refused(extra, name, setting):
+    with pytest.raises(ValueError, match=rf"^extra_args: {name}=.* does nothing with {re.escape(setting)}"):
+        request_config(ENGINE, extra, 0.0, None)
+
+
+def test_request_may_turn_jump_off_and_keep_the_engine_draft_knobs():
+    """The engine's ridge_rows are defaults, not the request's: turning jump off is no idle knob."""
+    assert not request_config(JUMP_ENGINE, {"jump": False}, 0.0, None).jump
+    with pytest.raises(ValueError, match="ridge_rows=64 does nothing with method 'fast-dllm'"):
+        request_config(JUMP_ENGINE, {"method": "fast-dllm", "ridge_rows": 64}, 0.0, None)
+
+
+def test_engine_section_knobs_are_defaults_not_checked_as_idle():
+    """The engine section serves every request, which may pick another rule: factor stays."""
+    engine = engine_config({"odb": {"factor": 2.0, "ridge_rows": 64}})
+    assert (engine.rule, engine.factor, engine.ridge_rows) == ("threshold", 2.0, 64)
+    assert request_config(engine, {"rule": "factor"}, 0.0, None).factor == 2.0
 
 
 @pytest.mark.parametrize("prompt, max_len, shift, gen", [

@@ -33,6 +33,7 @@ def _accuracy(ckpt, suite, cfg):
     return sum(score(a, e.answer) for a, e in zip(_answers(ckpt, out), suite)) / len(suite), out
 
 
+@pytest.mark.slow  # 40 prompts, vanilla at one token per forward: minutes on a CPU
 def test_suite_subset_accuracy(ckpt):
     """Held-out seed: vanilla >= 90 %, Fast-dLLM threshold 0.9 >= 85 % (gen 64 >= 2x answers)."""
     suite = make_suite(7, 40)
@@ -62,8 +63,9 @@ def test_eos_fills_the_canvas_confidently(ckpt):
         assert conf.min() > 0.9
 
 
-@pytest.mark.parametrize("method,cache", [("vanilla", "none"), ("fast-dllm", "none"), ("fast-dllm", "prefix"),
-                                          ("fast-dllm", "dual"), ("odb", "dual")])
+@pytest.mark.parametrize("method,cache", [pytest.param("vanilla", "none", marks=pytest.mark.slow),  # 64 forwards x 6
+                                          ("fast-dllm", "none"), ("fast-dllm", "prefix"), ("fast-dllm", "dual"),
+                                          ("odb", "dual")])
 def test_batch_invariance(ckpt, method, cache):
     """Each request decodes the same alone and inside a batch of prompts of other lengths."""
     suite = make_suite(3, 5)
@@ -207,8 +209,9 @@ def test_stop_strings_end_the_response(ckpt):
     assert out.stats["canvas_length"] == [32]
 
 
-@pytest.mark.parametrize("method,cache,threshold", [("vanilla", "none", None), ("fast-dllm", "prefix", 1.0),
-                                                    ("fast-dllm", "dual", 1.0), ("odb-alp", "dual", 1.0)])
+@pytest.mark.parametrize("method,cache,threshold", [pytest.param("vanilla", "none", None, marks=pytest.mark.slow),
+                                                    ("fast-dllm", "prefix", 1.0), ("fast-dllm", "dual", 1.0),
+                                                    ("odb-alp", "dual", 1.0)])
 def test_research_attention_decodes_the_same(ckpt, method, cache, threshold):
     """The research code's cache layout (keys before RoPE, in-place dual-cache writes) is only a
     cost: on a padded batch with multi-step blocks it decodes the same tokens with the same NFE."""

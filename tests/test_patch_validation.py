@@ -4,6 +4,7 @@ the OpenAI fields n and best_of too."""
 
 from __future__ import annotations
 
+import re
 import types
 
 import pytest
@@ -30,9 +31,15 @@ def test_validation_accepts_any_temperature(odb_model_config, temperature):
     SamplingParams(temperature=temperature, max_tokens=32)._validate_diffusion(odb_model_config)
 
 
-def test_validation_accepts_good_knobs(odb_model_config):
-    SamplingParams(temperature=0, extra_args={"threshold": 0.7, "rule": "factor"})._validate_diffusion(
-        odb_model_config)
+@pytest.mark.parametrize("extra", [{"threshold": 0.7}, {"rule": "factor", "factor": 2.0}])
+def test_validation_accepts_good_knobs(odb_model_config, extra):
+    SamplingParams(temperature=0, extra_args=extra)._validate_diffusion(odb_model_config)
+
+
+def test_validation_refuses_a_knob_the_request_config_ignores(odb_model_config):
+    with pytest.raises(ValueError, match=r"^extra_args: threshold=0.7 does nothing with rule='factor'"):
+        SamplingParams(temperature=0, extra_args={"threshold": 0.7, "rule": "factor"})._validate_diffusion(
+            odb_model_config)
 
 
 @pytest.mark.parametrize("extra, name", [({"bogus": 1}, "bogus"), ({"threshold": 1.5}, "threshold"),
@@ -115,3 +122,64 @@ def test_best_of_one_is_fine_and_leaves_extra_args_clean(odb_model_config):
         16, None)
     params._validate_diffusion(odb_model_config)
     assert params.extra_args == {"threshold": 0.7}
+
+
+# ---------------------------------------------------------------------------------------------
+# Empty prompts, and the HTTP status of a refusal
+# ---------------------------------------------------------------------------------------------
+
+
+def _completion(prompt):
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    return CompletionRequest(model="m", prompt=prompt).to_sampling_params(16, None)
+
+
+def _chat(messages):
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    return ChatCompletionRequest(model="m", messages=messages).to_sampling_params(16, {})
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: _completion("   "), "prompt"),
+    (lambda: _completion(["What is 2+2?", ""]), "prompt[1]"),
+    (lambda: _completion([[5, 6], []]), "prompt[1]"),
+    (lambda: _chat([{"role": "user", "content": ""}]), "messages[0].content"),
+    (lambda: _chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": " \n"}]),
+     "messages[1].content"),
+    (lambda: _chat([{"role": "user", "content": [{"type": "text", "text": ""}]}]), "messages[0].content"),
+])
+def test_empty_prompt_is_refused_naming_the_field(odb_model_config, make, field):
+    """vLLM refuses prompt="" itself; these would render to tokens (a template, a BOS) and decode noise."""
+    with pytest.raises(ValueError, match=rf"^{re.escape(field)} is empty"):
+        make()._validate_diffusion(odb_model_config)
+
+
+@pytest.mark.parametrize("make", [lambda: _completion("Reverse the word planet."), lambda: _completion([[5, 6]]),
+                                  lambda: _chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}])])
+def test_prompts_with_text_pass_and_leave_extra_args_clean(odb_model_config, make):
+    params = make()
+    params._validate_diffusion(odb_model_config)
+    assert not params.extra_args
+
+
+def test_empty_prompt_mark_leaves_other_models_alone():
+    """Other models see the mark in their free-form extra_args and go on to vLLM's own checks."""
+    other = types.SimpleNamespace(is_diffusion=False, hf_config=types.SimpleNamespace())
+    _completion("  ")._validate_diffusion(other)
+
+
+@pytest.mark.parametrize("make", [lambda: _completion(" "),
+                                  lambda: SamplingParams(temperature=0, extra_args={"factor": 2.0}),
+                                  lambda: SamplingParams(temperature=0, extra_args={"threshold": 3})])
+def test_refusals_are_http_400(odb_model_config, make):
+    """vLLM 0.26's server maps a ValueError raised in request validation to 400 BadRequestError
+    (serve/utils/error_response.py), with our one line as the message."""
+    from vllm.entrypoints.serve.utils.error_response import create_error_response
+
+    with pytest.raises(ValueError) as e:
+        make()._validate_diffusion(odb_model_config)
+    err = create_error_response(e.value).error
+    assert (err.code, err.type) == (400, "BadRequestError")
+    assert err.message == str(e.value) and "\n" not in err.message

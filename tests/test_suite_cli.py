@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tomllib
@@ -91,9 +92,26 @@ def test_quality_command_json_and_errors():
 def test_generate_command():
     r = _run("vllm_odb.generate", "--model", "checkpoints/tiny-llada", "Reverse the word planet.")
     assert r.returncode == 0, r.stderr
-    assert "tenalp" in r.stdout
+    prompt, answer, figures, blank, total = r.stdout.splitlines()
+    assert (prompt, answer, blank) == ("> Reverse the word planet.", "tenalp", "")
+    assert re.fullmatch(r"  tokens 6 · forwards \d+ · [\d.]+ tok/forward · \d+ tok/s · method odb", figures), figures
+    assert re.fullmatch(r"total: 1 prompt in one batch · tokens 6 · forwards \d+ · [\d.]+ s · \d+ tok/s · "
+                        r"method odb on cpu", total), total
     bad = _run("vllm_odb.generate", "--model", "checkpoints/tiny-llada", "--threshold", "1.5", "hi")
     assert bad.returncode == 2 and "threshold" in bad.stderr
+    assert bad.stderr.splitlines() == ["error: threshold=1.5 must be in (0, 1]"]  # one line, no traceback
+
+
+def test_generate_json_is_one_object_per_prompt(capsys):
+    from vllm_odb.generate import main
+
+    argv = ["--model", str(ROOT / "checkpoints" / "tiny-llada"), "--json", "--gen-length", "32"]
+    assert main([*argv, "Reverse the word planet.", "Sort these letters: q d m a"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["prompt"], r["text"], r["tokens"], r["method"]) for r in rows] == [
+        ("Reverse the word planet.", "tenalp", 6, "odb"), ("Sort these letters: q d m a", "a d m q", 7, "odb")]
+    for r in rows:
+        assert {"nfe", "canvas_length", "drafted_accepted", "wall_s"} <= set(r)
 
 
 def test_plugin_entry_point_declared_and_idempotent():

@@ -19,6 +19,8 @@ from typing import Iterable
 
 import torch
 
+from vllm_odb.errors import ODBError
+
 # LLaDA's official names and ours, one row per tensor kind; both directions use this table.
 # Fields: {i} a layer index, {p} one of q/k/v, {t} weight or bias. Order matters: the per-block
 # ``ff_out`` (down projection) is listed before the top-level ``transformer.ff_out`` (the LM head).
@@ -111,10 +113,25 @@ class ModelSpec:
         )
 
 
-def _require(cfg: dict, key: str):
+def _require(cfg: dict, key: str, kind=None, minimum=None):
     if cfg.get(key) is None:
         raise ValueError(f"config.json: missing {key!r}")
-    return cfg[key]
+    return _as(cfg, key, kind, minimum=minimum) if kind else cfg[key]
+
+
+def _as(cfg: dict, key: str, kind, default=None, minimum=None):
+    """``cfg[key]`` (or ``default`` when absent or null) as ``kind`` (int or float); a value of
+    another type, or below ``minimum``, is refused naming the key."""
+    value = cfg.get(key)
+    if value is None:
+        return default
+    what = "an integer" if kind is int else "a number"
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or (kind is int and not float(value).is_integer()):
+        raise ValueError(f"config.json: {key}={value!r} is not {what}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"config.json: {key}={value!r} must be {what} >= {minimum}")
+    return kind(value)
 
 
 def _llada_spec(cfg: dict) -> ModelSpec:
@@ -135,33 +152,30 @@ def _llada_spec(cfg: dict) -> ModelSpec:
             raise NotImplementedError(f"config.json: LLaDA {key}=true is not supported")
     if cfg.get("layer_norm_with_affine") is False:
         raise NotImplementedError("config.json: LLaDA layer_norm_with_affine=false is not supported")
-    d_model = int(_require(cfg, "d_model"))
-    n_heads = int(_require(cfg, "n_heads"))
-    n_kv = cfg.get("n_kv_heads")
-    if cfg.get("multi_query_attention"):
-        n_kv = 1
-    n_kv = int(n_kv) if n_kv is not None else n_heads
-    mlp = cfg.get("mlp_hidden_size") or int(cfg.get("mlp_ratio", 4) * d_model)
-    vocab = int(cfg.get("embedding_size") or _require(cfg, "vocab_size"))
+    d_model = _require(cfg, "d_model", int, 1)
+    n_heads = _require(cfg, "n_heads", int, 1)
+    n_kv = 1 if cfg.get("multi_query_attention") else _as(cfg, "n_kv_heads", int, n_heads, minimum=1)
+    mlp = _as(cfg, "mlp_hidden_size", int, minimum=1) or int(_as(cfg, "mlp_ratio", float, 4) * d_model)
+    vocab = _as(cfg, "embedding_size", int, minimum=1) or _require(cfg, "vocab_size", int, 1)
     return ModelSpec(
         arch="llada",
         hidden_size=d_model,
-        num_layers=int(_require(cfg, "n_layers")),
+        num_layers=_require(cfg, "n_layers", int, 1),
         num_heads=n_heads,
         num_kv_heads=n_kv,
         head_dim=d_model // n_heads,
         intermediate_size=int(mlp),
         vocab_size=vocab,
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        rope_theta=_as(cfg, "rope_theta", float, 10000.0),
+        rms_norm_eps=_as(cfg, "rms_norm_eps", float, 1e-5),
         qkv_bias=bool(cfg.get("include_qkv_bias")),
         tie_word_embeddings=bool(cfg.get("weight_tying", False)),
         rope_in_fp32=bool(cfg.get("rope_full_precision", True)),
         logits_shift=0,
-        mask_token_id=int(_require(cfg, "mask_token_id")),
-        eos_token_id=int(_require(cfg, "eos_token_id")),
-        pad_token_id=cfg.get("pad_token_id"),
-        max_position=int(cfg.get("max_sequence_length", 4096)),
+        mask_token_id=_require(cfg, "mask_token_id", int),
+        eos_token_id=_require(cfg, "eos_token_id", int),
+        pad_token_id=_as(cfg, "pad_token_id", int),
+        max_position=_as(cfg, "max_sequence_length", int, 4096),
     )
 
 
@@ -170,45 +184,147 @@ def _dream_spec(cfg: dict) -> ModelSpec:
         raise NotImplementedError(f"config.json: Dream rope_scaling={cfg['rope_scaling']!r} is not supported")
     if cfg.get("hidden_act", "silu") != "silu":
         raise NotImplementedError(f"config.json: Dream hidden_act={cfg['hidden_act']!r} (only 'silu' is supported)")
-    hidden = int(_require(cfg, "hidden_size"))
-    heads = int(_require(cfg, "num_attention_heads"))
+    hidden = _require(cfg, "hidden_size", int, 1)
+    heads = _require(cfg, "num_attention_heads", int, 1)
     return ModelSpec(
         arch="dream",
         hidden_size=hidden,
-        num_layers=int(_require(cfg, "num_hidden_layers")),
+        num_layers=_require(cfg, "num_hidden_layers", int, 1),
         num_heads=heads,
-        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(cfg.get("head_dim") or hidden // heads),
-        intermediate_size=int(_require(cfg, "intermediate_size")),
-        vocab_size=int(_require(cfg, "vocab_size")),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        num_kv_heads=_as(cfg, "num_key_value_heads", int, minimum=1) or heads,
+        head_dim=_as(cfg, "head_dim", int, minimum=1) or hidden // heads,
+        intermediate_size=_require(cfg, "intermediate_size", int, 1),
+        vocab_size=_require(cfg, "vocab_size", int, 1),
+        rope_theta=_as(cfg, "rope_theta", float, 10000.0),
+        rms_norm_eps=_as(cfg, "rms_norm_eps", float, 1e-6),
         qkv_bias=True,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         rope_in_fp32=False,
         logits_shift=1,
-        mask_token_id=int(_require(cfg, "mask_token_id")),
-        eos_token_id=int(_require(cfg, "eos_token_id")),
-        pad_token_id=cfg.get("pad_token_id"),
-        max_position=int(cfg.get("max_position_embeddings", 32768)),
+        mask_token_id=_require(cfg, "mask_token_id", int),
+        eos_token_id=_require(cfg, "eos_token_id", int),
+        pad_token_id=_as(cfg, "pad_token_id", int),
+        max_position=_as(cfg, "max_position_embeddings", int, 32768),
     )
 
 
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def read_json(file: str) -> dict:
+    """A JSON object from ``file``; a missing, unreadable or malformed file is an ``ODBError``
+    naming it (a syntax error with its line and column, as ``file:line:col``)."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ODBError(f"{file}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ODBError(f"{file}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ODBError(f"{file}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+    if not isinstance(value, dict):
+        raise ODBError(f"{file}: expected a JSON object, found a {type(value).__name__}")
+    return value
+
+
 def read_config(path: str) -> dict:
-    with open(os.path.join(path, "config.json")) as f:
-        return json.load(f)
+    """The checkpoint directory's config.json; a path that is not a checkpoint directory is an
+    ``ODBError`` naming it."""
+    if not os.path.isdir(path):
+        what = "no such directory" if not os.path.exists(path) else "not a directory"
+        raise ODBError(f"{path}: {what} (a checkpoint is a directory holding {CONFIG_FILE} and {SINGLE_FILE})")
+    file = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(file):
+        raise ODBError(f"{path}: not a checkpoint directory (no {CONFIG_FILE})")
+    return read_json(file)
+
+
+def load_spec(path: str) -> ModelSpec:
+    """``ModelSpec`` of a checkpoint directory; errors name its config.json by path."""
+    file = os.path.join(path, CONFIG_FILE)
+    cfg = read_config(path)
+    try:
+        return ModelSpec.from_config(cfg)
+    except (ValueError, NotImplementedError) as e:
+        msg = str(e)
+        msg = file + msg[len(CONFIG_FILE):] if msg.startswith(CONFIG_FILE) else f"{file}: {msg}"
+        raise (ODBError if isinstance(e, ValueError) else NotImplementedError)(msg) from None
 
 
 def safetensors_files(path: str) -> list[str]:
-    index = os.path.join(path, "model.safetensors.index.json")
+    index = os.path.join(path, INDEX_FILE)
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(path, f) for f in files]
-    single = os.path.join(path, "model.safetensors")
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ODBError(f"{index}: no 'weight_map' (tensor name -> file)")
+        files = [os.path.join(path, f) for f in sorted(set(map(str, weight_map.values())))]
+        for file in files:
+            if not os.path.isfile(file):
+                raise ODBError(f"{file}: missing (listed in {index})")
+        return files
+    single = os.path.join(path, SINGLE_FILE)
     if os.path.exists(single):
         return [single]
-    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    raise ODBError(f"{path}: no weights (no {SINGLE_FILE} or {INDEX_FILE})")
+
+
+def safetensors_header(file: str) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a .safetensors file, read from its header alone, after checking
+    that the file is whole: the header (8-byte little-endian length, then JSON) describes exactly
+    the bytes that follow it. A truncated or foreign file is an ``ODBError`` naming it."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else None
+        if length is None or length > size - 8:
+            raise ODBError(f"{file}: truncated or not a safetensors file ({size} bytes, too few for its header)")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+        header.pop("__metadata__", None)
+        shapes = {name: tuple(int(n) for n in entry["shape"]) for name, entry in header.items()}
+        end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise ODBError(f"{file}: not a safetensors file (its header is not a tensor table)") from None
+    if 8 + length + end != size:
+        state = "truncated" if 8 + length + end > size else "longer than its header describes"
+        raise ODBError(f"{file}: {state}: {size} bytes, its header describes {8 + length + end} "
+                       "(an interrupted download or copy?)")
+    return shapes
+
+
+def check_weights(path: str, spec: ModelSpec) -> None:
+    """Check a checkpoint's weights against its config.json before any tensor is read: every
+    file whole, every tensor the config implies present with its shape, no other tensor. The
+    first fault is an ``ODBError`` naming the file and tensor (and the count of the others)."""
+    config = os.path.join(path, CONFIG_FILE)
+    want = expected_official_shapes(spec)
+    found: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for file in safetensors_files(path):
+        for name, shape in safetensors_header(file).items():
+            found[name] = (file, shape)
+    wrong = [n for n, (_, shape) in found.items() if n in want and shape != tuple(want[n])]
+    if wrong:
+        file, shape = found[wrong[0]]
+        raise ODBError(f"{file}: tensor {wrong[0]} has shape {list(shape)}, {config} implies {list(want[wrong[0]])}"
+                       f"{_others(wrong)}: the config's sizes do not match the weights")
+    missing = sorted(set(want) - set(found))
+    if missing:
+        raise ODBError(f"{path}: missing tensor {missing[0]}{_others(missing)} that {config} implies "
+                       f"({spec.num_layers} layers): the config's sizes do not match the weights")
+    unexpected = sorted(set(found) - set(want))
+    if unexpected:
+        raise ODBError(f"{found[unexpected[0]][0]}: unexpected tensor {unexpected[0]}{_others(unexpected)} for the "
+                       f"{spec.arch} model {config} describes ({spec.num_layers} layers)")
+
+
+def _others(names: list) -> str:
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
 
 
 def iter_official_tensors(path: str) -> Iterable[tuple[str, torch.Tensor]]:

@@ -7,6 +7,8 @@ import argparse
 import importlib
 import sys
 
+from vllm_odb.errors import ODBError, cli_error
+
 # command -> (module in vllm_odb.bench, help). Modules are imported when their command runs, so a
 # command's heavy imports (vLLM, the GPU) are paid only by it.
 COMMANDS = {
@@ -41,7 +43,10 @@ def main(argv=None) -> int:
         if argv[:1] == [name]:  # only the chosen command's module is imported
             importlib.import_module(f"vllm_odb.bench.{module}").add_arguments(parser)
     args = ap.parse_args(argv)
-    return importlib.import_module(f"vllm_odb.bench.{COMMANDS[args.command][0]}").main(args)
+    try:
+        return importlib.import_module(f"vllm_odb.bench.{COMMANDS[args.command][0]}").main(args)
+    except ODBError as e:  # input every command refuses alike (a bad checkpoint directory): one line, exit 2
+        return cli_error(e)
 
 
 if __name__ == "__main__":

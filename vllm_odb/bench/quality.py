@@ -17,6 +17,7 @@ from collections import defaultdict
 
 import torch
 
+from vllm_odb.errors import USER_ERRORS, cli_error
 from vllm_odb.policies.config import METHODS, DecodeConfig
 
 ENGINES = ("reference",)
@@ -156,9 +157,8 @@ def run_quality(args: argparse.Namespace) -> dict:
 def main(args: argparse.Namespace) -> int:
     try:
         result = run_quality(args)
-    except (ChoiceError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:  # ChoiceError, ODBError (the checkpoint), DecodeConfig's ValueError
+        return cli_error(e)
     if args.json:
         print(json.dumps(result))
     else:

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from vllm_odb.bench.replay import Replay, generate_traced
 from vllm_odb.bench.research import attention_impl, set_attention_impl
 from vllm_odb.policies import DecodeConfig
+from vllm_odb.policies.config import METHODS
 
 # Benchmark names -> (preset, extra knobs). The vLLM engine runs the dual cache only.
 BENCH_METHODS = {
@@ -108,7 +109,7 @@ def method_config(method: str, gen: int, args) -> DecodeConfig:
     knobs = dict(extra, gen_length=gen, block_length=args.block_length)
     if preset != "vanilla":
         knobs["threshold"] = args.threshold
-    if args.ridge_rows:
+    if args.ridge_rows and METHODS[preset].get("jump"):  # the draft budget: jump-share methods only
         knobs["ridge_rows"] = args.ridge_rows
     return DecodeConfig.for_method(preset, **knobs)
 
@@ -381,7 +382,7 @@ def run_vllm(args, methods, gens, batches, emit) -> None:
         ms = [m for m in methods if method_config(m, gens[0], args).jump == jump]
         if not ms:
             continue
-        ridge = method_config(ms[0], gens[0], args).ridge_rows
+        ridge = args.ridge_rows or method_config(ms[0], gens[0], args).ridge_rows
         max_prompt = (max(t["prompt_len"] for v in traces["traces"].values() for t in v) if full
                       else max(map(len, prompts_by)))
         llm = _vllm_engine(args, jump, max_prompt, max(gens), ridge, full)

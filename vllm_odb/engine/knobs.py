@@ -16,6 +16,9 @@ messages are the reference loop's. The few engine rules on top:
   in the reference engine.
 - Jump-share is an engine property too: its draft rows need a wider canvas (models/hook.py), so
   a request may turn ``jump`` off on a jump-share engine, never on elsewhere.
+- A knob a request sets that its resolved config ignores (``factor`` under rule 'threshold',
+  ``ridge_rows`` without jump) is refused by name (``DecodeConfig.check_knobs_act``). The engine
+  section is defaults for every request, which may pick another rule: it is not checked so.
 
 Pure Python: imported by the front end (request validation), the scheduler patch and the worker.
 """
@@ -124,6 +127,10 @@ def request_config(engine: DecodeConfig, extra_args: dict | None, temperature: f
     if temperature is not None:
         knobs["temperature"] = float(temperature)
     cfg = _engine_checks(_from_knobs(knobs, where), where)
+    try:  # a knob the request sets that its config would ignore is refused by name
+        cfg.check_knobs_act({k: v for k, v in args.items() if k != "method"}, args.get("method"))
+    except ValueError as e:
+        raise ValueError(f"{where}{e}") from None
     if cfg.jump and not engine.jump:
         raise ValueError(f"{where}jump=true needs a jump-share engine (method 'odb' or 'odb-jump', e.g. "
                          "--speculative odb): its canvas holds the draft rows")

@@ -18,13 +18,18 @@ engine knobs (``--additional-config '{"odb": {...}}'``) into vLLM settings:
 - the server's default ``max_tokens`` (generation config ``max_new_tokens``) = the engine's
   ``gen_length``, so a request that names no length gets the engine's canvas;
 - ``hf_config.odb_engine``: the resolved engine ``DecodeConfig``, read by the request validation
-  patch (front end), the scheduler patch and the worker.
+  patch (front end), the scheduler patch and the worker;
+- a local checkpoint's weights checked against its config.json from the safetensors headers
+  (``checkpoint.check_weights``: missing, truncated or mis-sized weights are one line naming the
+  file when the engine is configured, not a traceback from the worker's weight loader).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
+from vllm_odb.checkpoint import check_weights
 from vllm_odb.engine.knobs import canvas_width, engine_config
 
 log = logging.getLogger(__name__)
@@ -34,6 +39,19 @@ log = logging.getLogger(__name__)
 # a default from a value the user typed, so an explicit value >= 128 is cut too (as vLLM does for
 # DiffusionGemma); values below 128 are kept.
 DEFAULT_MAX_NUM_SEQS = 64
+# Load formats whose weights the hook checks before the engine starts (a hub id is vLLM's to
+# fetch and is not checked here; "dummy" loads no weights).
+WEIGHT_CHECKED_FORMATS = ("auto", "safetensors")
+
+
+def _checks_weights(path: str, load_format: str) -> bool:
+    """A local directory loaded as safetensors (``auto`` with only PyTorch weight files is vLLM's
+    to load: vllm-odb's checks read safetensors headers)."""
+    if not os.path.isdir(path) or load_format not in WEIGHT_CHECKED_FORMATS:
+        return False
+    names = os.listdir(path)
+    torch_only = any(n.endswith((".bin", ".pt")) for n in names) and not any(n.endswith(".safetensors") for n in names)
+    return load_format == "safetensors" or not torch_only
 
 
 def verify_and_update(vllm_config) -> None:
@@ -44,6 +62,8 @@ def verify_and_update(vllm_config) -> None:
     model_config = vllm_config.model_config
     hf_config = model_config.hf_config
     cfg = engine_config(vllm_config.additional_config)
+    if _checks_weights(model_config.model, vllm_config.load_config.load_format):
+        check_weights(model_config.model, hf_config.spec)
     shift = hf_config.spec.logits_shift
     canvas = canvas_width(cfg, shift)
 

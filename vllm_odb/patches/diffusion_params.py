@@ -13,9 +13,18 @@ validates the decoding knobs in ``extra_args`` here, in the front end, so a bad 
 ``ValueError`` naming it (HTTP 400 on the server) instead of an engine failure. When the request
 names a ``gen_length``, ``max_tokens`` is capped at it: the canvas is all there is to return.
 Other models go to vLLM's original method.
+
+An empty prompt is refused the same way: vLLM refuses ``prompt: ""`` itself, but a blank or
+whitespace prompt, an empty item of a prompt list, or a chat whose last user message is empty
+still render to tokens (the chat template, a BOS), and a diffusion LM fills its canvas with noise
+from them. The request wrapper below marks such a request in ``extra_args``, naming the field,
+for ``validate_odb_request`` to refuse (HTTP 400); offline ``LLM.generate`` takes the caller's
+prompts as given.
 """
 
 from __future__ import annotations
+
+from vllm_odb.errors import ODBError
 
 NAME = "diffusion_params"
 _SAMPLING_EPS = 1e-5
@@ -23,6 +32,9 @@ _SAMPLING_EPS = 1e-5
 # them into ``extra_args`` under this key so our validation can refuse them by name.
 IGNORED_FIELDS_KEY = "_odb_ignored_openai_fields"
 _IGNORED_FIELDS = ("best_of",)
+# The request field holding an empty prompt ("prompt", "prompt[2]", "messages[1].content"), carried
+# the same way.
+EMPTY_PROMPT_KEY = "_odb_empty_prompt"
 
 
 def validate_odb_request(params, hf_config) -> None:
@@ -32,6 +44,9 @@ def validate_odb_request(params, hf_config) -> None:
     extra = dict(params.extra_args or {})
     ignored = extra.pop(IGNORED_FIELDS_KEY, {}) or {}
     greedy = params.temperature < _SAMPLING_EPS
+    empty = extra.pop(EMPTY_PROMPT_KEY, None)
+    if empty:
+        raise ODBError(f"{empty} is empty: a diffusion LM would decode noise from it; send the text to answer")
     refused = [name for name, bad in (
         ("n", params.n > 1),
         *((name, True) for name in sorted(ignored)),
@@ -53,7 +68,7 @@ def validate_odb_request(params, hf_config) -> None:
                 stop.encode("utf-8")
             except UnicodeEncodeError:
                 raise ValueError(f"stop={stop!r}: not valid unicode (a lone surrogate)") from None
-    if IGNORED_FIELDS_KEY in (params.extra_args or {}):
+    if IGNORED_FIELDS_KEY in (params.extra_args or {}) or EMPTY_PROMPT_KEY in (params.extra_args or {}):
         params.extra_args = extra or None
     if greedy:
         params.seed = None  # argmax decoding draws nothing: the seed changes nothing
@@ -64,10 +79,43 @@ def validate_odb_request(params, hf_config) -> None:
             params.max_tokens = cfg.gen_length
 
 
+def empty_prompt_field(request) -> str | None:
+    """The field of an OpenAI completion or chat request that holds an empty prompt, or None:
+    a blank ``prompt`` or prompt-list item, or a last user message without text or other parts."""
+    if hasattr(request, "messages"):
+        users = [i for i, m in enumerate(request.messages or []) if _get(m, "role") == "user"]
+        if users and _blank(_get(request.messages[users[-1]], "content")):
+            return f"messages[{users[-1]}].content"
+        return None
+    prompt = getattr(request, "prompt", None)
+    if prompt is None:
+        return None  # prompt_embeds instead: vLLM's own checks
+    if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+        return "prompt" if _blank(prompt) else None
+    return next((f"prompt[{i}]" for i, item in enumerate(prompt) if _blank(item)), None)
+
+
+def _get(message, key):
+    return message.get(key) if isinstance(message, dict) else getattr(message, key, None)
+
+
+def _blank(content) -> bool:
+    """No text (or only whitespace) and nothing else: a string, a token list, or chat parts."""
+    if content is None:
+        return True
+    if isinstance(content, str):
+        return not content.strip()
+    if isinstance(content, (list, tuple)):  # token ids, or chat parts (text, image, ...)
+        return all(not isinstance(part, int) and _get(part, "type") == "text" and _blank(_get(part, "text"))
+                   for part in content)
+    return False
+
+
 def _carry_ignored_fields(request_cls) -> None:
-    """Wrap ``request_cls.to_sampling_params``: OpenAI fields vLLM ignores (``best_of``) ride along
-    in ``extra_args`` when set, for ``validate_odb_request`` to refuse. Other models never look at
-    that key (``extra_args`` is free-form)."""
+    """Wrap ``request_cls.to_sampling_params``: OpenAI fields vLLM ignores (``best_of``) and an
+    empty prompt (``empty_prompt_field``) ride along in ``extra_args`` when present, for
+    ``validate_odb_request`` to refuse. Other models never look at those keys (``extra_args`` is
+    free-form)."""
     original = request_cls.to_sampling_params
     if getattr(original, "_odb_patched", False):
         return
@@ -75,9 +123,15 @@ def _carry_ignored_fields(request_cls) -> None:
     def to_sampling_params(self, *args, **kwargs):
         params = original(self, *args, **kwargs)
         extra = getattr(self, "model_extra", None) or {}
+        carried = {}
         ignored = {k: extra[k] for k in _IGNORED_FIELDS if extra.get(k) not in (None, 1)}
         if ignored:
-            params.extra_args = {**(params.extra_args or {}), IGNORED_FIELDS_KEY: ignored}
+            carried[IGNORED_FIELDS_KEY] = ignored
+        empty = empty_prompt_field(self)
+        if empty:
+            carried[EMPTY_PROMPT_KEY] = empty
+        if carried:
+            params.extra_args = {**(params.extra_args or {}), **carried}
         return params
 
     to_sampling_params._odb_patched = True

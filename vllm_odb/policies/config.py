@@ -44,6 +44,24 @@ METHODS: dict[str, dict] = {
 }
 
 
+# Knobs that act only under some settings: name -> (the setting, the values under which it acts).
+# A knob set explicitly (a command-line flag, a request's extra_args) where it would do nothing is
+# refused by name (``DecodeConfig.check_knobs_act``) rather than silently dropped. Knobs not listed
+# act in every config.
+KNOB_ACTS_WHEN: dict[str, tuple[str, tuple]] = {
+    "steps": ("rule", ("quota",)),
+    "schedule": ("rule", ("quota",)),
+    "threshold": ("rule", ("threshold", "adaptive")),
+    "threshold_alpha": ("rule", ("threshold",)),
+    "factor": ("rule", ("factor",)),
+    **{name: ("rule", ("adaptive",)) for name in ("apd_alpha", "apd_beta", "apd_min")},
+    **{name: ("alp", (True,)) for name in ("alp_threshold", "alp_min_length")},
+    **{name: ("jump", (True,)) for name in ("ridge_rows", "max_draft_positions")},
+    "suffix_window": ("cache", ("prefix", "dual")),
+    **{name: ("dcu", (True,)) for name in ("dcu_layer_budget", "dcu_window", "dcu_prompt_interval")},
+}
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     gen_length: int = 128
@@ -187,9 +205,27 @@ class DecodeConfig:
 
     @classmethod
     def for_method(cls, method: str, **knobs) -> "DecodeConfig":
+        """The ``method`` preset with ``knobs`` on top (``None`` = unset). A knob set here that the
+        resulting config would ignore (``--method vanilla --threshold 0.5``) is refused by name."""
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
-        return cls.from_dict({**METHODS[method], **{k: v for k, v in knobs.items() if v is not None}})
+        knobs = {k: v for k, v in knobs.items() if v is not None}
+        cfg = cls.from_dict({**METHODS[method], **knobs})
+        cfg.check_knobs_act(knobs, method)
+        return cfg
+
+    def check_knobs_act(self, knobs: dict, method: str | None = None) -> None:
+        """Refuse, naming it and the setting that idles it, a knob of ``knobs`` (those set
+        explicitly) that this config ignores (``KNOB_ACTS_WHEN``): a silently dropped knob would
+        look like a setting that made no difference."""
+        for name, value in knobs.items():
+            setting, acting = KNOB_ACTS_WHEN.get(name, (None, ()))
+            if setting is None or getattr(self, setting) in acting:
+                continue
+            now = f"{setting}={_show(getattr(self, setting))}"
+            by = f"method {method!r} ({now})" if method else now
+            when = " or ".join(f"{setting}={_show(v)}" for v in acting)
+            raise ValueError(f"{name}={value!r} does nothing with {by}: {name} acts only with {when}")
 
     @classmethod
     def from_dict(cls, knobs: dict) -> "DecodeConfig":
@@ -201,6 +237,10 @@ class DecodeConfig:
 
     def replace(self, **knobs) -> "DecodeConfig":
         return dataclasses.replace(self, **knobs)
+
+
+def _show(value) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else repr(value)
 
 
 def _is_number(value) -> bool:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 import torch
 
-from vllm_odb.checkpoint import SpecialTokens, special_tokens
+from vllm_odb.checkpoint import (
+    SpecialTokens,
+    check_weights,
+    load_spec,
+    read_json,
+    special_tokens,
+)
+from vllm_odb.errors import ODBError, one_line
 from vllm_odb.reference.model import DiffusionLM, load_model
 
 
@@ -34,20 +40,31 @@ def load_tokenizer(path: str):
     from transformers import PreTrainedTokenizerFast, Qwen2TokenizerFast
 
     if os.path.exists(os.path.join(path, "tokenizer.json")):
-        return PreTrainedTokenizerFast.from_pretrained(path)
-    if os.path.exists(os.path.join(path, "vocab.json")):
-        return Qwen2TokenizerFast.from_pretrained(path)
-    raise ValueError(f"{path}: no tokenizer.json or vocab.json/merges.txt")
+        cls, files = PreTrainedTokenizerFast, ("tokenizer.json",)
+    elif os.path.exists(os.path.join(path, "vocab.json")):
+        cls, files = Qwen2TokenizerFast, ("vocab.json",)
+    else:
+        raise ODBError(f"{path}: no tokenizer (no tokenizer.json, or vocab.json and merges.txt)")
+    for name in (*files, "tokenizer_config.json"):  # a malformed file: named with its line and column
+        if os.path.exists(os.path.join(path, name)):
+            read_json(os.path.join(path, name))
+    try:
+        return cls.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001  (the tokenizer libraries raise many types; one line names the directory)
+        raise ODBError(f"{path}: the tokenizer does not load ({one_line(e)})") from None
 
 
 def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, device="cpu") -> Checkpoint:
-    if not os.path.isdir(path):
-        raise ValueError(f"--model {path!r} is not a checkpoint directory")
-    model = load_model(path, dtype=dtype, device=device)
+    """Model, tokenizer and special ids of a checkpoint directory. Every fault of the directory
+    (not a checkpoint, malformed JSON, missing, truncated or mis-sized weights, no tokenizer) is an
+    ``ODBError`` whose one line names the file."""
+    spec = load_spec(path)  # the cheap checks first: config, weights' headers, tokenizer
+    check_weights(path, spec)
     tokenizer = load_tokenizer(path)
-    gen_cfg = None
     gpath = os.path.join(path, "generation_config.json")
-    if os.path.exists(gpath):
-        with open(gpath) as f:
-            gen_cfg = json.load(f)
-    return Checkpoint(path, model, tokenizer, special_tokens(model.spec, tokenizer, gen_cfg))
+    gen_cfg = read_json(gpath) if os.path.exists(gpath) else None
+    try:
+        special = special_tokens(spec, tokenizer, gen_cfg)
+    except ValueError as e:
+        raise ODBError(f"{path}: {e}") from None
+    return Checkpoint(path, load_model(path, dtype=dtype, device=device), tokenizer, special)

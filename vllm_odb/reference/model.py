@@ -34,10 +34,11 @@ from torch import nn
 
 from vllm_odb.checkpoint import (
     ModelSpec,
+    check_weights,
     internal_to_official,
     iter_official_tensors,
+    load_spec,
     official_to_internal,
-    read_config,
 )
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -262,7 +263,8 @@ def init_weights(model: DiffusionLM, std: float = 0.02, seed: int | None = None)
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DiffusionLM:
     """Build the reference model of an official-format checkpoint directory and load it by name."""
-    spec = ModelSpec.from_config(read_config(path))
+    spec = load_spec(path)
+    check_weights(path, spec)  # a bad directory, truncated or mis-sized weights: one line naming the file
     with torch.device("meta"):
         model = DiffusionLM(spec)
     model = model.to_empty(device=device).to(dtype)
