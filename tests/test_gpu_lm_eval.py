@@ -31,10 +31,12 @@ ENGINE = {"block_length": 32, "ridge_rows": 64}
 
 
 def _quality(method: str) -> dict:
+    from vllm_odb.policies.config import METHODS
+
+    ridge = ["--ridge-rows", "64"] if METHODS[method].get("jump") else []  # a knob the method ignores is refused
     proc = subprocess.run([sys.executable, "-m", "vllm_odb.bench", "quality", "--model", MODEL, "--method", method,
                            "--limit", str(LIMIT), "--seed", str(SEED), "--gen-length", "64", "--block-length", "32",
-                           "--ridge-rows", "64", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          check=False)
+                           *ridge, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -321,3 +321,18 @@ def test_the_server_takes_the_seed_lm_eval_sends(api):
     assert greedy.seed is None and greedy.extra_args == {"method": "fast-dllm"}
     with pytest.raises(ValueError, match=r"\bseed\b"):
         params(0.7)._validate_diffusion(model_config)
+
+
+def test_reference_model_knobs_are_defaults_a_request_may_leave():
+    """``odb-reference``'s model knobs act as an engine's do on the server: a request's own knobs win,
+    and a default its method ignores (``ridge_rows`` under ``fast-dllm``) is left out, not refused."""
+    pytest.importorskip("lm_eval")
+    import types
+
+    from vllm_odb.eval.reference_lm import ReferenceLM
+
+    model = types.SimpleNamespace(knobs={"ridge_rows": 64, "threshold": 0.8}, method="odb", block_length=32)
+    plain = ReferenceLM.config(model, {"max_gen_toks": 64, "extra_args": {"method": "fast-dllm"}})
+    assert not plain.jump and plain.threshold == 0.8 and plain.gen_length == 64
+    jump = ReferenceLM.config(model, {"max_gen_toks": 40, "extra_args": {"threshold": 0.95}})
+    assert jump.jump and jump.ridge_rows == 64 and jump.threshold == 0.95 and jump.gen_length == 64

@@ -5,8 +5,8 @@ engine ends that request with an error and keeps serving the others
 Off unless the engine's processes run with ``VLLM_ODB_DEBUG_FAULTS=1`` (the server's environment;
 its engine core inherits it). Then a request may carry ``extra_args={"debug_fault": "KIND[@N]"}``
 (``vllm_xargs`` over HTTP), N being the request's forward the fault hits (1, the default: the
-refresh that starts its first block; forwards are counted as ``vllm_odb:forwards`` plus
-``idle_forwards`` count them):
+refresh that starts its first block; forwards are counted as the engine's ``forwards`` plus
+``idle_forwards`` counters count them):
 
     nan    its logits are NaN from forward N on: the sampler finds non-finite logits and ends it
            with an error (engine/sampler.py)

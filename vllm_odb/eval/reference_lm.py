@@ -98,11 +98,15 @@ class ReferenceLM(LM):
         kw = dict(gen_kwargs or {})
         max_tokens = kw.get("max_gen_toks", kw.get("max_tokens", 64))
         gen_length = max(1, -(-int(max_tokens) // self.block_length)) * self.block_length
-        knobs = {**self.knobs, **(kw.get("extra_args") or {})}
+        knobs = dict(kw.get("extra_args") or {})
         if kw.get("temperature") is not None:
             knobs["temperature"] = float(kw["temperature"])
         method = knobs.pop("method", self.method)
-        return DecodeConfig.for_method(method, gen_length=gen_length, block_length=self.block_length, **knobs)
+        cfg = DecodeConfig.for_method(method, gen_length=gen_length, block_length=self.block_length, **knobs)
+        # The model's knobs are defaults, as an engine's are on the server: a request's own knobs win,
+        # and a default the request's method ignores (ridge_rows under fast-dllm) is left out.
+        defaults = {k: v for k, v in self.knobs.items() if k not in knobs and _acts(cfg, k)}
+        return cfg.replace(**defaults) if defaults else cfg
 
     def _decode(self, contexts: list[str], gen_kwargs: dict) -> list[str]:
         import torch
@@ -125,3 +129,11 @@ class ReferenceLM(LM):
                     text = text.split(s)[0]
             texts.append(text)
         return texts
+
+
+def _acts(cfg, knob: str) -> bool:
+    """Whether ``knob`` does anything under ``cfg`` (policies/config.py's KNOB_ACTS_WHEN)."""
+    from vllm_odb.policies.config import KNOB_ACTS_WHEN
+
+    setting, acting = KNOB_ACTS_WHEN.get(knob, (None, ()))
+    return setting is None or getattr(cfg, setting) in acting
