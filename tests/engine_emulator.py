@@ -27,6 +27,19 @@ from vllm_odb.engine.model_state import CacheRefresh, PagedCache
 from vllm_odb.engine.requests import RequestTable
 from vllm_odb.engine.sampler import ODBSampler
 
+_TINY: dict = {}
+
+
+def tiny_checkpoint(fmt: str):
+    """The shipped tiny ``fmt`` checkpoint on the CPU, loaded once per test session."""
+    from pathlib import Path
+
+    from vllm_odb.reference.loader import load_checkpoint
+
+    if fmt not in _TINY:
+        _TINY[fmt] = load_checkpoint(str(Path(__file__).resolve().parents[1] / "checkpoints" / f"tiny-{fmt}"))
+    return _TINY[fmt]
+
 BLOCKS_PER_SLOT = 64
 
 

@@ -14,21 +14,14 @@ import torch
 
 pytest.importorskip("vllm")
 
-from engine_emulator import EmulatedEngine  # noqa: E402
+from engine_emulator import EmulatedEngine, tiny_checkpoint  # noqa: E402
 from vllm_odb.engine.knobs import engine_config  # noqa: E402
 from vllm_odb.reference.generate import generate, response_ids  # noqa: E402
-from vllm_odb.reference.loader import load_checkpoint  # noqa: E402
 from vllm_odb.tiny.suite import make_suite  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GEN, BLOCK = 64, 16
-_CKPT: dict = {}
-
-
-def _ckpt(fmt: str):
-    if fmt not in _CKPT:
-        _CKPT[fmt] = load_checkpoint(str(ROOT / "checkpoints" / f"tiny-{fmt}"))
-    return _CKPT[fmt]
+_ckpt = tiny_checkpoint
 
 
 def _parity(fmt: str, section: dict, n: int = 3, stop: list[str] | None = None) -> dict:

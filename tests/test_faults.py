@@ -131,15 +131,12 @@ def test_finite_logits_never_report():
 
 # ---- the emulated engine: a batch where requests fault ------------------------------------------
 GEN, BLOCK = 64, 16
-_CKPT: dict = {}
 
 
 def _ckpt(fmt: str):
-    from vllm_odb.reference.loader import load_checkpoint
+    from engine_emulator import tiny_checkpoint
 
-    if fmt not in _CKPT:
-        _CKPT[fmt] = load_checkpoint(str(ROOT / "checkpoints" / f"tiny-{fmt}"))
-    return _CKPT[fmt]
+    return tiny_checkpoint(fmt)
 
 
 def _batch(fmt: str, fault_of: dict[int, str], n: int = 5, section: dict | None = None):

@@ -10,11 +10,8 @@ prompts with the same decoding knobs, and so must the answers that quality repor
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -50,33 +47,14 @@ def quality():
 def server(tmp_path_factory):
     pytest.importorskip("vllm")
     pytest.importorskip("lm_eval")
-    import requests
+    from vllm_odb.bench.serving import Server
 
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", MODEL, "--speculative", "odb",
            "--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.3", "--seed", "0",
            "--host", "127.0.0.1", "--port", str(PORT), "--additional-config", json.dumps({"odb": ENGINE})]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        for _ in range(420):
-            try:
-                if requests.get(f"http://127.0.0.1:{PORT}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert proc.poll() is None, log_path.read_text()[-5000:]
-            time.sleep(1)
-        else:
-            pytest.fail("the server did not come up: " + log_path.read_text()[-5000:])
-        yield f"http://127.0.0.1:{PORT}/v1"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    with Server(cmd, log_path=str(log_path), start_timeout=420) as s:
+        yield s.url + "/v1"
 
 
 def _lm_eval(tmp_path, model: str, model_args: str, *extra: str) -> tuple[dict, list[dict]]:

@@ -78,37 +78,20 @@ def test_vllm_serve_speculative_odb_with_defaults_serves_a_request(tmp_path):
     """``vllm serve checkpoints/tiny-llada --speculative odb`` and nothing else: the engine starts
     (its kernel warm-up used to feed ids past the 128-token vocabulary: patches/warmup_ids.py) and
     answers a chat completion."""
-    import os
-    import time
     import urllib.request
 
     pytest.importorskip("vllm")
-    port = 8784
-    log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen(["vllm", "serve", str(ROOT / "checkpoints" / "tiny-llada"), "--speculative", "odb",
-                               "--host", "127.0.0.1", "--port", str(port)],
-                              cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if urllib.request.urlopen(base + "/health", timeout=5).status == 200:
-                    break
-            except OSError:
-                pass
-            assert time.time() < deadline, "the server did not come up in 300 s"
-            time.sleep(2)
-        body = json.dumps({"model": str(ROOT / "checkpoints" / "tiny-llada"), "max_tokens": 64, "temperature": 0,
+    from vllm_odb.bench.serving import Server
+
+    model = str(ROOT / "checkpoints" / "tiny-llada")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, "--speculative", "odb",
+           "--host", "127.0.0.1", "--port", "8784"]
+    with Server(cmd, log_path=str(tmp_path / "serve.log"), start_timeout=300) as server:
+        body = json.dumps({"model": model, "max_tokens": 64, "temperature": 0,
                            "messages": [{"role": "user", "content": "What is 2 + 3?"}]}).encode()
-        req = urllib.request.Request(base + "/v1/chat/completions", data=body,
+        req = urllib.request.Request(server.url + "/v1/chat/completions", data=body,
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=120) as resp:
             assert resp.status == 200
             answer = json.loads(resp.read())
-        assert answer["choices"][0]["message"]["content"].strip()
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-        log.close()
+    assert answer["choices"][0]["message"]["content"].strip()
