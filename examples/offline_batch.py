@@ -45,8 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "first prompts of the checkpoint's synthetic suite, one per knob setting)")
     ap.add_argument("--max-tokens", type=int, default=64, help="per request; the canvas is this rounded up to blocks")
     ap.add_argument("--block-length", type=int, default=32, help="the engine's block (fixed per engine)")
-    ap.add_argument("--ridge-rows", type=int, default=64, help="jump-share draft budget; the tiny checkpoints "
-                    "(vocabulary 128) need fewer than 128 (engine default 251)")
+    ap.add_argument("--ridge-rows", type=int, default=64, help="jump-share draft budget (engine default 251); "
+                    "64 keeps a tiny checkpoint's engine small")
     ap.add_argument("--dtype", default="float32", help="float32 for the tiny checkpoints, bfloat16 for full-size ones")
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)

@@ -49,8 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--base-url", help="query this server (e.g. http://127.0.0.1:8000/v1) instead of starting one")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--block-length", type=int, default=32, help="the engine's block (one streamed chunk each)")
-    ap.add_argument("--ridge-rows", type=int, default=64, help="jump-share draft budget; the tiny checkpoints "
-                    "(vocabulary 128) need fewer than 128 (engine default 251)")
+    ap.add_argument("--ridge-rows", type=int, default=64, help="jump-share draft budget (engine default 251); "
+                    "64 keeps a tiny checkpoint's engine small")
     ap.add_argument("--dtype", default="float32", help="float32 for the tiny checkpoints, bfloat16 for full-size ones")
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)

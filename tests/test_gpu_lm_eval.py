@@ -23,7 +23,7 @@ MODEL = str(ROOT / "checkpoints" / "tiny-llada")
 PORT = 8782
 LIMIT, SEED = 40, 0
 # The server's engine: bench quality's defaults (block 32; gen 64 = the task's max_gen_toks) and a
-# draft budget below the tiny vocabulary (see bench/loopback.py).
+# small draft budget (see bench/loopback.py).
 ENGINE = {"block_length": 32, "ridge_rows": 64}
 
 

@@ -31,8 +31,9 @@ import sys
 import time
 
 BLOCK, GEN = 16, 64
-# The draft budget and so a jump-share engine's canvas. vLLM's kernel warm-up feeds token ids up
-# to the canvas width, so the tiny checkpoints (vocabulary 128) need a canvas below that.
+# The draft budget and so a jump-share engine's canvas: 64 keeps the tiny engines small. (vLLM's
+# kernel warm-up feeds token ids up to the canvas width, past the tiny checkpoints' 128-token
+# vocabulary at the default 251; patches/warmup_ids.py keeps them inside it now.)
 RIDGE_ROWS = 64
 
 
