@@ -86,9 +86,15 @@ def test_the_verifier_rejects_wrong_answers_and_wrong_steps(task):
         m = re.search(r"(=|is|which is|that is) (\d+)", e.answer)
         bad = e.answer[:m.start(2)] + str(int(m.group(2)) + 1) + e.answer[m.end(2):]
         assert check(bad, e) == {"final": True, "steps": False}
-    elif task == "tally":  # a wrong running count
+    elif task == "tally":  # a wrong item index; a wrong count restated in a later step, summary kept
         bad = e.answer.replace(" 1 ", " 2 ", 1)
         assert bad != e.answer and not score(bad, e)
+        import re
+
+        steps = list(re.finditer(r"([Ii]tem \d+[^.]*?)(\d+) (\w+)", e.answer))
+        m = steps[len(steps) // 2]  # a step's first restated count
+        bad = e.answer[:m.start(2)] + str(int(m.group(2)) + 1) + e.answer[m.end(2):]
+        assert check(bad, e) == {"final": True, "steps": False}
     elif task == "sort":  # picked out of order
         order = e.truth
         bad = e.answer.replace(f" {order[1]}.", " 100.", 1)
