@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from vllm_odb.bench import serving
 
 METRICS = r'''# HELP vllm:num_requests_running Number of requests in model execution batches.
@@ -99,3 +101,21 @@ def test_serve_command():
     plain = serving.serve_command("checkpoints/tiny-llada", 8123, False)
     assert "--speculative" not in plain and "ridge_rows" not in plain[plain.index("--additional-config") + 1]
     assert serving.Server(cmd=plain).url == "http://127.0.0.1:8123"
+
+
+def test_memory_settings_third_of_the_gpu_or_a_fixed_kv_cache(monkeypatch):
+    """By default a harness engine asks for 30% of the GPU; with VLLM_ODB_BENCH_KV_GIB it reserves
+    that KV cache (no memory profiling, so several can start at once) on both vLLM entry points."""
+    monkeypatch.delenv(serving.KV_GIB_ENV, raising=False)
+    assert serving.memory_kwargs() == {"gpu_memory_utilization": 0.3}
+    assert serving.memory_kwargs(0.28) == {"gpu_memory_utilization": 0.28}
+    assert serving.memory_flags() == ["--gpu-memory-utilization", "0.3"]
+    monkeypatch.setenv(serving.KV_GIB_ENV, "1.5")
+    assert serving.memory_kwargs() == {"gpu_memory_utilization": 0.05, "kv_cache_memory_bytes": 1610612736}
+    cmd = serving.serve_command("m", 9000, False)
+    assert cmd[cmd.index("--kv-cache-memory-bytes") + 1] == "1610612736"
+    assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.05"
+    for bad in ("0", "-1", "lots"):
+        monkeypatch.setenv(serving.KV_GIB_ENV, bad)
+        with pytest.raises(ValueError, match=serving.KV_GIB_ENV):
+            serving.memory_kwargs()

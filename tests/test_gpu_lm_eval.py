@@ -47,11 +47,11 @@ def quality():
 def server(tmp_path_factory):
     pytest.importorskip("vllm")
     pytest.importorskip("lm_eval")
-    from vllm_odb.bench.serving import Server
+    from vllm_odb.bench.serving import Server, memory_flags
 
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", MODEL, "--speculative", "odb",
-           "--dtype", "float32", "--max-model-len", "512", "--gpu-memory-utilization", "0.3", "--seed", "0",
+           "--dtype", "float32", "--max-model-len", "512", *memory_flags(), "--seed", "0",
            "--host", "127.0.0.1", "--port", str(PORT), "--additional-config", json.dumps({"odb": ENGINE})]
     with Server(cmd, log_path=str(log_path), start_timeout=420) as s:
         yield s.url + "/v1"
@@ -114,7 +114,9 @@ def test_lm_eval_in_process_vllm_model_with_the_plugin(quality, tmp_path):
     answers keep special tokens unless ``skip_special_tokens`` is set through ``--gen_kwargs``."""
     pytest.importorskip("vllm")
     pytest.importorskip("lm_eval")
-    args = {"pretrained": MODEL, "dtype": "float32", "max_model_len": 512, "gpu_memory_utilization": 0.3, "seed": 0,
+    from vllm_odb.bench.serving import memory_kwargs
+
+    args = {"pretrained": MODEL, "dtype": "float32", "max_model_len": 512, **memory_kwargs(), "seed": 0,
             "speculative_config": {"method": "odb"}, "additional_config": {"odb": ENGINE}}
     results, samples = _lm_eval(tmp_path, "vllm", json.dumps(args), "--gen_kwargs",
                                 json.dumps({"skip_special_tokens": True}), "--batch_size", "auto")

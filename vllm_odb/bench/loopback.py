@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from vllm_odb.bench.serving import memory_flags, memory_kwargs
+
 BLOCK, GEN = 16, 64
 # The draft budget and so a jump-share engine's canvas: 64 keeps the tiny engines small. (vLLM's
 # kernel warm-up feeds token ids up to the canvas width, past the tiny checkpoints' 128-token
@@ -63,7 +65,7 @@ def offline(model: str, reqs: list[dict], kv_blocks: int | None) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=model, dtype="float32", max_model_len=512, gpu_memory_utilization=0.3, seed=0,
+    llm = LLM(model=model, dtype="float32", max_model_len=512, seed=0, **memory_kwargs(),
               speculative_config={"method": "odb"}, num_gpu_blocks_override=kv_blocks,
               additional_config={"odb": {"block_length": BLOCK, "gen_length": GEN, "ridge_rows": RIDGE_ROWS}})
 
@@ -203,7 +205,7 @@ def main(args: argparse.Namespace) -> int:
     t_offline = time.time() - t0
     base = f"http://127.0.0.1:{args.port}"
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args.model, "--speculative", "odb", "--dtype", "float32", "--max-model-len", "512",
-           "--gpu-memory-utilization", "0.3", "--port", str(args.port), "--seed", "0",
+           *memory_flags(), "--port", str(args.port), "--seed", "0",
            "--additional-config", json.dumps({"odb": {"block_length": BLOCK, "gen_length": GEN, "ridge_rows": RIDGE_ROWS}})]
     if args.kv_blocks:
         cmd += ["--num-gpu-blocks-override", str(args.kv_blocks)]

@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from vllm_odb.bench.serving import memory_kwargs
+
 METHODS = ("fast-dllm", "odb-alp", "odb-jump", "odb", "dynamic-apd", "odb-streaming")
 
 
@@ -120,7 +122,7 @@ def _vllm(args, prompts, end_ids):
     from vllm_odb.engine.metrics import snapshot
 
     t0 = time.time()
-    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=512, gpu_memory_utilization=args.gpu_memory,
+    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=512, **memory_kwargs(args.gpu_memory),
               max_num_seqs=max(16, args.n), enforce_eager=args.mode == "eager", seed=0,
               tensor_parallel_size=args.tp, disable_custom_all_reduce=args.tp > 1, **engine_method(args))
     seconds = {"vllm_init": round(time.time() - t0, 2)}

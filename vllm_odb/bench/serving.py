@@ -24,6 +24,31 @@ from dataclasses import dataclass, field
 # jump-share engine's canvas; 64 keeps the tiny engines small (see bench/loopback.py).
 BLOCK, GEN, RIDGE_ROWS = 16, 64, 64
 MAX_MODEL_LEN = 512
+# Several harnesses on one GPU at once: vLLM sizes its KV cache by profiling the device's free
+# memory, which engines starting beside it disturb (a parity wave once saw "Available KV cache
+# memory: -14.74 GiB"). With this set (GiB), every harness engine reserves that fixed KV cache and
+# skips the profiling (vLLM's kv_cache_memory_bytes), asking only 5% of the GPU to be free.
+KV_GIB_ENV = "VLLM_ODB_BENCH_KV_GIB"
+
+
+def memory_kwargs(fraction: float = 0.3) -> dict:
+    """``LLM(...)`` memory arguments of a harness engine: ``fraction`` of the GPU, or the fixed KV
+    cache that ``$VLLM_ODB_BENCH_KV_GIB`` asks for."""
+    gib = os.environ.get(KV_GIB_ENV, "").strip()
+    if not gib:
+        return {"gpu_memory_utilization": fraction}
+    try:
+        size = float(gib)
+    except ValueError:
+        size = -1.0
+    if size <= 0:
+        raise ValueError(f"{KV_GIB_ENV}={gib!r}: give the KV cache size in GiB, a positive number")
+    return {"gpu_memory_utilization": 0.05, "kv_cache_memory_bytes": int(size * 2**30)}
+
+
+def memory_flags(fraction: float = 0.3) -> list[str]:
+    """The same as ``vllm serve`` flags."""
+    return [x for k, v in memory_kwargs(fraction).items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
 def engine_section(speculative: bool) -> dict:
@@ -36,7 +61,7 @@ def serve_command(model: str, port: int, speculative: bool, extra: list[str] | N
     ``--speculative odb`` or the default engine."""
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
-           "--gpu-memory-utilization", "0.3", "--seed", "0",
+           *memory_flags(), "--seed", "0",
            "--additional-config", json.dumps({"odb": engine_section(speculative)})]
     if speculative:
         cmd += ["--speculative", "odb"]

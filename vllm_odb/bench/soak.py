@@ -178,7 +178,7 @@ def offline(model: str, plan: list[dict], speculative: bool, seed: int, eager: b
     kwargs = {"speculative_config": {"method": "odb"}} if speculative else {}
     if eager:
         kwargs["enforce_eager"] = True
-    llm = LLM(model=model, dtype="float32", max_model_len=serving.MAX_MODEL_LEN, gpu_memory_utilization=0.3, seed=0,
+    llm = LLM(model=model, dtype="float32", max_model_len=serving.MAX_MODEL_LEN, seed=0, **serving.memory_kwargs(),
               additional_config={"odb": serving.engine_section(speculative)}, **kwargs)
 
     def run(llm, reqs):
