@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
 # The GPU runs that verify the one-step refactor (#20), the ecosystem work (#23) and serving under
-# load and faults (#24), in three parts of under ten minutes each, after staging vLLM (same warm
+# load and faults (#24), in two parts of under ten minutes each, after staging vLLM (same warm
 # machine). Many tiny engines run at once on one GPU: VLLM_ODB_BENCH_KV_GIB gives each harness
 # engine a fixed KV cache, so none sizes its cache from memory the others are still allocating
 # (bench/serving.memory_kwargs). Everything lands in $OUT/verify-<part>.tgz (logs, JSON reports).
-#   PART=1 OUT=$OUT bash scripts/gpu_verify.sh   # parity: the refactor's six + tests/test_gpu_vllm.py + tests/test_gpu.py
+#   PART=1 OUT=$OUT bash scripts/gpu_verify.sh   # the refactor's six parity checks (SKIP_SIX=1 skips them),
+#       every GPU test: tests/test_gpu{,_vllm,_lm_eval,_reliability,_examples}.py
 #   PART=2 OUT=$OUT bash scripts/gpu_verify.sh   # reliability: fuzz, soak x4, faults x2 (full size)
-#   PART=3 OUT=$OUT bash scripts/gpu_verify.sh   # lm-eval, examples, the small reliability tests, the defaults server
-# lm-eval and its pure-Python needs travel as wheels in .whl (carry it in PART=3).
+# lm-eval and its pure-Python needs travel as wheels in .whl (carry it in PART=1).
 set -uo pipefail
 source /root/vllm-env.sh
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/vllm-site . >/dev/null 2>&1 \
   || { echo "project install failed"; exit 1; }
-PART=${PART:?PART=1, 2 or 3}
+PART=${PART:?PART=1 or 2}
 OUT=${OUT:-/tmp/out}; R="$OUT/verify-$PART"; mkdir -p "$R"
 export VLLM_ODB_BENCH_KV_GIB=${VLLM_ODB_BENCH_KV_GIB:-2}
 LIMIT=${LIMIT:-540}   # seconds every lane must end within (the call's limit is 600)
@@ -24,38 +24,39 @@ lane() {  # name, command...: runs in the background, bounded by the time left, 
     echo "$name rc=$? t=$(( $(date +%s) - START ))s" >> "$R/rc.txt" ) &
   sleep "${STAGGER:-3}"
 }
-bench() { python3 -m vllm_odb.bench "$@"; }
-pt() { python3 -m pytest -m gpu -q -p no:cacheprovider "$@"; }
+bench=(python3 -m vllm_odb.bench)                       # arrays, not functions: timeout runs commands
+pt=(python3 -m pytest -m gpu -q -p no:cacheprovider)
 M=checkpoints
 
 case $PART in
 1)
-  lane parity-six env OUT="$R/parity-six" bash scripts/gpu_parity_all.sh
-  lane pytest-vllm pt -n 5 tests/test_gpu_vllm.py -k "not defaults"
-  lane pytest-ref pt tests/test_gpu.py
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /root/lm-site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/root/lm-site || echo "lm-eval wheels did not install" | tee "$R/wheels.log"
+  LIMIT=$((LIMIT - 100))  # keep 100 s for the defaults server below
+  [[ -n "${SKIP_SIX:-}" ]] || lane parity-six env OUT="$R/parity-six" bash scripts/gpu_parity_all.sh
+  lane pytest-vllm "${pt[@]}" -n 5 tests/test_gpu_vllm.py -k "not defaults"
+  lane pytest-ref "${pt[@]}" tests/test_gpu.py
+  lane pytest-lm-eval "${pt[@]}" tests/test_gpu_lm_eval.py
+  lane pytest-reliability-soak "${pt[@]}" tests/test_gpu_reliability.py -k soak   # the two soaks share a port
+  lane pytest-reliability-other "${pt[@]}" tests/test_gpu_reliability.py -k "not soak"
+  lane pytest-examples "${pt[@]}" tests/test_gpu_examples.py
   wait
   # vLLM's defaults (90% of the GPU): alone, after the others
-  lane pytest-defaults pt tests/test_gpu_vllm.py -k defaults
+  LIMIT=$((LIMIT + 100))
+  lane pytest-defaults "${pt[@]}" tests/test_gpu_vllm.py -k defaults
   wait ;;
 2)
   S=(--requests 1000 --clients 200 --max-seconds 480)
-  lane soak-llada bench server-soak --model $M/tiny-llada "${S[@]}" --port 8801 --out "$R/soak-llada.json"
-  lane soak-llada-odb bench server-soak --model $M/tiny-llada --speculative "${S[@]}" --port 8802 --out "$R/soak-llada-odb.json"
-  lane soak-dream bench server-soak --model $M/tiny-dream "${S[@]}" --port 8803 --out "$R/soak-dream.json"
-  lane soak-dream-odb bench server-soak --model $M/tiny-dream --speculative "${S[@]}" --port 8804 --out "$R/soak-dream-odb.json"
-  lane fuzz-llada bench server-fuzz --model $M/tiny-llada --n 200 --eager --port 8805 --out "$R/fuzz-llada.json"
-  lane fuzz-dream-odb bench server-fuzz --model $M/tiny-dream --speculative --n 200 --eager --port 8806 --out "$R/fuzz-dream-odb.json"
-  lane faults-llada-odb bench server-faults --model $M/tiny-llada --speculative --port 8807 --out "$R/faults-llada-odb.json"
-  lane faults-dream bench server-faults --model $M/tiny-dream --eager --port 8808 --out "$R/faults-dream.json"
+  lane soak-llada "${bench[@]}" server-soak --model $M/tiny-llada "${S[@]}" --port 8801 --out "$R/soak-llada.json"
+  lane soak-llada-odb "${bench[@]}" server-soak --model $M/tiny-llada --speculative "${S[@]}" --port 8802 --out "$R/soak-llada-odb.json"
+  lane soak-dream "${bench[@]}" server-soak --model $M/tiny-dream "${S[@]}" --port 8803 --out "$R/soak-dream.json"
+  lane soak-dream-odb "${bench[@]}" server-soak --model $M/tiny-dream --speculative "${S[@]}" --port 8804 --out "$R/soak-dream-odb.json"
+  lane fuzz-llada "${bench[@]}" server-fuzz --model $M/tiny-llada --n 200 --eager --port 8805 --out "$R/fuzz-llada.json"
+  lane fuzz-dream-odb "${bench[@]}" server-fuzz --model $M/tiny-dream --speculative --n 200 --eager --port 8806 --out "$R/fuzz-dream-odb.json"
+  lane faults-llada-odb "${bench[@]}" server-faults --model $M/tiny-llada --speculative --port 8807 --out "$R/faults-llada-odb.json"
+  lane faults-dream "${bench[@]}" server-faults --model $M/tiny-dream --eager --port 8808 --out "$R/faults-dream.json"
   wait ;;
-3)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /root/lm-site .whl/*.whl \
-    && export PYTHONPATH=$PYTHONPATH:/root/lm-site || echo "lm-eval wheels did not install" | tee "$R/wheels.log"
-  lane pytest-lm-eval pt tests/test_gpu_lm_eval.py
-  lane pytest-reliability pt tests/test_gpu_reliability.py
-  lane pytest-examples pt tests/test_gpu_examples.py
-  wait ;;
-*) echo "PART=$PART: give 1, 2 or 3"; exit 2 ;;
+*) echo "PART=$PART: give 1 or 2"; exit 2 ;;
 esac
 sort "$R/rc.txt"
 for f in "$R"/*.log; do case $f in *.server.log) continue ;; esac; echo "== $f"; grep -vE "^(INFO|DEBUG|\(EngineCore)" "$f" | tail -n 6; done
