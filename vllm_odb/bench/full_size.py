@@ -11,67 +11,24 @@ import json
 import os
 
 
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def _config(name: str) -> dict:
+    """The official checkpoint's config.json (its sizes and special ids), as shipped in
+    ``bench/configs/<name>.json``."""
+    with open(os.path.join(CONFIGS, f"{name}.json")) as f:
+        return json.load(f)
+
+
 def llada_8b_config() -> dict:
-    return {
-        "architectures": ["LLaDAModelLM"],
-        "model_type": "llada",
-        "d_model": 4096,
-        "n_layers": 32,
-        "n_heads": 32,
-        "n_kv_heads": 32,
-        "multi_query_attention": None,
-        "mlp_hidden_size": 12288,
-        "mlp_ratio": 4,
-        "vocab_size": 126464,
-        "embedding_size": 126464,
-        "rope": True,
-        "rope_theta": 500000.0,
-        "rope_full_precision": True,
-        "rms_norm_eps": 1e-5,
-        "weight_tying": False,
-        "include_bias": False,
-        "include_qkv_bias": False,
-        "block_type": "llama",
-        "activation_type": "silu",
-        "layer_norm_type": "rms",
-        "layer_norm_with_affine": True,
-        "bias_for_layer_norm": False,
-        "attention_layer_norm": False,
-        "alibi": False,
-        "scale_logits": False,
-        "input_emb_norm": False,
-        "block_group_size": 1,
-        "mask_token_id": 126336,
-        "eos_token_id": 126081,
-        "pad_token_id": 126081,
-        "max_sequence_length": 4096,
-    }
+    """GSAI-ML/LLaDA-8B-Instruct's config."""
+    return _config("llada-8b")
 
 
 def dream_7b_config() -> dict:
-    return {
-        "architectures": ["DreamModel"],
-        "model_type": "Dream",
-        "hidden_size": 3584,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 28,
-        "num_key_value_heads": 4,
-        "intermediate_size": 18944,
-        "hidden_act": "silu",
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000.0,
-        "rope_scaling": None,
-        "max_position_embeddings": 131072,
-        "vocab_size": 152064,
-        "tie_word_embeddings": False,
-        "use_sliding_window": False,
-        "sliding_window": None,
-        "max_window_layers": 28,
-        "mask_token_id": 151666,
-        "eos_token_id": 151643,
-        "pad_token_id": 151643,
-        "bos_token_id": 151643,
-    }
+    """Dream-org/Dream-v0-Instruct-7B's config."""
+    return _config("dream-7b")
 
 
 FULL_SIZE = {"llada-8b": llada_8b_config, "dream-7b": dream_7b_config}

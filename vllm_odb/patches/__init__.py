@@ -45,6 +45,17 @@ def apply_all() -> list[str]:
     return sorted(_applied)
 
 
+def install(owner, attr: str, wrap) -> None:
+    """Replace ``owner.attr`` with ``wrap(owner.attr)``, once: a wrapper already in place (marked
+    ``_odb_patched``) is left as it is."""
+    current = getattr(owner, attr)
+    if getattr(current, "_odb_patched", False):
+        return
+    patched = wrap(current)
+    patched._odb_patched = True
+    setattr(owner, attr, patched)
+
+
 def is_odb_model(hf_config) -> bool:
     """Our models carry the resolved engine knobs (set by models/hook.py)."""
     return getattr(hf_config, "odb_engine", None) is not None

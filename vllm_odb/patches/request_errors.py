@@ -47,6 +47,6 @@ def wrap(original):
 def apply() -> None:
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    if getattr(Scheduler.update_from_output, "_odb_patched", False):
-        return
-    Scheduler.update_from_output = wrap(Scheduler.update_from_output)
+    from vllm_odb.patches import install
+
+    install(Scheduler, "update_from_output", wrap)

@@ -38,6 +38,6 @@ def wrap(original):
 def apply() -> None:
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner
 
-    if getattr(GPUModelRunner.initialize_kv_cache, "_odb_patched", False):
-        return
-    GPUModelRunner.initialize_kv_cache = wrap(GPUModelRunner.initialize_kv_cache)
+    from vllm_odb.patches import install
+
+    install(GPUModelRunner, "initialize_kv_cache", wrap)

@@ -50,6 +50,6 @@ def wrap(warmup_kernels):
 def apply() -> None:
     from vllm.v1.worker import gpu_worker
 
-    if getattr(gpu_worker.warmup_kernels, "_odb_patched", False):
-        return
-    gpu_worker.warmup_kernels = wrap(gpu_worker.warmup_kernels)
+    from vllm_odb.patches import install
+
+    install(gpu_worker, "warmup_kernels", wrap)
