@@ -5,8 +5,9 @@
 # engine a fixed KV cache, so none sizes its cache from memory the others are still allocating
 # (bench/serving.memory_kwargs). Everything lands in $OUT/verify-<part>.tgz (logs, JSON reports).
 #   PART=1 OUT=$OUT bash scripts/gpu_verify.sh   # the refactor's six parity checks (SKIP_SIX=1 skips them),
-#       every GPU test: tests/test_gpu{,_vllm,_lm_eval,_reliability,_examples}.py
-#   PART=2 OUT=$OUT bash scripts/gpu_verify.sh   # reliability: fuzz, soak x4, faults x2 (full size)
+#       the GPU tests: tests/test_gpu{,_vllm,_lm_eval,_examples}.py, test_gpu_reliability.py -k "not soak"
+#   PART=2 OUT=$OUT bash scripts/gpu_verify.sh   # reliability: fuzz x2, soak x4, faults x2 (full size), and
+#       test_gpu_reliability.py -k soak
 # lm-eval and its pure-Python needs travel as wheels in .whl (carry it in PART=1).
 set -uo pipefail
 source /root/vllm-env.sh
@@ -37,7 +38,6 @@ case $PART in
   lane pytest-vllm "${pt[@]}" -n 5 tests/test_gpu_vllm.py -k "not defaults"
   lane pytest-ref "${pt[@]}" tests/test_gpu.py
   lane pytest-lm-eval "${pt[@]}" tests/test_gpu_lm_eval.py
-  lane pytest-reliability-soak "${pt[@]}" tests/test_gpu_reliability.py -k soak   # the two soaks share a port
   lane pytest-reliability-other "${pt[@]}" tests/test_gpu_reliability.py -k "not soak"
   lane pytest-examples "${pt[@]}" tests/test_gpu_examples.py
   wait
@@ -46,7 +46,7 @@ case $PART in
   lane pytest-defaults "${pt[@]}" tests/test_gpu_vllm.py -k defaults
   wait ;;
 2)
-  S=(--requests 1000 --clients 200 --max-seconds 480)
+  S=(--requests 1000 --clients 200 --max-seconds $((LIMIT - 40)))
   lane soak-llada "${bench[@]}" server-soak --model $M/tiny-llada "${S[@]}" --port 8801 --out "$R/soak-llada.json"
   lane soak-llada-odb "${bench[@]}" server-soak --model $M/tiny-llada --speculative "${S[@]}" --port 8802 --out "$R/soak-llada-odb.json"
   lane soak-dream "${bench[@]}" server-soak --model $M/tiny-dream "${S[@]}" --port 8803 --out "$R/soak-dream.json"
@@ -55,6 +55,7 @@ case $PART in
   lane fuzz-dream-odb "${bench[@]}" server-fuzz --model $M/tiny-dream --speculative --n 200 --eager --port 8806 --out "$R/fuzz-dream-odb.json"
   lane faults-llada-odb "${bench[@]}" server-faults --model $M/tiny-llada --speculative --port 8807 --out "$R/faults-llada-odb.json"
   lane faults-dream "${bench[@]}" server-faults --model $M/tiny-dream --eager --port 8808 --out "$R/faults-dream.json"
+  lane pytest-reliability-soak "${pt[@]}" tests/test_gpu_reliability.py -k soak   # its two soaks share a port
   wait ;;
 *) echo "PART=$PART: give 1 or 2"; exit 2 ;;
 esac
