@@ -4,6 +4,12 @@ Reads the JSON written by ``python -m vllm_odb.bench speed`` (``meta``, ``rows``
 a markdown summary (the rows table and the goals table, computed only from this file's rows) to
 ``--md`` or stdout, and PNG plots (throughput vs batch, throughput vs gen length, a roofline of the
 per-step profile) to ``--out-dir``. A plot whose data is missing is skipped with a message.
+
+Every row shows its roofline (bench/roofline.py: its forwards at the run's measured ceilings) as
+ms per request, wall time ÷ roofline time and tok/s ÷ roofline tok/s, and the goals section flags
+the roofline targets (batch 1 within 1.4x, 64 concurrent at 80%). Rows written before ``speed``
+recorded ``roofline_s`` show n/a, or, with ``--traces FILE`` (the traces they replayed), the
+roofline computed here.
 """
 
 from __future__ import annotations
