@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -210,3 +211,127 @@ def test_concurrency_ceiling_from_refresh_flops_and_peak(tmp_path):
     assert report.concurrency_ceiling(_data()["rows"], "llada-8b", 1024, data["meta"]) is None
     assert report.concurrency_ceiling(data["rows"], "tiny-llada", 64, data["meta"]) is None
 
+
+
+# ----------------------------------------------------------------------------- roofline
+
+# A toy model whose costs are easy by hand (bench/costs.py): per forward of t query rows against k
+# keys, FLOPs = 2 * 22 * t (linear) + 4 * t * k * 2 (attention) = 44 t + 8 t k; bytes = 56 (weights)
+# + 8 per key (K and V). Ceilings of 1 FLOP/s and 1 byte/s make a forward's seconds max(FLOPs, bytes).
+TOY = {"num_layers": 1, "hidden_size": 2, "head_dim": 1, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 1,
+       "vocab_size": 3, "logits_shift": 0}
+ONE_FLOP, ONE_BYTE = 1e-12, 1e-9  # TFLOP/s, GB/s
+# prompt 2, gen 4 in blocks of 2: block 0 in two forwards (its refresh, one cached step), block 1 in
+# its refresh alone
+TRACE = {"prompt_len": 2, "replay": {"commits": [[1, 1], [2]], "lengths": [4, 4]}}
+
+
+def _toy():
+    from types import SimpleNamespace
+
+    from vllm_odb.policies import DecodeConfig
+
+    return SimpleNamespace(**TOY), DecodeConfig.for_method("fast-dllm", gen_length=4, block_length=2)
+
+
+def test_forward_seconds_is_the_slower_ceiling():
+    from vllm_odb.bench.roofline import forward_seconds
+
+    assert forward_seconds(100, 400, ONE_FLOP, ONE_BYTE) == pytest.approx(400)
+    assert forward_seconds(4e12, 1e9, 1.0, 1.0) == pytest.approx(4.0)  # 4 TFLOP at 1 TFLOP/s vs 1 s
+
+
+def test_vllm_roofline_by_hand():
+    """vLLM, batch 1: step 0 = prefill (2 rows, 2 keys: 44*2 + 8*4 = 120) + refresh (6 rows, 6 keys:
+    264 + 288 = 552); block 0's cached step (2 rows, 6 keys: 88 + 96 = 184) + block 1's refresh (552);
+    block 1, completed by its refresh, goes out with one idle step (184). Sum 1592 s, 5 forwards."""
+    from vllm_odb.bench.roofline import row_seconds
+
+    spec, cfg = _toy()
+    assert row_seconds([TRACE], spec, cfg, "vllm", 1, ONE_FLOP, ONE_BYTE) == (pytest.approx(1592), 5)
+    # Memory bound (FLOPs free): bytes 72 + 104 | 104 + 104 | 104 = 488 a request alone; two together
+    # stream the weights (56 bytes) once per forward: 88 + 152 | 152 + 152 | 152 = 696, not 976.
+    assert row_seconds([TRACE], spec, cfg, "vllm", 1, 1e30, ONE_BYTE)[0] == pytest.approx(488)
+    assert row_seconds([TRACE] * 2, spec, cfg, "vllm", 1, 1e30, ONE_BYTE)[0] == pytest.approx(976)
+    assert row_seconds([TRACE] * 2, spec, cfg, "vllm", 2, 1e30, ONE_BYTE)[0] == pytest.approx(696)
+    assert row_seconds([TRACE] * 2, spec, cfg, "vllm", 2, 1e30, ONE_BYTE, max_num_seqs=1)[0] == pytest.approx(976)
+
+
+def test_reference_roofline_by_hand():
+    """Reference dual cache: block 0 = refresh over prompt + canvas (552) + a cached step on the
+    block (184); block 1 = its refresh (552): 1288 s, 3 forwards. Jump-share: the cached step takes
+    the draft canvas, ridge_rows = 4 rows against 6 keys (176 + 192 = 368)."""
+    from vllm_odb.bench.roofline import row_seconds
+    from vllm_odb.policies import DecodeConfig
+
+    spec, cfg = _toy()
+    assert row_seconds([TRACE], spec, cfg, "reference", 1, ONE_FLOP, ONE_BYTE) == (pytest.approx(1288), 3)
+    jump = DecodeConfig.for_method("odb", gen_length=4, block_length=2, ridge_rows=4)
+    assert row_seconds([TRACE], spec, jump, "reference", 1, ONE_FLOP, ONE_BYTE)[0] == pytest.approx(552 + 368 + 552)
+
+
+def _roof_rows():
+    return [_row("llada-8b", "vllm", "odb", 1024, 1, 600.0, requests=2, wall_s=0.14, roofline_s=0.1),
+            _row("llada-8b", "vllm", "odb", 1024, 64, 9600.0, requests=64, wall_s=2.0, roofline_s=1.6),
+            _row("llada-8b", "vllm", "fast-dllm", 1024, 1, 500.0, requests=4, wall_s=0.3, roofline_s=0.1),
+            _row("llada-8b", "vllm", "fast-dllm", 1024, 64, 8000.0, requests=64, wall_s=2.0, roofline_s=1.5)]
+
+
+def test_recorded_roofline_columns_and_targets(tmp_path):
+    """ms/req = roofline / requests; x roofline = wall / roofline; % = roofline / wall."""
+    data = _data()
+    data["rows"] = _roof_rows()
+    md = report.build_markdown(report.load_results(_write(tmp_path, data)), "r.json")
+    header = next(line for line in md.splitlines() if line.startswith("| model |"))
+    assert header.endswith("| GPU GB | roofline ms/req | x roofline | % roofline tok/s |")
+    assert "| llada-8b | yes (tiny-llada) | vllm | odb | 1024 | 1 |" in md
+    assert "| 50.0 | 1.40x | 71% |" in md  # 0.1 s / 2 requests; 0.14 / 0.1; 0.1 / 0.14
+    assert "| 25.0 | 1.25x | 80% |" in md  # 1.6 s / 64; 2.0 / 1.6; 1.6 / 2.0
+    assert "| 25.0 | 3.00x | 33% |" in md and "| 23.4 | 1.33x | 75% |" in md
+    assert ("- llada-8b gen 1024, vllm odb: batch 1 at 1.40x its roofline time (target <= 1.4x): met; 64 concurrent "
+            "at 80% of the roofline throughput (target >= 80%): met.") in md
+    assert ("- llada-8b gen 1024, vllm fast-dllm: batch 1 at 3.00x its roofline time (target <= 1.4x): not met; "
+            "64 concurrent at 75% of the roofline throughput (target >= 80%): not met.") in md
+    assert "* = computed" not in md and "n/a" not in md
+
+
+def test_old_rows_render_with_n_a_and_traces_fill_them_in(tmp_path):
+    """Rows written before roofline_s: 'n/a (row lacks roofline_s)', targets not measured; with the
+    traces they replayed, report computes the roofline itself at the file's ceilings (marked *)."""
+    from vllm_odb.bench.full_size import llada_8b_config
+    from vllm_odb.bench.roofline import row_seconds
+    from vllm_odb.bench.speed import method_config
+    from vllm_odb.checkpoint import ModelSpec
+
+    data = _data()
+    md = report.build_markdown(report.load_results(_write(tmp_path, data)), "r.json")
+    assert "| n/a (row lacks roofline_s) | - | - |" in md
+    assert "- llada-8b gen 1024, vllm odb: batch 1: not measured (row lacks roofline_s); batch 64: not measured" in md
+    traces = {"trace_model": "checkpoints/tiny-llada", "traces": {"odb|1024|vllm": [
+        {"prompt_len": 50 + i, "response_tokens": 8, "replay": {"commits": [[20, 12]], "lengths": [32]}}
+        for i in range(64)]}}
+    path = _write(tmp_path, traces, "traces.json")
+    assert bench_main(["report", str(_write(tmp_path, data)), "--traces", str(path), "--md", str(tmp_path / "r.md")]) == 0
+    md = (tmp_path / "r.md").read_text()
+    spec, ceil = ModelSpec.from_config(llada_8b_config()), data["meta"]["ceilings"]
+    cfg = method_config("odb", 1024, argparse.Namespace(block_length=32, threshold=0.9, ridge_rows=None))
+    one = row_seconds(traces["traces"]["odb|1024|vllm"][:4], spec, cfg, "vllm", 1, 780.0, 3000.0)[0]
+    assert ceil == {"bf16_matmul_tflops": 780.0, "copy_bandwidth_gbs": 3000.0, "ridge_flop_per_byte": 260.0}
+    assert f"| {1e3 * one / 4:.1f}* | {report._ratio(2.0 / one)} | {one / 2.0:.0%} |" in md
+    assert "* = computed by report from --traces" in md
+    assert "| n/a (row lacks roofline_s, traces lack 4 of fast-dllm\\|1024\\|reference) | - | - |" in md
+
+
+def test_shipped_results_render_their_roofline(tmp_path):
+    """The shipped LLaDA results (written before roofline_s) with the traces they replayed."""
+    speed_dir = "benchmarks/results/speed"
+    md = report.build_markdown(report.load_results(f"{speed_dir}/speed-llada-8b-final.json"), "f.json",
+                               traces=report.load_traces([f"{speed_dir}/traces-llada-8b.json"]))
+    assert "n/a" not in md.split("## Goals")[0]
+    assert "- llada-8b gen 1024, vllm odb: batch 1 at " in md and "64 concurrent at " in md
+
+
+def test_bad_traces_file_is_a_clear_error(tmp_path, capsys):
+    bad = _write(tmp_path, {"rows": []}, "traces.json")
+    assert bench_main(["report", str(_write(tmp_path, _data())), "--traces", str(bad)]) == 2
+    assert "not a traces file" in capsys.readouterr().err

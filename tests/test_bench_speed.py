@@ -4,6 +4,7 @@ trace-replay path on a random-weight model (a tiny-shaped stand-in for the full-
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -57,6 +58,36 @@ def test_replay_rows_make_the_traced_forwards(tmp_path, monkeypatch):
                                                                              b["tokens_per_forward"])
     fd = [t["replay"] for t in recorded["traces"]["fast-dllm|64|reference"]]
     assert rows[0]["nfe"] == sum(len(c) for t in fd for c in t["commits"]) / len(fd)
+    assert "roofline_s" not in rows[0]  # no ceilings measured (no GPU): no roofline
+
+
+def test_rows_record_their_roofline(tmp_path, monkeypatch):
+    """With this run's ceilings, each row records the roofline of the forwards its requests made
+    (bench/roofline.py over the traces it ran), for the reference engine's own dynamics too."""
+    from types import SimpleNamespace
+
+    from vllm_odb.bench import ceilings
+    from vllm_odb.bench.roofline import row_seconds
+    from vllm_odb.checkpoint import ModelSpec
+
+    monkeypatch.setattr(ceilings, "CEILINGS", {"bf16_matmul_tflops": 100.0, "copy_bandwidth_gbs": 1000.0})
+    cfg = json.loads(Path("checkpoints/tiny-dream/config.json").read_text())
+    monkeypatch.setitem(full_size.FULL_SIZE, "big-dream", lambda: cfg)
+    monkeypatch.setitem(speed.FULL_SIZE_TRACES, "big-dream", "checkpoints/tiny-dream")
+    out, traces = tmp_path / "speed.json", tmp_path / "traces.json"
+    assert main(["speed", "--engine", "reference", "--model", "big-dream", "--methods", "fast-dllm,odb", "--gen-lengths",
+                 "64", "--batches", "1,2", "--requests", "2", "--dtype", "float32", "--traces", str(traces),
+                 "--out", str(out)]) == 0
+    data, recorded = json.loads(out.read_text()), json.loads(traces.read_text())["traces"]
+    assert data["meta"]["ceilings"] == ceilings.CEILINGS and len(data["rows"]) == 4
+    spec = ModelSpec.from_config(cfg)
+    for row in data["rows"]:
+        knobs = SimpleNamespace(block_length=32, threshold=0.9, ridge_rows=None)
+        ran = recorded[f"{row['method']}|64|reference"][:row["requests"]]
+        want = row_seconds(ran, spec, speed.method_config(row["method"], 64, knobs), "reference", row["batch"],
+                           100.0, 1000.0)
+        assert (row["roofline_s"], row["roofline_forwards"]) == (pytest.approx(want[0], rel=1e-4), want[1])
+        assert row["roofline_ceilings"] == ceilings.CEILINGS and want[1] >= row["nfe"]
 
 
 @pytest.mark.parametrize("argv,msg", [

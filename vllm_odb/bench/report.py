@@ -4,6 +4,12 @@ Reads the JSON written by ``python -m vllm_odb.bench speed`` (``meta``, ``rows``
 a markdown summary (the rows table and the goals table, computed only from this file's rows) to
 ``--md`` or stdout, and PNG plots (throughput vs batch, throughput vs gen length, a roofline of the
 per-step profile) to ``--out-dir``. A plot whose data is missing is skipped with a message.
+
+Every row shows its roofline (bench/roofline.py: its forwards at the run's measured ceilings) as
+ms per request, wall time ÷ roofline time and tok/s ÷ roofline tok/s, and the goals section flags
+the roofline targets (batch 1 within 1.4x, 64 concurrent at 80%). Rows written before ``speed``
+recorded ``roofline_s`` show n/a, or, with ``--traces FILE`` (the traces they replayed), the
+roofline computed here.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ ROW_OPTIONAL = {"trace_model": str, "note": str, "requests": int, "latency_p50_s
                 "nfe": float, "tokens_per_forward": float, "refresh_tokens": float, "gpu_mem_gb": float,
                 "wall_s": float, "decode_step_ms_p50": float, "weight_stream_floor_ms": float,
                 "step_over_floor": float, "response_tokens": int, "attention_impl": str,
-                "request_latency_s": list, "request_tokens": list}
+                "request_latency_s": list, "request_tokens": list, "max_num_seqs": int, "roofline_s": float,
+                "roofline_forwards": int, "roofline_ceilings": dict}
 STEP_KEYS = {"engine": str, "model": str, "kind": str, "batch": int, "query_tokens": int, "ms": float,
              "flops": float, "bytes": float}
 STEP_OPTIONAL = {"method": str, "kv_tokens": int}
@@ -37,6 +44,17 @@ STEP_OPTIONAL = {"method": str, "kv_tokens": int}
 COLUMNS = [("tok/s", "tokens_per_s", ".1f"), ("p50 s", "latency_p50_s", ".3f"), ("p90 s", "latency_p90_s", ".3f"),
            ("NFE", "nfe", ".1f"), ("tok/fwd", "tokens_per_forward", ".2f"), ("refresh tokens", "refresh_tokens", ".0f"),
            ("GPU GB", "gpu_mem_gb", ".1f")]
+ROOFLINE_COLUMNS = ["roofline ms/req", "x roofline", "% roofline tok/s"]
+ROOFLINE_NOTE = ("Roofline: the row's forwards (refreshes, decode steps, draft rows; bench/roofline.py), each at "
+                 "max(FLOPs / bf16 peak, bytes / copy bandwidth) with the ceilings measured in the same run; "
+                 "ms/req = roofline time / requests; x roofline = wall time / roofline time; "
+                 "% roofline tok/s = tok/s / roofline tok/s = roofline time / wall time.")
+NA_NOTE = (" n/a rows: written before speed recorded roofline_s; for replayed rows, --traces FILE (the traces "
+           "they replayed) computes it.")
+TRACES_NOTE = (" * = computed by report from --traces at meta.ceilings (the row predates speed recording "
+               "roofline_s).")
+BATCH1_TARGET = 1.4  # a batch-1 request within this many times its roofline time
+CONCURRENT_TARGET = 0.8  # CONCURRENT requests at least this share of their roofline throughput
 
 
 class ReportError(ValueError):
@@ -169,12 +187,17 @@ def full_size_models(rows: list[dict]) -> list[str]:
     return sorted({r["model"] for r in rows if r["replay"] or not r["model"].startswith("tiny")})
 
 
-def goals(rows: list[dict], model: str) -> tuple[int | None, list[Goal]]:
-    """The gen_length used and the goals of one full-size model, from its replayed rows at that length."""
+def _goal_rows(rows: list[dict], model: str) -> tuple[int | None, list[dict]]:
+    """The gen_length the goals of a model use (GOAL_GEN, else its longest) and its replayed rows there."""
     replayed = [r for r in rows if r["replay"] and r["model"] == model]
     gens = {r["gen_length"] for r in replayed}
     gen = GOAL_GEN if GOAL_GEN in gens else max(gens, default=None)
-    at = [r for r in replayed if r["gen_length"] == gen]
+    return gen, [r for r in replayed if r["gen_length"] == gen]
+
+
+def goals(rows: list[dict], model: str) -> tuple[int | None, list[Goal]]:
+    """The gen_length used and the goals of one full-size model, from its replayed rows at that length."""
+    gen, at = _goal_rows(rows, model)
     # The reference stands for the research code: its calibrated impl ('research') where measured;
     # ratios against our faster 'plain' layout follow as extra lines when both were measured.
     impls = [i for i in ("research", "plain") if any(_impl(r) == i for r in at)] or ["plain"]
@@ -235,6 +258,105 @@ def concurrency_ceiling(rows: list[dict], model: str, gen: int | None, meta: dic
     return "\n".join(lines) or None
 
 
+def load_traces(paths: list[str] | None) -> dict[str, dict]:
+    """Trace files (``bench traces``, ``bench speed --traces``) by the name of their trace model."""
+    out = {}
+    for path in paths or []:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ReportError(f"{path}: cannot read traces: {e}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("traces"), dict) or not data.get("trace_model"):
+            raise ReportError(f"{path}: not a traces file (expected 'trace_model' and a 'traces' object)")
+        out[os.path.basename(os.path.normpath(data["trace_model"]))] = data
+    return out
+
+
+@dataclass
+class Roofline:
+    seconds: float | None  # roofline time of the row's work; None: unknown, ``why``
+    why: str = ""
+    from_traces: bool = False  # computed here from a trace file (the row predates roofline_s)
+
+
+def row_roofline(row: dict, meta: dict, traces: dict[str, dict] | None = None) -> Roofline:
+    """The row's recorded ``roofline_s``; for a replayed full-size row without it, the same forward
+    model (bench/roofline.py) over the traces it replayed, at this file's ceilings."""
+    from types import SimpleNamespace
+
+    from vllm_odb.bench.full_size import FULL_SIZE
+
+    if row.get("roofline_s") is not None:
+        return Roofline(row["roofline_s"])
+    ceil = meta.get("ceilings") or {}
+    peak, bandwidth = ceil.get("bf16_matmul_tflops"), ceil.get("copy_bandwidth_gbs")
+    data = (traces or {}).get(row.get("trace_model") or "")
+    if not (row["replay"] and row["model"] in FULL_SIZE and data is not None and peak and bandwidth):
+        return Roofline(None, "row lacks roofline_s")
+    from vllm_odb.bench.roofline import row_seconds
+    from vllm_odb.bench.speed import BENCH_METHODS, _trace_key, method_config
+    from vllm_odb.checkpoint import ModelSpec
+
+    key, n = _trace_key(row["method"], row["gen_length"], row["engine"]), row.get("requests") or row["batch"]
+    ran = data["traces"].get(key, [])[:n]
+    if row["method"] not in BENCH_METHODS or len(ran) < n:
+        return Roofline(None, f"row lacks roofline_s, traces lack {n} of {key}")
+    knobs = SimpleNamespace(block_length=data.get("block_length", 32), threshold=data.get("threshold", 0.9),
+                            ridge_rows=None)
+    cfg = method_config(row["method"], row["gen_length"], knobs)
+    spec = ModelSpec.from_config(FULL_SIZE[row["model"]]())
+    seconds, _ = row_seconds(ran, spec, cfg, row["engine"], row["batch"], peak, bandwidth, row.get("max_num_seqs"))
+    return Roofline(seconds, from_traces=True)
+
+
+def _wall_s(row: dict) -> float | None:
+    """The row's measured time: its wall clock (from response tokens / tok/s for rows without it)."""
+    if row.get("wall_s"):
+        return row["wall_s"]
+    if row.get("response_tokens") and row["tokens_per_s"] > 0:
+        return row["response_tokens"] / row["tokens_per_s"]
+    return None
+
+
+def roofline_cells(row: dict, roof: Roofline) -> list[str]:
+    """roofline ms per request, measured time ÷ roofline time, roofline time ÷ measured time
+    (= tok/s ÷ roofline tok/s)."""
+    if roof.seconds is None:
+        return [f"n/a ({roof.why})", "-", "-"]
+    wall = _wall_s(row)
+    ms = format(1e3 * roof.seconds / (row.get("requests") or row["batch"]), ".1f") + ("*" if roof.from_traces else "")
+    if not wall or roof.seconds <= 0:
+        return [ms, "n/a (row lacks wall_s)", "-"]
+    return [ms, _ratio(wall / roof.seconds), f"{roof.seconds / wall:.0%}"]
+
+
+def roofline_targets(rows: list[dict], roofs: dict[int, Roofline], model: str) -> list[str]:
+    """One line per vLLM method of a full-size model at the goals' gen_length: its batch-1 time
+    against BATCH1_TARGET x roofline and its CONCURRENT-request throughput against
+    CONCURRENT_TARGET of the roofline throughput."""
+    gen, at = _goal_rows(rows, model)
+    lines = []
+    for method in sorted({r["method"] for r in at if r["engine"] == "vllm"}):
+        parts = []
+        for batch in (1, CONCURRENT):
+            r = _find(at, "vllm", method, batch)
+            roof = roofs[id(r)] if r is not None else None
+            wall = _wall_s(r) if r is not None else None
+            if r is None or roof.seconds is None or not wall:
+                why = "no row" if r is None else (roof.why if roof.seconds is None else "row lacks wall_s")
+                parts.append(f"batch {batch}: not measured ({why})")
+            elif batch == 1:
+                x = wall / roof.seconds
+                parts.append(f"batch 1 at {_ratio(x)} its roofline time (target <= {BATCH1_TARGET:g}x): "
+                             f"{'met' if x <= BATCH1_TARGET + 1e-9 else 'not met'}")
+            else:
+                share = roof.seconds / wall
+                parts.append(f"{batch} concurrent at {share:.0%} of the roofline throughput (target >= "
+                             f"{CONCURRENT_TARGET:.0%}): {'met' if share >= CONCURRENT_TARGET - 1e-9 else 'not met'}")
+        lines.append(f"- {model} gen {gen}, vllm {method}: " + "; ".join(parts) + ".")
+    return lines
+
+
 def _cell(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -244,9 +366,13 @@ def _table(header: list[str], body: list[list[object]]) -> list[str]:
     return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in body]
 
 
-def build_markdown(data: dict, title: str, plots: list[str] | None = None, skipped: list[str] | None = None) -> str:
-    """The summary: run metadata, the rows table, notes, the goals table and the plots (paths as given)."""
+def build_markdown(data: dict, title: str, plots: list[str] | None = None, skipped: list[str] | None = None,
+                   traces: dict[str, dict] | None = None) -> str:
+    """The summary: run metadata, the rows table (with each row's roofline), notes, the goals
+    table, the roofline targets and the plots (paths as given). ``traces`` (``load_traces``) give
+    the roofline of replayed rows written before speed recorded it."""
     meta, rows = data["meta"], data["rows"]
+    roofs = {id(r): row_roofline(r, meta, traces) for r in rows}
     lines = [f"# Speed benchmark: {title}", ""]
     ceil = meta.get("ceilings") or {}
     facts = [f"device {meta['device']}"] if meta.get("device") else []
@@ -263,9 +389,12 @@ def build_markdown(data: dict, title: str, plots: list[str] | None = None, skipp
                                         r["replay"]))
     if order:
         body = [[r["model"], (f"yes ({r['trace_model']})" if r.get("trace_model") else "yes") if r["replay"] else "no",
-                 _engine_label(r), r["method"], r["gen_length"], r["batch"], *(_fmt(r.get(k), f) for _, k, f in COLUMNS)]
-                for r in order]
-        lines += _table(["model", "replay", "engine", "method", "gen", "batch", *(h for h, _, _ in COLUMNS)], body)
+                 _engine_label(r), r["method"], r["gen_length"], r["batch"], *(_fmt(r.get(k), f) for _, k, f in COLUMNS),
+                 *roofline_cells(r, roofs[id(r)])] for r in order]
+        lines += _table(["model", "replay", "engine", "method", "gen", "batch", *(h for h, _, _ in COLUMNS),
+                         *ROOFLINE_COLUMNS], body)
+        lines += ["", ROOFLINE_NOTE + (TRACES_NOTE if any(x.from_traces for x in roofs.values()) else "")
+                  + (NA_NOTE if any(x.seconds is None for x in roofs.values()) else "")]
         notes = [f"- {r['model']} {_engine_label(r)} {r['method']} gen {r['gen_length']} batch {r['batch']}: {r['note']}"
                  for r in order if r.get("note")]
         lines += ["", *notes] if notes else []
@@ -297,6 +426,11 @@ def build_markdown(data: dict, title: str, plots: list[str] | None = None, skipp
         lines += ["", f"Compute ceiling of the {CONCURRENT}-concurrent goal (refresh FLOPs of a request / the "
                   "measured bf16 matmul peak; prompt prefill and decode steps excluded, so a true ceiling is lower):",
                   "", *ceilings]
+    targets = [line for model in models for line in roofline_targets(rows, roofs, model)]
+    if targets:
+        lines += ["", (f"Roofline targets (batch 1 <= {BATCH1_TARGET:g}x its roofline time; {CONCURRENT} concurrent "
+                       f">= {CONCURRENT_TARGET:.0%} of the roofline throughput), replayed rows at the goals' "
+                       "gen_length:"), "", *targets]
 
     if plots or skipped:
         lines += ["", "## Plots", ""]
@@ -426,11 +560,15 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("results", help="JSON written by `python -m vllm_odb.bench speed`")
     ap.add_argument("--out-dir", default=None, help="folder for the PNG plots (none written without it)")
     ap.add_argument("--md", default=None, help="markdown file to write (default: stdout)")
+    ap.add_argument("--traces", action="append", default=None,
+                    help="traces JSON the replayed rows ran (bench speed --traces); gives the roofline of rows "
+                         "written before speed recorded roofline_s (repeat for several trace models)")
 
 
 def main(args: argparse.Namespace) -> int:
     try:
         data = load_results(args.results)
+        traces = load_traces(getattr(args, "traces", None))
         written, skipped = [], []
         if args.out_dir:
             try:
@@ -444,7 +582,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"skipped {s}", file=sys.stderr)
         base = Path(args.md).resolve().parent if args.md else Path.cwd()
         links = [os.path.relpath(p.resolve(), base) for p in written]
-        text = build_markdown(data, Path(args.results).name, links, skipped)
+        text = build_markdown(data, Path(args.results).name, links, skipped, traces)
         if args.md:
             Path(args.md).write_text(text)
             print(f"wrote {args.md}", file=sys.stderr)

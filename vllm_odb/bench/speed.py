@@ -187,6 +187,19 @@ def _per_request(batch: int, latencies: list[float], tokens: list[int]) -> dict:
     return {"request_latency_s": [round(x, 4) for x in latencies], "request_tokens": list(tokens)}
 
 
+def _roofline(traces: list[dict], spec, cfg: DecodeConfig, engine: str, batch: int, cap: int | None = None) -> dict:
+    """The row's roofline (bench/roofline.py): its requests' forwards (``traces``, ``{prompt_len,
+    replay}`` each, in run order) at this run's measured ceilings; {} without them."""
+    from vllm_odb.bench.ceilings import CEILINGS
+    from vllm_odb.bench.roofline import row_seconds
+
+    if not traces or not CEILINGS.get("bf16_matmul_tflops") or not CEILINGS.get("copy_bandwidth_gbs"):
+        return {}
+    ceil = {k: CEILINGS[k] for k in ("bf16_matmul_tflops", "copy_bandwidth_gbs")}
+    seconds, forwards = row_seconds(traces, spec, cfg, engine, batch, *ceil.values(), cap)
+    return {"roofline_s": float(f"{seconds:.6g}"), "roofline_forwards": forwards, "roofline_ceilings": ceil}
+
+
 def _summary(latencies: list[float], wall: float, tokens: int) -> dict:
     lat = sorted(latencies)
     return {"tokens_per_s": round(tokens / wall, 2) if wall > 0 else None,
@@ -277,7 +290,7 @@ def run_reference(args, methods, gens, batches, emit) -> None:
         else:
             prompts, replays = suite, None
         groups = [[i] for i in range(args.requests)] if b == 1 else [list(range(b))]
-        lat, tokens, nfe, refresh, decoded, n_req, per_req = [], 0, 0, 0, 0, 0, []
+        lat, tokens, nfe, refresh, decoded, n_req, per_req, ran = [], 0, 0, 0, 0, 0, [], []
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -294,6 +307,7 @@ def run_reference(args, methods, gens, batches, emit) -> None:
             for j, i in enumerate(group):
                 trace = replays[i] if replays else Replay.from_dict(out.stats["trace"][j])
                 per_req.append(tr[i]["response_tokens"] if full else len(response_ids(out.tokens[j], special)))
+                ran.append({"prompt_len": len(prompts[i]), "replay": trace.to_dict()})
                 tokens += per_req[-1]
                 decoded += sum(map(sum, trace.commits))
             nfe += sum(out.nfe)
@@ -307,7 +321,7 @@ def run_reference(args, methods, gens, batches, emit) -> None:
                      "nfe": round(nfe / n_req, 2), "tokens_per_forward": round(decoded / max(1, nfe), 3),
                      "refresh_tokens": round(refresh / n_req, 1),
                      "gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device == "cuda" else None,
-                     **_per_request(b, lat, per_req)}, [])
+                     **_per_request(b, lat, per_req), **_roofline(ran, spec, cfg, "reference", b)}, [])
 
 
 def _model_name(path: str) -> str:
@@ -429,7 +443,8 @@ def run_vllm(args, methods, gens, batches, emit) -> None:
                    "tokens_per_forward": round(d["tokens"] / max(1, d["forwards"]), 3),
                    "refresh_tokens": round(d["refresh_tokens"] / max(1, d["requests"]), 1),
                    "gpu_mem_gb": round((total - free) / 1e9, 2), "max_num_seqs": cap,
-                   **_per_request(b, lat, per_req)}
+                   **_per_request(b, lat, per_req),
+                   **_roofline(tr[:n_req] if full else [], spec, method_config(m, g, args), "vllm", b, cap)}
             if b > cap:
                 row["note"] = f"engine runs at most {cap} requests at once (jump-share canvas)"
             steps: list[dict] = []
