@@ -305,7 +305,7 @@ def row_roofline(row: dict, meta: dict, traces: dict[str, dict] | None = None) -
                             ridge_rows=None)
     cfg = method_config(row["method"], row["gen_length"], knobs)
     spec = ModelSpec.from_config(FULL_SIZE[row["model"]]())
-    seconds, _ = row_seconds(ran, spec, cfg, row["engine"], row["batch"], peak, bandwidth, row.get("max_num_seqs"))
+    seconds, _ = row_seconds(ran, spec, cfg, row["engine"], row["batch"], peak, bandwidth)
     return Roofline(seconds, from_traces=True)
 
 

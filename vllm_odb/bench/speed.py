@@ -187,16 +187,17 @@ def _per_request(batch: int, latencies: list[float], tokens: list[int]) -> dict:
     return {"request_latency_s": [round(x, 4) for x in latencies], "request_tokens": list(tokens)}
 
 
-def _roofline(traces: list[dict], spec, cfg: DecodeConfig, engine: str, batch: int, cap: int | None = None) -> dict:
+def _roofline(traces: list[dict], spec, cfg: DecodeConfig, engine: str, batch: int) -> dict:
     """The row's roofline (bench/roofline.py): its requests' forwards (``traces``, ``{prompt_len,
-    replay}`` each, in run order) at this run's measured ceilings; {} without them."""
+    replay}`` each, in run order) at this run's measured ceilings, the whole batch at once (the
+    hardware's bound, not the engine's concurrency cap); {} without them."""
     from vllm_odb.bench.ceilings import CEILINGS
     from vllm_odb.bench.roofline import row_seconds
 
     if not traces or not CEILINGS.get("bf16_matmul_tflops") or not CEILINGS.get("copy_bandwidth_gbs"):
         return {}
     ceil = {k: CEILINGS[k] for k in ("bf16_matmul_tflops", "copy_bandwidth_gbs")}
-    seconds, forwards = row_seconds(traces, spec, cfg, engine, batch, *ceil.values(), cap)
+    seconds, forwards = row_seconds(traces, spec, cfg, engine, batch, *ceil.values())
     return {"roofline_s": float(f"{seconds:.6g}"), "roofline_forwards": forwards, "roofline_ceilings": ceil}
 
 
@@ -444,7 +445,7 @@ def run_vllm(args, methods, gens, batches, emit) -> None:
                    "refresh_tokens": round(d["refresh_tokens"] / max(1, d["requests"]), 1),
                    "gpu_mem_gb": round((total - free) / 1e9, 2), "max_num_seqs": cap,
                    **_per_request(b, lat, per_req),
-                   **_roofline(tr[:n_req] if full else [], spec, method_config(m, g, args), "vllm", b, cap)}
+                   **_roofline(tr[:n_req] if full else [], spec, method_config(m, g, args), "vllm", b)}
             if b > cap:
                 row["note"] = f"engine runs at most {cap} requests at once (jump-share canvas)"
             steps: list[dict] = []
