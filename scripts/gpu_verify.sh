@@ -35,7 +35,7 @@ case $PART in
     && export PYTHONPATH=$PYTHONPATH:/root/lm-site || echo "lm-eval wheels did not install" | tee "$R/wheels.log"
   LIMIT=$((LIMIT - 100))  # keep 100 s for the defaults server below
   [[ -n "${SKIP_SIX:-}" ]] || lane parity-six env OUT="$R/parity-six" bash scripts/gpu_parity_all.sh
-  lane pytest-vllm "${pt[@]}" -n 5 tests/test_gpu_vllm.py -k "not defaults"
+  lane pytest-vllm "${pt[@]}" -n ${XDIST:-5} tests/test_gpu_vllm.py -k "not defaults"
   lane pytest-ref "${pt[@]}" tests/test_gpu.py
   lane pytest-lm-eval "${pt[@]}" tests/test_gpu_lm_eval.py
   lane pytest-reliability-other "${pt[@]}" tests/test_gpu_reliability.py -k "not soak"
