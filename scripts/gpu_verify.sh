@@ -8,6 +8,8 @@
 #       the GPU tests: tests/test_gpu{,_vllm,_lm_eval,_examples}.py, test_gpu_reliability.py -k "not soak"
 #   PART=2 OUT=$OUT bash scripts/gpu_verify.sh   # reliability: fuzz x2, soak x4, faults x2 (full size), and
 #       test_gpu_reliability.py -k soak
+#   PART=all ...                                 # one call: soak x2 (llada default, dream odb), faults, fuzz,
+#       and the GPU tests but test_gpu_reliability.py (carry .whl)
 # lm-eval and its pure-Python needs travel as wheels in .whl (carry it in PART=1).
 set -uo pipefail
 source /root/vllm-env.sh
@@ -57,7 +59,24 @@ case $PART in
   lane faults-dream "${bench[@]}" server-faults --model $M/tiny-dream --eager --port 8808 --out "$R/faults-dream.json"
   lane pytest-reliability-soak "${pt[@]}" tests/test_gpu_reliability.py -k soak   # its two soaks share a port
   wait ;;
-*) echo "PART=$PART: give 1 or 2"; exit 2 ;;
+all)  # one call when device time is short: a run of each kind, both checkpoints and both engines covered
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /root/lm-site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/root/lm-site || echo "lm-eval wheels did not install" | tee "$R/wheels.log"
+  LIMIT=$((LIMIT - 90))
+  S=(--requests 1000 --clients 200 --max-seconds $((LIMIT - 30)))
+  lane soak-llada "${bench[@]}" server-soak --model $M/tiny-llada "${S[@]}" --port 8801 --out "$R/soak-llada.json"
+  lane soak-dream-odb "${bench[@]}" server-soak --model $M/tiny-dream --speculative "${S[@]}" --port 8804 --out "$R/soak-dream-odb.json"
+  lane faults-llada-odb "${bench[@]}" server-faults --model $M/tiny-llada --speculative --port 8807 --out "$R/faults-llada-odb.json"
+  lane fuzz-llada "${bench[@]}" server-fuzz --model $M/tiny-llada --n 200 --eager --port 8805 --out "$R/fuzz-llada.json"
+  lane pytest-vllm "${pt[@]}" -n ${XDIST:-4} tests/test_gpu_vllm.py -k "not defaults"
+  lane pytest-ref "${pt[@]}" tests/test_gpu.py
+  lane pytest-lm-eval "${pt[@]}" tests/test_gpu_lm_eval.py
+  lane pytest-examples "${pt[@]}" tests/test_gpu_examples.py
+  wait
+  LIMIT=$((LIMIT + 90))
+  lane pytest-defaults "${pt[@]}" tests/test_gpu_vllm.py -k defaults
+  wait ;;
+*) echo "PART=$PART: give 1, 2 or all"; exit 2 ;;
 esac
 sort "$R/rc.txt"
 for f in "$R"/*.log; do case $f in *.server.log) continue ;; esac; echo "== $f"; grep -vE "^(INFO|DEBUG|\(EngineCore)" "$f" | tail -n 6; done
