@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dtype", default="float32", help="float32 for the tiny checkpoints, bfloat16 for full-size ones")
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    ap.add_argument("--kv-cache-memory-bytes", type=int, help="a fixed KV cache instead of a share of the GPU's "
+                    "free memory (vLLM's knob; lets several engines start at once on one GPU)")
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (faster start)")
     ap.add_argument("--json", action="store_true", help="also print one JSON line with every request")
     return ap.parse_args(argv)
@@ -78,8 +80,8 @@ def main(argv=None) -> int:
     from vllm_odb.tiny import suites
 
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=0,
-              gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-              speculative_config={"method": "odb"},
+              gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+              enforce_eager=args.enforce_eager, speculative_config={"method": "odb"},
               additional_config={"odb": {"block_length": args.block_length, "ridge_rows": args.ridge_rows}})
     tok = llm.get_tokenizer()
     items = prompts_for(args)

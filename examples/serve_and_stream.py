@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dtype", default="float32", help="float32 for the tiny checkpoints, bfloat16 for full-size ones")
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    ap.add_argument("--kv-cache-memory-bytes", type=int, help="a fixed KV cache instead of a share of the GPU's "
+                    "free memory (vLLM's knob; lets several engines start at once on one GPU)")
     ap.add_argument("--startup-timeout", type=float, default=420, help="seconds to wait for the server")
     ap.add_argument("--json", action="store_true", help="also print one JSON line with the results")
     return ap.parse_args(argv)
@@ -66,7 +68,8 @@ def serve_command(args) -> list[str]:
     return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", args.model, "--speculative", "odb",
             "--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
             "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--seed", "0",
-            "--additional-config", json.dumps({"odb": odb}), "--host", "127.0.0.1", "--port", str(args.port)]
+            "--additional-config", json.dumps({"odb": odb}), "--host", "127.0.0.1", "--port", str(args.port),
+            *(["--kv-cache-memory-bytes", str(args.kv_cache_memory_bytes)] if args.kv_cache_memory_bytes else [])]
 
 
 def start_server(args, log_path: str) -> subprocess.Popen:

@@ -10,7 +10,7 @@
 #       test_gpu_reliability.py -k soak
 #   PART=all ...                                 # one call: soak x2 (llada default, dream odb), faults, fuzz,
 #       and the GPU tests but test_gpu_reliability.py (carry .whl)
-# lm-eval and its pure-Python needs travel as wheels in .whl (carry it in PART=1).
+# lm-eval and its pure-Python needs travel as wheels in .whl (scripts/stage_lm_eval_wheels.sh; carry .whl).
 set -uo pipefail
 source /root/vllm-env.sh
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/vllm-site . >/dev/null 2>&1 \

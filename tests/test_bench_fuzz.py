@@ -96,14 +96,14 @@ def front_end(case: dict, hf_config) -> tuple[int, str]:
         body = json.loads(fuzz.payload(case))
     except ValueError:
         return 400, "json"
-    if not isinstance(body, dict):
-        return 400, "json"
     warnings.simplefilter("ignore", DeprecationWarning)
     cls = CompletionRequest if case["endpoint"] == fuzz.COMPLETIONS else ChatCompletionRequest
-    try:
-        request = cls.model_validate(body)
+    try:  # FastAPI validates the parsed body, whatever its JSON type (a list reached .get(): 500)
+        request = pydantic.TypeAdapter(cls).validate_python(body, from_attributes=True)
     except (pydantic.ValidationError, TypeError, OverflowError):  # the latter two: vLLM's app handlers
         return 400, "request model"
+    except Exception as e:  # uvicorn: 500, and the connection closed
+        return 500, f"request model raised {type(e).__name__}: {e}"
     requested = request.max_tokens if cls is CompletionRequest else request.max_completion_tokens or request.max_tokens
     max_tokens = min(x for x in (500, requested) if x is not None)
     try:

@@ -30,10 +30,16 @@ def _module(name: str):
 def _run(script: str, *args: str, timeout: int = 600) -> tuple[dict, str]:
     """Run an example with ``--json``; it must exit 0. Returns its JSON line and its stdout."""
     pytest.importorskip("vllm")
-    proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args, "--json"], cwd=ROOT, capture_output=True,
+    from vllm_odb.bench.serving import memory_kwargs
+
+    kv = memory_kwargs().get("kv_cache_memory_bytes")  # $VLLM_ODB_BENCH_KV_GIB: beside other engines
+    proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args, "--json",
+                           *(["--kv-cache-memory-bytes", str(kv)] if kv else [])], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout
+    # the JSON line; vLLM's engine may log its shutdown to stdout after it
+    line = next(x for x in reversed(proc.stdout.splitlines()) if x.startswith("{"))
+    return json.loads(line), proc.stdout
 
 
 def _reference(model: str, requests: list[tuple[str, dict | None]], max_tokens: int = 64) -> list[str]:

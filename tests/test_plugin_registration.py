@@ -69,6 +69,81 @@ def test_patches_applied():
     from vllm.v1.worker import gpu_worker
 
     assert getattr(gpu_worker.warmup_kernels, "_odb_patched", False)
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+
+    assert getattr(OpenAIServingCompletion.completion_stream_generator, "_odb_patched", False)
+    for cls in (CompletionRequest, ChatCompletionRequest):
+        assert getattr(cls.__pydantic_decorators__.model_validators["__log_extra_fields__"].func, "_odb_patched", False)
+
+
+@pytest.mark.parametrize("body", [["checkpoints/tiny-llada", "hi"], 42, "Sort these letters: c b a", None, True])
+def test_a_body_that_is_not_an_object_is_a_validation_error(body):
+    """vLLM 0.26's request validators call ``data.get`` on the raw body: an AttributeError (HTTP
+    500, the connection dropped) for a JSON array, number or string. With patches/request_body.py
+    it is a pydantic validation error naming the body's type (HTTP 400), through a TypeAdapter as
+    FastAPI builds one for the route; objects validate as before."""
+    import pydantic
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    for cls in (CompletionRequest, ChatCompletionRequest):
+        with pytest.raises(pydantic.ValidationError, match=f"must be a JSON object, not {type(body).__name__}"):
+            pydantic.TypeAdapter(cls).validate_python(body, from_attributes=True)
+    ok = CompletionRequest.model_validate({"model": "m", "prompt": "hi", "vllm_xargs": {"method": "odb"}})
+    assert ok.prompt == "hi" and ok.vllm_xargs == {"method": "odb"}
+    with pytest.raises(pydantic.ValidationError, match="cache_salt"):  # vLLM's own checks still run
+        CompletionRequest.model_validate({"model": "m", "prompt": "hi", "cache_salt": ""})
+
+
+def _output(finish_reason, text=""):
+    import types
+
+    return types.SimpleNamespace(outputs=[types.SimpleNamespace(finish_reason=finish_reason, text=text, index=0)])
+
+
+def test_a_completion_stream_failing_before_its_first_token_sends_an_error_event():
+    """vLLM 0.26's completions stream skips an output with no text and no earlier tokens before it
+    checks ``finish_reason="error"``: a diffusion request that failed before its first block was
+    an empty 200 stream. patches/stream_errors.py raises GenerationError at it (the generator's
+    error event), for our models only; a good stream passes through unchanged."""
+    import asyncio
+    import types
+
+    from vllm.entrypoints.openai.engine.protocol import GenerationError
+
+    from vllm_odb.patches import stream_errors
+
+    async def results(*outs):
+        for o in outs:
+            yield 0, o
+
+    seen = {}
+
+    async def original(self, request, engine_inputs, result_generator, request_id, *rest):
+        got = []
+        try:
+            async for _, res in result_generator:
+                got.append(res.outputs[0].finish_reason)
+        except GenerationError as e:
+            got.append(f"error event: {e}")
+        seen[request_id] = got
+        yield "data: [DONE]"
+
+    gen = stream_errors.wrap(original)
+    ours = types.SimpleNamespace(model_config=types.SimpleNamespace(hf_config=types.SimpleNamespace(odb_engine={})))
+    other = types.SimpleNamespace(model_config=types.SimpleNamespace(hf_config=types.SimpleNamespace()))
+
+    async def drain(server, request_id, *outs):
+        return [x async for x in gen(server, None, [], results(*outs), request_id, 0, "m", 1, None, None)]
+
+    asyncio.run(drain(ours, "failed", _output(None), _output("error")))
+    asyncio.run(drain(ours, "good", _output(None, "a"), _output("stop", "b")))
+    asyncio.run(drain(other, "other", _output(None), _output("error")))
+    assert seen["failed"] == [None, "error event: Internal server error"]
+    assert seen["good"] == [None, "stop"]
+    assert seen["other"] == [None, "error"]  # another model: vLLM's code as it was
 
 
 def test_runner_patch_hands_block_tables_to_our_model_state_only():

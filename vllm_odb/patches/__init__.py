@@ -30,15 +30,17 @@ def apply_all() -> list[str]:
     check_vllm_version()
     from vllm_odb.patches import (
         diffusion_params,
+        request_body,
         request_errors,
         runner_block_tables,
         scheduler_lookahead,
         speculative_odb,
+        stream_errors,
         warmup_ids,
     )
 
-    for module in (diffusion_params, scheduler_lookahead, request_errors, runner_block_tables, speculative_odb,
-                   warmup_ids):
+    for module in (diffusion_params, request_body, scheduler_lookahead, request_errors, stream_errors,
+                   runner_block_tables, speculative_odb, warmup_ids):
         if module.NAME not in _applied:
             module.apply()
             _applied.add(module.NAME)
