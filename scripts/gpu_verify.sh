@@ -76,7 +76,12 @@ all)  # one call when device time is short: a run of each kind, both checkpoints
   LIMIT=$((LIMIT + 90))
   lane pytest-defaults "${pt[@]}" tests/test_gpu_vllm.py -k defaults
   wait ;;
-*) echo "PART=$PART: give 1, 2 or all"; exit 2 ;;
+fixes)  # the two runs that found bugs, after their fixes (eager: they start faster)
+  lane fuzz-llada "${bench[@]}" server-fuzz --model $M/tiny-llada --n 200 --eager --port 8805 --out "$R/fuzz-llada.json"
+  lane faults-llada-odb "${bench[@]}" server-faults --model $M/tiny-llada --speculative --eager --phases requests \
+    --port 8807 --out "$R/faults-llada-odb.json"
+  wait ;;
+*) echo "PART=$PART: give 1, 2, all or fixes"; exit 2 ;;
 esac
 sort "$R/rc.txt"
 for f in "$R"/*.log; do case $f in *.server.log) continue ;; esac; echo "== $f"; grep -vE "^(INFO|DEBUG|\(EngineCore)" "$f" | tail -n 6; done
