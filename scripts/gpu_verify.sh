@@ -20,10 +20,12 @@ OUT=${OUT:-/tmp/out}; R="$OUT/verify-$PART"; mkdir -p "$R"
 export VLLM_ODB_BENCH_KV_GIB=${VLLM_ODB_BENCH_KV_GIB:-2}
 LIMIT=${LIMIT:-540}   # seconds every lane must end within (the call's limit is 600)
 START=$(date +%s)
-left() { echo $((LIMIT - ($(date +%s) - START))); }
+left() { local t=$((LIMIT - ($(date +%s) - START))); echo $((t > 1 ? t : 1)); }  # timeout 0 = no limit
 lane() {  # name, command...: runs in the background, bounded by the time left, rc recorded
   local name=$1; shift
-  ( SERVER_LOG="$R/$name.server.log" timeout "$(left)" "$@" > "$R/$name.log" 2>&1
+  # SIGINT first: the harness's `with Server(...)` then stops its server (a new session, which
+  # timeout's own signal would miss), so no server outlives its lane.
+  ( SERVER_LOG="$R/$name.server.log" timeout -s INT -k 30 "$(left)" "$@" > "$R/$name.log" 2>&1
     echo "$name rc=$? t=$(( $(date +%s) - START ))s" >> "$R/rc.txt" ) &
   sleep "${STAGGER:-3}"
 }
@@ -34,7 +36,7 @@ M=checkpoints
 case $PART in
 1)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /root/lm-site .whl/*.whl \
-    && export PYTHONPATH=$PYTHONPATH:/root/lm-site || echo "lm-eval wheels did not install" | tee "$R/wheels.log"
+    && export PYTHONPATH=${PYTHONPATH:-}:/root/lm-site || echo "lm-eval wheels did not install" | tee "$R/wheels.log"
   LIMIT=$((LIMIT - 100))  # keep 100 s for the defaults server below
   [[ -n "${SKIP_SIX:-}" ]] || lane parity-six env OUT="$R/parity-six" bash scripts/gpu_parity_all.sh
   lane pytest-vllm "${pt[@]}" -n ${XDIST:-5} tests/test_gpu_vllm.py -k "not defaults"
@@ -61,7 +63,7 @@ case $PART in
   wait ;;
 all)  # one call when device time is short: a run of each kind, both checkpoints and both engines covered
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /root/lm-site .whl/*.whl \
-    && export PYTHONPATH=$PYTHONPATH:/root/lm-site || echo "lm-eval wheels did not install" | tee "$R/wheels.log"
+    && export PYTHONPATH=${PYTHONPATH:-}:/root/lm-site || echo "lm-eval wheels did not install" | tee "$R/wheels.log"
   LIMIT=$((LIMIT - 90))
   S=(--requests 1000 --clients 200 --max-seconds $((LIMIT - 30)))
   lane soak-llada "${bench[@]}" server-soak --model $M/tiny-llada "${S[@]}" --port 8801 --out "$R/soak-llada.json"

@@ -30,15 +30,15 @@ def _module(name: str):
 def _run(script: str, *args: str, timeout: int = 600) -> tuple[dict, str]:
     """Run an example with ``--json``; it must exit 0. Returns its JSON line and its stdout."""
     pytest.importorskip("vllm")
-    from vllm_odb.bench.serving import memory_kwargs
+    from vllm_odb.bench.serving import memory_flags
 
-    kv = memory_kwargs().get("kv_cache_memory_bytes")  # $VLLM_ODB_BENCH_KV_GIB: beside other engines
-    proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args, "--json",
-                           *(["--kv-cache-memory-bytes", str(kv)] if kv else [])], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    memory = memory_flags(0.5)  # the examples' default, or a fixed KV cache ($VLLM_ODB_BENCH_KV_GIB: beside others)
+    proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args, "--json", *memory], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     # the JSON line; vLLM's engine may log its shutdown to stdout after it
-    line = next(x for x in reversed(proc.stdout.splitlines()) if x.startswith("{"))
+    line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("{")), None)
+    assert line is not None, "no JSON line in the example's output:\n" + proc.stdout[-3000:]
     return json.loads(line), proc.stdout
 
 

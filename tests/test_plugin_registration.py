@@ -93,6 +93,7 @@ def test_a_body_that_is_not_an_object_is_a_validation_error(body):
             pydantic.TypeAdapter(cls).validate_python(body, from_attributes=True)
     ok = CompletionRequest.model_validate({"model": "m", "prompt": "hi", "vllm_xargs": {"method": "odb"}})
     assert ok.prompt == "hi" and ok.vllm_xargs == {"method": "odb"}
+    assert CompletionRequest.model_validate(ok) == ok  # a model instance validates as before
     with pytest.raises(pydantic.ValidationError, match="cache_salt"):  # vLLM's own checks still run
         CompletionRequest.model_validate({"model": "m", "prompt": "hi", "cache_salt": ""})
 

@@ -369,14 +369,16 @@ async def run_cases(url: str, cases: list[dict], concurrency: int, timeout: floa
 
 
 def good_request(url: str, model: str, timeout: float = 120.0) -> tuple[int, str]:
-    """(status, text) of a plain greedy completion."""
+    """(status, text) of a plain greedy chat completion (the format the tiny checkpoints answer in:
+    a raw-text prompt may end at once, and two empty answers prove nothing)."""
     import urllib.request
 
-    body = json.dumps({"model": model, "prompt": GOOD_PROMPT, "max_tokens": 16, "temperature": 0.0}).encode()
-    req = urllib.request.Request(url + COMPLETIONS, data=body, headers={"Content-Type": "application/json"})
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": GOOD_PROMPT}], "max_tokens": 64,
+                       "temperature": 0.0}).encode()
+    req = urllib.request.Request(url + CHAT, data=body, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read())["choices"][0]["text"]
+            return resp.status, json.loads(resp.read())["choices"][0]["message"]["content"]
     except Exception as e:  # the check below reports it
         return getattr(e, "code", 0), f"{type(e).__name__}: {e}"
 
@@ -432,7 +434,7 @@ def main(args: argparse.Namespace) -> int:
             row["2xx"] += 1
         if "problem" in case:
             row["failures"] += 1
-    good_ok = before[0] == 200 and after == before
+    good_ok = before[0] == 200 and bool(before[1].strip()) and after == before
     summary = {
         "model": args.url or args.model, "speculative": args.speculative, "cases": len(cases), "seed": args.seed,
         "failures": len(failures), "by_category": by_category,

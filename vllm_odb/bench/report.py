@@ -49,8 +49,8 @@ ROOFLINE_NOTE = ("Roofline: the row's forwards (refreshes, decode steps, draft r
                  "max(FLOPs / bf16 peak, bytes / copy bandwidth) with the ceilings measured in the same run; "
                  "ms/req = roofline time / requests; x roofline = wall time / roofline time; "
                  "% roofline tok/s = tok/s / roofline tok/s = roofline time / wall time.")
-NA_NOTE = (" n/a rows: written before speed recorded roofline_s; for replayed rows, --traces FILE (the traces "
-           "they replayed) computes it.")
+NA_NOTE = (" n/a rows: no roofline_s (written before speed recorded it, or a vLLM row on a tiny checkpoint, "
+           "which replays no trace); for replayed rows, --traces FILE (the traces they replayed) computes it.")
 TRACES_NOTE = (" * = computed by report from --traces at meta.ceilings (the row predates speed recording "
                "roofline_s).")
 BATCH1_TARGET = 1.4  # a batch-1 request within this many times its roofline time

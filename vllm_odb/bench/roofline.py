@@ -9,9 +9,11 @@ live canvas after each refresh) and the engine's decoding loop:
   block is a runner forward of ``canvas_width`` query rows (the block, + Dream's shift; a jump-share
   engine's whole draft canvas) against prompt + live canvas; a block its refresh already completed
   takes one (idle) runner forward to go out. The step that completes a block also refreshes the
-  next one (prompt + the canvas left, before ALP cuts it). Requests run together up to the engine's
-  ``max_num_seqs``; a finished request's place goes to the next one (continuous batching), and all
-  runner rows of a step are one forward, all its refreshes another.
+  next one (prompt + the canvas left, before ALP cuts it). Requests run together up to
+  ``max_num_seqs`` (``bench speed`` and ``report`` pass none: the whole batch at once, the
+  hardware's bound rather than a jump-share engine's concurrency cap); a finished request's place
+  goes to the next one (continuous batching), and all runner rows of a step are one forward, all
+  its refreshes another.
 - **reference**: each block starts with a refresh (a full forward over prompt + canvas); its later
   forwards are cached steps (dual cache: the block's rows, + Dream's shift; prefix cache: the block
   and the suffix; jump-share: ``canvas_width`` rows, the most a layout takes) or, with no cache,

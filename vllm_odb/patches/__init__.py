@@ -3,7 +3,9 @@
 Each patch names the vLLM function it wraps and why (README.md here). They are written against
 vLLM 0.26.0 and refuse any other version: ``apply_all`` raises ``RuntimeError`` naming both
 versions rather than patching code it was not written for. Every patch is a wrapper that falls
-through to vLLM's own code for models that are not ours, so other models are unaffected.
+through to vLLM's own code for models that are not ours, so other models are unaffected; one
+exception, request_body.py, turns the 500 that a non-object JSON body gets from every model's
+request validation into a 400.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def apply_all() -> list[str]:
 
 def install(owner, attr: str, wrap) -> None:
     """Replace ``owner.attr`` with ``wrap(owner.attr)``, once: a wrapper already in place (marked
-    ``_odb_patched``) is left as it is."""
+    ``_odb_patched``) is left as it is. For plain functions and methods (a ``staticmethod`` or
+    ``classmethod`` would lose its wrapper)."""
     current = getattr(owner, attr)
     if getattr(current, "_odb_patched", False):
         return
