@@ -8,6 +8,7 @@
 #       the GPU tests: tests/test_gpu{,_vllm,_lm_eval,_examples}.py, test_gpu_reliability.py -k "not soak"
 #   PART=2 OUT=$OUT bash scripts/gpu_verify.sh   # reliability: fuzz x2, soak x4, faults x2 (full size), and
 #       test_gpu_reliability.py -k soak
+#   PART=eco ...                                 # lm-eval, examples, reliability but soaks (carry .whl)
 #   PART=all ...                                 # one call: soak x2 (llada default, dream odb), faults, fuzz,
 #       and the GPU tests but test_gpu_reliability.py (carry .whl)
 # lm-eval and its pure-Python needs travel as wheels in .whl (scripts/stage_lm_eval_wheels.sh; carry .whl).
@@ -78,12 +79,20 @@ all)  # one call when device time is short: a run of each kind, both checkpoints
   LIMIT=$((LIMIT + 90))
   lane pytest-defaults "${pt[@]}" tests/test_gpu_vllm.py -k defaults
   wait ;;
+eco)  # the ecosystem checks alone (#23): lm-eval against the server and in-process, the examples, and
+  # the reliability tests but the soaks (the fuzz's good request); light enough to share the GPU
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /root/lm-site .whl/*.whl \
+    && export PYTHONPATH=${PYTHONPATH:-}:/root/lm-site || echo "lm-eval wheels did not install" | tee "$R/wheels.log"
+  lane pytest-lm-eval "${pt[@]}" tests/test_gpu_lm_eval.py
+  lane pytest-examples "${pt[@]}" tests/test_gpu_examples.py
+  lane pytest-reliability-other "${pt[@]}" tests/test_gpu_reliability.py -k "not soak"
+  wait ;;
 fixes)  # the two runs that found bugs, after their fixes (eager: they start faster)
   lane fuzz-llada "${bench[@]}" server-fuzz --model $M/tiny-llada --n 200 --eager --port 8805 --out "$R/fuzz-llada.json"
   lane faults-llada-odb "${bench[@]}" server-faults --model $M/tiny-llada --speculative --eager --phases requests \
     --port 8807 --out "$R/faults-llada-odb.json"
   wait ;;
-*) echo "PART=$PART: give 1, 2, all or fixes"; exit 2 ;;
+*) echo "PART=$PART: give 1, 2, all, eco or fixes"; exit 2 ;;
 esac
 sort "$R/rc.txt"
 for f in "$R"/*.log; do case $f in *.server.log) continue ;; esac; echo "== $f"; grep -vE "^(INFO|DEBUG|\(EngineCore)" "$f" | tail -n 6; done

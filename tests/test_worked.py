@@ -204,3 +204,17 @@ def test_trainer_writes_an_official_layout_checkpoint_and_continues_one(tmp_path
     second = load_model(str(b))
     for (n, p), (_, q) in zip(first.named_parameters(), second.named_parameters()):
         assert torch.equal(p, q), n
+
+
+def test_trainer_saves_partial_checkpoints_on_the_way(tmp_path, monkeypatch):
+    """--save-every: a long device run leaves a loadable checkpoint if its call is cut off; the
+    partial saves say so and the last save does not."""
+    from vllm_odb.tiny import train
+
+    saved = []
+    real = train._save
+    monkeypatch.setattr(train, "_save", lambda model, tok, cfg, args, rec: (saved.append(rec), real(model, tok, cfg, args, rec)))
+    argv = ["--format", "llada", "--steps", "3", "--pool", "64", "--tokens-per-batch", "1024", "--device", "cpu",
+            "--out", str(tmp_path / "c"), "--save-every", "1e-9"]
+    assert train.main(argv) == 0
+    assert [(r["steps_done"], r.get("partial", False)) for r in saved] == [(1, True), (2, True), (3, False)]

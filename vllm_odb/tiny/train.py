@@ -161,6 +161,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--log-every", type=int, default=200)
     ap.add_argument("--init", help="start from this checkpoint's weights (continue a run) instead of random ones")
+    ap.add_argument("--save-every", type=float, default=None, metavar="MIN",
+                    help="also save the checkpoint every MIN minutes (a long run leaves something if cut off)")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="run the model eager on CUDA")
     return ap
 
@@ -270,8 +272,12 @@ def main(argv=None) -> int:
         prog = (step - warmup) / max(1, args.steps - warmup)
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * prog)))
 
-    t0 = time.time()
+    t0 = last_save = time.time()
     log, loss_sum, stopped_early, since, step = [], None, False, None, 0
+
+    def record():
+        return {"parameters": n_params, "steps_done": step, "stopped_early": stopped_early,
+                "seconds": round(time.time() - t0, 1), "log": log}
     while step < args.steps:
         if step in FIT_AT and args.max_minutes is not None:
             _fit_steps(args, step, t0, since)
@@ -293,8 +299,11 @@ def main(argv=None) -> int:
             log.append({"step": step, "loss": round(mean, 4), "lr": lr_at(step), "s": round(time.time() - t0, 1)})
             print(json.dumps(log[-1]), file=sys.stderr, flush=True)
         step += 1
-    _save(model, tokenizer, config, args, {"parameters": n_params, "steps_done": step, "stopped_early": stopped_early,
-                                           "seconds": round(time.time() - t0, 1), "log": log})
+        if args.save_every and time.time() - last_save > 60 * args.save_every and step < args.steps:
+            _save(model, tokenizer, config, args, {**record(), "partial": True})
+            model.train()
+            last_save = time.time()
+    _save(model, tokenizer, config, args, record())
     return 0
 
 

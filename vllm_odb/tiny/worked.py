@@ -144,9 +144,9 @@ def _shop(rng: random.Random) -> Example:
     """Costs of several purchases (quantity x price), then their running total."""
     while True:
         goods = rng.sample(GOODS, rng.randint(5, 8))
-        buys = [(rng.randint(1, 4), rng.randint(1, 6), g) for g in goods]
+        buys = [(rng.randint(1, 3), rng.randint(1, 5), g) for g in goods]
         total = sum(q * p for q, p, _ in buys)
-        if total <= 100:
+        if total <= 60:
             break
     name = rng.choice(NAMES)
     listed = [f"{_article(one)} {one} for {_dollars(p)}" if q == 1 else f"{q} {many} at {_dollars(p)} each"
@@ -230,13 +230,13 @@ def _story(rng: random.Random) -> Example:
     """A chain of gains and losses, each step written as its arithmetic."""
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
     f = rng.choice([n for n in NAMES if n != name])
-    have = rng.randint(5, 40)
+    have = rng.randint(5, 25)
     start = have
     sentences, steps = [], [Step((f"{name} starts with {have} {thing}.",))]
     for _ in range(rng.randint(8, 12)):
-        kind = "gain" if have < 5 else rng.choice(("gain", "loss", "bags") if have < 50 else ("loss",))
-        if kind == "bags" and have <= 40:
-            k, m = rng.randint(2, 3), rng.randint(2, 5)
+        kind = "gain" if have < 5 else rng.choice(("gain", "loss", "bags") if have < 32 else ("loss",))
+        if kind == "bags" and have <= 28:
+            k, m = rng.randint(2, 3), rng.randint(2, 4)
             new = have + k * m
             sentences.append(f"Then {name} gets {k} bags with {m} {thing} in each.")
             steps.append(Step((
@@ -244,7 +244,7 @@ def _story(rng: random.Random) -> Example:
                 f" The bags hold {k} times {m} = {k * m}, so {name} has {have} + {k * m} = {new}.",
             )))
         elif kind in ("gain", "bags"):
-            x = rng.randint(1, min(12, 60 - have))
+            x = rng.randint(1, min(8, 40 - have))
             new = have + x
             sentences.append(f"Then {name} " + rng.choice(_GAIN).format(x=x, f=f) + ".")
             steps.append(Step((
@@ -253,7 +253,7 @@ def _story(rng: random.Random) -> Example:
                 f" {name} gains {x}[, so|:] {have} + {x} = {new}.",
             )))
         else:
-            x = rng.randint(1, min(12, have))
+            x = rng.randint(1, min(8, have))
             new = have - x
             sentences.append(f"Then {name} " + rng.choice(_LOSS).format(x=x, f=f) + ".")
             steps.append(Step((
