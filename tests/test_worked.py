@@ -218,3 +218,21 @@ def test_trainer_saves_partial_checkpoints_on_the_way(tmp_path, monkeypatch):
             "--out", str(tmp_path / "c"), "--save-every", "1e-9"]
     assert train.main(argv) == 0
     assert [(r["steps_done"], r.get("partial", False)) for r in saved] == [(1, True), (2, True), (3, False)]
+
+
+def test_task_weights_set_how_often_each_task_is_trained():
+    """--task-weights repeats a task in the cycle make_suite draws from; a bad entry is one line
+    naming the knob, exit 2."""
+    import collections
+
+    from vllm_odb.tiny.train import main, task_mix
+
+    assert task_mix(None) is None and task_mix("") is None
+    mix = task_mix("chain=3,tally=2,sort=0")
+    assert collections.Counter(mix) == {"chain": 3, "tally": 2, "shop": 1, "story": 1}
+    counts = collections.Counter(e.task for e in make_suite(5, 70, mix))
+    assert counts == {"chain": 30, "tally": 20, "shop": 10, "story": 10}
+    for bad in ("chain", "chains=2", "chain=x", "chain=0,shop=0,tally=0,sort=0,story=0"):
+        with pytest.raises(ValueError, match="--task-weights"):
+            task_mix(bad)
+    assert main(["--format", "llada", "--out", "/nonexistent/x", "--device", "cpu", "--task-weights", "chain=-1"]) == 2

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from vllm_odb.checkpoint import ModelSpec, special_tokens
 from vllm_odb.reference.model import DiffusionLM, init_weights, save_model
 from vllm_odb.tiny.formats import FORMATS, build_tokenizer, model_config, write_generation_config
-from vllm_odb.tiny.worked import make_suite
+from vllm_odb.tiny.worked import TASKS, make_suite
 
 SIZES = {  # hidden, layers, heads, kv heads, mlp; even head counts so TP=2 splits them
     "llada": dict(hidden=256, layers=8, heads=4, kv_heads=4, mlp=768),
@@ -47,19 +47,37 @@ FIT_AT = (40, 140, 600, 2000)  # steps where --max-minutes refits the step count
 TRAIN_SEED_OFFSET = 1_000_003  # training examples never come from the evaluation seeds (0..999)
 
 
-def _suite_texts(job: tuple[int, int]) -> list[tuple[str, str]]:
-    seed, n = job
-    return [(e.prompt, e.answer) for e in make_suite(seed, n)]
+def _suite_texts(job: tuple[int, int, tuple[str, ...] | None]) -> list[tuple[str, str]]:
+    seed, n, tasks = job
+    return [(e.prompt, e.answer) for e in make_suite(seed, n, tasks)]
 
 
-def encode_pool(tokenizer, fmt: str, n: int, seed: int, workers: int = 8):
+def task_mix(text: str | None) -> tuple[str, ...] | None:
+    """``--task-weights chain=3,tally=3``: the suite's tasks, each repeated its weight (default 1)
+    times, for make_suite to cycle through; None (every task once) without weights."""
+    if not text:
+        return None
+    weights = {t: 1 for t in TASKS}
+    for part in text.split(","):
+        name, _, w = part.partition("=")
+        if name.strip() not in TASKS or not w.strip().isdigit():
+            raise ValueError(f"--task-weights: {part!r} is not TASK=N with TASK one of {sorted(TASKS)} and N >= 0")
+        weights[name.strip()] = int(w)
+    mix = tuple(t for t, w in weights.items() for _ in range(w))
+    if not mix:
+        raise ValueError("--task-weights: every weight is 0")
+    return mix
+
+
+def encode_pool(tokenizer, fmt: str, n: int, seed: int, workers: int = 8, tasks: tuple[str, ...] | None = None):
     """Tokenize ``n`` suite examples: left-aligned prompts and answers (+ end-of-turn), padded.
-    The examples come from ``workers`` suites of seeds ``seed * 1000 + k`` (made in parallel)."""
+    The examples come from ``workers`` suites of seeds ``seed * 1000 + k`` (made in parallel);
+    ``tasks`` (task_mix) sets how often each task comes."""
     import multiprocessing
 
     import numpy as np
 
-    jobs = [(seed * 1000 + k, n // workers + (k < n % workers)) for k in range(workers)]
+    jobs = [(seed * 1000 + k, n // workers + (k < n % workers), tasks) for k in range(workers)]
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         texts = [t for chunk in pool.map(_suite_texts, jobs) for t in chunk]
     end_of_turn = FORMATS[fmt][0]["extra"][-1]  # <|eot_id|> / <|im_end|>
@@ -161,6 +179,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--log-every", type=int, default=200)
     ap.add_argument("--init", help="start from this checkpoint's weights (continue a run) instead of random ones")
+    ap.add_argument("--task-weights", metavar="TASK=N,...",
+                    help="how often each task comes in training (default: all equally), e.g. chain=3,tally=3")
     ap.add_argument("--save-every", type=float, default=None, metavar="MIN",
                     help="also save the checkpoint every MIN minutes (a long run leaves something if cut off)")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="run the model eager on CUDA")
@@ -259,7 +279,13 @@ def main(argv=None) -> int:
     tokenizer, config, spec, model = _new_model(args)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.format}: {n_params / 1e6:.2f}M parameters on {args.device}", file=sys.stderr)
-    pool = tuple(t.to(args.device) for t in encode_pool(tokenizer, args.format, args.pool, args.seed + TRAIN_SEED_OFFSET))
+    try:
+        tasks = task_mix(args.task_weights)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    pool = tuple(t.to(args.device) for t in encode_pool(tokenizer, args.format, args.pool, args.seed + TRAIN_SEED_OFFSET,
+                                                        tasks=tasks))
     batches = Batches(pool, args, special_tokens(spec, tokenizer), random.Random(args.seed))
     step_loss = StepLoss(model, spec.logits_shift, args)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01,
@@ -294,7 +320,7 @@ def main(argv=None) -> int:
         opt.step()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         if step % args.log_every == 0 or step == args.steps - 1:
-            mean = loss_sum.item() / (1 if step == 0 else args.log_every)  # one host sync per log line
+            mean = loss_sum.item() / (step - log[-1]["step"] if log else 1)  # one host sync per log line
             loss_sum = None
             log.append({"step": step, "loss": round(mean, 4), "lr": lr_at(step), "s": round(time.time() - t0, 1)})
             print(json.dumps(log[-1]), file=sys.stderr, flush=True)
