@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import random
+import re
 import statistics
 
 import numpy as np
 import pytest
+import torch
 
 from vllm_odb.tiny.formats import FORMATS, build_tokenizer
 from vllm_odb.tiny.oracle import Oracle, answer_lattice, decode
@@ -76,7 +78,8 @@ def test_the_verifier_rejects_wrong_answers_and_wrong_steps(task):
         assert not check(_mutate_number(e.answer, -1), e)["final"]  # the final answer
     last = " there are" if task == "tally" else " The answer is"
     assert not score(e.answer.rsplit(last, 1)[0], e)  # no final answer
-    if task == "chain":  # a wrong box on the way
+    if task == "chain":  # a wrong box on the way (in an example whose wording ends a step on it)
+        e = next(x for x in make_suite(6, 100) if x.task == task and f"the {x.truth[1][3]} box." in x.answer)
         path = e.truth[1]
         wrong = e.answer.replace(f"the {path[3]} box.", f"the {path[5]} box.", 1)
         assert check(wrong, e) == {"final": True, "steps": False}
@@ -206,6 +209,7 @@ def test_trainer_writes_an_official_layout_checkpoint_and_continues_one(tmp_path
         assert torch.equal(p, q), n
 
 
+@pytest.mark.slow
 def test_trainer_saves_partial_checkpoints_on_the_way(tmp_path, monkeypatch):
     """--save-every: a long device run leaves a loadable checkpoint if its call is cut off; the
     partial saves say so and the last save does not."""
@@ -236,3 +240,70 @@ def test_task_weights_set_how_often_each_task_is_trained():
         with pytest.raises(ValueError, match="--task-weights"):
             task_mix(bad)
     assert main(["--format", "llada", "--out", "/nonexistent/x", "--device", "cpu", "--task-weights", "chain=-1"]) == 2
+
+
+class _ProbeModel(torch.nn.Module):
+    """Stands in for a checkpoint's model: predicts ``truth`` (every position: an oracle) or
+    the token at ``copy_from`` of the input (what a copier would), with ``shift`` as Dream's."""
+
+    def __init__(self, truth, shift: int, vocab: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.truth, self.vocab = truth, vocab
+        self.spec = type("Spec", (), {"logits_shift": shift})()
+
+    def forward(self, x, pos):
+        ids = self.truth[: x.shape[1]]
+        if self.spec.logits_shift:  # position i-1 predicts token i
+            ids = torch.cat([ids[1:], ids[-1:]])
+        return torch.nn.functional.one_hot(ids, self.vocab).float()[None]
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_lookup_probe_counts_every_lookup_and_reads_shifted_logits(tok, shift):
+    """The probe masks each looked-up value (chain: every copy; tally: item i's fruit) and reads the
+    logit row that predicts it (Dream's one position earlier): an oracle model is right every time,
+    a model that predicts the mask is never right."""
+    from types import SimpleNamespace
+
+    from vllm_odb.tiny.probe import lookup_probe
+
+    examples = make_suite(3, 4, ("chain", "tally"))
+    special = SimpleNamespace(mask_id=tok.mask_token_id, eos_id=tok.eos_token_id)
+    for oracle in (True, False):
+        right = {"chain": 0, "tally": 0}
+        totals = {"chain": 0, "tally": 0}
+        for ex in examples:
+            prompt = tok(ex.prompt, add_special_tokens=False)["input_ids"]
+            answer = tok(ex.answer, add_special_tokens=False)["input_ids"]
+            seq = torch.tensor(prompt + answer + [special.eos_id] * 32)
+            truth = seq if oracle else torch.full_like(seq, special.mask_id)
+            ckpt = SimpleNamespace(tokenizer=tok, special=special, model=_ProbeModel(truth, shift, len(tok)),
+                                   encode_chat=lambda p: tok(p, add_special_tokens=False)["input_ids"])
+            res = lookup_probe(ckpt, [ex], max_items=5)
+            assert res[ex.task]["lookup"][1] == res[ex.task]["copy"][1] == 5  # 5 values probed
+            right[ex.task] += res[ex.task]["lookup"][0] + res[ex.task]["copy"][0]
+            totals[ex.task] += 10
+        assert right == (totals if oracle else {"chain": 0, "tally": 0})
+
+
+def test_the_frozen_bpe_keeps_every_word_of_the_suite_one_token(tok):
+    """The worked suite's BPE is a file (tiny/formats.FROZEN_BPE), so checkpoints keep their token
+    ids across changes of the suite's text; every word the suite writes must still be one token."""
+    from vllm_odb.tiny.formats import _corpus
+
+    vocab = tok.backend_tokenizer.get_vocab(with_added_tokens=False)
+    pre = tok.backend_tokenizer.pre_tokenizer
+    words = {w for text in _corpus()[:3000] for w, _ in pre.pre_tokenize_str(text)}
+    missing = sorted(w for w in words if w not in vocab)
+    assert not missing, f"words the frozen BPE splits (relearn it with formats.learn_bpe, then train from scratch): {missing[:20]}"
+
+
+def test_chain_cards_follow_the_path_with_others_between():
+    """chain's prompt lists the path's cards in path order; off-path cards sit anywhere between."""
+    for ex in make_suite(4, 40, ("chain",)):
+        path = ex.truth[1]
+        cards = re.findall(r"The (\w+) box has a card saying (\w+)\.", ex.prompt)
+        on_path = [c for c in cards if c[0] in path]
+        assert on_path == list(zip(path, path[1:]))
+        assert len(cards) > len(on_path)  # at least one card off the path

@@ -65,9 +65,22 @@ def _corpus() -> list[str]:
     return texts
 
 
+# The worked suite's BPE, frozen: learnt once from the corpus above (``learn_bpe``) and kept as a
+# file, so that a later change to the suite's text (its words unchanged) keeps every token id and a
+# training run can continue an earlier checkpoint. tests/test_worked.py checks that every word of
+# the current corpus is still one token; a new word needs a new BPE, and then training from scratch.
+FROZEN_BPE = os.path.join(os.path.dirname(__file__), "worked_bpe.json")
+
+
 @functools.cache
-def _learnt_bpe() -> str:
-    """The byte-level BPE learnt from the suite corpus, serialized (learnt once per process)."""
+def _frozen_bpe() -> str:
+    with open(FROZEN_BPE, encoding="utf-8") as f:
+        return f.read()
+
+
+def learn_bpe() -> str:
+    """The byte-level BPE learnt from the suite corpus, serialized (what ``FROZEN_BPE`` holds, as
+    learnt from the suite when it was frozen)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -81,14 +94,14 @@ def _learnt_bpe() -> str:
 
 def build_tokenizer(fmt: str, suite: str = "worked"):
     """A transformers fast tokenizer for ``fmt`` ("llada" or "dream") and ``suite``: for the
-    worked suite its merges are learnt from the suite (deterministic: the same corpus and trainer
-    give the same vocabulary); for the basic suite, characters."""
+    worked suite the byte-level BPE learnt from the suite (``FROZEN_BPE``); for the basic suite,
+    characters."""
     from tokenizers import AddedToken, Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
     specials, template = FORMATS[fmt]
     if suite == "worked":
-        tok = Tokenizer.from_str(_learnt_bpe())
+        tok = Tokenizer.from_str(_frozen_bpe())
     elif suite == "basic":
         tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(CHARS)}, merges=[], ignore_merges=True))
         tok.decoder = decoders.Fuse()

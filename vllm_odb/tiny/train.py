@@ -271,6 +271,11 @@ def _fit_steps(args, step: int, t0: float, since: tuple[float, int] | None) -> N
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        tasks = task_mix(args.task_weights)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)
     if args.device.startswith("cuda"):
         # cuDNN attention builds a plan per shape; the flash / memory-efficient kernels do not.
@@ -279,11 +284,6 @@ def main(argv=None) -> int:
     tokenizer, config, spec, model = _new_model(args)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.format}: {n_params / 1e6:.2f}M parameters on {args.device}", file=sys.stderr)
-    try:
-        tasks = task_mix(args.task_weights)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     pool = tuple(t.to(args.device) for t in encode_pool(tokenizer, args.format, args.pool, args.seed + TRAIN_SEED_OFFSET,
                                                         tasks=tasks))
     batches = Batches(pool, args, special_tokens(spec, tokenizer), random.Random(args.seed))

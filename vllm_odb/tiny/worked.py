@@ -116,14 +116,17 @@ def _example(task: str, prompt: str, steps: list[Step], truth: tuple, rng: rando
 
 
 def _chain(rng: random.Random) -> Example:
-    """Pointer chasing: each box's card names the next box; the box with no card holds the coin."""
+    """Pointer chasing: each box's card names the next box; the box with no card holds the coin.
+    The prompt lists the path's cards in path order, with the other boxes' cards in between: each
+    hop is a lookup of the current box's card, which a small model learns (with the cards shuffled,
+    a trained model copied box names from its own answer instead; BENCHMARKS.md, the lookup probe)."""
     hops = rng.randint(8, 18)
     extra = rng.randint(1, 4)
     labels = rng.sample(BOXES, hops + 1 + extra)
     path, others = labels[:hops + 1], labels[hops + 1:]
     cards = [(path[i], path[i + 1]) for i in range(hops)]
-    cards += [(o, rng.choice([x for x in labels if x != o])) for o in others]
-    rng.shuffle(cards)
+    for o in others:  # a card off the path, anywhere among the path's cards
+        cards.insert(rng.randrange(len(cards) + 1), (o, rng.choice([x for x in labels if x != o])))
     facts = " ".join(f"The {a} box has a card saying {b}." for a, b in cards)  # one form: a plain lookup
     start, end, n = path[0], path[-1], hops + 1
     prompt = (f"Each box holds a card naming another box, except one box that holds a gold coin. {facts} Start "
