@@ -224,6 +224,7 @@ class RequestTable:
         self.markers: Markers = tuple(tuple(m) for m in markers)
         self.stop_markers = StopMarkers(tokenizer)
         self.device = device
+        self._aranges: dict[int, torch.Tensor] = {}
         # + one block of room past max_model_len for EOS fill after the last block
         self.tokens = torch.full((max_num_reqs, max_model_len + self.width + self.block), mask_id,
                                  dtype=torch.long, device=device)
@@ -335,7 +336,15 @@ class RequestTable:
         """[R, context + block] token columns of each request's current block, with ``context``
         columns before it (they may reach into the prompt)."""
         starts = to_device([q.start - context for q in reqs], self.device)
-        return starts[:, None] + torch.arange(context + self.block, device=self.device)[None]
+        return starts[:, None] + self.arange(context + self.block)[None]
+
+    def arange(self, n: int) -> torch.Tensor:
+        """``torch.arange(n)`` on the table's device, made once per length (a step's column
+        ranges; read-only)."""
+        t = self._aranges.get(n)
+        if t is None:
+            t = self._aranges[n] = torch.arange(n, device=self.device)
+        return t
 
 
 def decode_rows(input_batch, width: int) -> np.ndarray:

@@ -129,9 +129,11 @@ class StepOutput:
 
     def __init__(self, n: int, width: int, block: int, device):
         self.width, self.block, self.device = width, block, device
-        self.sampled = torch.zeros((n, width), dtype=torch.int32, device=device)
-        self.num_sampled = torch.zeros(n, dtype=torch.int32, device=device)
-        self.num_rejected = torch.zeros(n, dtype=torch.int32, device=device)
+        # one allocation (one kernel), three contiguous views
+        flat = torch.zeros(n * (width + 2), dtype=torch.int32, device=device)
+        self.sampled = flat[:n * width].view(n, width)
+        self.num_sampled = flat[n * width:n * (width + 1)]
+        self.num_rejected = flat[n * (width + 1):]
         self.num_nans = None  # rows of failed requests (> 0), for the scheduler; None: none
         self.emitted = False  # a block went out (it may end its request)
 
@@ -263,8 +265,9 @@ class ODBSampler:
             for i in self._faults_due(reqs):
                 logits[int(cu[dec_rows[i]]): int(cu[dec_rows[i]]) + self.width] = float("nan")
 
-        def block_logits(idx: torch.Tensor) -> torch.Tensor:
-            return logits[(first[idx][:, None] + self._cols[None]).reshape(-1)].view(len(idx), blk, vocab)
+        def block_logits(idx: torch.Tensor | None) -> torch.Tensor:  # None: every decode request
+            rows = first if idx is None else first[idx]
+            return logits[(rows[:, None] + self._cols[None]).reshape(-1)].view(len(rows), blk, vocab)
 
         step = self._block_steps(reqs, slots, block, masked, block_logits, max(1, _TILE_BYTES // (blk * vocab * 4)))
         for i, q in enumerate(reqs):
@@ -274,7 +277,7 @@ class ODBSampler:
                     step.block[i], step.x0[i], step.conf[i] = b.block[0], b.x0[0], b.conf[0]
                     step.accepted[i] = b.accepted[0]
         table.tokens[slots[:, None], cols] = step.block
-        return masked, step, ~torch.isfinite(step.conf).all(1) | table.unusable[slots]
+        return masked, step, nonfinite_rows(step.conf) | table.unusable[slots]
 
     def _advance(self, dec_rows: list[int], slots: list[int], reqs: list[ODBRequest], masked: torch.Tensor,
                  step: Step, unusable: torch.Tensor, out: StepOutput) -> list[tuple[int, int]]:
@@ -284,7 +287,8 @@ class ODBSampler:
         left = step.block == table.mask_id
         ends = self._block_ends(reqs, slots, step.block)
         # the step's host sync
-        flags = torch.stack([~left.any(1), ends, masked.any(1), left.sum(1), step.accepted, unusable], 1).tolist()
+        n_left = left.sum(1)
+        flags = torch.stack([n_left == 0, ends, masked.any(1), n_left, step.accepted, unusable], 1).tolist()
         live = sum(1 for q, f in zip(reqs, flags) if not q.finished and not f[0] and not f[5])
         refresh, done = [], []
         for i, (r, slot, q) in enumerate(zip(dec_rows, slots, reqs)):
@@ -401,27 +405,39 @@ class ODBSampler:
         for q in reqs:
             q.refreshed(table.mask_id)
         self._cut_canvas(hidden, offsets, jobs, reqs)  # reads the canvas before this step commits
-        step = self._block_steps(reqs, slots, block, block == table.mask_id, lambda idx: logits[idx], len(reqs))
+        step = self._block_steps(reqs, slots, block, block == table.mask_id,
+                                 lambda idx: logits if idx is None else logits[idx], len(reqs))
         for q in reqs:
             q.stepped()
         table.tokens[slots[:, None], cols] = step.block
         # non-finite logits fail the request at its next decode step's sync (_advance)
-        table.unusable[slots] |= ~torch.isfinite(step.conf).all(1)
+        table.unusable[slots] |= nonfinite_rows(step.conf)
         return step
 
     # ---- the policies, per request group --------------------------------------------------
     def _block_steps(self, reqs: list[ODBRequest], slots: torch.Tensor, block: torch.Tensor, masked: torch.Tensor,
                      logits_of: Callable[[torch.Tensor], torch.Tensor], tile: int) -> Step:
         """``policies.step.block_step`` for every request that decides without a plan, one call per
-        knob set (and ``tile`` requests); ``logits_of(idx)``: the block logits of requests ``idx``.
+        knob set (and ``tile`` requests); ``logits_of(idx)``: the block logits of requests ``idx``
+        (None: of all of them).
         Finished and planned requests keep their block (and zero predictions) here."""
-        new = block.clone()
-        x0 = torch.zeros_like(block)
-        conf = torch.zeros(block.shape, dtype=torch.float32, device=block.device)
         groups: dict = defaultdict(list)
         for i, q in enumerate(reqs):
             if not q.finished and q.plan is None:
                 groups[q.cfg].append(i)
+        accepted = torch.zeros(len(reqs), dtype=torch.long, device=block.device)
+        if len(groups) == 1 and len(reqs) <= tile and all(len(m) == len(reqs) for m in groups.values()):
+            # the usual step: every request decides, with one knob set, in one tile (no gathers)
+            (cfg, _), = groups.items()
+            lg = logits_of(None)
+            forced = forced_counts([q.forcing for q in reqs], [q.block_index for q in reqs],
+                                   [q.block_step for q in reqs], block.device)
+            s = block_step(lg, block, masked, cfg, self.table.mask_id,
+                           threshold=self._thresholds(reqs, slots, lg), forced=forced)
+            return Step(s.block, s.x0, s.conf, accepted)
+        new = block.clone()
+        x0 = torch.zeros_like(block)
+        conf = torch.zeros(block.shape, dtype=torch.float32, device=block.device)
         for cfg, members in groups.items():
             for a in range(0, len(members), tile):
                 idx = to_device(members[a:a + tile], block.device)
@@ -432,7 +448,7 @@ class ODBSampler:
                 s = block_step(lg, block[idx], masked[idx], cfg, self.table.mask_id,
                                threshold=self._thresholds(group, slots[idx], lg), forced=forced)
                 new[idx], x0[idx], conf[idx] = s.block, s.x0, s.conf
-        return Step(new, x0, conf, torch.zeros(len(reqs), dtype=torch.long, device=block.device))
+        return Step(new, x0, conf, accepted)
 
     def _thresholds(self, reqs: list[ODBRequest], slots: torch.Tensor, logits: torch.Tensor) -> torch.Tensor | None:
         """The commit thresholds of one step of ``reqs`` (one config; ``logits`` [R, block, V] of
@@ -543,12 +559,18 @@ class ODBSampler:
         table = self.table
         slot_t = to_device(slots, self.device)
         starts = to_device([table.get(s).start - self.shift for s in slots], self.device)
-        cols = starts[:, None] + torch.arange(self.width, device=self.device)[None]
+        cols = starts[:, None] + table.arange(self.width)[None]
         self.req_states.draft_tokens[slot_t, : self.width] = table.tokens[slot_t[:, None], cols]
         for s in slots:
             plan = table.get(s).plan
             if plan is not None:
                 self.req_states.draft_tokens[s, : plan.num_rows] = plan.tokens
+
+
+def nonfinite_rows(conf: torch.Tensor) -> torch.Tensor:
+    """[B] rows of ``conf`` [B, K] holding a NaN or an inf. ``x - x`` is exactly 0 for a finite x and
+    NaN otherwise: three kernels where ``~isfinite(x).all(1)`` launches six (every decode step)."""
+    return ((conf - conf) != 0).any(1)
 
 
 def token_chunks(lengths: list[int], budget: int) -> list[tuple[int, int]]:

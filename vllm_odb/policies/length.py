@@ -27,21 +27,34 @@ Markers = tuple[Marker, ...]  # one request's end markers
 def marker_hits(tokens: torch.Tensor, markers: Sequence[Marker], conf: torch.Tensor | None = None,
                 theta: float = 0.0, valid: torch.Tensor | None = None) -> torch.Tensor:
     """hits[b, j]: a marker starts at column j of ``tokens`` [B, N] (all of its tokens inside the
-    row, ``valid`` there, and with ``conf`` >= theta when ``conf`` is given)."""
+    row, ``valid`` there, and with ``conf`` >= theta when ``conf`` is given).
+
+    Few ops, as the engine runs this every decode step (each op is a kernel launch the GPU waits
+    for): one comparison per single-token marker (the checkpoint's end ids, the usual case), the
+    shifted comparisons of longer ones, one mask for ``valid``/``conf``."""
     b, n = tokens.shape
-    ok = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid
+    ok = valid
     if conf is not None:
-        ok = ok & (conf >= theta)
-    hits = torch.zeros((b, n), dtype=torch.bool, device=tokens.device)
+        ok = conf >= theta if ok is None else ok & (conf >= theta)
+    hits = None
+    for tok in sorted({m[0] for m in markers if len(m) == 1}):
+        hit = tokens == tok
+        hits = hit if hits is None else hits | hit
+    if hits is not None and ok is not None:
+        hits = hits & ok
     for marker in markers:
         k = len(marker)
-        if k == 0 or k > n:
+        if k <= 1 or k > n:
             continue
-        m = torch.ones((b, n - k + 1), dtype=torch.bool, device=tokens.device)
+        m = None
         for i, tok in enumerate(marker):
-            m &= (tokens[:, i:n - k + 1 + i] == tok) & ok[:, i:n - k + 1 + i]
-        hits[:, :n - k + 1] |= m
-    return hits
+            hit = tokens[:, i:n - k + 1 + i] == tok
+            if ok is not None:
+                hit = hit & ok[:, i:n - k + 1 + i]
+            m = hit if m is None else m & hit
+        m = torch.nn.functional.pad(m, (0, k - 1))  # starts past n - k hold no whole marker
+        hits = m if hits is None else hits | m
+    return torch.zeros((b, n), dtype=torch.bool, device=tokens.device) if hits is None else hits
 
 
 def predict_length(

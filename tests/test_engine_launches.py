@@ -1,0 +1,71 @@
+"""A plain decode step of the engine launches few device ops.
+
+Between the graphed forwards the GPU waits while the host launches the sampler's ops one at a time:
+about 3 ms of a 10.6 ms batch-1 step on the H100 (BENCHMARKS.md, "Per-step profile"). So the
+number of ops a decode step issues is a budget. This test counts them on the CPU with the real
+sampler and request table (tests/engine_emulator.py). Each op the sampler dispatches, views aside,
+is one kernel launch on a GPU (or one copy).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from vllm import SamplingParams
+
+from engine_emulator import EmulatedEngine, tiny_checkpoint
+from vllm_odb.engine.knobs import engine_config
+
+# Ops that launch nothing: views, metadata, allocation without a fill.
+_FREE = {"view", "slice", "select", "unsqueeze", "squeeze", "expand", "as_strided", "reshape", "_reshape_alias",
+         "t", "transpose", "permute", "detach", "detach_", "alias", "lift_fresh", "empty", "empty_strided",
+         "_unsafe_view", "split", "unbind", "narrow", "_local_scalar_dense"}
+# The plain decode step's launches at batch 1 and 2, after the cuts that brought it from 72 to 43
+# (marker checks, output buffers, the single-group path, the finiteness check). Raise only with a reason.
+BUDGET = 43
+EMIT = 6
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name not in _FREE:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _plain_step_ops(method: str, requests: int) -> list[int]:
+    """Ops of each decode step that runs no refresh (no model op inside it)."""
+    ckpt = tiny_checkpoint("llada")
+    eng = EmulatedEngine(ckpt, engine_config({"odb": {"method": method, "block_length": 16, "threshold": 1.0}}),
+                         slots=requests)
+    inner, counts = eng.sampler, []
+
+    def counted(logits, batch):
+        with _Count() as c:
+            out = inner(logits, batch)
+        if batch.num_draft_tokens and not {"mm", "addmm", "bmm", "linear"} & set(c.ops):
+            counts.append(len(c.ops))
+        return out
+
+    eng.sampler = counted
+    prompts = [ckpt.encode_chat(p) for p in ("Reverse: abcde", "Add 12 and 30")[:requests]]
+    eng.generate(prompts, SamplingParams(max_tokens=64, temperature=0.0))
+    return counts
+
+
+@pytest.mark.parametrize("method", ["fast-dllm", "odb-alp"])
+@pytest.mark.parametrize("requests", [1, 2])
+def test_a_plain_decode_step_stays_within_its_launch_budget(method, requests):
+    """The same budget at batch 1 and 2: a step's launches do not grow with the batch."""
+    counts = _plain_step_ops(method, requests)
+    assert counts, "no plain decode step ran: the test decodes nothing it can count"
+    typical = sorted(counts)[len(counts) // 2]
+    assert typical <= BUDGET, f"a plain decode step issues {typical} device ops (budget {BUDGET}): {counts}"
+    # a step that sends a block out (the request's last, with no refresh after it) writes the output too
+    assert max(counts) <= BUDGET + EMIT, f"a decode step issues {max(counts)} device ops (budget {BUDGET + EMIT}): {counts}"
