@@ -15,8 +15,43 @@
 # continues from earlier checkpoints ($INIT_DIR/tiny-FMT, --init). MAXMIN (default 6.8) fits each
 # run's step count to that many minutes; the run records the steps it took (training_log.json), and
 # `python -m vllm_odb.tiny.train --format F --out DIR --steps N` replays it.
+#
+# A run longer than one device call: BACKGROUND=1 starts this script detached (setsid: it outlives
+# the call while the machine stays warm, i.e. while further calls follow within its idle limit)
+# and returns at once; PHASE=collect later waits for it (at most WAIT seconds) and packs its tars
+# into $OUT. Continue earlier checkpoints from carried tars with INIT_TARS=DIR (each tar holds
+# tiny-FMT/, as PHASE=train packs them):
+#   INIT_TARS=.gpu/ckpt-v3 BACKGROUND=1 PHASE=train QUICK_EVAL=1 MAXMIN=20 \
+#     TRAIN_ARGS="--lr 5e-4 --task-weights chain=3,tally=2 --save-every 3" bash scripts/train_tiny.sh
+#   ... other calls ...;  PHASE=collect WAIT=580 OUT=$OUT bash scripts/train_tiny.sh
 set -euo pipefail
 OUT=${OUT:-out}; WORK=${WORK:-/tmp/tiny-train}; MAXMIN=${MAXMIN:-6.8}; PHASE=${PHASE:-all}
+if [[ -n ${INIT_TARS:-} ]]; then
+  INIT_DIR=${INIT_DIR:-/tmp/tiny-init}; mkdir -p "$INIT_DIR"
+  for t in "$INIT_TARS"/tiny-*.tar; do tar -xf "$t" -C "$INIT_DIR"; done
+  export INIT_DIR
+fi
+if [[ ${BACKGROUND:-0} != 0 ]]; then  # a private copy of the code: later calls replace the working tree
+  mkdir -p "$WORK"; rm -rf "$WORK/code"; mkdir -p "$WORK/code"; cp -r vllm_odb scripts "$WORK/code/"
+  cd "$WORK/code"
+  rm -f "$WORK/done"
+  BACKGROUND=0 OUT="$WORK/out" setsid nohup bash -c 'bash scripts/train_tiny.sh; echo $? > "$0/done"' "$WORK" \
+    > "$WORK/run.out" 2>&1 < /dev/null &
+  echo "started in the background; log $WORK/run.out; collect with PHASE=collect"
+  exit 0
+fi
+if [[ $PHASE == collect ]]; then  # the finished run's tars, or (still running) its last --save-every checkpoints
+  for _ in $(seq 1 $(( ${WAIT:-580} / 5 ))); do [[ -f $WORK/done ]] && break; sleep 5; done
+  tail -n 30 "$WORK/run.out" || true
+  mkdir -p "$OUT"
+  if [[ -f $WORK/done ]]; then
+    echo "background run ended, rc $(cat "$WORK/done")"; cp "$WORK"/out/*.tar "$OUT"/ 2>/dev/null || echo "no tars in $WORK/out"
+  else
+    echo "still running: packing its partial checkpoints"
+    for d in "$WORK"/tiny-*/; do [[ -d $d ]] && tar -cf "$OUT/partial-$(basename "$d").tar" -C "$WORK" "$(basename "$d")"; done
+  fi
+  exit 0
+fi
 LIMIT=${LIMIT:-100}; JUMP_LIMIT=${JUMP_LIMIT:-48}; TRACE_GENS=${TRACE_GENS:-256,1024}; EVAL_TIMEOUT=${EVAL_TIMEOUT:-480}
 mkdir -p "$OUT" "$WORK"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
