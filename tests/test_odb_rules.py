@@ -777,3 +777,40 @@ def test_config_methods_set_odb_flags():
     assert DecodeConfig.for_method("odb", alp_threshold=0.8).alp_threshold == 0.8
     with pytest.raises(ValueError, match="jump"):
         DecodeConfig.for_method("odb", cache="prefix")
+
+
+def _accept_by_hand(v, family, valid):
+    """The chain rule on one row, state by state: v[branch][i] (the branch verified drafted
+    position i), family rows, valid[d]. The furthest reachable state; family order breaks ties."""
+    states = [frozenset()] + [frozenset(i for i, f in enumerate(row) if f) for row in family]
+    reach = {0}
+    for t in sorted(range(1, len(states)), key=lambda t: len(states[t])):
+        if valid[t - 1] and any(states[a] < states[t] and all(v[a][i] for i in states[t] - states[a]) for a in reach):
+            reach.add(t)
+    return max(reach, key=lambda t: (len(states[t]), -t))
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4])
+def test_accept_equals_the_chain_rule_state_by_state(p):
+    """accept() settles all states of one size at once; on random verifications it adopts what
+    the rule applied state by state does, with the engine's made-once family and with a copy of it
+    (read back from the device)."""
+    from vllm_odb.policies.jump import _family_rows
+
+    gen = torch.Generator().manual_seed(p)
+    fam = draft_family(p)
+    assert draft_family(p) is fam and _family_rows(fam.clone()) == _family_rows(fam)
+    d, k, b = fam.shape[0], 8, 64
+    positions = torch.stack([torch.randperm(k, generator=gen)[:p] for _ in range(b)])
+    tokens = torch.randint(0, 5, (b, p), generator=gen)
+    commit = torch.rand((b, 1 + d, k), generator=gen) < 0.7
+    x0 = torch.randint(0, 5, (b, 1 + d, k), generator=gen)
+    x0.scatter_(2, positions[:, None].expand(-1, 1 + d, -1),
+                torch.where(torch.rand((b, 1 + d, p), generator=gen) < 0.7, tokens[:, None], 9))
+    valid = torch.rand((b, d), generator=gen) < 0.9
+    pos = positions[:, None, :].expand(b, 1 + d, p)
+    v = (commit.gather(2, pos) & (x0.gather(2, pos) == tokens[:, None, :])).tolist()
+    want = [_accept_by_hand(v[r], fam.tolist(), valid[r].tolist()) for r in range(b)]
+    assert accept(commit, x0, positions, tokens, fam, valid).tolist() == want
+    assert accept(commit, x0, positions, tokens, fam.clone(), valid).tolist() == want
+    assert len(set(want)) >= min(3, 1 + d)  # the cases reach several states

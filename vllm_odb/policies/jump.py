@@ -44,12 +44,28 @@ def _family(p: int) -> tuple[tuple[int, ...], ...]:
     return tuple(sets)
 
 
+_FAMILIES: dict[tuple[int, str], torch.Tensor] = {}
+
+
 def draft_family(p: int, device=None) -> torch.Tensor:
-    """[2p - 1, p] bool: row d says which drafted positions draft d fills (paper order)."""
-    fam = torch.zeros((max(0, 2 * p - 1), p), dtype=torch.bool, device=device)
-    for d, s in enumerate(_family(p)):
-        fam[d, list(s)] = True
+    """[2p - 1, p] bool: row d says which drafted positions draft d fills (paper order). Made once
+    per p and device (the engine asks every jump-share step): read-only."""
+    key = (p, str(torch.device(device or "cpu")))
+    fam = _FAMILIES.get(key)
+    if fam is None:
+        rows = [[i in s for i in range(p)] for s in _family(p)]
+        fam = torch.tensor(rows, dtype=torch.bool).reshape(max(0, 2 * p - 1), p).to(device)
+        _FAMILIES[key] = fam
     return fam
+
+
+def _family_rows(family: torch.Tensor) -> tuple[tuple[int, ...], ...]:
+    """``family``'s rows on the host: from the host table for the made-once families (no device to
+    host copy, which would wait for the GPU), else read back."""
+    p = family.shape[1] if family.dim() == 2 else 0
+    if _FAMILIES.get((p, str(family.device))) is family:
+        return tuple(tuple(int(i in s) for i in range(p)) for s in _family(p))
+    return tuple(map(tuple, family.tolist()))
 
 
 @dataclass(frozen=True)
@@ -201,17 +217,33 @@ def branch_layout(window_tokens: torch.Tensor, draft_valid: torch.Tensor, shared
 
 
 @lru_cache(maxsize=None)
-def _chain_plan(family: tuple[tuple[int, ...], ...]) -> tuple[list[int], list[int], list, list]:
-    """accept()'s host-side plan for one family ([D, p] 0/1 rows): the drafts in the order the
-    chain settles them (by size), each state's size (state 0 = base), subset[src][target] (src a
-    strict subset of target) and need[src][target][i] (position i is in target but not in src)."""
+def _chain_plan(family: tuple[tuple[int, ...], ...]) -> tuple[list[list[int]], list[int], list, list]:
+    """accept()'s host-side plan for one family ([D, p] 0/1 rows): the drafts grouped by size
+    (the chain settles each size at once: a state's strict subsets are all smaller), each state's
+    size (state 0 = base), subset[src][target] (src a strict subset of target) and
+    need[src][target][i] (position i is in target but not in src)."""
     states = [frozenset()] + [frozenset(i for i, f in enumerate(row) if f) for row in family]
     p = len(family[0]) if family else 0
     nb = len(states)
     subset = [[states[a] < states[t] for t in range(nb)] for a in range(nb)]
     need = [[[i in states[t] and i not in states[a] for i in range(p)] for t in range(nb)] for a in range(nb)]
-    order = sorted(range(1, nb), key=lambda i: len(states[i]))
-    return order, [len(st) for st in states], subset, need
+    levels: dict[int, list[int]] = {}
+    for i in range(1, nb):
+        levels.setdefault(len(states[i]), []).append(i)
+    return [levels[n] for n in sorted(levels)], [len(st) for st in states], subset, need
+
+
+_PLANS: dict[tuple, tuple] = {}
+
+
+def _chain_tensors(family: tuple[tuple[int, ...], ...], device) -> tuple:
+    """The plan's subset/need/size tensors and level indices on ``device``, made once per family."""
+    key = (family, str(device))
+    if key not in _PLANS:
+        levels, sizes, subset, need = _chain_plan(family)
+        _PLANS[key] = ([to_device(lv, device) for lv in levels], to_device(sizes, device),
+                       to_device(subset, device, torch.bool), to_device(need, device, torch.bool))
+    return _PLANS[key]
 
 
 def accept(commit: torch.Tensor, x0: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor,
@@ -229,19 +261,20 @@ def accept(commit: torch.Tensor, x0: torch.Tensor, positions: torch.Tensor, toke
     pos = positions[:, None, :].expand(b, nb, p)
     v = commit.gather(2, pos) & (x0.gather(2, pos) == tokens[:, None, :])
     # States: index 0 = base (empty set), 1..D = drafts. The subset structure is planned on the
-    # host from the family (one small transfer back, cached per family) and sent over once, so the
-    # chain below indexes with Python ints only (a list index would be a blocking copy each time).
-    order, sizes, subset, need = _chain_plan(tuple(map(tuple, family.tolist())))
-    subset, need = to_device(subset, dev, torch.bool), to_device(need, dev, torch.bool)
+    # host from the family's rows (the engine's families are known on the host: no read-back) and
+    # sent over once per family and device.
+    levels, size, subset, need = _chain_tensors(_family_rows(family), dev)
     valid = torch.cat([torch.ones((b, 1), dtype=torch.bool, device=dev), draft_valid], 1)
+    # step[b, src, target]: this forward verified every position target fills beyond src, and src
+    # is a strict subset of target.
+    step = (v[:, :, None, :] | ~need[None]).all(3) & subset[None]
     reach = torch.zeros((b, nb), dtype=torch.bool, device=dev)
     reach[:, 0] = True
-    # Process states by size so every strict subset is settled first: a target is reached from a
-    # reached strict subset whose missing positions this forward verified.
-    for target in order:
-        verified = (v | ~need[:, target][None]).all(2)  # [B, nb]
-        reach[:, target] = (reach & verified & subset[:, target][None]).any(1) & valid[:, target]
-    size = to_device(sizes, dev)
+    # Settle states by size, each size at once: a target is reached from a reached strict subset
+    # (always smaller, so settled before it) through a verified step.
+    for targets in levels:
+        got = (reach[:, :, None] & step[:, :, targets]).any(1) & valid[:, targets]
+        reach = reach.index_copy(1, targets, got)
     # Furthest reachable state; family order breaks ties.
     score = torch.where(reach, size[None].expand(b, -1) * nb + (nb - torch.arange(nb, device=dev))[None], -1)
     return score.argmax(1)
