@@ -10,7 +10,6 @@ is one kernel launch on a GPU (or one copy).
 from __future__ import annotations
 
 import pytest
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from vllm import SamplingParams
 

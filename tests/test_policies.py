@@ -591,7 +591,20 @@ def test_to_device_keeps_values_and_dtype():
 def test_to_device_and_a_decision_do_not_sync_the_stream():
     """The engine sampler's per-step transfers must not wait for the forward queued before them:
     torch's sync debug mode raises on any synchronising call."""
+    from vllm_odb.policies.jump import _FAMILIES, accept, draft_family
+    from vllm_odb.policies.length import marker_hits
+    from vllm_odb.policies.step import block_ends
+
     x = torch.randn(4, 8, 1000, device="cuda")
+    tokens, conf = torch.randint(0, 9, (2, 8), device="cuda"), torch.rand(2, 8, device="cuda")
+    jump = {}
+    for p in (2, 3):
+        d = 2 * p - 1
+        jump[p] = (torch.rand(2, 1 + d, 8, device="cuda") < 0.5, torch.randint(0, 4, (2, 1 + d, 8), device="cuda"),
+                   torch.stack([torch.randperm(8)[:p] for _ in range(2)]).cuda(), torch.randint(0, 4, (2, p), device="cuda"),
+                   torch.ones(2, d, dtype=torch.bool, device="cuda"))
+        _FAMILIES.pop((p, "cuda"), None)  # made inside the checked region below
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         with pytest.raises(RuntimeError):
@@ -602,6 +615,12 @@ def test_to_device_and_a_decision_do_not_sync_the_stream():
         cfg = DecodeConfig.for_method("fast-dllm", gen_length=32, block_length=8)
         decide(x[idx], masked, cfg, 3)  # the float threshold stays a host number
         decide(x[idx], masked, cfg, 3, threshold=to_device([0.5, 0.9], "cuda", torch.float32))
+        # every step's end-marker check, and jump-share's acceptance with the made-once family
+        # (made here too: its first use must not wait either)
+        block_ends(tokens, [((3,), (5, 6))] * 2)
+        marker_hits(tokens, [(3,), (5, 6)], conf=conf, theta=0.5)
+        for p, (commit, x0, pos, drafted, valid) in jump.items():
+            accept(commit, x0, pos, drafted, draft_family(p, "cuda"), valid)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert idx.tolist() == [0, 2] and torch.isneginf(out[..., 3]).all()

@@ -54,7 +54,7 @@ def draft_family(p: int, device=None) -> torch.Tensor:
     fam = _FAMILIES.get(key)
     if fam is None:
         rows = [[i in s for i in range(p)] for s in _family(p)]
-        fam = torch.tensor(rows, dtype=torch.bool).reshape(max(0, 2 * p - 1), p).to(device)
+        fam = to_device(rows, device or "cpu", torch.bool).reshape(max(0, 2 * p - 1), p)
         _FAMILIES[key] = fam
     return fam
 

@@ -128,7 +128,7 @@ def _chain(rng: random.Random) -> Example:
     for o in others:  # a card off the path, anywhere among the path's cards
         cards.insert(rng.randrange(len(cards) + 1), (o, rng.choice([x for x in labels if x != o])))
     facts = " ".join(f"The {a} box has a card saying {b}." for a, b in cards)  # one form: a plain lookup
-    start, end, n = path[0], path[-1], hops + 1
+    start, end = path[0], path[-1]
     prompt = (f"Each box holds a card naming another box, except one box that holds a gold coin. {facts} Start "
               f"at the {start} box and follow the cards. Which box holds the coin?")
     steps = [Step((f"[We|I] start at the {start} box and follow the cards.",))]
