@@ -603,7 +603,8 @@ def test_to_device_and_a_decision_do_not_sync_the_stream():
         jump[p] = (torch.rand(2, 1 + d, 8, device="cuda") < 0.5, torch.randint(0, 4, (2, 1 + d, 8), device="cuda"),
                    torch.stack([torch.randperm(8)[:p] for _ in range(2)]).cuda(), torch.randint(0, 4, (2, p), device="cuda"),
                    torch.ones(2, d, dtype=torch.bool, device="cuda"))
-        _FAMILIES.pop((p, "cuda"), None)  # made inside the checked region below
+    for key in [k for k in _FAMILIES if k[0] in jump]:  # made inside the checked region below
+        del _FAMILIES[key]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -55,7 +55,7 @@ def draft_family(p: int, device=None) -> torch.Tensor:
     if fam is None:
         rows = [[i in s for i in range(p)] for s in _family(p)]
         fam = to_device(rows, device or "cpu", torch.bool).reshape(max(0, 2 * p - 1), p)
-        _FAMILIES[key] = fam
+        _FAMILIES[key] = _FAMILIES[(p, str(fam.device))] = fam  # as asked ("cuda") and as made ("cuda:0")
     return fam
 
 
