@@ -16,7 +16,7 @@ set -uo pipefail
 source /root/vllm-env.sh
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/vllm-site . >/dev/null 2>&1 \
   || { echo "project install failed"; exit 1; }
-PART=${PART:?PART=1 or 2}
+PART=${PART:?PART=1, 2, all, eco or fixes}
 OUT=${OUT:-/tmp/out}; R="$OUT/verify-$PART"; mkdir -p "$R"
 export VLLM_ODB_BENCH_KV_GIB=${VLLM_ODB_BENCH_KV_GIB:-2}
 LIMIT=${LIMIT:-540}   # seconds every lane must end within (the call's limit is 600)

@@ -26,16 +26,21 @@
 #   ... other calls ...;  PHASE=collect WAIT=580 OUT=$OUT bash scripts/train_tiny.sh
 set -euo pipefail
 OUT=${OUT:-out}; WORK=${WORK:-/tmp/tiny-train}; MAXMIN=${MAXMIN:-6.8}; PHASE=${PHASE:-all}
-if [[ -n ${INIT_TARS:-} ]]; then
-  INIT_DIR=${INIT_DIR:-/tmp/tiny-init}; mkdir -p "$INIT_DIR"
-  for t in "$INIT_TARS"/tiny-*.tar; do tar -xf "$t" -C "$INIT_DIR"; done
-  export INIT_DIR
+if [[ -n ${INIT_TARS:-} ]]; then  # final (tiny-FMT.tar) or partial (partial-tiny-FMT.tar) checkpoints
+  INIT_DIR=${INIT_DIR:-/tmp/tiny-init}; mkdir -p "$INIT_DIR"; INIT_DIR=$(cd "$INIT_DIR" && pwd)
+  for t in "$INIT_TARS"/*tiny-*.tar; do tar -xf "$t" -C "$INIT_DIR"; done  # a final tar sorts after its partial
+  export INIT_DIR; INIT_TARS=
 fi
 if [[ ${BACKGROUND:-0} != 0 ]]; then  # a private copy of the code: later calls replace the working tree
-  mkdir -p "$WORK"; rm -rf "$WORK/code"; mkdir -p "$WORK/code"; cp -r vllm_odb scripts "$WORK/code/"
+  mkdir -p "$WORK"; WORK=$(cd "$WORK" && pwd)
+  if [[ -d $WORK/code && ! -f $WORK/done ]]; then
+    echo "a background run is still going in $WORK (no $WORK/done): collect it first, or use another WORK" >&2
+    exit 2
+  fi
+  rm -rf "$WORK/code"; mkdir -p "$WORK/code"; cp -r vllm_odb scripts "$WORK/code/"
   cd "$WORK/code"
   rm -f "$WORK/done"
-  BACKGROUND=0 OUT="$WORK/out" setsid nohup bash -c 'bash scripts/train_tiny.sh; echo $? > "$0/done"' "$WORK" \
+  BACKGROUND=0 INIT_TARS= WORK="$WORK" OUT="$WORK/out" setsid nohup bash -c 'bash scripts/train_tiny.sh; echo $? > "$0/done"' "$WORK" \
     > "$WORK/run.out" 2>&1 < /dev/null &
   echo "started in the background; log $WORK/run.out; collect with PHASE=collect"
   exit 0

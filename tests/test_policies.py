@@ -591,7 +591,7 @@ def test_to_device_keeps_values_and_dtype():
 def test_to_device_and_a_decision_do_not_sync_the_stream():
     """The engine sampler's per-step transfers must not wait for the forward queued before them:
     torch's sync debug mode raises on any synchronising call."""
-    from vllm_odb.policies.jump import _FAMILIES, accept, draft_family
+    from vllm_odb.policies.jump import _FAMILIES, _PLANS, accept, draft_family
     from vllm_odb.policies.length import marker_hits
     from vllm_odb.policies.step import block_ends
 
@@ -603,8 +603,8 @@ def test_to_device_and_a_decision_do_not_sync_the_stream():
         jump[p] = (torch.rand(2, 1 + d, 8, device="cuda") < 0.5, torch.randint(0, 4, (2, 1 + d, 8), device="cuda"),
                    torch.stack([torch.randperm(8)[:p] for _ in range(2)]).cuda(), torch.randint(0, 4, (2, p), device="cuda"),
                    torch.ones(2, d, dtype=torch.bool, device="cuda"))
-    for key in [k for k in _FAMILIES if k[0] in jump]:  # made inside the checked region below
-        del _FAMILIES[key]
+    _FAMILIES.clear()  # made inside the checked region below, with acceptance's plans
+    _PLANS.clear()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -129,11 +129,14 @@ class StepOutput:
 
     def __init__(self, n: int, width: int, block: int, device):
         self.width, self.block, self.device = width, block, device
-        # one allocation (one kernel), three contiguous views
-        flat = torch.zeros(n * (width + 2), dtype=torch.int32, device=device)
+        # one allocation (one kernel), three contiguous views, each starting 16-byte aligned (Triton
+        # specialises its kernels on pointer alignment)
+        a = -(-n * width // 4) * 4
+        b = a + -(-n // 4) * 4
+        flat = torch.zeros(b + n, dtype=torch.int32, device=device)
         self.sampled = flat[:n * width].view(n, width)
-        self.num_sampled = flat[n * width:n * (width + 1)]
-        self.num_rejected = flat[n * (width + 1):]
+        self.num_sampled = flat[a:a + n]
+        self.num_rejected = flat[b:b + n]
         self.num_nans = None  # rows of failed requests (> 0), for the scheduler; None: none
         self.emitted = False  # a block went out (it may end its request)
 
@@ -416,7 +419,7 @@ class ODBSampler:
 
     # ---- the policies, per request group --------------------------------------------------
     def _block_steps(self, reqs: list[ODBRequest], slots: torch.Tensor, block: torch.Tensor, masked: torch.Tensor,
-                     logits_of: Callable[[torch.Tensor], torch.Tensor], tile: int) -> Step:
+                     logits_of: Callable[[torch.Tensor | None], torch.Tensor], tile: int) -> Step:
         """``policies.step.block_step`` for every request that decides without a plan, one call per
         knob set (and ``tile`` requests); ``logits_of(idx)``: the block logits of requests ``idx``
         (None: of all of them).

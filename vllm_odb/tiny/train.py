@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 
@@ -334,15 +335,25 @@ def main(argv=None) -> int:
 
 
 def _save(model, tokenizer, config: dict, args, record: dict) -> None:
+    """The checkpoint, written beside ``args.out`` and then swapped in: whoever reads or packs
+    ``args.out`` meanwhile (train_tiny.sh PHASE=collect) sees the previous save whole."""
     model.eval()
-    save_model(model, args.out, config)
-    write_generation_config(args.out, config)
-    tokenizer.save_pretrained(args.out)
-    _official_tokenizer_class(args.out)
-    with open(os.path.join(args.out, "training_log.json"), "w") as f:
+    out = args.out.rstrip("/")
+    tmp, old = out + ".saving", out + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp, config)
+    write_generation_config(tmp, config)
+    tokenizer.save_pretrained(tmp)
+    _official_tokenizer_class(tmp)
+    with open(os.path.join(tmp, "training_log.json"), "w") as f:
         json.dump({"args": {**vars(args), "suite": "worked"}, **record}, f, indent=1)
         f.write("\n")
-    print(f"saved {args.out}", file=sys.stderr)
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(out):
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    print(f"saved {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
