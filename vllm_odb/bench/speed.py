@@ -172,6 +172,13 @@ def check_default_traces(path: str, engine: str, methods, gens, n: int) -> None:
                          "python -m vllm_odb.bench traces ... --out FILE and pass --traces FILE")
 
 
+def skipped_row(method: str, gen: int, batch: int, engine: str, have: int) -> None:
+    """A batch row needs that many traced requests: say so when the traces have fewer, rather
+    than leave the row out silently."""
+    print(f"warning: row {method} gen {gen} batch {batch} ({engine}) skipped: the traces hold {have} requests "
+          f"for it; record at least {batch} (python -m vllm_odb.bench traces --requests {batch})", file=sys.stderr)
+
+
 def _replay_prompts(traces: list[dict], spec) -> list[list[int]]:
     """Random ids (below the mask id) of the traced prompts' lengths: a random model reads them
     all alike, only the lengths shape the forwards."""
@@ -285,6 +292,7 @@ def run_reference(args, methods, gens, batches, emit) -> None:
         if full:
             tr = traces["traces"][_trace_key(m, g, "reference")]
             if len(tr) < b:
+                skipped_row(m, g, b, "reference", len(tr))
                 continue
             prompts = _replay_prompts(tr, spec)
             replays = [Replay.from_dict(t["replay"]) for t in tr]
@@ -409,6 +417,7 @@ def run_vllm(args, methods, gens, batches, emit) -> None:
             if full:
                 tr = traces["traces"][_trace_key(m, g, "vllm")]
                 if len(tr) < b:
+                    skipped_row(m, g, b, "vllm", len(tr))
                     continue
                 prompts = _replay_prompts(tr, spec)
                 # The replay ends a request with an EOS block (engine/sampler.py); vLLM, without a
