@@ -116,10 +116,11 @@ def test_engine_args_must_be_a_json_object(tmp_path, capsys, value, msg):
 
 
 def test_a_row_with_too_few_traces_is_skipped_out_loud(capsys):
-    """A batch row needs as many traced requests as its batch: with fewer it is left out, and
-    the run says which row and how many traces it would need."""
-    from vllm_odb.bench.speed import skipped_row
+    """A batch row needs as many traced requests as its batch: with fewer it is skipped, and the
+    run says which row and how many traces it would need; with enough, it runs silently."""
+    from vllm_odb.bench.speed import enough_traces
 
-    skipped_row("odb", 1024, 64, "vllm", 12)
+    assert enough_traces([{}] * 64, "odb", 1024, 64, "vllm") and not capsys.readouterr().err
+    assert not enough_traces([{}] * 12, "odb", 1024, 64, "vllm")
     err = capsys.readouterr().err
     assert "odb gen 1024 batch 64 (vllm) skipped" in err and "hold 12 requests" in err and "--requests 64" in err

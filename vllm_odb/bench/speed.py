@@ -172,11 +172,14 @@ def check_default_traces(path: str, engine: str, methods, gens, n: int) -> None:
                          "python -m vllm_odb.bench traces ... --out FILE and pass --traces FILE")
 
 
-def skipped_row(method: str, gen: int, batch: int, engine: str, have: int) -> None:
-    """A batch row needs that many traced requests: say so when the traces have fewer, rather
-    than leave the row out silently."""
-    print(f"warning: row {method} gen {gen} batch {batch} ({engine}) skipped: the traces hold {have} requests "
+def enough_traces(traces: list, method: str, gen: int, batch: int, engine: str) -> bool:
+    """A batch row needs that many traced requests. With fewer the row is skipped, and this says
+    so rather than leave it out silently."""
+    if len(traces) >= batch:
+        return True
+    print(f"warning: row {method} gen {gen} batch {batch} ({engine}) skipped: the traces hold {len(traces)} requests "
           f"for it; record at least {batch} (python -m vllm_odb.bench traces --requests {batch})", file=sys.stderr)
+    return False
 
 
 def _replay_prompts(traces: list[dict], spec) -> list[list[int]]:
@@ -291,8 +294,7 @@ def run_reference(args, methods, gens, batches, emit) -> None:
         set_attention_impl(model, reference_impl(args.reference_impl, cfg))
         if full:
             tr = traces["traces"][_trace_key(m, g, "reference")]
-            if len(tr) < b:
-                skipped_row(m, g, b, "reference", len(tr))
+            if not enough_traces(tr, m, g, b, "reference"):
                 continue
             prompts = _replay_prompts(tr, spec)
             replays = [Replay.from_dict(t["replay"]) for t in tr]
@@ -416,8 +418,7 @@ def run_vllm(args, methods, gens, batches, emit) -> None:
             preset = BENCH_METHODS[m][0]
             if full:
                 tr = traces["traces"][_trace_key(m, g, "vllm")]
-                if len(tr) < b:
-                    skipped_row(m, g, b, "vllm", len(tr))
+                if not enough_traces(tr, m, g, b, "vllm"):
                     continue
                 prompts = _replay_prompts(tr, spec)
                 # The replay ends a request with an EOS block (engine/sampler.py); vLLM, without a

@@ -429,27 +429,24 @@ class ODBSampler:
             if not q.finished and q.plan is None:
                 groups[q.cfg].append(i)
         accepted = torch.zeros(len(reqs), dtype=torch.long, device=block.device)
-        if len(groups) == 1 and len(reqs) <= tile and all(len(m) == len(reqs) for m in groups.values()):
-            # the usual step: every request decides, with one knob set, in one tile (no gathers)
-            (cfg, _), = groups.items()
-            lg = logits_of(None)
-            forced = forced_counts([q.forcing for q in reqs], [q.block_index for q in reqs],
-                                   [q.block_step for q in reqs], block.device)
-            s = block_step(lg, block, masked, cfg, self.table.mask_id,
-                           threshold=self._thresholds(reqs, slots, lg), forced=forced)
-            return Step(s.block, s.x0, s.conf, accepted)
-        new = block.clone()
-        x0 = torch.zeros_like(block)
-        conf = torch.zeros(block.shape, dtype=torch.float32, device=block.device)
+        # The usual step: every request decides, with one knob set, in one tile: on the batch as
+        # it stands (no gathers, scatters or scratch copies).
+        whole = len(reqs) <= tile and [len(m) for m in groups.values()] == [len(reqs)]
+        if not whole:
+            new, x0 = block.clone(), torch.zeros_like(block)
+            conf = torch.zeros(block.shape, dtype=torch.float32, device=block.device)
         for cfg, members in groups.items():
             for a in range(0, len(members), tile):
-                idx = to_device(members[a:a + tile], block.device)
+                idx = None if whole else to_device(members[a:a + tile], block.device)
                 group = [reqs[i] for i in members[a:a + tile]]
                 lg = logits_of(idx)
                 forced = forced_counts([q.forcing for q in group], [q.block_index for q in group],
                                        [q.block_step for q in group], block.device)
-                s = block_step(lg, block[idx], masked[idx], cfg, self.table.mask_id,
-                               threshold=self._thresholds(group, slots[idx], lg), forced=forced)
+                rows = (lambda t: t) if whole else (lambda t: t[idx])
+                s = block_step(lg, rows(block), rows(masked), cfg, self.table.mask_id,
+                               threshold=self._thresholds(group, rows(slots), lg), forced=forced)
+                if whole:
+                    return Step(s.block, s.x0, s.conf, accepted)
                 new[idx], x0[idx], conf[idx] = s.block, s.x0, s.conf
         return Step(new, x0, conf, accepted)
 

@@ -44,6 +44,12 @@ def _family(p: int) -> tuple[tuple[int, ...], ...]:
     return tuple(sets)
 
 
+@lru_cache(maxsize=None)
+def _family_table(p: int) -> tuple[tuple[bool, ...], ...]:
+    """The family's [2p - 1, p] rows on the host."""
+    return tuple(tuple(i in s for i in range(p)) for s in _family(p))
+
+
 _FAMILIES: dict[tuple[int, str], torch.Tensor] = {}
 
 
@@ -53,18 +59,17 @@ def draft_family(p: int, device=None) -> torch.Tensor:
     key = (p, str(torch.device(device or "cpu")))
     fam = _FAMILIES.get(key)
     if fam is None:
-        rows = [[i in s for i in range(p)] for s in _family(p)]
-        fam = to_device(rows, device or "cpu", torch.bool).reshape(max(0, 2 * p - 1), p)
+        fam = to_device(_family_table(p), device or "cpu", torch.bool).reshape(max(0, 2 * p - 1), p)
         _FAMILIES[key] = _FAMILIES[(p, str(fam.device))] = fam  # as asked ("cuda") and as made ("cuda:0")
     return fam
 
 
-def _family_rows(family: torch.Tensor) -> tuple[tuple[int, ...], ...]:
-    """``family``'s rows on the host: from the host table for the made-once families (no device to
-    host copy, which would wait for the GPU), else read back."""
+def _family_rows(family: torch.Tensor) -> tuple[tuple[bool, ...], ...]:
+    """``family``'s rows on the host: the host table of a made-once family (no device to host
+    copy, which would wait for the GPU), else read back."""
     p = family.shape[1] if family.dim() == 2 else 0
     if _FAMILIES.get((p, str(family.device))) is family:
-        return tuple(tuple(int(i in s) for i in range(p)) for s in _family(p))
+        return _family_table(p)
     return tuple(map(tuple, family.tolist()))
 
 
