@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("vllm")
 
-from vllm_odb.engine.model_state import BranchAttention, BranchRows, PagedCache  # noqa: E402
+from vllm_odb.engine.model_state import BranchAttention, BranchBatch, BranchRows, PagedCache  # noqa: E402
 from vllm_odb.engine.requests import JumpPlan  # noqa: E402
 from vllm_odb.policies import DecodeConfig  # noqa: E402
 from vllm_odb.policies.jump import DraftBudget, plan_drafts  # noqa: E402
@@ -35,40 +35,19 @@ def _plan(shift, ridge_rows=64, masked=(1, 1, 1, 1)):
     return JumpPlan.plan(block, before, x0, conf, MASK, _cfg(ridge_rows=ridge_rows), 1, 400)
 
 
-@pytest.mark.parametrize("shift", [0, 1])
-@pytest.mark.parametrize("masked, ridge_rows", [((1, 1, 1, 1), 64), ((1, 0, 1, 1), 64), ((1, 0, 1, 1), 14),
-                                               ((1, 0, 0, 1), 8)])
-def test_draft_rows_see_exactly_the_reference_keys(shift, masked, ridge_rows):
-    torch.manual_seed(1)
+def _request(shift, masked, ridge_rows, prompt, seed):
+    """One planned request: its plan, sequence keys/values (the window's base rows wrote theirs this
+    step), new rows' q/k/v and the reference loop's attention output for them."""
+    torch.manual_seed(seed)
     plan = _plan(shift, ridge_rows=ridge_rows, masked=masked)
     assert plan is not None and plan.num_rows > plan.window
-    prompt, end = 6, 14
+    end = prompt + 8
     s, e = prompt, prompt + 4
     q0 = s - shift
     w, q = plan.window, plan.num_rows
-    # The sequence's keys/values; the window's base rows wrote theirs this step.
     k_seq, v_seq = torch.randn(end, H, D), torch.randn(end, H, D)
     q_new, k_new, v_new = torch.randn(q, H, D), torch.randn(q, H, D), torch.randn(q, H, D)
     k_seq[q0:e], v_seq[q0:e] = k_new[:w], v_new[:w]
-    table = torch.randperm(NUM_BLOCKS)[: (end + KBS - 1) // KBS]
-    cache = torch.zeros(NUM_BLOCKS, H, KBS, 2 * D)
-    for p in range(end):
-        cache[table[p // KBS], :, p % KBS, :D] = k_seq[p]
-        cache[table[p // KBS], :, p % KBS, D:] = v_seq[p]
-    layer = types.SimpleNamespace(num_heads=H, num_kv_heads=H, head_size=D, impl=types.SimpleNamespace(scale=D ** -0.5))
-
-    def kernel(layer, query, key, value, kv_cache, meta, output, *a, **k):
-        return output.fill_(0)
-
-    wrapper = BranchAttention(kernel, PagedCache(kernel_block_size=KBS))
-    first = 3  # the request's rows start after another request's
-    rows = first + q + 2
-    query = torch.zeros(rows, H, D)
-    key, value = torch.zeros(rows, H, D), torch.zeros(rows, H, D)
-    query[first:first + q], key[first:first + q], value[first:first + q] = q_new, k_new, v_new
-    wrapper.rows = [BranchRows(first=first, plan=plan, q0=q0, end=end, block_table=table)]
-    out = torch.zeros(rows, H * D)
-    wrapper(layer, query, key, value, cache, object(), out)
     # Reference (reference/generate.py branch_forward): keys [prefix | new rows | suffix].
     keys = torch.cat([k_seq[:q0], k_new, k_seq[e:]])
     vals = torch.cat([v_seq[:q0], v_new, v_seq[e:]])
@@ -76,15 +55,106 @@ def test_draft_rows_see_exactly_the_reference_keys(shift, masked, ridge_rows):
     mask[:, q0:q0 + q] = plan.attn
     ref = F.scaled_dot_product_attention(q_new.transpose(0, 1)[None], keys.transpose(0, 1)[None],
                                          vals.transpose(0, 1)[None], attn_mask=mask[None, None], scale=D ** -0.5)
-    ref = ref[0].transpose(0, 1).reshape(q, H * D)
-    torch.testing.assert_close(out[first + w:first + q], ref[w:])
+    return types.SimpleNamespace(plan=plan, q0=q0, end=end, seq=(k_seq, v_seq), new=(q_new, k_new, v_new),
+                                 ref=ref[0].transpose(0, 1).reshape(q, H * D))
+
+
+def _run(reqs, gap=2):
+    """The requests' rows in one batch (``gap`` kernel-only rows before each), their sequences in
+    one paged cache at disjoint random blocks; the wrapper's output and each request's first row."""
+    blocks = torch.randperm(NUM_BLOCKS)
+    cache = torch.zeros(NUM_BLOCKS, H, KBS, 2 * D)
+    tables, firsts, used, row = [], [], 0, 0
+    for r in reqs:
+        n = (r.end + KBS - 1) // KBS
+        table = torch.cat([blocks[used:used + n], torch.zeros(4, dtype=torch.long)])[:6]  # rows padded
+        used += n
+        k_seq, v_seq = r.seq
+        for p in range(r.end):
+            cache[table[p // KBS], :, p % KBS, :D] = k_seq[p]
+            cache[table[p // KBS], :, p % KBS, D:] = v_seq[p]
+        tables.append(table)
+        firsts.append(row + gap)
+        row += gap + r.plan.num_rows
+    query, key, value = torch.zeros(row + gap, H, D), torch.zeros(row + gap, H, D), torch.zeros(row + gap, H, D)
+    for r, first in zip(reqs, firsts):
+        q = r.plan.num_rows
+        query[first:first + q], key[first:first + q], value[first:first + q] = r.new
+    layer = types.SimpleNamespace(num_heads=H, num_kv_heads=H, head_size=D, impl=types.SimpleNamespace(scale=D ** -0.5))
+
+    def kernel(layer, query, key, value, kv_cache, meta, output, *a, **k):
+        return output.fill_(0)
+
+    wrapper = BranchAttention(kernel, PagedCache(kernel_block_size=KBS))
+    rows = [BranchRows(first=f, plan=r.plan, q0=r.q0, end=r.end) for r, f in zip(reqs, firsts)]
+    wrapper.batch = BranchBatch.build(rows, torch.stack(tables), KBS, "cpu")
+    out = torch.zeros(row + gap, H * D)
+    wrapper(layer, query, key, value, cache, object(), out)
+    return out, firsts
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+@pytest.mark.parametrize("masked, ridge_rows", [((1, 1, 1, 1), 64), ((1, 0, 1, 1), 64), ((1, 0, 1, 1), 14),
+                                               ((1, 0, 0, 1), 8)])
+def test_draft_rows_see_exactly_the_reference_keys(shift, masked, ridge_rows):
+    r = _request(shift, masked, ridge_rows, prompt=6, seed=1)
+    out, (first,) = _run([r], gap=3)
+    w, q = r.plan.window, r.plan.num_rows
+    torch.testing.assert_close(out[first + w:first + q], r.ref[w:])
     assert out[:first].abs().sum() == 0 and out[first:first + w].abs().sum() == 0  # the kernel's rows untouched
     assert out[first + q:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_several_planned_requests_in_one_call(shift):
+    """Requests of different lengths and draft counts, batched in one padded call: each one's
+    draft rows equal its own reference; no other row is written."""
+    reqs = [_request(shift, m, rr, prompt=p, seed=i) for i, (m, rr, p) in
+            enumerate([((1, 1, 1, 1), 64, 6), ((1, 0, 0, 1), 8, 11), ((1, 0, 1, 1), 14, 3)])]
+    assert len({r.plan.num_rows for r in reqs}) > 1 and len({r.end for r in reqs}) > 1
+    out, firsts = _run(reqs)
+    written = torch.zeros(out.shape[0], dtype=torch.bool)
+    for r, first in zip(reqs, firsts):
+        w, q = r.plan.window, r.plan.num_rows
+        torch.testing.assert_close(out[first + w:first + q], r.ref[w:])
+        written[first + w:first + q] = True
+    assert out[~written].abs().sum() == 0
+
+
+def test_a_layer_launches_the_same_ops_at_any_batch():
+    """The per-layer side path is a fixed handful of ops, not a loop over requests (each op a
+    launch on the GPU, 32 layers a step)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for n in (1, 3):
+        reqs = [_request(0, (1, 1, 1, 1), 64, prompt=6, seed=i) for i in range(n)]
+        out, firsts = _run(reqs)  # warm; then count one layer's call on the same batch
+        rows = [BranchRows(first=f, plan=r.plan, q0=r.q0, end=r.end) for r, f in zip(reqs, firsts)]
+        wrapper = BranchAttention(lambda *a, **k: None, PagedCache(kernel_block_size=KBS))
+        wrapper.batch = BranchBatch.build(rows, torch.zeros(n, 6, dtype=torch.long), KBS, "cpu")
+        layer = types.SimpleNamespace(num_heads=H, num_kv_heads=H, head_size=D, impl=types.SimpleNamespace(scale=1.0))
+        t = torch.zeros(out.shape[0], H, D)
+        with Count() as c:
+            wrapper(layer, t, t, t, torch.zeros(NUM_BLOCKS, H, KBS, 2 * D), object(), out)
+        counts.append(c.ops)
+    assert counts[0] == counts[1] <= 16, counts
 
 
 def test_no_rows_means_the_kernel_alone():
     calls = []
     wrapper = BranchAttention(lambda *a, **k: calls.append(1) or "kernel", PagedCache(kernel_block_size=KBS))
+    assert BranchBatch.build([], torch.zeros(0, 6, dtype=torch.long), KBS, "cpu") is None
     assert wrapper(None, None, None, None, None, object(), None) == "kernel" and calls == [1]
 
 

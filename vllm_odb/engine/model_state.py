@@ -80,6 +80,7 @@ from vllm_odb.engine import CHECK, check, kv_release
 from vllm_odb.engine.metrics import RequestCounters
 from vllm_odb.engine.requests import JumpPlan, RequestTable, decode_rows
 from vllm_odb.policies import DecodeConfig
+from vllm_odb.policies.host import to_device
 
 
 def kv_slots(block_table_row: torch.Tensor, positions: torch.Tensor, kernel_block_size: int) -> torch.Tensor:
@@ -189,22 +190,69 @@ class BranchRows:
     plan: JumpPlan
     q0: int  # position of window offset 0
     end: int  # prompt + live canvas
-    block_table: torch.Tensor  # the request's block table row (kernel blocks)
+
+
+@dataclass
+class BranchBatch:
+    """The draft rows of one step's planned requests, laid out once for every layer: each layer
+    then attends all of them in one padded SDPA call (a handful of launches, whatever the batch)
+    instead of rebuilding each request's key slots and mask per layer. ``R`` planned requests,
+    ``L`` the longest one's keys (prompt + live canvas), ``D`` its most draft rows."""
+
+    blk: torch.Tensor  # [R, L] kernel block of key position l of request r (padding: any valid one)
+    off: torch.Tensor  # [R, L] offset in that block
+    rows: torch.Tensor  # [R, D] batch row of each draft row (padding: a real row, output discarded)
+    mask: torch.Tensor  # [R, 1, D, L + D] bool: draft row d may read key l (cache keys, then draft keys)
+    src: torch.Tensor  # [n] flat index r * D + d of each real draft row
+    dst: torch.Tensor  # [n] its batch row
+
+    @classmethod
+    def build(cls, rows: list[BranchRows], block_tables: torch.Tensor, kbs: int, device) -> "BranchBatch | None":
+        """``block_tables`` [R, blocks]: the planned requests' block-table rows, in ``rows``'s order.
+        Host values go over in one pinned copy each (no sync)."""
+        planned = [r for r in rows if r.plan.num_rows > r.plan.window]
+        if not planned:
+            return None
+        n_draft = [r.plan.num_rows - r.plan.window for r in planned]
+        big_d = max(n_draft)
+        # L + D a multiple of 8 (padding keys masked out): SDPA's fused kernels take the mask then
+        big_l = -(-(max(r.end for r in planned) + big_d) // 8) * 8 - big_d
+        firsts = np.array([r.first + r.plan.window for r in planned])
+        d = np.arange(big_d)
+        row_idx = firsts[:, None] + np.minimum(d[None], np.array(n_draft)[:, None] - 1)
+        real = d[None] < np.array(n_draft)[:, None]
+        src = np.nonzero(real.reshape(-1))[0]
+        host = to_device(np.concatenate([row_idx.reshape(-1), src, row_idx.reshape(-1)[src],
+                                         [r.end for r in planned]]), device)
+        n = len(planned) * big_d
+        rows_g, src_g, dst_g, ends = host.split([n, len(src), len(src), len(planned)])
+        pos = torch.arange(big_l, device=device)[None]
+        inside = pos < ends[:, None]  # [R, L]
+        p = torch.where(inside, pos, 0)
+        blk = block_tables.long().gather(1, p // kbs)
+        mask = torch.zeros((len(planned), big_d, big_l + big_d), dtype=torch.bool, device=device)
+        mask[:, :, :big_l] = inside[:, None]
+        for i, r in enumerate(planned):  # the layout's mask over the window keys and the draft keys
+            w, q = r.plan.window, r.plan.num_rows
+            mask[i, :q - w, r.q0:r.q0 + w] = r.plan.attn[w:, :w]
+            mask[i, :q - w, big_l:big_l + q - w] = r.plan.attn[w:, w:]
+        return cls(blk, p % kbs, rows_g.view(len(planned), big_d), mask[:, None], src_g, dst_g)
 
 
 class BranchAttention:
     """Wraps an attention impl's ``forward``: the kernel for every row, then SDPA for the draft
-    rows of jump-share plans (module doc). ``rows`` is set by the model state for each step
-    (empty: the kernel alone)."""
+    rows of jump-share plans (module doc). ``batch`` is set by the model state for each step
+    (None: the kernel alone)."""
 
     def __init__(self, forward, paged: PagedCache):
         self.forward = forward
-        self.rows: list[BranchRows] = []
+        self.batch: BranchBatch | None = None
         self.paged = paged
 
     def __call__(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         out = self.forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
-        if not self.rows or attn_metadata is None:
+        b = self.batch
+        if b is None or attn_metadata is None:
             return out
         heads, kv_heads, dim = layer.num_heads, layer.num_kv_heads, layer.head_size
         q_all = query.view(query.shape[0], heads, dim)
@@ -212,25 +260,12 @@ class BranchAttention:
         v_all = value.view(value.shape[0], kv_heads, dim)
         out_rows = output.view(output.shape[0], heads * dim)
         key_cache, value_cache = kv_cache.transpose(1, 2).split(dim, dim=-1)  # [blocks, N, H, d]
-        kbs = self.paged.kernel_block_size
-        for r in self.rows:
-            plan = r.plan
-            w, q = plan.window, plan.num_rows
-            if q == w:
-                continue
-            slots = kv_slots(r.block_table, torch.arange(r.end, device=query.device), kbs)
-            keys = torch.cat([key_cache[slots // kbs, slots % kbs], k_all[r.first + w: r.first + q]], 0)
-            vals = torch.cat([value_cache[slots // kbs, slots % kbs], v_all[r.first + w: r.first + q]], 0)
-            # Draft rows: prefix and suffix always; window position q0 + o where the mask lets the
-            # row read base row o; draft keys where the mask lets it read that draft row.
-            mask = torch.ones((q - w, r.end + q - w), dtype=torch.bool, device=query.device)
-            mask[:, r.q0:r.q0 + w] = plan.attn[w:, :w]
-            mask[:, r.end:] = plan.attn[w:, w:]
-            o = F.scaled_dot_product_attention(
-                q_all[r.first + w: r.first + q].transpose(0, 1)[None], keys.transpose(0, 1)[None],
-                vals.transpose(0, 1)[None], attn_mask=mask[None, None], scale=layer.impl.scale,
-                enable_gqa=heads != kv_heads)
-            out_rows[r.first + w: r.first + q] = o[0].transpose(0, 1).reshape(q - w, heads * dim).to(out_rows.dtype)
+        # Keys: the request's whole sequence from the paged cache, then its draft rows' own keys.
+        keys = torch.cat([key_cache[b.blk, b.off], k_all[b.rows]], 1).transpose(1, 2)  # [R, Hk, L + D, d]
+        vals = torch.cat([value_cache[b.blk, b.off], v_all[b.rows]], 1).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q_all[b.rows].transpose(1, 2), keys, vals, attn_mask=b.mask,
+                                           scale=layer.impl.scale, enable_gqa=heads != kv_heads)  # [R, H, D, d]
+        out_rows[b.dst] = o.transpose(1, 2).reshape(-1, heads * dim)[b.src].to(out_rows.dtype)
         return out
 
 
@@ -301,7 +336,7 @@ class ODBModelState(DefaultModelState):
             num_reqs, num_tokens = input_batch.num_reqs, input_batch.num_tokens
         self.seq_lens_buf[:num_reqs].copy_(input_batch.seq_lens[:num_reqs])
         for wrapper in self.branch_attention:
-            wrapper.rows = []
+            wrapper.batch = None
         if not for_capture:
             self.paged.block_tables = block_tables[0]
             if CHECK:
@@ -361,7 +396,7 @@ class ODBModelState(DefaultModelState):
         w = self.table.window
         reqs = [self.table.get(int(s)) for s in input_batch.idx_mapping_np[rows]]
         self._seq_lens(input_batch, rows, reqs)
-        offsets, written, branch_rows = [], [], []
+        offsets, written, branch_rows, planned_rows = [], [], [], []
         for r, q in zip(rows, reqs):
             plan = None if q is None else q.plan
             used = w if plan is None else plan.num_rows
@@ -373,8 +408,8 @@ class ODBModelState(DefaultModelState):
             written.append(self._base_offsets < w)
             if plan is not None and q is not None:
                 first = int(input_batch.query_start_loc_np[r])
-                branch_rows.append(BranchRows(first=first, plan=plan, q0=q.start - self.shift, end=q.keys,
-                                              block_table=self.paged.block_tables[r]))
+                branch_rows.append(BranchRows(first=first, plan=plan, q0=q.start - self.shift, end=q.keys))
+                planned_rows.append(int(r))
         starts = input_batch.query_start_loc_np[rows]
         tok = async_copy_to_gpu((starts[:, None] + np.arange(self.width)[None]).reshape(-1).astype(np.int64),
                                 device=self.device)
@@ -388,8 +423,11 @@ class ODBModelState(DefaultModelState):
         slot = table_rows.gather(1, (pos // kbs)[:, None])[:, 0].long() * kbs + pos % kbs
         slot = torch.where(torch.stack(written).reshape(-1), slot, -1)
         slot_mappings[0, tok] = slot.to(slot_mappings.dtype)
-        for wrapper in self.branch_attention:
-            wrapper.rows = branch_rows
+        if branch_rows:
+            batch = BranchBatch.build(branch_rows, self.paged.block_tables[to_device(planned_rows, self.device)],
+                                      kbs, self.device)
+            for wrapper in self.branch_attention:
+                wrapper.batch = batch
 
     def _seq_lens(self, input_batch, rows: np.ndarray, reqs: list) -> None:
         """Keys of each decode row: exactly the slots its block attends (prompt + live canvas, or
