@@ -8,6 +8,7 @@
 #       the GPU tests: tests/test_gpu{,_vllm,_lm_eval,_examples}.py, test_gpu_reliability.py -k "not soak"
 #   PART=2 OUT=$OUT bash scripts/gpu_verify.sh   # reliability: fuzz x2, soak x4, faults x2 (full size), and
 #       test_gpu_reliability.py -k soak
+#   PART=parity ...                              # the six parity checks and the engine's GPU tests (no lm-eval)
 #   PART=eco ...                                 # lm-eval, examples, reliability but soaks (carry .whl)
 #   PART=all ...                                 # one call: soak x2 (llada default, dream odb), faults, fuzz,
 #       and the GPU tests but test_gpu_reliability.py (carry .whl)
@@ -16,7 +17,7 @@ set -uo pipefail
 source /root/vllm-env.sh
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/vllm-site . >/dev/null 2>&1 \
   || { echo "project install failed"; exit 1; }
-PART=${PART:?PART=1, 2, all, eco or fixes}
+PART=${PART:?PART=1, 2, all, parity, eco or fixes}
 OUT=${OUT:-/tmp/out}; R="$OUT/verify-$PART"; mkdir -p "$R"
 export VLLM_ODB_BENCH_KV_GIB=${VLLM_ODB_BENCH_KV_GIB:-2}
 LIMIT=${LIMIT:-540}   # seconds every lane must end within (the call's limit is 600)
@@ -79,6 +80,15 @@ all)  # one call when device time is short: a run of each kind, both checkpoints
   LIMIT=$((LIMIT + 90))
   lane pytest-defaults "${pt[@]}" tests/test_gpu_vllm.py -k defaults
   wait ;;
+parity)  # token parity and the engine's GPU tests alone, after a sampler change (no lm-eval wheels needed)
+  LIMIT=$((LIMIT - 100))
+  [[ -n "${SKIP_SIX:-}" ]] || lane parity-six env OUT="$R/parity-six" bash scripts/gpu_parity_all.sh
+  lane pytest-vllm "${pt[@]}" -n ${XDIST:-4} tests/test_gpu_vllm.py -k "not defaults"
+  lane pytest-ref "${pt[@]}" tests/test_gpu.py tests/test_policies.py
+  wait
+  LIMIT=$((LIMIT + 100))
+  lane pytest-defaults "${pt[@]}" tests/test_gpu_vllm.py -k defaults
+  wait ;;
 eco)  # the ecosystem checks alone (#23): lm-eval against the server and in-process, the examples, and
   # the reliability tests but the soaks (the fuzz's good request); light enough to share the GPU
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /root/lm-site .whl/*.whl \
@@ -92,7 +102,7 @@ fixes)  # the two runs that found bugs, after their fixes (eager: they start fas
   lane faults-llada-odb "${bench[@]}" server-faults --model $M/tiny-llada --speculative --eager --phases requests \
     --port 8807 --out "$R/faults-llada-odb.json"
   wait ;;
-*) echo "PART=$PART: give 1, 2, all, eco or fixes"; exit 2 ;;
+*) echo "PART=$PART: give 1, 2, all, parity, eco or fixes"; exit 2 ;;
 esac
 sort "$R/rc.txt"
 for f in "$R"/*.log; do case $f in *.server.log) continue ;; esac; echo "== $f"; grep -vE "^(INFO|DEBUG|\(EngineCore)" "$f" | tail -n 6; done

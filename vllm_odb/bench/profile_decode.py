@@ -97,6 +97,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--block-length", type=int, default=32)
     ap.add_argument("--skip", type=int, default=40, help="engine steps before profiling")
     ap.add_argument("--steps", type=int, default=24, help="engine steps profiled")
+    ap.add_argument("--speculative", action="store_true",
+                    help="profile the jump-share engine (speculative_config={'method': 'odb'}) instead of the plain one")
     ap.add_argument("--out", required=True)
 
 
@@ -114,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
     plain, res, python_host = _profile_steps(engine, args)
     floor_ms = weight_bytes(spec) / (ceilings["copy_bandwidth_gbs"] * 1e9) * 1e3
     summary = _summary(res, plain, floor_ms)
-    out = {"model": args.model, "weights": "random (load_format=dummy)", "prompt_len": args.prompt_len,
+    out = {"model": args.model, "engine": "jump-share" if args.speculative else "plain", "weights": "random (load_format=dummy)", "prompt_len": args.prompt_len,
            "gen_length": args.gen_length, "block_length": args.block_length, "ceilings": ceilings,
            "when": time.strftime("%Y-%m-%d %H:%M:%S"), "summary": summary, **res, "python_host_cprofile": python_host}
     print(json.dumps(summary))
@@ -133,10 +135,12 @@ def _engine(args, spec):
     from vllm_odb.bench.full_size import write_config_dir
 
     path = write_config_dir(args.model, tempfile.mkdtemp(prefix=args.model))
+    jump = {"speculative_config": {"method": "odb"}} if args.speculative else {}
     llm = LLM(model=path, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-              max_model_len=args.prompt_len + args.gen_length + 64, gpu_memory_utilization=0.85,
-              max_num_seqs=8, seed=0,
-              additional_config={"odb": {"block_length": args.block_length, "gen_length": args.gen_length}})
+              # the jump-share canvas reaches past the block (its draft rows, up to ridge_rows)
+              max_model_len=args.prompt_len + args.gen_length + (1024 if args.speculative else 64),
+              gpu_memory_utilization=0.85, max_num_seqs=8, seed=0,
+              additional_config={"odb": {"block_length": args.block_length, "gen_length": args.gen_length}}, **jump)
     engine = llm.llm_engine
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, spec.mask_token_id - 1, (args.prompt_len,), generator=g).tolist()
