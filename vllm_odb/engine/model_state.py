@@ -203,8 +203,16 @@ class BranchBatch:
     off: torch.Tensor  # [R, L] offset in that block
     rows: torch.Tensor  # [R, D] batch row of each draft row (padding: a real row, output discarded)
     mask: torch.Tensor  # [R, 1, D, L + D] bool: draft row d may read key l (cache keys, then draft keys)
-    src: torch.Tensor  # [n] flat index r * D + d of each real draft row
+    src: tuple[torch.Tensor, torch.Tensor]  # ([n], [n]): (r, d) of each real draft row
     dst: torch.Tensor  # [n] its batch row
+    bias: torch.Tensor | None = None  # ``mask`` as SDPA's additive mask, made by the step's first layer
+
+    def attn_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """The mask in the query's dtype (0 or -inf), made once a step rather than by SDPA in each layer."""
+        if self.bias is None or self.bias.dtype != dtype:
+            self.bias = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device).masked_fill_(
+                ~self.mask, float("-inf"))
+        return self.bias
 
     @classmethod
     def build(cls, rows: list[BranchRows], block_tables: torch.Tensor, kbs: int, device) -> "BranchBatch | None":
@@ -221,11 +229,11 @@ class BranchBatch:
         d = np.arange(big_d)
         row_idx = firsts[:, None] + np.minimum(d[None], np.array(n_draft)[:, None] - 1)
         real = d[None] < np.array(n_draft)[:, None]
-        src = np.nonzero(real.reshape(-1))[0]
-        host = to_device(np.concatenate([row_idx.reshape(-1), src, row_idx.reshape(-1)[src],
+        src_r, src_d = np.nonzero(real)
+        n, k = len(planned) * big_d, len(src_r)
+        host = to_device(np.concatenate([row_idx.reshape(-1), src_r, src_d, row_idx[src_r, src_d],
                                          [r.end for r in planned]]), device)
-        n = len(planned) * big_d
-        rows_g, src_g, dst_g, ends = host.split([n, len(src), len(src), len(planned)])
+        rows_g, src_r, src_d, dst_g, ends = host.split([n, k, k, k, len(planned)])
         pos = torch.arange(big_l, device=device)[None]
         inside = pos < ends[:, None]  # [R, L]
         p = torch.where(inside, pos, 0)
@@ -236,7 +244,7 @@ class BranchBatch:
             w, q = r.plan.window, r.plan.num_rows
             mask[i, :q - w, r.q0:r.q0 + w] = r.plan.attn[w:, :w]
             mask[i, :q - w, big_l:big_l + q - w] = r.plan.attn[w:, w:]
-        return cls(blk, p % kbs, rows_g.view(len(planned), big_d), mask[:, None], src_g, dst_g)
+        return cls(blk, p % kbs, rows_g.view(len(planned), big_d), mask[:, None], (src_r, src_d), dst_g)
 
 
 class BranchAttention:
@@ -259,13 +267,14 @@ class BranchAttention:
         k_all = key.view(key.shape[0], kv_heads, dim)
         v_all = value.view(value.shape[0], kv_heads, dim)
         out_rows = output.view(output.shape[0], heads * dim)
-        key_cache, value_cache = kv_cache.transpose(1, 2).split(dim, dim=-1)  # [blocks, N, H, d]
-        # Keys: the request's whole sequence from the paged cache, then its draft rows' own keys.
-        keys = torch.cat([key_cache[b.blk, b.off], k_all[b.rows]], 1).transpose(1, 2)  # [R, Hk, L + D, d]
-        vals = torch.cat([value_cache[b.blk, b.off], v_all[b.rows]], 1).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q_all[b.rows].transpose(1, 2), keys, vals, attn_mask=b.mask,
+        # Keys: the request's whole sequence from the paged cache (keys and values in one gather),
+        # then its draft rows' own keys.
+        cached = kv_cache.transpose(1, 2)[b.blk, b.off]  # [R, L, Hk, 2d]
+        keys = torch.cat([cached[..., :dim], k_all[b.rows]], 1).transpose(1, 2)  # [R, Hk, L + D, d]
+        vals = torch.cat([cached[..., dim:], v_all[b.rows]], 1).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q_all[b.rows].transpose(1, 2), keys, vals, attn_mask=b.attn_bias(query.dtype),
                                            scale=layer.impl.scale, enable_gqa=heads != kv_heads)  # [R, H, D, d]
-        out_rows[b.dst] = o.transpose(1, 2).reshape(-1, heads * dim)[b.src].to(out_rows.dtype)
+        out_rows[b.dst] = o.transpose(1, 2)[b.src].reshape(-1, heads * dim).to(out_rows.dtype)
         return out
 
 
