@@ -5,6 +5,9 @@ policy rules."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -59,9 +62,10 @@ def _request(shift, masked, ridge_rows, prompt, seed):
                                  ref=ref[0].transpose(0, 1).reshape(q, H * D))
 
 
-def _run(reqs, gap=2):
+def _run(reqs, gap=2, triton_route=False):
     """The requests' rows in one batch (``gap`` kernel-only rows before each), their sequences in
-    one paged cache at disjoint random blocks; the wrapper's output and each request's first row."""
+    one paged cache at disjoint random blocks; the wrapper's output and each request's first row.
+    ``triton_route``: the Triton kernel (engine/draft_attention.py) instead of the SDPA route."""
     blocks = torch.randperm(NUM_BLOCKS)
     cache = torch.zeros(NUM_BLOCKS, H, KBS, 2 * D)
     tables, firsts, used, row = [], [], 0, 0
@@ -87,7 +91,7 @@ def _run(reqs, gap=2):
 
     wrapper = BranchAttention(kernel, PagedCache(kernel_block_size=KBS))
     rows = [BranchRows(first=f, plan=r.plan, q0=r.q0, end=r.end) for r, f in zip(reqs, firsts)]
-    wrapper.batch = BranchBatch.build(rows, torch.stack(tables), KBS, "cpu")
+    wrapper.batch = BranchBatch.build(rows, torch.stack(tables), KBS, "cpu", kernel=triton_route)
     out = torch.zeros(row + gap, H * D)
     wrapper(layer, query, key, value, cache, object(), out)
     return out, firsts
@@ -119,6 +123,86 @@ def test_several_planned_requests_in_one_call(shift):
         torch.testing.assert_close(out[first + w:first + q], r.ref[w:])
         written[first + w:first + q] = True
     assert out[~written].abs().sum() == 0
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="run by test_the_kernel_route_under_the_triton_interpreter")
+@pytest.mark.parametrize("shift", [0, 1])
+def test_kernel_route_inner(shift):
+    """The Triton route on the same cases: one request of each mask kind, then three in one launch."""
+    for masked, ridge_rows in [((1, 1, 1, 1), 64), ((1, 0, 1, 1), 64), ((1, 0, 1, 1), 14), ((1, 0, 0, 1), 8)]:
+        r = _request(shift, masked, ridge_rows, prompt=6, seed=1)
+        out, (first,) = _run([r], gap=3, triton_route=True)
+        w, q = r.plan.window, r.plan.num_rows
+        torch.testing.assert_close(out[first + w:first + q], r.ref[w:])
+        assert out[:first + w].abs().sum() == 0 and out[first + q:].abs().sum() == 0
+    reqs = [_request(shift, m, rr, prompt=p, seed=i) for i, (m, rr, p) in
+            enumerate([((1, 1, 1, 1), 64, 6), ((1, 0, 0, 1), 8, 11), ((1, 0, 1, 1), 14, 3)])]
+    out, firsts = _run(reqs, triton_route=True)
+    written = torch.zeros(out.shape[0], dtype=torch.bool)
+    for r, first in zip(reqs, firsts):
+        w, q = r.plan.window, r.plan.num_rows
+        torch.testing.assert_close(out[first + w:first + q], r.ref[w:])
+        written[first + w:first + q] = True
+    assert out[~written].abs().sum() == 0
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="run by test_the_kernel_route_under_the_triton_interpreter")
+def test_kernel_route_inner_gqa_and_long_keys():
+    """Grouped KV heads (Dream), keys spanning several key tiles, a head dim below the tile: the
+    Triton route equals the SDPA route."""
+    torch.manual_seed(3)
+    heads, kv_heads, dim, kbs, blocks = 4, 2, 12, 4, 40
+    plans = [_plan(0, ridge_rows=64), _plan(1, ridge_rows=14, masked=(1, 0, 1, 1))]
+    ends, q0s, firsts, row = [70, 45], [60, 30], [], 1
+    for p in plans:
+        firsts.append(row)
+        row += p.num_rows + 1
+    query, key, value = torch.randn(row, heads, dim), torch.randn(row, kv_heads, dim), torch.randn(row, kv_heads, dim)
+    cache = torch.randn(blocks, kv_heads, kbs, 2 * dim)
+    tables = torch.stack([torch.randperm(blocks)[:20] for _ in plans])
+    rows = [BranchRows(first=f, plan=p, q0=q0, end=e) for f, p, q0, e in zip(firsts, plans, q0s, ends)]
+    layer = types.SimpleNamespace(num_heads=heads, num_kv_heads=kv_heads, head_size=dim,
+                                  impl=types.SimpleNamespace(scale=dim ** -0.5))
+    outs = []
+    for kernel in (False, True):
+        wrapper = BranchAttention(lambda *a, **k: None, PagedCache(kernel_block_size=kbs))
+        wrapper.batch = BranchBatch.build(rows, tables, kbs, "cpu", kernel=kernel)
+        out = torch.zeros(row, heads * dim)
+        wrapper(layer, query.reshape(row, -1), key.reshape(row, -1), value.reshape(row, -1), cache, object(), out)
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0])
+    assert outs[0].abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_the_kernel_route_under_the_triton_interpreter():
+    """The Triton kernel for draft rows, run on the CPU by Triton's interpreter (the interpreter is
+    chosen when the kernel is defined, hence a fresh process)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "kernel_route_inner"],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0 and "3 passed" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
+
+
+def test_the_route_is_chosen_by_name():
+    from vllm_odb.engine.draft_attention import ENV, kernel_selected
+
+    for value, cuda in (("sdpa", False), ("triton", True)):
+        os.environ[ENV] = value
+        try:
+            assert kernel_selected("cuda") is cuda and (kernel_selected("cpu") is False or INTERPRETED)
+        finally:
+            del os.environ[ENV]
+    os.environ[ENV] = "flash"
+    try:
+        with pytest.raises(ValueError, match="VLLM_ODB_DRAFT_ATTENTION='flash'"):
+            kernel_selected("cuda")
+    finally:
+        del os.environ[ENV]
 
 
 def test_a_layer_launches_the_same_ops_at_any_batch():

@@ -77,6 +77,7 @@ from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
 from vllm_odb.checkpoint import special_tokens
 from vllm_odb.engine import CHECK, check, kv_release
+from vllm_odb.engine.draft_attention import DraftRows, draft_rows_attention, kernel_selected
 from vllm_odb.engine.metrics import RequestCounters
 from vllm_odb.engine.requests import JumpPlan, RequestTable, decode_rows
 from vllm_odb.policies import DecodeConfig
@@ -199,13 +200,14 @@ class BranchBatch:
     instead of rebuilding each request's key slots and mask per layer. ``R`` planned requests,
     ``L`` the longest one's keys (prompt + live canvas), ``D`` its most draft rows."""
 
-    blk: torch.Tensor  # [R, L] kernel block of key position l of request r (padding: any valid one)
-    off: torch.Tensor  # [R, L] offset in that block
+    blk: torch.Tensor | None  # [R, L] kernel block of key position l of request r (padding: any valid one)
+    off: torch.Tensor | None  # [R, L] offset in that block
     rows: torch.Tensor  # [R, D] batch row of each draft row (padding: a real row, output discarded)
-    mask: torch.Tensor  # [R, 1, D, L + D] bool: draft row d may read key l (cache keys, then draft keys)
+    mask: torch.Tensor | None  # [R, 1, D, L + D] bool: draft row d may read key l (cache keys, then draft keys)
     src: tuple[torch.Tensor, torch.Tensor]  # ([n], [n]): (r, d) of each real draft row
     dst: torch.Tensor  # [n] its batch row
     bias: torch.Tensor | None = None  # ``mask`` as SDPA's additive mask, made by the step's first layer
+    kernel: DraftRows | None = None  # the Triton route's inputs (engine/draft_attention.py), when selected
 
     def attn_bias(self, dtype: torch.dtype) -> torch.Tensor:
         """The mask in the query's dtype (0 or -inf), made once a step rather than by SDPA in each layer."""
@@ -215,9 +217,11 @@ class BranchBatch:
         return self.bias
 
     @classmethod
-    def build(cls, rows: list[BranchRows], block_tables: torch.Tensor, kbs: int, device) -> "BranchBatch | None":
+    def build(cls, rows: list[BranchRows], block_tables: torch.Tensor, kbs: int, device,
+              kernel: bool | None = None) -> "BranchBatch | None":
         """``block_tables`` [R, blocks]: the planned requests' block-table rows, in ``rows``'s order.
-        Host values go over in one pinned copy each (no sync)."""
+        Host values go over in one pinned copy each (no sync). ``kernel``: lay the step out for the
+        Triton route (default: ``draft_attention.kernel_selected``)."""
         planned = [r for r in rows if r.plan.num_rows > r.plan.window]
         if not planned:
             return None
@@ -234,6 +238,9 @@ class BranchBatch:
         host = to_device(np.concatenate([row_idx.reshape(-1), src_r, src_d, row_idx[src_r, src_d],
                                          [r.end for r in planned]]), device)
         rows_g, src_r, src_d, dst_g, ends = host.split([n, k, k, k, len(planned)])
+        if kernel if kernel is not None else kernel_selected(device):
+            return cls(None, None, rows_g.view(len(planned), big_d), None, (src_r, src_d), dst_g,
+                       kernel=_draft_rows(planned, block_tables, rows_g.view(len(planned), big_d), big_d, device))
         pos = torch.arange(big_l, device=device)[None]
         inside = pos < ends[:, None]  # [R, L]
         p = torch.where(inside, pos, 0)
@@ -245,6 +252,22 @@ class BranchBatch:
             mask[i, :q - w, r.q0:r.q0 + w] = r.plan.attn[w:, :w]
             mask[i, :q - w, big_l:big_l + q - w] = r.plan.attn[w:, w:]
         return cls(blk, p % kbs, rows_g.view(len(planned), big_d), mask[:, None], (src_r, src_d), dst_g)
+
+
+def _draft_rows(planned: list[BranchRows], block_tables: torch.Tensor, rows: torch.Tensor, big_d: int,
+                device) -> DraftRows:
+    """The Triton route's per-step inputs: the layout's mask in two parts (window keys, draft keys)."""
+    wmax = max(r.plan.window for r in planned)
+    ints = to_device(np.ascontiguousarray(np.array([[r.plan.num_rows - r.plan.window, r.end, r.q0, r.plan.window]
+                                                   for r in planned]).T),
+                     device, torch.int32)
+    mask_w = torch.zeros((len(planned), big_d, wmax), dtype=torch.int8, device=device)
+    mask_d = torch.zeros((len(planned), big_d, big_d), dtype=torch.int8, device=device)
+    for i, r in enumerate(planned):
+        w, q = r.plan.window, r.plan.num_rows
+        mask_w[i, :q - w, :w] = r.plan.attn[w:, :w]
+        mask_d[i, :q - w, :q - w] = r.plan.attn[w:, w:]
+    return DraftRows(block_tables, rows, ints[0], ints[1], ints[2], ints[3], mask_w, mask_d, big_d)
 
 
 class BranchAttention:
@@ -267,6 +290,10 @@ class BranchAttention:
         k_all = key.view(key.shape[0], kv_heads, dim)
         v_all = value.view(value.shape[0], kv_heads, dim)
         out_rows = output.view(output.shape[0], heads * dim)
+        if b.kernel is not None:  # one launch: engine/draft_attention.py
+            draft_rows_attention(q_all, k_all, v_all, kv_cache, out_rows, b.kernel, layer.impl.scale,
+                                 self.paged.kernel_block_size)
+            return out
         # Keys: the request's whole sequence from the paged cache (keys and values in one gather),
         # then its draft rows' own keys.
         cached = kv_cache.transpose(1, 2)[b.blk, b.off]  # [R, L, Hk, 2d]

@@ -1,0 +1,165 @@
+"""Jump-share's draft rows in one kernel a layer: attention of each planned request's draft rows
+over its keys in vLLM's paged cache and the draft rows' own keys of this step, under the branch
+layout's mask (engine/model_state.py ``BranchAttention`` says which keys a draft row reads).
+
+One Triton program takes ``BLOCK_M`` draft rows of one request and one head. It streams the
+request's keys ``[0, end)`` from the paged cache through its block table, then the draft rows'
+own keys from this step's key/value rows, with an online softmax in fp32; nothing is gathered or
+materialised on the side (``BranchBatch``'s SDPA route copies every key of the sequence per layer).
+The mask has two parts, both from ``JumpPlan.attn``: over the base window ``[q0, q0 + window)``
+(``mask_w``) and over the draft keys (``mask_d``); every other key below ``end`` is visible.
+
+``VLLM_ODB_DRAFT_ATTENTION=triton`` selects it on CUDA; the default stays the SDPA route until the
+kernel has passed the engine's GPU parity (its CPU test runs it under Triton's interpreter).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - vLLM installs triton; a bare CPU install may not
+    triton = None
+
+ENV = "VLLM_ODB_DRAFT_ATTENTION"
+
+
+def kernel_selected(device) -> bool:
+    """The Triton kernel for draft rows on ``device``: ``VLLM_ODB_DRAFT_ATTENTION=triton`` on CUDA
+    (``sdpa``, the default, keeps the SDPA route). Any other value is refused by name."""
+    choice = os.environ.get(ENV, "sdpa")
+    if choice not in ("sdpa", "triton"):
+        raise ValueError(f"{ENV}={choice!r}: give 'sdpa' or 'triton'")
+    if choice == "triton" and triton is None:
+        raise RuntimeError(f"{ENV}=triton needs the triton package")
+    return choice == "triton" and (torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@dataclass
+class DraftRows:
+    """A step's planned requests for the kernel (``R`` requests, at most ``D`` draft rows each)."""
+
+    block_tables: torch.Tensor  # [R, blocks] kernel blocks of each request
+    rows: torch.Tensor  # [R, D] batch row of each draft row (padding: a real one, not written)
+    n_draft: torch.Tensor  # [R] int32 draft rows
+    ends: torch.Tensor  # [R] int32 keys in the cache (prompt + live canvas)
+    q0: torch.Tensor  # [R] int32 position of window offset 0
+    window: torch.Tensor  # [R] int32 base rows
+    mask_w: torch.Tensor  # [R, D, W] int8: draft row m reads window key q0 + j
+    mask_d: torch.Tensor  # [R, D, D] int8: draft row m reads draft key j
+    max_draft: int
+
+
+if triton is not None:
+
+    @triton.jit
+    def _draft_rows_kernel(
+        q_ptr, k_ptr, v_ptr, cache_ptr, out_ptr,
+        bt_ptr, rows_ptr, nd_ptr, end_ptr, q0_ptr, win_ptr, mw_ptr, md_ptr,
+        sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sc_b, sc_h, sc_n, so_t,
+        s_bt, s_rows, s_mw_r, s_mw_m, s_md_r, s_md_m,
+        scale, kbs, group, dim,
+        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+    ):
+        r = tl.program_id(0)
+        h = tl.program_id(1)
+        nd = tl.load(nd_ptr + r)
+        if tl.program_id(2) * BLOCK_M < nd:
+            m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_ok = m < nd
+            c = tl.arange(0, HEAD_D)
+            c_ok = c < dim
+            row = tl.load(rows_ptr + r * s_rows + m, mask=m_ok, other=0)
+            q = tl.load(q_ptr + row[:, None] * sq_t + h * sq_h + c[None], mask=m_ok[:, None] & c_ok[None], other=0.0)
+            kh = h // group
+            end = tl.load(end_ptr + r)
+            q0 = tl.load(q0_ptr + r)
+            win = tl.load(win_ptr + r)
+            m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+            l_i = tl.zeros((BLOCK_M,), tl.float32)
+            acc = tl.zeros((BLOCK_M, HEAD_D), tl.float32)
+            # The request's keys in the paged cache: all of [0, end) but the window, where mask_w says.
+            for start in range(0, end, BLOCK_N):
+                n = start + tl.arange(0, BLOCK_N)
+                n_ok = n < end
+                blk = tl.load(bt_ptr + r * s_bt + n // kbs, mask=n_ok, other=0).to(tl.int64)
+                at = cache_ptr + blk[:, None] * sc_b + kh * sc_h + (n % kbs)[:, None] * sc_n + c[None]
+                k = tl.load(at, mask=n_ok[:, None] & c_ok[None], other=0.0)
+                v = tl.load(at + dim, mask=n_ok[:, None] & c_ok[None], other=0.0)
+                in_w = (n >= q0) & (n < q0 + win)
+                out_w = (n < q0) | (n >= q0 + win)
+                mw = tl.load(mw_ptr + r * s_mw_r + m[:, None] * s_mw_m + (n - q0)[None],
+                             mask=m_ok[:, None] & in_w[None] & n_ok[None], other=0)
+                seen = n_ok[None] & (out_w[None] | (mw != 0))
+                if IEEE:
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
+                else:
+                    s = tl.dot(q, tl.trans(k))
+                s = tl.where(seen, s * scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                base = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.exp(s - base[:, None])
+                alpha = tl.exp(m_i - base)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                if IEEE:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
+            # The draft rows' own keys of this step, where mask_d says.
+            for start in range(0, nd, BLOCK_N):
+                j = start + tl.arange(0, BLOCK_N)
+                j_ok = j < nd
+                krow = tl.load(rows_ptr + r * s_rows + j, mask=j_ok, other=0)
+                k = tl.load(k_ptr + krow[:, None] * sk_t + kh * sk_h + c[None], mask=j_ok[:, None] & c_ok[None], other=0.0)
+                v = tl.load(v_ptr + krow[:, None] * sv_t + kh * sv_h + c[None], mask=j_ok[:, None] & c_ok[None], other=0.0)
+                md = tl.load(md_ptr + r * s_md_r + m[:, None] * s_md_m + j[None], mask=m_ok[:, None] & j_ok[None],
+                             other=0)
+                if IEEE:
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
+                else:
+                    s = tl.dot(q, tl.trans(k))
+                s = tl.where(md != 0, s * scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                base = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.exp(s - base[:, None])
+                alpha = tl.exp(m_i - base)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                if IEEE:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
+            o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+            tl.store(out_ptr + row[:, None] * so_t + h * dim + c[None], o.to(out_ptr.dtype.element_ty),
+                     mask=m_ok[:, None] & c_ok[None])
+
+
+def draft_rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                         out: torch.Tensor, d: DraftRows, scale: float, kernel_block_size: int) -> None:
+    """Write the draft rows' attention into ``out`` [T, H * dim] (one launch). ``query`` [T, H, dim],
+    ``key``/``value`` [T, Hk, dim]: this step's rows; ``kv_cache`` [blocks, Hk, N, 2 * dim] (any
+    strides: keys in the first ``dim`` channels, values in the next)."""
+    _, heads, dim = query.shape
+    kv_heads = key.shape[1]
+    if kv_cache.stride(3) != 1 or query.stride(2) != 1 or key.stride(2) != 1 or value.stride(2) != 1 \
+            or out.stride(1) != 1:
+        raise ValueError("draft_rows_attention: the head dimension must be contiguous")
+    block_m = 16 if d.max_draft <= 16 else 64  # each program reads all the request's keys: fewer, wider ones
+    grid = (d.rows.shape[0], heads, triton.cdiv(max(d.max_draft, 1), block_m))
+    _draft_rows_kernel[grid](
+        query, key, value, kv_cache, out,
+        d.block_tables, d.rows, d.n_draft, d.ends, d.q0, d.window, d.mask_w, d.mask_d,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), out.stride(0),
+        d.block_tables.stride(0), d.rows.stride(0), d.mask_w.stride(0), d.mask_w.stride(1),
+        d.mask_d.stride(0), d.mask_d.stride(1),
+        scale, kernel_block_size, heads // kv_heads, dim,
+        IEEE=query.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=32,
+        HEAD_D=max(16, triton.next_power_of_2(dim)),
+    )
