@@ -263,3 +263,57 @@ def test_plan_rows_fit_the_canvas():
 def test_the_cases_above_include_shared_kv_drafts(shift, masked, ridge_rows):
     plan = _plan(shift, ridge_rows=ridge_rows, masked=masked)
     assert plan.num_rows < plan.window * plan.branches.blocks.shape[1]  # drafts hold only some offsets
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_route_on_cuda_at_full_size(dtype):
+    """On the GPU, LLaDA-8B's shapes (32 heads of 128, kernel blocks of 16; 7 planned requests with
+    1.2-1.6k keys and a block of 32 planned at the whole 251-row budget each): the Triton route equals the SDPA route; both are timed
+    (printed: the speed comparison belongs to the benchmarks, not to an assertion)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    dev = "cuda"
+    torch.manual_seed(0)
+    heads, kv_heads, dim, kbs, blocks = 32, 32, 128, 16, 1024
+    cfg = DecodeConfig(gen_length=64, block_length=32, jump=True, rule="threshold", cache="dual", ridge_rows=251)
+    plans = []
+    for i in range(7):  # blocks of 32 with 20-31 masked positions: the full draft budget of one request
+        g = torch.Generator().manual_seed(i)
+        block = torch.where(torch.rand(32, generator=g) < 0.8, MASK, 5).to(dev)
+        block[0] = MASK
+        plans.append(JumpPlan.plan(block, torch.zeros(0, dtype=torch.long, device=dev),
+                                   torch.randint(0, 50, (32,), generator=g).to(dev), torch.rand(32, generator=g).to(dev),
+                                   MASK, cfg, 1, 251))
+    assert all(p is not None and p.num_rows > 100 for p in plans), [p and p.num_rows for p in plans]
+    ends = [1200 + 60 * i for i in range(7)]
+    q0s = [e - 600 for e in ends]
+    firsts, row = [], 0
+    for p in plans:
+        firsts.append(row)
+        row += 256
+    query = torch.randn(row, heads * dim, device=dev, dtype=dtype)
+    key = torch.randn(row, kv_heads * dim, device=dev, dtype=dtype)
+    value = torch.randn(row, kv_heads * dim, device=dev, dtype=dtype)
+    cache = torch.randn(blocks, kv_heads, kbs, 2 * dim, device=dev, dtype=dtype)
+    tables = torch.stack([torch.randperm(blocks, device=dev)[:128] for _ in plans]).int()
+    rows = [BranchRows(first=f, plan=p, q0=q0, end=e) for f, p, q0, e in zip(firsts, plans, q0s, ends)]
+    layer = types.SimpleNamespace(num_heads=heads, num_kv_heads=kv_heads, head_size=dim,
+                                  impl=types.SimpleNamespace(scale=dim ** -0.5))
+    outs, ms = [], []
+    for kernel in (False, True):
+        wrapper = BranchAttention(lambda *a, **k: None, PagedCache(kernel_block_size=kbs))
+        wrapper.batch = BranchBatch.build(rows, tables, kbs, dev, kernel=kernel)
+        out = torch.zeros(row, heads * dim, device=dev, dtype=dtype)
+        wrapper(layer, query, key, value, cache, object(), out)
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(32):  # one step's layers
+            wrapper(layer, query, key, value, cache, object(), out)
+        stop.record()
+        torch.cuda.synchronize()
+        outs.append(out)
+        ms.append(start.elapsed_time(stop))
+    print(f"draft rows of 7 requests, 32 layers, {dtype}: SDPA route {ms[0]:.2f} ms, Triton route {ms[1]:.2f} ms")
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(outs[1].float(), outs[0].float(), **tol)

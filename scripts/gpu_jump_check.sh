@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Jump-share's draft rows on the GPU (issue #22), after staging vLLM on the same warm machine: the
+# Triton kernel (engine/draft_attention.py, VLLM_ODB_DRAFT_ATTENTION=triton) against the SDPA
+# route, then the engine's parity with it, then the jump-share step's profile and speed with each.
+#   PART=1 OUT=$OUT bash scripts/gpu_jump_check.sh   # kernel test at full size; odb parity (both models,
+#                                                    # eager and CUDA graphs) with the kernel; the step's
+#                                                    # profile with each route (~7 min)
+#   PART=2 OUT=$OUT bash scripts/gpu_jump_check.sh   # speed rows of odb and odb-alp on the v3 traces,
+#                                                    # LLaDA-8B, gen 1024, batch 1 and 64, each route (~8 min)
+# Everything lands in $OUT/jump-<part>.tgz.
+set -uo pipefail
+source /root/vllm-env.sh
+python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/vllm-site . >/dev/null 2>&1 \
+  || { echo "project install failed"; exit 1; }
+PART=${PART:?PART=1 or 2}
+OUT=${OUT:-/tmp/out}; R="$OUT/jump-$PART"; mkdir -p "$R"
+export VLLM_ODB_BENCH_KV_GIB=${VLLM_ODB_BENCH_KV_GIB:-2}
+note() { echo "$1 rc=$2" | tee -a "$R/rc.txt"; }
+case $PART in
+1)
+  timeout 240 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_engine_branches.py > "$R/kernel.log" 2>&1
+  note kernel $?
+  grep "draft rows of" "$R/kernel.log"
+  jump=(--n 8 --block-length 16 --gen-length 128 --threshold 1.0 --method odb --select speculative --ridge-rows 64
+        --gpu-memory 0.28)
+  for m in "llada eager" "dream graphs" "llada graphs" "dream eager"; do
+    set -- $m
+    ( VLLM_ODB_DRAFT_ATTENTION=triton timeout 300 python3 -m vllm_odb.bench vllm-parity --model checkpoints/tiny-$1 \
+        --mode $2 "${jump[@]}" --out "$R/parity-$1-$2-triton.json" > "$R/parity-$1-$2-triton.log" 2>&1
+      note "parity-$1-$2-triton" $? ) &
+    sleep 3
+  done
+  wait
+  for route in sdpa triton; do
+    VLLM_ODB_DRAFT_ATTENTION=$route timeout 200 python3 -m vllm_odb.bench profile-decode-step --model llada-8b \
+      --speculative --out "$R/profile-jump-llada-8b-$route.json" > "$R/profile-$route.log" 2>&1
+    note "profile-$route" $?
+    tail -n 1 "$R/profile-$route.log" | grep steps_profiled
+  done ;;
+2)
+  for route in sdpa triton; do
+    VLLM_ODB_DRAFT_ATTENTION=$route timeout 260 python3 -m vllm_odb.bench speed --engine vllm --model llada-8b \
+      --traces benchmarks/results/dynamics/worked-v3-traces-llada.json --methods odb --gen-lengths 1024 \
+      --batches 1,64 --requests 3 --row-seconds 30 --out "$R/speed-odb-$route.json" > "$R/speed-$route.log" 2>&1
+    note "speed-$route" $?
+  done ;;
+*) echo "PART=$PART: give 1 or 2"; exit 2 ;;
+esac
+sort "$R/rc.txt"
+tar -czf "$OUT/jump-$PART.tgz" -C "$OUT" "jump-$PART" && rm -rf "$R"
