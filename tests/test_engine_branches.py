@@ -317,3 +317,64 @@ def test_kernel_route_on_cuda_at_full_size(dtype):
     print(f"draft rows of 7 requests, 32 layers, {dtype}: SDPA route {ms[0]:.2f} ms, Triton route {ms[1]:.2f} ms")
     tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(outs[1].float(), outs[0].float(), **tol)
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_planning_a_batch_gives_each_request_its_own_plan(shift):
+    """``JumpPlan.plan_many`` on blocks with different masks left (so different draft counts, one
+    of them none) gives each request the plan ``JumpPlan.plan`` gives it alone: rows, tokens,
+    offsets, mask, and its valid branches and their logit rows."""
+    g = torch.Generator().manual_seed(5)
+    k, n = 8, 5
+    masks = [(1,) * 8, (1, 0, 1, 1, 0, 0, 1, 0), (1, 1, 0, 1, 1, 1, 0, 1), (0, 0, 0, 1, 0, 0, 0, 0), (1, 0) * 4]
+    block = torch.where(torch.tensor(masks, dtype=torch.bool), MASK, torch.randint(0, 50, (n, k), generator=g))
+    before = torch.randint(0, 50, (n, shift), generator=g)
+    x0, conf = torch.randint(0, 50, (n, k), generator=g), torch.rand(n, k, generator=g)
+    cfg = DecodeConfig(gen_length=16, block_length=k, jump=True, rule="threshold", cache="dual", ridge_rows=120)
+    many = JumpPlan.plan_many(block, before, x0, conf, MASK, cfg, 2, 200)
+    drafts = set()
+    for i, got in enumerate(many):
+        alone = JumpPlan.plan(block[i], before[i], x0[i], conf[i], MASK, cfg, 2, 200)
+        if alone is None:
+            assert got is None
+            continue
+        nb = alone.branches.blocks.shape[1]
+        drafts.add(nb)
+        assert (got.num_rows, got.window) == (alone.num_rows, alone.window)
+        for a, b in ((got.tokens, alone.tokens), (got.offsets, alone.offsets), (got.attn, alone.attn),
+                     (got.pred_row[:nb], alone.pred_row), (got.branches.blocks[:, :nb], alone.branches.blocks),
+                     (got.branches.valid[:, :nb - 1], alone.branches.valid)):
+            assert torch.equal(a, b)
+        assert not got.branches.valid[:, nb - 1:].any()  # the batch's further drafts are not its own
+    assert len(drafts) > 1 and None in many  # the case above: requests drafting unlike, and one not at all
+
+
+def test_a_batched_jump_share_engine_decodes_as_the_reference(monkeypatch):
+    """Three requests at once on the jump-share engine, threshold 1.0 (drafts are then lossless):
+    each response is the reference loop's alone, drafts are accepted, and the batch was planned
+    and decided in groups of requests drafting unlike."""
+    from engine_emulator import EmulatedEngine, tiny_checkpoint
+
+    from vllm_odb.engine.knobs import engine_config
+    from vllm_odb.reference.generate import generate, response_ids
+    from vllm_odb.tiny.suite import make_suite
+
+    groups = []
+    real = JumpPlan.plan_many.__func__
+
+    def spy(cls, block, *a, **k):
+        plans = real(cls, block, *a, **k)
+        groups.append({int(p.branches.valid.sum()) for p in plans if p is not None})  # valid drafts: 2p - 1
+        return plans
+
+    monkeypatch.setattr(JumpPlan, "plan_many", classmethod(spy))
+    ck = tiny_checkpoint("llada")
+    engine_cfg = engine_config({"odb": {"block_length": 16, "gen_length": 64, "method": "odb", "threshold": 1.0,
+                                        "ridge_rows": 160}})  # a share of 53 rows each: 1 to 5 drafted positions
+    engine = EmulatedEngine(ck, engine_cfg, slots=3)
+    prompts = [ck.encode_chat(e.prompt) for e in make_suite(43, 3)]
+    got = engine.generate(prompts, types.SimpleNamespace(temperature=0.0, max_tokens=64, extra_args=None, stop=None))
+    refs = [generate(ck.model, [p], engine_cfg.replace(gen_length=64, jump=False), ck.special) for p in prompts]
+    assert got == [response_ids(r.tokens[0], ck.special) for r in refs]
+    assert engine.stats["drafts_accepted"] > 0
+    assert any(len(g) > 1 for g in groups), groups

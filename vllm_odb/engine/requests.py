@@ -34,7 +34,7 @@ from vllm_odb.policies import DecodeConfig
 from vllm_odb.policies.adaptive import BlockThresholds, moving_thresholds
 from vllm_odb.policies.forcing import Forcing
 from vllm_odb.policies.host import to_device
-from vllm_odb.policies.jump import Branches
+from vllm_odb.policies.jump import BranchLayout, Branches
 from vllm_odb.policies.length import Marker, Markers
 from vllm_odb.policies.step import plan_branches
 from vllm_odb.policies.streaming import window_stop
@@ -63,17 +63,35 @@ class JumpPlan:
         """The branches of the next step of ``block`` [K] (``before`` [shift]: the tokens before
         it; ``x0``/``conf`` [K]: the adopted branch's predictions), or None when the draft budget
         of ``num_live`` requests leaves no draft."""
+        return cls.plan_many(block[None], before[None], x0[None], conf[None], mask_id, cfg, num_live, max_rows)[0]
+
+    @classmethod
+    def plan_many(cls, block: torch.Tensor, before: torch.Tensor, x0: torch.Tensor, conf: torch.Tensor, mask_id: int,
+                  cfg: DecodeConfig, num_live: int, max_rows: int) -> list["JumpPlan | None"]:
+        """``plan`` for G requests of one knob set at once (``block`` [G, K], ``before`` [G, shift],
+        ``x0``/``conf`` [G, K]): one ``plan_branches`` call and one host read of the rows each
+        takes. Each plan is what ``plan`` gives its request alone. The batch drafts the most
+        positions any request may (p); a request allowed fewer (p_own) has its drafts past p_own
+        marked invalid, and those get no rows. The draft family of p begins with the family of
+        p_own, in the same order (``policies.jump.draft_family``), and the top-p drafted positions
+        begin with the top-p_own. So its valid drafts, their rows, their order and the acceptance
+        among them are its own. A request left no draft gets None, as alone."""
         masked = block == mask_id
-        br = plan_branches(block[None], before[None], x0[None], conf[None], masked[None], cfg, num_live,
-                           drafts_only=True)
+        br = plan_branches(block, before, x0, conf, masked, cfg, num_live, drafts_only=True)
         if br is None:
-            return None
-        q = int(br.layout.num_rows[0])
-        if q > max_rows:  # the budget is below the canvas width by construction; guard anyway
-            return None
-        lay = br.layout
-        return cls(br, lay.tokens[0, :q], lay.offset[0, :q], lay.attn[0, :q, :q], lay.pred_row[0],
-                   block.shape[0] + before.shape[0], q)
+            return [None] * block.shape[0]
+        lay, window = br.layout, block.shape[1] + before.shape[1]
+        plans: list[JumpPlan | None] = []
+        for g, q in enumerate(lay.num_rows.tolist()):  # the budget is below the canvas width by construction
+            if q > max_rows or q == window:
+                plans.append(None)
+                continue
+            one = slice(g, g + 1)
+            sub = Branches(br.blocks[one], br.positions[one], br.drafted[one], br.family, br.valid[one],
+                           BranchLayout(lay.tokens[one, :q], lay.offset[one, :q], lay.branch[one, :q],
+                                        lay.attn[one, :q, :q], lay.pred_row[one], lay.num_rows[one]))
+            plans.append(cls(sub, lay.tokens[g, :q], lay.offset[g, :q], lay.attn[g, :q, :q], lay.pred_row[g], window, q))
+        return plans
 
 
 @dataclass

@@ -64,6 +64,7 @@ from vllm_odb.engine.requests import JumpPlan, ODBRequest, RequestTable, decode_
 from vllm_odb.policies.adaptive import moving_thresholds, streaming_threshold
 from vllm_odb.policies.forcing import forced_counts, forced_ends, forced_lengths
 from vllm_odb.policies.host import to_device
+from vllm_odb.policies.jump import Branches
 from vllm_odb.policies.length import canvas_predictions
 from vllm_odb.policies.step import Step, block_ends, block_step, branch_step, cut_canvas
 
@@ -273,12 +274,7 @@ class ODBSampler:
             return logits[(rows[:, None] + self._cols[None]).reshape(-1)].view(len(rows), blk, vocab)
 
         step = self._block_steps(reqs, slots, block, masked, block_logits, max(1, _TILE_BYTES // (blk * vocab * 4)))
-        for i, q in enumerate(reqs):
-            if q.plan is not None and not q.finished:
-                with self._own_part(slot_list[i], q):
-                    b = self._branch_step(logits, int(cu[dec_rows[i]]), q, slot_list[i], masked[i])
-                    step.block[i], step.x0[i], step.conf[i] = b.block[0], b.x0[0], b.conf[0]
-                    step.accepted[i] = b.accepted[0]
+        self._branch_steps(logits, [int(cu[r]) for r in dec_rows], slot_list, reqs, masked, step)
         table.tokens[slots[:, None], cols] = step.block
         return masked, step, nonfinite_rows(step.conf) | table.unusable[slots]
 
@@ -293,7 +289,7 @@ class ODBSampler:
         n_left = left.sum(1)
         flags = torch.stack([n_left == 0, ends, masked.any(1), n_left, step.accepted, unusable], 1).tolist()
         live = sum(1 for q, f in zip(reqs, flags) if not q.finished and not f[0] and not f[5])
-        refresh, done = [], []
+        refresh, done, plans = [], [], []
         for i, (r, slot, q) in enumerate(zip(dec_rows, slots, reqs)):
             if q.error is not None:  # failed in this step's decode
                 continue
@@ -301,26 +297,26 @@ class ODBSampler:
                 table.fail(slot, "non-finite logits (NaN or inf) in its forward")
                 continue
             with self._own_part(slot, q):
-                emit, again = self._advance_one(q, slot, flags[i], step, i, live)
+                emit, again = self._advance_one(q, slot, flags[i])
                 if emit:
                     done.append(i)
                 if again:
                     refresh.append((slot, r))
+                elif self._plans_next(q, flags[i]):
+                    plans.append((i, slot, q, flags[i][3]))
+        self._plans(plans, step, live)
         if done:
             out.emit([dec_rows[i] for i in done], step.block[to_device(done, self.device)])
         return refresh
 
-    def _advance_one(self, q: ODBRequest, slot: int, flags: list, step: Step, i: int, live: int) -> tuple[bool, bool]:
-        """One decode request after its step (row ``i`` of ``step``; ``flags``: its row of the
-        step's host sync). Returns whether its block goes out, and whether a refresh starts its
-        next block."""
+    def _advance_one(self, q: ODBRequest, slot: int, flags: list) -> tuple[bool, bool]:
+        """One decode request after its step (``flags``: its row of the step's host sync).
+        Returns whether its block goes out, and whether a refresh starts its next block."""
         complete, has_end, decided, masks_left, accepted, _ = flags
         if q.fault is not None and q.fault.kind == "raise" and q.fault.due(q.forwards_taken):
             raise faults.InjectedFault(f"debug fault {q.fault} in request {q.req_id}'s step")
         q.forwarded(bool(decided), accepted)
         if not complete:
-            if q.cfg.jump and not q.finished:
-                self._plan(q, slot, step.block[i], step.x0[i], step.conf[i], masks_left, live)
             return False, False
         if q.complete_block(q.stops(bool(has_end))):
             if has_end:  # vLLM stops the request on this block (its EOS / stop string): count it
@@ -328,6 +324,14 @@ class ODBSampler:
             return True, True
         self.table.finish(slot)
         return True, False
+
+    @staticmethod
+    def _plans_next(q: ODBRequest, flags: list) -> bool:
+        """Jump-share plans a request's next step when its block goes on (greedy only, as in the
+        reference loop, and with at least two masks left: a draft needs one to leave undecided)."""
+        complete, masks_left = flags[0], flags[3]
+        return (q.cfg.jump and not complete and not q.finished and q.error is None and q.cfg.temperature == 0
+                and masks_left >= 2)
 
     @contextmanager
     def _own_part(self, slot: int, q: ODBRequest):
@@ -386,10 +390,9 @@ class ODBSampler:
         if jumping:  # plan the first jump-share step of the block from the refresh's predictions
             left = (new == table.mask_id).sum(1).tolist()
             live = sum(1 for n in left if n)
-            for i in jumping:
-                if left[i]:
-                    with self._own_part(jobs[i][0], reqs[i]):
-                        self._plan(reqs[i], jobs[i][0], new[i], x0[i], conf[i], left[i], live)
+            self._plans([(i, jobs[i][0], reqs[i], left[i]) for i in jumping
+                         if reqs[i].error is None and reqs[i].cfg.temperature == 0 and left[i] >= 2],
+                        Step(new, x0, conf), live)
 
     def _refresh_chunk(self, jobs: list[tuple[int, int]], reqs: list[ODBRequest]) -> Step:
         """One side forward over ``jobs``; ALP; their first step. Returns it ([jobs, block])."""
@@ -471,27 +474,97 @@ class ODBSampler:
         return torch.cat([q.thresholds.step(logits[j:j + 1], tokens[j:j + 1], valid[j:j + 1])
                           for j, q in enumerate(reqs)])
 
-    def _branch_step(self, logits: torch.Tensor, first_row: int, q: ODBRequest, slot: int,
-                     masked: torch.Tensor) -> Step:
-        """A planned request: ``policies.step.branch_step`` on its branches' rows of ``logits``
-        (the plan's ``pred_row``, from the request's ``first_row``)."""
-        branches = q.plan.branches
-        nb, blk = branches.blocks.shape[1:]
-        lg = logits[first_row + q.plan.pred_row.reshape(-1)].view(1, nb, blk, -1)
-        suffix = None
-        if q.cfg.threshold_alpha:  # Streaming's dynamic threshold per branch: its block + the suffix
-            sfx = self.table.tokens[slot, q.suffix_cols()][None]
-            suffix = (sfx, torch.ones_like(sfx, dtype=torch.bool))
-        forced = forced_counts([q.forcing], [q.block_index], [q.block_step], lg.device)
-        return branch_step(lg, branches, masked.any()[None], q.cfg, self.table.mask_id, suffix, forced)
+    def _branch_steps(self, logits: torch.Tensor, firsts: list[int], slots: list[int], reqs: list[ODBRequest],
+                      masked: torch.Tensor, step: Step) -> None:
+        """The planned requests' steps, written into ``step``: ``policies.step.branch_step`` once
+        per knob set and draft family (``firsts``: each request's first logit row). Should a group
+        raise, its requests run one at a time, each in its own part of the step (a failure then
+        fails that request only)."""
+        groups: dict = defaultdict(list)
+        for i, q in enumerate(reqs):
+            if q.plan is not None and not q.finished:
+                # Streaming's dynamic threshold reads each request's own suffix: alone
+                key = ("alone", i) if q.cfg.threshold_alpha else (q.cfg, q.plan.branches.family.shape,
+                                                                  q.forcing is not None)
+                groups[key].append(i)
+        for members in groups.values():
+            if len(members) > 1:
+                try:
+                    self._branch_group(logits, firsts, slots, reqs, masked, step, members)
+                    continue
+                except Exception:  # noqa: BLE001 -- retried one at a time below, where it is reported
+                    log.warning("vllm-odb: a batched jump-share step raised; its requests run one at a time")
+            for i in members:
+                with self._own_part(slots[i], reqs[i]):
+                    self._branch_group(logits, firsts, slots, reqs, masked, step, [i])
 
-    def _plan(self, q: ODBRequest, slot: int, block, x0, conf, masked_left: int, live: int) -> None:
-        """Jump-share: the branches of the request's next step, from the branch it just adopted;
-        greedy only, as in the reference loop."""
-        if q.cfg.temperature > 0 or masked_left < 2:
-            return
-        before = self.table.tokens[slot, q.start - self.shift:q.start]
-        q.plan = JumpPlan.plan(block, before, x0, conf, self.table.mask_id, q.cfg, max(1, live), self.width)
+    def _branch_group(self, logits: torch.Tensor, firsts: list[int], slots: list[int], reqs: list[ODBRequest],
+                      masked: torch.Tensor, step: Step, members: list[int]) -> None:
+        """One ``branch_step`` on requests ``members`` (one knob set and family): each branch's
+        logits are rows ``first + pred_row`` of its request."""
+        qs = [reqs[i] for i in members]
+        plans = [q.plan for q in qs]
+        nb, blk = plans[0].branches.blocks.shape[1:]
+        if len(qs) == 1:
+            i, branches = members[0], plans[0].branches
+            rows = firsts[i] + plans[0].pred_row.reshape(-1)
+            active = masked[i].any()[None]
+        else:
+            i = to_device(members, masked.device)
+            rows = (to_device([firsts[j] for j in members], masked.device)[:, None, None]
+                    + torch.stack([p.pred_row for p in plans])).reshape(-1)
+            b = [p.branches for p in plans]
+            branches = Branches(torch.cat([x.blocks for x in b]), torch.cat([x.positions for x in b]),
+                                torch.cat([x.drafted for x in b]), b[0].family, torch.cat([x.valid for x in b]), None)
+            active = masked[i].any(1)
+        lg = logits[rows].view(len(qs), nb, blk, -1)
+        suffix = None
+        if qs[0].cfg.threshold_alpha:  # (alone) Streaming's dynamic threshold per branch: its block + the suffix
+            sfx = self.table.tokens[slots[members[0]], qs[0].suffix_cols()][None]
+            suffix = (sfx, torch.ones_like(sfx, dtype=torch.bool))
+        forced = forced_counts([q.forcing for q in qs], [q.block_index for q in qs], [q.block_step for q in qs],
+                               lg.device)
+        s = branch_step(lg, branches, active, qs[0].cfg, self.table.mask_id, suffix, forced)
+        if len(qs) == 1:
+            step.block[i], step.x0[i], step.conf[i], step.accepted[i] = s.block[0], s.x0[0], s.conf[0], s.accepted[0]
+        else:
+            step.block[i], step.x0[i], step.conf[i], step.accepted[i] = s.block, s.x0, s.conf, s.accepted
+
+    def _plans(self, jobs: list[tuple[int, int, ODBRequest, int]], step: Step, live: int) -> None:
+        """Jump-share: the branches of each job's next step (row ``i`` of ``step``, request ``q``
+        in ``slot``, ``masks_left`` in its block), from the branch it just adopted; greedy only,
+        as in the reference loop. One ``JumpPlan.plan_many`` per knob set (each request gets the
+        plan it would get alone; see there). Should a group raise, its requests are planned one at
+        a time, each in its own part of the step."""
+        groups: dict = defaultdict(list)
+        for job in jobs:
+            groups[job[2].cfg].append(job)
+        for members in groups.values():
+            if len(members) > 1:
+                try:
+                    self._plan_group(step, live, members)
+                    continue
+                except Exception:  # noqa: BLE001 -- retried one at a time below, where it is reported
+                    log.warning("vllm-odb: batched jump-share planning raised; its requests are planned one at a time")
+            for job in members:
+                with self._own_part(job[1], job[2]):
+                    self._plan_group(step, live, [job])
+
+    def _plan_group(self, step: Step, live: int, members: list[tuple[int, int, ODBRequest, int]]) -> None:
+        table, shift = self.table, self.shift
+        if len(members) == 1:  # views of the request's rows
+            i, slot, q, _ = members[0]
+            block, x0, conf = step.block[i][None], step.x0[i][None], step.conf[i][None]
+            before = table.tokens[slot, q.start - shift:q.start][None]
+        else:
+            idx = to_device([i for i, *_ in members], self.device)
+            slots = to_device([slot for _, slot, *_ in members], self.device)
+            starts = to_device([q.start - shift for _, _, q, _ in members], self.device)
+            block, x0, conf = step.block[idx], step.x0[idx], step.conf[idx]
+            before = table.tokens[slots[:, None], starts[:, None] + table.arange(shift)[None]]  # [G, shift]
+        plans = JumpPlan.plan_many(block, before, x0, conf, table.mask_id, members[0][2].cfg, max(1, live), self.width)
+        for (_, _, q, _), plan in zip(members, plans):
+            q.plan = plan
 
     def _block_ends(self, reqs: list[ODBRequest], slots: list[int], blocks: torch.Tensor) -> torch.Tensor:
         """[R] each request's new block completes one of its end markers (policies.step.block_ends;
