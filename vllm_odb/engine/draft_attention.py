@@ -58,6 +58,26 @@ class DraftRows:
 if triton is not None:
 
     @triton.jit
+    def _attend(q, k, v, seen, m_i, l_i, acc, scale, IEEE: tl.constexpr):
+        """One key tile into the online softmax: scores of the seen keys, the running max ``m_i``,
+        sum ``l_i`` and output ``acc`` (fp32) rescaled to it. A row that has seen nothing yet
+        keeps zeros (its max stays -inf)."""
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(seen, s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        base = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - base[:, None])
+        alpha = tl.exp(m_i - base)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + pv
+
+    @triton.jit
     def _draft_rows_kernel(
         q_ptr, k_ptr, v_ptr, cache_ptr, out_ptr,
         bt_ptr, rows_ptr, nd_ptr, end_ptr, q0_ptr, win_ptr, mw_ptr, md_ptr,
@@ -96,21 +116,7 @@ if triton is not None:
                 mw = tl.load(mw_ptr + r * s_mw_r + m[:, None] * s_mw_m + (n - q0)[None],
                              mask=m_ok[:, None] & in_w[None] & n_ok[None], other=0)
                 seen = n_ok[None] & (out_w[None] | (mw != 0))
-                if IEEE:
-                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                else:
-                    s = tl.dot(q, tl.trans(k))
-                s = tl.where(seen, s * scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                base = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp(s - base[:, None])
-                alpha = tl.exp(m_i - base)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                if IEEE:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
+                m_i, l_i, acc = _attend(q, k, v, seen, m_i, l_i, acc, scale, IEEE)
             # The draft rows' own keys of this step, where mask_d says.
             for start in range(0, nd, BLOCK_N):
                 j = start + tl.arange(0, BLOCK_N)
@@ -120,21 +126,7 @@ if triton is not None:
                 v = tl.load(v_ptr + krow[:, None] * sv_t + kh * sv_h + c[None], mask=j_ok[:, None] & c_ok[None], other=0.0)
                 md = tl.load(md_ptr + r * s_md_r + m[:, None] * s_md_m + j[None], mask=m_ok[:, None] & j_ok[None],
                              other=0)
-                if IEEE:
-                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                else:
-                    s = tl.dot(q, tl.trans(k))
-                s = tl.where(md != 0, s * scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                base = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp(s - base[:, None])
-                alpha = tl.exp(m_i - base)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                if IEEE:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
+                m_i, l_i, acc = _attend(q, k, v, md != 0, m_i, l_i, acc, scale, IEEE)
             o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
             tl.store(out_ptr + row[:, None] * so_t + h * dim + c[None], o.to(out_ptr.dtype.element_ty),
                      mask=m_ok[:, None] & c_ok[None])
