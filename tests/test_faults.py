@@ -189,13 +189,13 @@ def test_faults_on_a_jump_share_engine(debug_faults, monkeypatch, fault):
     from vllm_odb.engine.sampler import ODBSampler
 
     branched = []
-    branch_step = ODBSampler._branch_step
+    branch_group = ODBSampler._branch_group
 
-    def spy(self, logits, first_row, q, *args):
-        branched.append((q.req_id, q.forwards_taken + 1))
-        return branch_step(self, logits, first_row, q, *args)
+    def spy(self, logits, firsts, slots, reqs, masked, step, members):
+        branched.extend((reqs[i].req_id, reqs[i].forwards_taken + 1) for i in members)
+        return branch_group(self, logits, firsts, slots, reqs, masked, step, members)
 
-    monkeypatch.setattr(ODBSampler, "_branch_step", spy)
+    monkeypatch.setattr(ODBSampler, "_branch_group", spy)
     engine, got, refs = _batch("llada", {0: fault}, n=2, section={"method": "odb", "threshold": 1.0, "ridge_rows": 64})
     assert engine.errors == {0} and got[1] is not None and engine.emitted_after_error == 0
     assert engine.emitted_tokens[0] == refs[0][:len(engine.emitted_tokens[0])]
