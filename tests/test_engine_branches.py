@@ -20,6 +20,7 @@ from vllm_odb.engine.model_state import BranchAttention, BranchBatch, BranchRows
 from vllm_odb.engine.requests import JumpPlan  # noqa: E402
 from vllm_odb.policies import DecodeConfig  # noqa: E402
 from vllm_odb.policies.jump import DraftBudget, plan_drafts  # noqa: E402
+from vllm_odb.policies.step import branch_step, plan_branches  # noqa: E402
 
 MASK = 99
 H, D, KBS, NUM_BLOCKS = 2, 8, 4, 16
@@ -91,7 +92,7 @@ def _run(reqs, gap=2, triton_route=False):
 
     wrapper = BranchAttention(kernel, PagedCache(kernel_block_size=KBS))
     rows = [BranchRows(first=f, plan=r.plan, q0=r.q0, end=r.end) for r, f in zip(reqs, firsts)]
-    wrapper.batch = BranchBatch.build(rows, torch.stack(tables), KBS, "cpu", kernel=triton_route)
+    wrapper.batches = BranchBatch.build(rows, torch.stack(tables), KBS, "cpu", kernel=triton_route)
     out = torch.zeros(row + gap, H * D)
     wrapper(layer, query, key, value, cache, object(), out)
     return out, firsts
@@ -127,6 +128,46 @@ def _three_requests_in_one_call(shift, triton_route):
         torch.testing.assert_close(out[first + w:first + q], r.ref[w:])
         written[first + w:first + q] = True
     assert out[~written].abs().sum() == 0
+
+
+def test_the_sdpa_route_in_chunks_gives_the_same_rows(monkeypatch):
+    """Under a small key cap the padded SDPA call is cut into chunks (its memory is bounded):
+    every request's draft rows stay its reference's."""
+    from vllm_odb.engine import model_state
+
+    monkeypatch.setattr(model_state, "_SDPA_KEYS", 30)
+    r = [_request(0, (1, 1, 1, 1), 64, prompt=p, seed=i) for i, p in enumerate((6, 11, 3))]
+    rows = [BranchRows(first=0, plan=x.plan, q0=x.q0, end=x.end) for x in r]
+    assert len(BranchBatch.build(rows, torch.zeros(3, 6, dtype=torch.long), KBS, "cpu", kernel=False)) > 1
+    _three_requests_in_one_call(0, triton_route=False)
+
+
+@pytest.mark.parametrize("triton_route", [False, pytest.param(True, marks=pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="run under the interpreter by the slow test"))])
+def test_a_plan_without_draft_rows_is_left_out_with_its_block_table(triton_route):
+    """A plan whose rows are all the base window has nothing for the side path: it is dropped, and
+    the next request keeps its own block table (not the dropped one's)."""
+    r = _request(0, (1, 0, 1, 1), 64, prompt=6, seed=1)
+    out, (first,) = _run([r], gap=3, triton_route=triton_route)  # the reference placement
+    k_seq, v_seq = r.seq
+    blocks = torch.randperm(NUM_BLOCKS)
+    table = torch.cat([blocks[:4], torch.zeros(2, dtype=torch.long)])
+    cache = torch.zeros(NUM_BLOCKS, H, KBS, 2 * D)
+    for p in range(r.end):
+        cache[table[p // KBS], :, p % KBS, :D], cache[table[p // KBS], :, p % KBS, D:] = k_seq[p], v_seq[p]
+    empty = BranchRows(first=0, plan=types.SimpleNamespace(num_rows=4, window=4), q0=0, end=9)
+    rows = [empty, BranchRows(first=first, plan=r.plan, q0=r.q0, end=r.end)]
+    wrapper = BranchAttention(lambda *a, **k: None, PagedCache(kernel_block_size=KBS))
+    wrapper.batches = BranchBatch.build(rows, torch.stack([torch.randperm(NUM_BLOCKS)[:6], table]), KBS, "cpu",
+                                        kernel=triton_route)
+    q_new, k_new, v_new = r.new
+    query, key, value = (torch.zeros(out.shape[0], H, D) for _ in range(3))
+    q = r.plan.num_rows
+    query[first:first + q], key[first:first + q], value[first:first + q] = q_new, k_new, v_new
+    layer = types.SimpleNamespace(num_heads=H, num_kv_heads=H, head_size=D, impl=types.SimpleNamespace(scale=D ** -0.5))
+    got = torch.zeros_like(out)
+    wrapper(layer, query, key, value, cache, object(), got)
+    torch.testing.assert_close(got, out)
 
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -165,7 +206,7 @@ def test_kernel_route_inner_gqa_and_long_keys():
     outs = []
     for kernel in (False, True):
         wrapper = BranchAttention(lambda *a, **k: None, PagedCache(kernel_block_size=kbs))
-        wrapper.batch = BranchBatch.build(rows, tables, kbs, "cpu", kernel=kernel)
+        wrapper.batches = BranchBatch.build(rows, tables, kbs, "cpu", kernel=kernel)
         out = torch.zeros(row, heads * dim)
         wrapper(layer, query.reshape(row, -1), key.reshape(row, -1), value.reshape(row, -1), cache, object(), out)
         outs.append(out)
@@ -179,9 +220,9 @@ def test_the_kernel_route_under_the_triton_interpreter():
     chosen when the kernel is defined, hence a fresh process)."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "kernel_route_inner"],
-                         env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0 and "3 passed" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "kernel_route_inner or left_out"], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0 and "5 passed" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
 
 
 def test_the_route_is_chosen_by_name():
@@ -222,7 +263,7 @@ def test_a_layer_launches_the_same_ops_at_any_batch():
         out, firsts = _run(reqs)  # warm; then count one layer's call on the same batch
         rows = [BranchRows(first=f, plan=r.plan, q0=r.q0, end=r.end) for r, f in zip(reqs, firsts)]
         wrapper = BranchAttention(lambda *a, **k: None, PagedCache(kernel_block_size=KBS))
-        wrapper.batch = BranchBatch.build(rows, torch.zeros(n, 6, dtype=torch.long), KBS, "cpu")
+        wrapper.batches = BranchBatch.build(rows, torch.zeros(n, 6, dtype=torch.long), KBS, "cpu")
         layer = types.SimpleNamespace(num_heads=H, num_kv_heads=H, head_size=D, impl=types.SimpleNamespace(scale=1.0))
         t = torch.zeros(out.shape[0], H, D)
         with Count() as c:
@@ -234,7 +275,7 @@ def test_a_layer_launches_the_same_ops_at_any_batch():
 def test_no_rows_means_the_kernel_alone():
     calls = []
     wrapper = BranchAttention(lambda *a, **k: calls.append(1) or "kernel", PagedCache(kernel_block_size=KBS))
-    assert BranchBatch.build([], torch.zeros(0, 6, dtype=torch.long), KBS, "cpu") is None
+    assert BranchBatch.build([], torch.zeros(0, 6, dtype=torch.long), KBS, "cpu") == []
     assert wrapper(None, None, None, None, None, object(), None) == "kernel" and calls == [1]
 
 
@@ -299,7 +340,7 @@ def test_kernel_route_on_cuda_at_full_size(dtype):
     outs, ms = [], []
     for kernel in (False, True):
         wrapper = BranchAttention(lambda *a, **k: None, PagedCache(kernel_block_size=kbs))
-        wrapper.batch = BranchBatch.build(rows, tables, kbs, dev, kernel=kernel)
+        wrapper.batches = BranchBatch.build(rows, tables, kbs, dev, kernel=kernel)
         out = torch.zeros(row, heads * dim, device=dev, dtype=dtype)
         wrapper(layer, query, key, value, cache, object(), out)
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -318,31 +359,45 @@ def test_kernel_route_on_cuda_at_full_size(dtype):
 @pytest.mark.parametrize("shift", [0, 1])
 def test_planning_a_batch_gives_each_request_its_own_plan(shift):
     """``JumpPlan.plan_many`` on blocks with different masks left (so different draft counts, one
-    of them none) gives each request the plan ``JumpPlan.plan`` gives it alone: rows, tokens,
-    offsets, mask, and its valid branches and their logit rows."""
+    of them none) gives each request what ``plan_branches`` gives it alone (a batch of one, the
+    budget of the same live count): rows, tokens, offsets, mask, its branches and their logit
+    rows; and ``branch_step`` on logits favouring the drafted tokens decides alike from both."""
     g = torch.Generator().manual_seed(5)
-    k, n = 8, 5
+    k, n, vocab, live = 8, 5, 128, 2  # vocab past the mask id (99)
     masks = [(1,) * 8, (1, 0, 1, 1, 0, 0, 1, 0), (1, 1, 0, 1, 1, 1, 0, 1), (0, 0, 0, 1, 0, 0, 0, 0), (1, 0) * 4]
     block = torch.where(torch.tensor(masks, dtype=torch.bool), MASK, torch.randint(0, 50, (n, k), generator=g))
     before = torch.randint(0, 50, (n, shift), generator=g)
     x0, conf = torch.randint(0, 50, (n, k), generator=g), torch.rand(n, k, generator=g)
     cfg = DecodeConfig(gen_length=16, block_length=k, jump=True, rule="threshold", cache="dual", ridge_rows=120)
-    many = JumpPlan.plan_many(block, before, x0, conf, MASK, cfg, 2, 200)
-    drafts = set()
+    many = JumpPlan.plan_many(block, before, x0, conf, MASK, cfg, live, 200)
+    drafts, accepted = set(), 0
     for i, got in enumerate(many):
-        alone = JumpPlan.plan(block[i], before[i], x0[i], conf[i], MASK, cfg, 2, 200)
-        if alone is None:
+        one = slice(i, i + 1)
+        br = plan_branches(block[one], before[one], x0[one], conf[one], block[one] == MASK, cfg, live, drafts_only=True)
+        if br is None or int(br.layout.num_rows[0]) == k + shift:
             assert got is None
             continue
-        nb = alone.branches.blocks.shape[1]
+        lay, q, nb = br.layout, int(br.layout.num_rows[0]), br.blocks.shape[1]
         drafts.add(nb)
-        assert (got.num_rows, got.window) == (alone.num_rows, alone.window)
-        for a, b in ((got.tokens, alone.tokens), (got.offsets, alone.offsets), (got.attn, alone.attn),
-                     (got.pred_row[:nb], alone.pred_row), (got.branches.blocks[:, :nb], alone.branches.blocks),
-                     (got.branches.valid[:, :nb - 1], alone.branches.valid)):
+        assert (got.num_rows, got.window) == (q, k + shift)
+        for a, b in ((got.tokens, lay.tokens[0, :q]), (got.offsets, lay.offset[0, :q]), (got.attn, lay.attn[0, :q, :q]),
+                     (got.pred_row[:nb], lay.pred_row[0]), (got.branches.blocks[:, :nb], br.blocks),
+                     (got.branches.valid[:, :nb - 1], br.valid)):
             assert torch.equal(a, b)
         assert not got.branches.valid[:, nb - 1:].any()  # the batch's further drafts are not its own
-    assert len(drafts) > 1 and None in many  # the case above: requests drafting unlike, and one not at all
+        # Logits of its q rows: each row prefers the adopted predictions, at random confidence.
+        rows = torch.randn(q, k, vocab, generator=g)
+        rows.scatter_(2, x0[i][None, :, None].expand(q, k, 1), torch.rand(q, k, 1, generator=g) * 12)
+        row_logits = rows[torch.arange(q)[:, None], torch.arange(k)[None]]  # [q, k, V]: row r at block slot t
+        def lg(pred):  # noqa: E306 -- branch b's logits at slot t come from row pred[b, t]
+            return row_logits[pred, torch.arange(k)[None]][None]
+        active = (block[one] == MASK).any(1)
+        a = branch_step(lg(got.pred_row), got.branches, active, cfg, MASK)
+        b = branch_step(lg(lay.pred_row[0]), br, active, cfg, MASK)
+        for x, y in ((a.block, b.block), (a.x0, b.x0), (a.conf, b.conf), (a.accepted, b.accepted)):
+            assert torch.equal(x, y)
+        accepted += int(a.accepted[0])
+    assert len(drafts) > 1 and None in many and accepted > 0  # unlike drafts, one request none, drafts adopted
 
 
 def test_a_batched_jump_share_engine_decodes_as_the_reference(monkeypatch):

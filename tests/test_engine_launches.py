@@ -38,8 +38,9 @@ class _Count(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _plain_step_ops(method: str, requests: int) -> list[int]:
-    """Ops of each decode step that runs no refresh (no model op inside it)."""
+def _plain_step_ops(method: str, requests: int, max_tokens: tuple[int, ...] = (64, 64)) -> list[int]:
+    """Ops of each decode step that runs no refresh (no model op inside it); request i asks for
+    ``max_tokens[i]`` tokens."""
     ckpt = tiny_checkpoint("llada")
     eng = EmulatedEngine(ckpt, engine_config({"odb": {"method": method, "block_length": 16, "threshold": 1.0}}),
                          slots=requests)
@@ -54,7 +55,7 @@ def _plain_step_ops(method: str, requests: int) -> list[int]:
 
     eng.sampler = counted
     prompts = [ckpt.encode_chat(p) for p in ("Reverse: abcde", "Add 12 and 30")[:requests]]
-    eng.generate(prompts, SamplingParams(max_tokens=64, temperature=0.0))
+    eng.generate(prompts, [SamplingParams(max_tokens=m, temperature=0.0) for m in max_tokens[:requests]])
     return counts
 
 
@@ -68,6 +69,13 @@ def test_a_plain_decode_step_stays_within_its_launch_budget(method, requests):
     assert typical <= BUDGET, f"a plain decode step issues {typical} device ops (budget {BUDGET}): {counts}"
     # a step that sends a block out (the request's last, with no refresh after it) writes the output too
     assert max(counts) <= BUDGET + EMIT, f"a decode step issues {max(counts)} device ops (budget {BUDGET + EMIT}): {counts}"
+
+
+def test_requests_of_different_lengths_decide_together():
+    """Requests differing only in max_tokens (so in their canvas length) share one decision: a
+    step's launches stay within the budget, as for requests alike."""
+    counts = _plain_step_ops("fast-dllm", 2, max_tokens=(64, 48))
+    assert counts and sorted(counts)[len(counts) // 2] <= BUDGET, counts
 
 
 # Jump-share's step (odb: the plans' branches decided and the next plans laid out): the accept

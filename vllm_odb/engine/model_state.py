@@ -193,6 +193,9 @@ class BranchRows:
     end: int  # prompt + live canvas
 
 
+_SDPA_KEYS = 8192  # key positions (requests x the longest) one padded SDPA call of the draft rows gathers
+
+
 @dataclass
 class BranchBatch:
     """The draft rows of one step's planned requests, laid out once for every layer: each layer
@@ -218,13 +221,36 @@ class BranchBatch:
 
     @classmethod
     def build(cls, rows: list[BranchRows], block_tables: torch.Tensor, kbs: int, device,
-              kernel: bool | None = None) -> "BranchBatch | None":
-        """``block_tables`` [R, blocks]: the planned requests' block-table rows, in ``rows``'s order.
-        Host values go over in one pinned copy each (no sync). ``kernel``: lay the step out for the
-        Triton route (default: ``draft_attention.kernel_selected``)."""
-        planned = [r for r in rows if r.plan.num_rows > r.plan.window]
-        if not planned:
-            return None
+              kernel: bool | None = None) -> list["BranchBatch"]:
+        """The step's draft rows, for every layer: ``rows``, the planned requests, and
+        ``block_tables`` [R, blocks] their block-table rows, in the same order. Plans without draft
+        rows are left out. ``kernel``: lay them out for the Triton route (default:
+        ``draft_attention.kernel_selected``), else for the SDPA route, in chunks whose padded key
+        gather stays under ``_SDPA_KEYS`` key positions (the old per-request loop gathered one
+        request at a time; vLLM's memory profile does not see this path)."""
+        keep = [i for i, r in enumerate(rows) if r.plan.num_rows > r.plan.window]
+        if not keep:
+            return []
+        if len(keep) < len(rows):
+            block_tables = block_tables[to_device(keep, block_tables.device)]
+        planned = [rows[i] for i in keep]
+        if kernel if kernel is not None else kernel_selected(device):
+            return [cls._laid_out(planned, block_tables, kbs, device, True)]
+        chunks, a = [], 0
+        while a < len(planned):
+            b, longest = a + 1, planned[a].end
+            while b < len(planned) and (b + 1 - a) * max(longest, planned[b].end) <= _SDPA_KEYS:
+                longest = max(longest, planned[b].end)
+                b += 1
+            chunks.append(cls._laid_out(planned[a:b], block_tables[a:b], kbs, device, False))
+            a = b
+        return chunks
+
+    @classmethod
+    def _laid_out(cls, planned: list[BranchRows], block_tables: torch.Tensor, kbs: int, device,
+                  kernel: bool) -> "BranchBatch":
+        """One batch of planned requests (each with draft rows). Host values go over in one pinned
+        copy (no sync)."""
         n_draft = [r.plan.num_rows - r.plan.window for r in planned]
         big_d = max(n_draft)
         # L + D a multiple of 8 (padding keys masked out): SDPA's fused kernels take the mask then
@@ -238,7 +264,7 @@ class BranchBatch:
         host = to_device(np.concatenate([row_idx.reshape(-1), src_r, src_d, row_idx[src_r, src_d],
                                          [r.end for r in planned]]), device)
         rows_g, src_r, src_d, dst_g, ends = host.split([n, k, k, k, len(planned)])
-        if kernel if kernel is not None else kernel_selected(device):
+        if kernel:
             return cls(None, None, rows_g.view(len(planned), big_d), None, (src_r, src_d), dst_g,
                        kernel=_draft_rows(planned, block_tables, rows_g.view(len(planned), big_d), big_d, device))
         pos = torch.arange(big_l, device=device)[None]
@@ -272,37 +298,42 @@ def _draft_rows(planned: list[BranchRows], block_tables: torch.Tensor, rows: tor
 
 class BranchAttention:
     """Wraps an attention impl's ``forward``: the kernel for every row, then SDPA for the draft
-    rows of jump-share plans (module doc). ``batch`` is set by the model state for each step
-    (None: the kernel alone)."""
+    rows of jump-share plans (module doc). ``batches`` is set by the model state for each step
+    (none: the kernel alone)."""
 
     def __init__(self, forward, paged: PagedCache):
         self.forward = forward
-        self.batch: BranchBatch | None = None
+        self.batches: list[BranchBatch] = []
         self.paged = paged
 
     def __call__(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         out = self.forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
-        b = self.batch
-        if b is None or attn_metadata is None:
+        if not self.batches or attn_metadata is None:
             return out
         heads, kv_heads, dim = layer.num_heads, layer.num_kv_heads, layer.head_size
         q_all = query.view(query.shape[0], heads, dim)
         k_all = key.view(key.shape[0], kv_heads, dim)
         v_all = value.view(value.shape[0], kv_heads, dim)
         out_rows = output.view(output.shape[0], heads * dim)
-        if b.kernel is not None:  # one launch: engine/draft_attention.py
-            draft_rows_attention(q_all, k_all, v_all, kv_cache, out_rows, b.kernel, layer.impl.scale,
-                                 self.paged.kernel_block_size)
-            return out
+        for b in self.batches:
+            if b.kernel is not None:  # one launch: engine/draft_attention.py
+                draft_rows_attention(q_all, k_all, v_all, kv_cache, out_rows, b.kernel, layer.impl.scale,
+                                     self.paged.kernel_block_size)
+            else:
+                self._sdpa(b, layer, query.dtype, q_all, k_all, v_all, kv_cache, out_rows)
+        return out
+
+    @staticmethod
+    def _sdpa(b: BranchBatch, layer, dtype, q_all, k_all, v_all, kv_cache, out_rows) -> None:
+        heads, kv_heads, dim = layer.num_heads, layer.num_kv_heads, layer.head_size
         # Keys: the request's whole sequence from the paged cache (keys and values in one gather),
         # then its draft rows' own keys.
         cached = kv_cache.transpose(1, 2)[b.blk, b.off]  # [R, L, Hk, 2d]
         keys = torch.cat([cached[..., :dim], k_all[b.rows]], 1).transpose(1, 2)  # [R, Hk, L + D, d]
         vals = torch.cat([cached[..., dim:], v_all[b.rows]], 1).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q_all[b.rows].transpose(1, 2), keys, vals, attn_mask=b.attn_bias(query.dtype),
+        o = F.scaled_dot_product_attention(q_all[b.rows].transpose(1, 2), keys, vals, attn_mask=b.attn_bias(dtype),
                                            scale=layer.impl.scale, enable_gqa=heads != kv_heads)  # [R, H, D, d]
         out_rows[b.dst] = o.transpose(1, 2)[b.src].reshape(-1, heads * dim).to(out_rows.dtype)
-        return out
 
 
 class ODBModelState(DefaultModelState):
@@ -328,6 +359,11 @@ class ODBModelState(DefaultModelState):
         # Jump-share engines: every attention layer's impl gets the draft-row side path.
         self.branch_attention = []
         if engine.jump:
+            cache_dtype = getattr(vllm_config.cache_config, "cache_dtype", "auto")
+            model_dtype = str(self.model_config.dtype).removeprefix("torch.")
+            if cache_dtype not in ("auto", model_dtype):  # the draft rows read the cache as the model's dtype, unscaled
+                raise ValueError(f"vllm-odb: --speculative odb (jump-share) needs the KV cache in the model's dtype; "
+                                 f"kv_cache_dtype={cache_dtype!r} is not supported with it (leave it 'auto')")
             for layer in model.model.layers:
                 impl = layer.self_attn.attn.impl
                 wrapper = BranchAttention(impl.forward, self.paged)
@@ -372,7 +408,7 @@ class ODBModelState(DefaultModelState):
             num_reqs, num_tokens = input_batch.num_reqs, input_batch.num_tokens
         self.seq_lens_buf[:num_reqs].copy_(input_batch.seq_lens[:num_reqs])
         for wrapper in self.branch_attention:
-            wrapper.batch = None
+            wrapper.batches = []
         if not for_capture:
             self.paged.block_tables = block_tables[0]
             if CHECK:
@@ -460,10 +496,10 @@ class ODBModelState(DefaultModelState):
         slot = torch.where(torch.stack(written).reshape(-1), slot, -1)
         slot_mappings[0, tok] = slot.to(slot_mappings.dtype)
         if branch_rows:
-            batch = BranchBatch.build(branch_rows, self.paged.block_tables[to_device(planned_rows, self.device)],
-                                      kbs, self.device)
+            batches = BranchBatch.build(branch_rows, self.paged.block_tables[to_device(planned_rows, self.device)],
+                                        kbs, self.device)
             for wrapper in self.branch_attention:
-                wrapper.batch = batch
+                wrapper.batches = batches
 
     def _seq_lens(self, input_batch, rows: np.ndarray, reqs: list) -> None:
         """Keys of each decode row: exactly the slots its block attends (prompt + live canvas, or

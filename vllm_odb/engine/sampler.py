@@ -430,7 +430,7 @@ class ODBSampler:
         groups: dict = defaultdict(list)
         for i, q in enumerate(reqs):
             if not q.finished and q.plan is None:
-                groups[q.cfg].append(i)
+                groups[q.cfg.step_knobs].append(i)
         accepted = torch.zeros(len(reqs), dtype=torch.long, device=block.device)
         # The usual step: every request decides, with one knob set, in one tile: on the batch as
         # it stands (no gathers, scatters or scratch copies).
@@ -484,7 +484,7 @@ class ODBSampler:
         for i, q in enumerate(reqs):
             if q.plan is not None and not q.finished:
                 # Streaming's dynamic threshold reads each request's own suffix: alone
-                key = ("alone", i) if q.cfg.threshold_alpha else (q.cfg, q.plan.branches.family.shape,
+                key = ("alone", i) if q.cfg.threshold_alpha else (q.cfg.step_knobs, q.plan.branches.family.shape,
                                                                   q.forcing is not None)
                 groups[key].append(i)
         for members in groups.values():
@@ -538,7 +538,7 @@ class ODBSampler:
         a time, each in its own part of the step."""
         groups: dict = defaultdict(list)
         for job in jobs:
-            groups[job[2].cfg].append(job)
+            groups[job[2].cfg.step_knobs].append(job)
         for members in groups.values():
             if len(members) > 1:
                 try:
@@ -589,7 +589,7 @@ class ODBSampler:
         groups: dict = defaultdict(list)
         for i, q in enumerate(reqs):
             if q.cfg.alp:
-                groups[q.cfg, q.markers].append(i)
+                groups[q.cfg.step_knobs, q.markers].append(i)
         if not groups:
             return
         order, cuts = [], []

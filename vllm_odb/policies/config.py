@@ -9,6 +9,7 @@ Streaming-dLLM and Dynamic-dLLM presets are listed in ``METHODS``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 RULES = ("quota", "threshold", "factor", "adaptive")
@@ -163,6 +164,14 @@ class DecodeConfig:
         self._check_streaming_dynamic()
         if self.schedule == "dream" and self.num_blocks != 1:
             raise ValueError("schedule='dream' needs block_length == gen_length (Dream decodes one block)")
+
+    @functools.cached_property
+    def step_knobs(self) -> "DecodeConfig":
+        """The knobs a denoising step's decisions read (commit rule, thresholds, drafts, ALP's
+        cut): this config with the canvas length set aside (and the quota rule's step count,
+        which the vLLM engine does not run). Requests that differ only in length, as requests with
+        different ``max_tokens`` do, decide together under it."""
+        return self.replace(gen_length=self.block_length, steps=None)
 
     def _check_streaming_dynamic(self) -> None:
         if self.suffix_window is not None:
