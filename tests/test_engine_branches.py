@@ -225,21 +225,15 @@ def test_the_kernel_route_under_the_triton_interpreter():
     assert res.returncode == 0 and "5 passed" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
 
 
-def test_the_route_is_chosen_by_name():
+def test_the_route_is_chosen_by_name(monkeypatch):
     from vllm_odb.engine.draft_attention import ENV, kernel_selected
 
     for value, cuda in (("sdpa", False), ("triton", True)):
-        os.environ[ENV] = value
-        try:
-            assert kernel_selected("cuda") is cuda and (kernel_selected("cpu") is False or INTERPRETED)
-        finally:
-            del os.environ[ENV]
-    os.environ[ENV] = "flash"
-    try:
-        with pytest.raises(ValueError, match="VLLM_ODB_DRAFT_ATTENTION='flash'"):
-            kernel_selected("cuda")
-    finally:
-        del os.environ[ENV]
+        monkeypatch.setenv(ENV, value)
+        assert kernel_selected("cuda") is cuda and (kernel_selected("cpu") is False or INTERPRETED)
+    monkeypatch.setenv(ENV, "flash")
+    with pytest.raises(ValueError, match="VLLM_ODB_DRAFT_ATTENTION='flash'"):
+        kernel_selected("cuda")
 
 
 def test_a_layer_launches_the_same_ops_at_any_batch():
