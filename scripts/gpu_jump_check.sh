@@ -35,7 +35,7 @@ case $PART in
     VLLM_ODB_DRAFT_ATTENTION=$route timeout 200 python3 -m vllm_odb.bench profile-decode-step --model llada-8b \
       --speculative --out "$R/profile-jump-llada-8b-$route.json" > "$R/profile-$route.log" 2>&1
     note "profile-$route" $?
-    tail -n 1 "$R/profile-$route.log" | grep steps_profiled
+    grep steps_profiled "$R/profile-$route.log"
   done ;;
 2)
   for route in sdpa triton; do
