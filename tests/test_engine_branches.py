@@ -300,7 +300,8 @@ def test_the_cases_above_include_shared_kv_drafts(shift, masked, ridge_rows):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_route_on_cuda_at_full_size(dtype):
     """On the GPU, LLaDA-8B's shapes (32 heads of 128, kernel blocks of 16; 7 planned requests with
-    1.2-1.6k keys and a block of 32 planned at the whole 251-row budget each): the Triton route equals the SDPA route; both are timed
+    1.2-1.6k keys and a block of 32 planned at the whole 251-row budget each): the Triton route
+    equals the SDPA route; both are timed
     (printed: the speed comparison belongs to the benchmarks, not to an assertion)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -314,7 +315,8 @@ def test_kernel_route_on_cuda_at_full_size(dtype):
         block = torch.where(torch.rand(32, generator=g) < 0.8, MASK, 5).to(dev)
         block[0] = MASK
         plans.append(JumpPlan.plan(block, torch.zeros(0, dtype=torch.long, device=dev),
-                                   torch.randint(0, 50, (32,), generator=g).to(dev), torch.rand(32, generator=g).to(dev),
+                                   torch.randint(0, 50, (32,), generator=g).to(dev),
+                                   torch.rand(32, generator=g).to(dev),
                                    MASK, cfg, 1, 251))
     assert all(p is not None and p.num_rows > 100 for p in plans), [p and p.num_rows for p in plans]
     ends = [1200 + 60 * i for i in range(7)]
@@ -394,16 +396,56 @@ def test_planning_a_batch_gives_each_request_its_own_plan(shift):
     assert len(drafts) > 1 and None in many and accepted > 0  # unlike drafts, one request none, drafts adopted
 
 
-def test_a_batched_jump_share_engine_decodes_as_the_reference(monkeypatch):
-    """Three requests at once on the jump-share engine, threshold 1.0 (drafts are then lossless):
-    each response is the reference loop's alone, drafts are accepted, and the batch was planned
-    and decided in groups of requests drafting unlike."""
+def _batched_jump_engine_run():
+    """Three suite requests at once on a jump-share engine (threshold 1.0, a budget of 53 rows
+    each: 1 to 5 drafted positions), their responses and the reference loop's alone."""
     from engine_emulator import EmulatedEngine, tiny_checkpoint
 
     from vllm_odb.engine.knobs import engine_config
     from vllm_odb.reference.generate import generate, response_ids
     from vllm_odb.tiny.suite import make_suite
 
+    ck = tiny_checkpoint("llada")
+    engine_cfg = engine_config({"odb": {"block_length": 16, "gen_length": 64, "method": "odb", "threshold": 1.0,
+                                        "ridge_rows": 160}})
+    engine = EmulatedEngine(ck, engine_cfg, slots=3)
+    prompts = [ck.encode_chat(e.prompt) for e in make_suite(43, 3)]
+    got = engine.generate(prompts, types.SimpleNamespace(temperature=0.0, max_tokens=64, extra_args=None, stop=None))
+    refs = [generate(ck.model, [p], engine_cfg.replace(gen_length=64, jump=False), ck.special) for p in prompts]
+    return engine, got, [response_ids(r.tokens[0], ck.special) for r in refs]
+
+
+def test_a_failing_batched_group_runs_its_requests_one_at_a_time(monkeypatch):
+    """Should a batched decision or plan raise, its requests are redone one at a time: nothing
+    fails and the responses are the reference's."""
+    from vllm_odb.engine import sampler
+
+    raised = []
+    real_plan, real_step = JumpPlan.plan_many.__func__, sampler.branch_step
+
+    def plan_many(cls, block, *a, **k):
+        if block.shape[0] > 1:
+            raised.append("plan")
+            raise RuntimeError("batched planning")
+        return real_plan(cls, block, *a, **k)
+
+    def branch_step(logits, *a, **k):
+        if logits.shape[0] > 1:
+            raised.append("step")
+            raise RuntimeError("batched step")
+        return real_step(logits, *a, **k)
+
+    monkeypatch.setattr(JumpPlan, "plan_many", classmethod(plan_many))
+    monkeypatch.setattr(sampler, "branch_step", branch_step)
+    engine, got, refs = _batched_jump_engine_run()
+    assert got == refs and not engine.errors and engine.stats["drafts_accepted"] > 0
+    assert {"plan", "step"} <= set(raised)
+
+
+def test_a_batched_jump_share_engine_decodes_as_the_reference(monkeypatch):
+    """Three requests at once on the jump-share engine, threshold 1.0 (drafts are then lossless):
+    each response is the reference loop's alone, drafts are accepted, and the batch was planned
+    and decided in groups of requests drafting unlike."""
     groups = []
     real = JumpPlan.plan_many.__func__
 
@@ -413,13 +455,7 @@ def test_a_batched_jump_share_engine_decodes_as_the_reference(monkeypatch):
         return plans
 
     monkeypatch.setattr(JumpPlan, "plan_many", classmethod(spy))
-    ck = tiny_checkpoint("llada")
-    engine_cfg = engine_config({"odb": {"block_length": 16, "gen_length": 64, "method": "odb", "threshold": 1.0,
-                                        "ridge_rows": 160}})  # a share of 53 rows each: 1 to 5 drafted positions
-    engine = EmulatedEngine(ck, engine_cfg, slots=3)
-    prompts = [ck.encode_chat(e.prompt) for e in make_suite(43, 3)]
-    got = engine.generate(prompts, types.SimpleNamespace(temperature=0.0, max_tokens=64, extra_args=None, stop=None))
-    refs = [generate(ck.model, [p], engine_cfg.replace(gen_length=64, jump=False), ck.special) for p in prompts]
-    assert got == [response_ids(r.tokens[0], ck.special) for r in refs]
+    engine, got, refs = _batched_jump_engine_run()
+    assert got == refs
     assert engine.stats["drafts_accepted"] > 0
     assert any(len(g) > 1 for g in groups), groups

@@ -116,8 +116,8 @@ def main(args: argparse.Namespace) -> int:
     plain, res, python_host = _profile_steps(engine, args)
     floor_ms = weight_bytes(spec) / (ceilings["copy_bandwidth_gbs"] * 1e9) * 1e3
     summary = _summary(res, plain, floor_ms)
-    out = {"model": args.model, "engine": "jump-share" if args.speculative else "plain", "weights": "random (load_format=dummy)", "prompt_len": args.prompt_len,
-           "gen_length": args.gen_length, "block_length": args.block_length, "ceilings": ceilings,
+    out = {"model": args.model, "engine": "jump-share" if args.speculative else "plain",
+           "weights": "random (load_format=dummy)", "prompt_len": args.prompt_len, "gen_length": args.gen_length, "block_length": args.block_length, "ceilings": ceilings,
            "when": time.strftime("%Y-%m-%d %H:%M:%S"), "summary": summary, **res, "python_host_cprofile": python_host}
     print(json.dumps(summary))
     with open(args.out, "w") as f:

@@ -122,8 +122,9 @@ if triton is not None:
                 j = start + tl.arange(0, BLOCK_N)
                 j_ok = j < nd
                 krow = tl.load(rows_ptr + r * s_rows + j, mask=j_ok, other=0)
-                k = tl.load(k_ptr + krow[:, None] * sk_t + kh * sk_h + c[None], mask=j_ok[:, None] & c_ok[None], other=0.0)
-                v = tl.load(v_ptr + krow[:, None] * sv_t + kh * sv_h + c[None], mask=j_ok[:, None] & c_ok[None], other=0.0)
+                kv_ok = j_ok[:, None] & c_ok[None]
+                k = tl.load(k_ptr + krow[:, None] * sk_t + kh * sk_h + c[None], mask=kv_ok, other=0.0)
+                v = tl.load(v_ptr + krow[:, None] * sv_t + kh * sv_h + c[None], mask=kv_ok, other=0.0)
                 md = tl.load(md_ptr + r * s_md_r + m[:, None] * s_md_m + j[None], mask=m_ok[:, None] & j_ok[None],
                              other=0)
                 m_i, l_i, acc = _attend(q, k, v, md != 0, m_i, l_i, acc, scale, IEEE)

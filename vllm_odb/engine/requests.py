@@ -90,7 +90,8 @@ class JumpPlan:
             sub = Branches(br.blocks[one], br.positions[one], br.drafted[one], br.family, br.valid[one],
                            BranchLayout(lay.tokens[one, :q], lay.offset[one, :q], lay.branch[one, :q],
                                         lay.attn[one, :q, :q], lay.pred_row[one], lay.num_rows[one]))
-            plans.append(cls(sub, lay.tokens[g, :q], lay.offset[g, :q], lay.attn[g, :q, :q], lay.pred_row[g], window, q))
+            plans.append(cls(sub, lay.tokens[g, :q], lay.offset[g, :q], lay.attn[g, :q, :q], lay.pred_row[g],
+                             window, q))
         return plans
 
 

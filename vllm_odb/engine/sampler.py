@@ -53,7 +53,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -487,16 +487,8 @@ class ODBSampler:
                 key = ("alone", i) if q.cfg.threshold_alpha else (q.cfg.step_knobs, q.plan.branches.family.shape,
                                                                   q.forcing is not None)
                 groups[key].append(i)
-        for members in groups.values():
-            if len(members) > 1:
-                try:
-                    self._branch_group(logits, firsts, slots, reqs, masked, step, members)
-                    continue
-                except Exception:  # noqa: BLE001 -- retried one at a time below, where it is reported
-                    log.warning("vllm-odb: a batched jump-share step raised; its requests run one at a time")
-            for i in members:
-                with self._own_part(slots[i], reqs[i]):
-                    self._branch_group(logits, firsts, slots, reqs, masked, step, [i])
+        self._in_groups(groups.values(), lambda m: self._branch_group(logits, firsts, slots, reqs, masked, step, m),
+                        lambda i: (slots[i], reqs[i]))
 
     def _branch_group(self, logits: torch.Tensor, firsts: list[int], slots: list[int], reqs: list[ODBRequest],
                       masked: torch.Tensor, step: Step, members: list[int]) -> None:
@@ -539,16 +531,22 @@ class ODBSampler:
         groups: dict = defaultdict(list)
         for job in jobs:
             groups[job[2].cfg.step_knobs].append(job)
-        for members in groups.values():
+        self._in_groups(groups.values(), lambda m: self._plan_group(step, live, m), lambda job: (job[1], job[2]))
+
+    def _in_groups(self, groups, run: Callable[[list], None], owner: Callable[[Any], tuple[int, ODBRequest]]) -> None:
+        """``run`` each group of requests at once. Should a group raise, its members run one at a
+        time, each in its own part of the step (``owner``: a member's slot and request), where a
+        failure is reported and fails that request only."""
+        for members in groups:
             if len(members) > 1:
                 try:
-                    self._plan_group(step, live, members)
+                    run(members)
                     continue
                 except Exception:  # noqa: BLE001 -- retried one at a time below, where it is reported
-                    log.warning("vllm-odb: batched jump-share planning raised; its requests are planned one at a time")
-            for job in members:
-                with self._own_part(job[1], job[2]):
-                    self._plan_group(step, live, [job])
+                    log.warning("vllm-odb: a batched jump-share group raised; its requests run one at a time")
+            for m in members:
+                with self._own_part(*owner(m)):
+                    run([m])
 
     def _plan_group(self, step: Step, live: int, members: list[tuple[int, int, ODBRequest, int]]) -> None:
         table, shift = self.table, self.shift
