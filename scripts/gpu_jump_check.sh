@@ -5,6 +5,9 @@
 #   PART=1 OUT=$OUT bash scripts/gpu_jump_check.sh   # kernel test at full size; odb parity (both models,
 #                                                    # eager and CUDA graphs) with the kernel; the step's
 #                                                    # profile with each route (~7 min)
+#   PART=kernel / PART=profile: the first part's two halves (the kernel test and parity share the GPU
+#   with other work; the profile wants a quiet GPU). ROUTES (default "sdpa triton") picks the routes of
+#   the profile and speed parts; METHODS (default odb) the speed part's methods.
 #   PART=2 OUT=$OUT bash scripts/gpu_jump_check.sh   # speed rows of odb and odb-alp on the v3 traces,
 #                                                    # LLaDA-8B, gen 1024, batch 1 and 64, each route (~8 min)
 # Everything lands in $OUT/jump-<part>.tgz.
@@ -12,12 +15,13 @@ set -uo pipefail
 source /root/vllm-env.sh
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/vllm-site . >/dev/null 2>&1 \
   || { echo "project install failed"; exit 1; }
-PART=${PART:?PART=1 or 2}
+PART=${PART:?PART=1, kernel, profile or 2}
+ROUTES=${ROUTES:-sdpa triton}
 OUT=${OUT:-/tmp/out}; R="$OUT/jump-$PART"; mkdir -p "$R"
 export VLLM_ODB_BENCH_KV_GIB=${VLLM_ODB_BENCH_KV_GIB:-2}
 note() { echo "$1 rc=$2" | tee -a "$R/rc.txt"; }
 case $PART in
-1)
+1|kernel)
   timeout 240 python3 -m pytest -m gpu -q -s -p no:cacheprovider tests/test_engine_branches.py > "$R/kernel.log" 2>&1
   note kernel $?
   grep "draft rows of" "$R/kernel.log"
@@ -30,21 +34,23 @@ case $PART in
       note "parity-$1-$2-triton" $? ) &
     sleep 3
   done
-  wait
-  for route in sdpa triton; do
+  wait ;;&
+1|profile)
+  for route in $ROUTES; do
     VLLM_ODB_DRAFT_ATTENTION=$route timeout 200 python3 -m vllm_odb.bench profile-decode-step --model llada-8b \
       --speculative --out "$R/profile-jump-llada-8b-$route.json" > "$R/profile-$route.log" 2>&1
     note "profile-$route" $?
     grep steps_profiled "$R/profile-$route.log"
   done ;;
 2)
-  for route in sdpa triton; do
+  for route in $ROUTES; do
     VLLM_ODB_DRAFT_ATTENTION=$route timeout 260 python3 -m vllm_odb.bench speed --engine vllm --model llada-8b \
-      --traces benchmarks/results/dynamics/worked-v3-traces-llada.json --methods odb --gen-lengths 1024 \
+      --traces benchmarks/results/dynamics/worked-v3-traces-llada.json --methods ${METHODS:-odb} --gen-lengths 1024 \
       --batches 1,64 --requests 3 --row-seconds 30 --out "$R/speed-odb-$route.json" > "$R/speed-$route.log" 2>&1
     note "speed-$route" $?
   done ;;
-*) echo "PART=$PART: give 1 or 2"; exit 2 ;;
+kernel|profile) ;;
+*) echo "PART=$PART: give 1, kernel, profile or 2"; exit 2 ;;
 esac
 sort "$R/rc.txt"
 tar -czf "$OUT/jump-$PART.tgz" -C "$OUT" "jump-$PART" && rm -rf "$R"

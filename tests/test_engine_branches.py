@@ -226,11 +226,17 @@ def test_the_kernel_route_under_the_triton_interpreter():
 
 
 def test_the_route_is_chosen_by_name(monkeypatch):
+    """``sdpa`` and ``triton`` force a route; ``auto``, the default, takes the kernel on CUDA for
+    half-precision models only (fp32's IEEE products are emulated: SDPA is faster there)."""
     from vllm_odb.engine.draft_attention import ENV, kernel_selected
 
     for value, cuda in (("sdpa", False), ("triton", True)):
         monkeypatch.setenv(ENV, value)
-        assert kernel_selected("cuda") is cuda and (kernel_selected("cpu") is False or INTERPRETED)
+        for dtype in (torch.float32, torch.bfloat16):
+            assert kernel_selected("cuda", dtype) is cuda and (kernel_selected("cpu", dtype) is False or INTERPRETED)
+    monkeypatch.delenv(ENV, raising=False)
+    for dtype, cuda in ((torch.bfloat16, True), (torch.float16, True), (torch.float32, False), (None, False)):
+        assert kernel_selected("cuda", dtype) is cuda and kernel_selected("cpu", dtype) is False
     monkeypatch.setenv(ENV, "flash")
     with pytest.raises(ValueError, match="VLLM_ODB_DRAFT_ATTENTION='flash'"):
         kernel_selected("cuda")
@@ -257,7 +263,7 @@ def test_a_layer_launches_the_same_ops_at_any_batch():
         out, firsts = _run(reqs)  # warm; then count one layer's call on the same batch
         rows = [BranchRows(first=f, plan=r.plan, q0=r.q0, end=r.end) for r, f in zip(reqs, firsts)]
         wrapper = BranchAttention(lambda *a, **k: None, PagedCache(kernel_block_size=KBS))
-        wrapper.batches = BranchBatch.build(rows, torch.zeros(n, 6, dtype=torch.long), KBS, "cpu")
+        wrapper.batches = BranchBatch.build(rows, torch.zeros(n, 6, dtype=torch.long), KBS, "cpu", kernel=False)
         layer = types.SimpleNamespace(num_heads=H, num_kv_heads=H, head_size=D, impl=types.SimpleNamespace(scale=1.0))
         t = torch.zeros(out.shape[0], H, D)
         with Count() as c:
@@ -269,7 +275,7 @@ def test_a_layer_launches_the_same_ops_at_any_batch():
 def test_no_rows_means_the_kernel_alone():
     calls = []
     wrapper = BranchAttention(lambda *a, **k: calls.append(1) or "kernel", PagedCache(kernel_block_size=KBS))
-    assert BranchBatch.build([], torch.zeros(0, 6, dtype=torch.long), KBS, "cpu") == []
+    assert BranchBatch.build([], torch.zeros(0, 6, dtype=torch.long), KBS, "cpu", kernel=False) == []
     assert wrapper(None, None, None, None, None, object(), None) == "kernel" and calls == [1]
 
 

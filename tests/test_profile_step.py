@@ -47,3 +47,54 @@ def test_step_split_into_busy_and_idle_before_between_after(prof):
     assert step["matmul_ms"] == pytest.approx(0.02) and step["attention_ms"] == pytest.approx(0.015)
     assert step["other_ms"] == pytest.approx(0.01)  # the memcpy
     assert res["top_host_ops_ms"] == [{"name": "aten::copy_", "ms_total": 0.003}]
+
+
+def test_a_profile_without_kernels_is_refused_by_name(prof):
+    """A profile whose steps ran nothing (the request finished before them) says so, instead of
+    statistics' 'no mode for empty data' (what the jump-share profile hit on the H200)."""
+    steps = {"steps": [{"kernels": 0, "wall_ms": 1.0}] * 3}
+    with pytest.raises(SystemExit, match="none of the 3 profiled steps launched a GPU kernel"):
+        prof._summary(steps, [1.0], 3.5)
+
+
+def test_the_profiled_steps_always_have_a_request(prof, monkeypatch):
+    """``_engine``'s step function adds a request whenever the last one has finished, so a jump-share
+    engine that finishes its request early still profiles decode steps."""
+    import types
+
+    class Engine:
+        def __init__(self):
+            self.live, self.added, self.steps = 0, [], 0
+
+        def has_unfinished_requests(self):
+            return self.live > 0
+
+        def add_request(self, rid, prompt, sp):
+            self.added.append(rid)
+            self.live = 3  # finishes after three steps
+
+        def step(self):
+            self.steps += 1
+            self.live -= 1
+
+    engine = Engine()
+
+    class LLM:
+        def __init__(self, **kw):
+            self.llm_engine = engine
+
+        def generate(self, *a, **k):
+            return []
+
+    fake_vllm = types.SimpleNamespace(LLM=LLM, SamplingParams=lambda **k: k)
+    monkeypatch.setitem(__import__("sys").modules, "vllm", fake_vllm)
+    monkeypatch.setitem(__import__("sys").modules, "vllm.inputs",
+                        types.SimpleNamespace(TokensPrompt=lambda **k: k))
+    args = types.SimpleNamespace(model="llada-8b", speculative=True, prompt_len=8, gen_length=16, block_length=8,
+                                 skip=7)
+    spec = types.SimpleNamespace(mask_token_id=100)
+    got, step = prof._engine(args, spec)
+    assert got is engine and engine.steps == 7 and len(engine.added) == 3
+    for _ in range(5):
+        step()
+    assert engine.steps == 12 and len(engine.added) == 4 and len(set(engine.added)) == 4

@@ -112,8 +112,8 @@ def main(args: argparse.Namespace) -> int:
 
     ceilings = measure()
     spec = ModelSpec.from_config(FULL_SIZE[args.model]())
-    engine = _engine(args, spec)
-    plain, res, python_host = _profile_steps(engine, args)
+    engine, step = _engine(args, spec)
+    plain, res, python_host = _profile_steps(engine, step, args)
     floor_ms = weight_bytes(spec) / (ceilings["copy_bandwidth_gbs"] * 1e9) * 1e3
     summary = _summary(res, plain, floor_ms)
     out = {"model": args.model, "engine": "jump-share" if args.speculative else "plain",
@@ -146,13 +146,22 @@ def _engine(args, spec):
     prompt = torch.randint(0, spec.mask_token_id - 1, (args.prompt_len,), generator=g).tolist()
     sp = SamplingParams(temperature=0.0, max_tokens=args.gen_length, ignore_eos=True)
     llm.generate([TokensPrompt(prompt_token_ids=prompt)], sp, use_tqdm=False)  # warm this shape
-    engine.add_request("profiled", TokensPrompt(prompt_token_ids=prompt), sp)
-    for _ in range(args.skip):
+    added = iter(range(1 << 30))
+
+    def step() -> None:
+        """One engine step, with a request in it: jump-share can finish a random-weight request in
+        fewer steps than ``--skip`` (its drafts are accepted wholesale), so a finished one is
+        replaced by the next (its first steps are refreshes, which the summary leaves out)."""
+        if not engine.has_unfinished_requests():
+            engine.add_request(f"profiled-{next(added)}", TokensPrompt(prompt_token_ids=prompt), sp)
         engine.step()
-    return engine
+
+    for _ in range(args.skip):
+        step()
+    return engine, step
 
 
-def _profile_steps(engine, args):
+def _profile_steps(engine, step, args):
     """``--steps`` engine steps three times: timed without a profiler (which slows the host side),
     under torch.profiler (analysed per step) and under cProfile (the host's Python functions)."""
     import cProfile
@@ -164,17 +173,17 @@ def _profile_steps(engine, args):
     plain = []  # step wall without the profiler, whose host-side recording slows the host
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        engine.step()
+        step()
         plain.append((time.perf_counter() - t0) * 1e3)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(args.steps):
             with record_function(f"engine_step_{i}"):
-                engine.step()
+                step()
     torch.cuda.synchronize()
     pyprof = cProfile.Profile()  # where the host's Python time goes, per function
     pyprof.enable()
     for _ in range(args.steps):
-        engine.step()
+        step()
     pyprof.disable()
     stats = pstats.Stats(pyprof)
 
@@ -198,6 +207,9 @@ def _profile_steps(engine, args):
 def _summary(res: dict, plain: list[float], floor_ms: float) -> dict:
     """p50s over the decode steps (the most common kernel count; refresh steps launch more)."""
     counts = [s["kernels"] for s in res["steps"] if s["kernels"] > 0]
+    if not counts:
+        raise SystemExit(f"profile-decode-step: none of the {len(res['steps'])} profiled steps launched a GPU "
+                         "kernel (no request in them, or the profiler saw no CUDA activity)")
     typical = statistics.mode(counts)
     decode = [s for s in res["steps"] if s["kernels"] == typical]
     summary = {

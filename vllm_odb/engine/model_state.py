@@ -221,20 +221,20 @@ class BranchBatch:
 
     @classmethod
     def build(cls, rows: list[BranchRows], block_tables: torch.Tensor, kbs: int, device,
-              kernel: bool | None = None) -> list["BranchBatch"]:
+              kernel: bool) -> list["BranchBatch"]:
         """The step's draft rows, for every layer: ``rows``, the planned requests, and
         ``block_tables`` [R, blocks] their block-table rows, in the same order. Plans without draft
-        rows are left out. ``kernel``: lay them out for the Triton route (default:
-        ``draft_attention.kernel_selected``), else for the SDPA route, in chunks whose padded key
-        gather stays under ``_SDPA_KEYS`` key positions (the old per-request loop gathered one
-        request at a time; vLLM's memory profile does not see this path)."""
+        rows are left out. ``kernel``: lay them out for the Triton route (the engine asks
+        ``draft_attention.kernel_selected`` once, at start-up), else for the SDPA route, in chunks
+        whose padded key gather stays under ``_SDPA_KEYS`` key positions (the old per-request loop
+        gathered one request at a time; vLLM's memory profile does not see this path)."""
         keep = [i for i, r in enumerate(rows) if r.plan.num_rows > r.plan.window]
         if not keep:
             return []
         if len(keep) < len(rows):
             block_tables = block_tables[to_device(keep, block_tables.device)]
         planned = [rows[i] for i in keep]
-        if kernel if kernel is not None else kernel_selected(device):
+        if kernel:
             return [cls._laid_out(planned, block_tables, kbs, device, True)]
         chunks, a = [], 0
         while a < len(planned):
@@ -364,6 +364,7 @@ class ODBModelState(DefaultModelState):
             if cache_dtype not in ("auto", model_dtype):  # the draft rows read the cache as the model's dtype, unscaled
                 raise ValueError(f"vllm-odb: --speculative odb (jump-share) needs the KV cache in the model's dtype; "
                                  f"kv_cache_dtype={cache_dtype!r} is not supported with it (leave it 'auto')")
+            self.draft_kernel = kernel_selected(device, self.model_config.dtype)
             for layer in model.model.layers:
                 impl = layer.self_attn.attn.impl
                 wrapper = BranchAttention(impl.forward, self.paged)
@@ -497,7 +498,7 @@ class ODBModelState(DefaultModelState):
         slot_mappings[0, tok] = slot.to(slot_mappings.dtype)
         if branch_rows:
             batches = BranchBatch.build(branch_rows, self.paged.block_tables[to_device(planned_rows, self.device)],
-                                        kbs, self.device)
+                                        kbs, self.device, self.draft_kernel)
             for wrapper in self.branch_attention:
                 wrapper.batches = batches
 
