@@ -4,7 +4,9 @@ What runs is the engine's own code: ``RequestTable`` (requests, knobs, stop stri
 ``ODBSampler`` (decode, advance, emit, refresh, ALP, drafts), ``CacheRefresh`` (the refresh side
 forward's jobs) and ``JumpPlan``. What is emulated is what vLLM and the GPU provide: the
 scheduler (one request at a time, a prefill step, then decode steps until an emitted block holds
-an end id, as vLLM's stop check does), the forward of a decode step (the reference model on the
+an end id, as vLLM's stop check does; each decode step gives every request the canvas slots
+``knobs.step_width`` allows after a step of the previous step's batch, as vLLM's async scheduler
+does with the table patches/scheduler_lookahead.py sets), the forward of a decode step (the reference model on the
 window vLLM is fed, ``req_states.draft_tokens``, over the keys the last refresh wrote: the dual
 cache; jump-share plans' rows with the layout's mask, as ``BranchAttention`` computes them) and
 the refresh forward (the reference model over the job's sequence, keeping its keys and values as
@@ -60,6 +62,8 @@ class EmulatedEngine:
         base = types.SimpleNamespace(sampling_states=None, req_states=types.SimpleNamespace(draft_tokens=self.draft_tokens))
         self.sampler = ODBSampler(self.table, CacheRefresh(stand_in, self.paged), base, 4096)
         self.kv: dict[int, list] = {}  # each request's keys and values as its last refresh wrote them
+        self.step_slots = self.width  # canvas slots of each request in the next decode step
+        self.slots_seen: list[int] = []  # the decode steps' slots per request, in order
 
     def generate(self, prompts: list[list[int]], sampling_params, error_lag: int = 1) -> list[list[int] | None]:
         """The requests through the engine at once (the first step prefills them all): each one's
@@ -124,9 +128,12 @@ class EmulatedEngine:
                 num_reqs=n, idx_mapping_np=np.array(slots), num_draft_tokens=0, cu_num_logits_np=np.zeros(n + 1, int),
                 is_prefilling_np=np.ones(n, bool), num_scheduled_tokens=lens, num_computed_prefill_tokens_np=np.zeros(n),
                 prefill_len_np=lens, num_tokens=int(lens.sum()), req_ids=[q.req_id for q in reqs])
+            self.step_slots = self.table.step_width(n)
             return self.sampler(torch.zeros(n, 1), batch)
-        logits = torch.cat([self._window_logits(s, q) for s, q in zip(slots, reqs)])
-        counts = np.full(n, self.width)
+        k, self.step_slots = self.step_slots, self.table.step_width(n)
+        self.slots_seen.append(k)
+        logits = torch.cat([self._window_logits(s, q, k) for s, q in zip(slots, reqs)])
+        counts = np.full(n, k)
         batch = types.SimpleNamespace(
             num_reqs=n, idx_mapping_np=np.array(slots), num_draft_tokens=int(counts.sum()),
             cu_num_logits_np=np.concatenate([[0], np.cumsum(counts)]), is_prefilling_np=np.zeros(n, bool),
@@ -145,13 +152,13 @@ class EmulatedEngine:
             out.append(logits[0])
         return torch.cat(out)
 
-    def _window_logits(self, slot: int, q) -> torch.Tensor:
-        """A decode step's forward for one request: its ``width`` rows as vLLM feeds them (the
+    def _window_logits(self, slot: int, q, k: int) -> torch.Tensor:
+        """A decode step's forward for one request: its ``k`` rows as vLLM feeds them (the
         draft tokens), over the dual cache's keys ``[0, q.keys)`` with the window's rows spliced
         in. A jump-share plan's rows carry their layout's positions and mask; padding rows decide
         nothing and get zeros."""
         if q.finished:  # EOS blocks: the sampler reads none of these rows
-            return torch.zeros(self.width, self.model.spec.vocab_size)
+            return torch.zeros(k, self.model.spec.vocab_size)
         window = self.table.window
         q0 = q.start - self.shift
         kv = [(k[:, :, :q.keys], v[:, :, :q.keys]) for k, v in self.kv[slot]]
@@ -164,4 +171,5 @@ class EmulatedEngine:
             attn[0, :, q0:q0 + rows] = q.plan.attn
         keys = torch.ones((1, q.keys - window + rows), dtype=torch.bool)
         logits = self.model(tokens[None, :rows], pos[None], keys, past=kv, splice=(q0, q0 + window), attn_mask=attn)[0]
-        return torch.cat([logits, torch.zeros(self.width - rows, logits.shape[-1])])
+        assert rows <= k, f"a plan of {rows} rows in a step of {k} slots"
+        return torch.cat([logits, torch.zeros(k - rows, logits.shape[-1])])

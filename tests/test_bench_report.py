@@ -257,6 +257,22 @@ def test_vllm_roofline_by_hand():
     assert row_seconds([TRACE] * 2, spec, cfg, "vllm", 2, 1e30, ONE_BYTE, max_num_seqs=1)[0] == pytest.approx(976)
 
 
+def test_vllm_jump_share_roofline_follows_the_batch():
+    """A jump-share engine's decode forward takes the step's canvas (knobs.step_width of the
+    previous step's requests): ridge_rows = 8, block 2. Alone: the whole canvas, 8 rows against 6
+    keys (352 + 384 = 736) in place of the plain 184 twice. Four together, memory bound: the
+    decode steps' rows do not matter; compute bound (bytes free), four requests' decode forwards
+    take 8 // 4 = 2 rows each (the window): the plain engine's FLOPs, not 4 x 8 rows."""
+    from vllm_odb.bench.roofline import row_seconds
+    from vllm_odb.policies import DecodeConfig
+
+    spec, plain = _toy()
+    jump = DecodeConfig.for_method("odb", gen_length=4, block_length=2, ridge_rows=8)
+    assert row_seconds([TRACE], spec, jump, "vllm", 1, ONE_FLOP, ONE_BYTE)[0] == pytest.approx(1592 - 2 * 184 + 2 * 736)
+    four = [row_seconds([TRACE] * 4, spec, c, "vllm", 4, ONE_FLOP, 1e30)[0] for c in (plain, jump)]
+    assert four[1] == pytest.approx(four[0])
+
+
 def test_reference_roofline_by_hand():
     """Reference dual cache: block 0 = refresh over prompt + canvas (552) + a cached step on the
     block (184); block 1 = its refresh (552): 1288 s, 3 forwards. Jump-share: the cached step takes

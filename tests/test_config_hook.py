@@ -191,13 +191,31 @@ def test_hook_caps_vllm_default_sized_max_num_seqs(cpu_vllm):  # noqa: F811 (the
 def test_hook_jump_share_engine(cpu_vllm, fmt):  # noqa: F811 (the fixture)
     from vllm.config.compilation import CUDAGraphMode
 
+    from vllm_odb.engine.knobs import step_width
+    from vllm_odb.policies import DecodeConfig
+
     vc = _create(fmt, speculative_config={"method": "odb"})
     window = 16 + SHIFT[fmt]
-    assert vc.diffusion_config.canvas_length == (251 if fmt == "llada" else 2 * 251 - window)
-    assert vc.scheduler_config.max_num_seqs == 251 // window
-    assert vc.scheduler_config.max_num_batched_tokens >= vc.scheduler_config.max_num_seqs * 251
+    width = 251 if fmt == "llada" else 2 * 251 - window
+    assert vc.diffusion_config.canvas_length == width
+    # No concurrency cap: the canvas follows the batch (knobs.step_width through the scheduler),
+    # and the token budget holds every request's share plus one step of a batch that just grew.
+    sc = vc.scheduler_config
+    assert sc.max_num_seqs == 64
+    cfg = DecodeConfig(**vc.model_config.hf_config.odb_engine)
+    assert sc.max_num_batched_tokens >= max(b * step_width(cfg, SHIFT[fmt], b) for b in range(1, 65)) + 64 * window
     assert not vc.compilation_config.cudagraph_mode.has_full_cudagraphs()
     assert vc.compilation_config.cudagraph_mode in (CUDAGraphMode.PIECEWISE, CUDAGraphMode.NONE)
+
+
+@pytest.mark.parametrize("fmt", ["llada", "dream"])
+def test_hook_jump_share_engine_without_async_scheduling_keeps_the_cap(cpu_vllm, fmt):  # noqa: F811
+    """Without async scheduling vLLM's placeholders are the full canvas every step: at most
+    ridge_rows // window requests, each with the whole canvas in the token budget."""
+    vc = _create(fmt, speculative_config={"method": "odb"}, async_scheduling=False)
+    window = 16 + SHIFT[fmt]
+    assert vc.scheduler_config.max_num_seqs == 251 // window
+    assert vc.scheduler_config.max_num_batched_tokens >= vc.scheduler_config.max_num_seqs * 251
 
 
 # ---------------------------------------------------------------------------------------------

@@ -96,3 +96,27 @@ def test_requests_decode_alike_alone_and_in_a_batch(fmt):
     assert got == [response_ids(r.tokens[0], ck.special) for r in refs]
     assert engine.stats["forwards"] == sum(r.nfe[0] for r in refs)
     assert engine.stats["requests"] == 3
+
+
+@pytest.mark.parametrize("fmt", ["llada", "dream"])
+def test_jump_share_requests_in_a_batch_decode_within_the_step_width(fmt):
+    """Four jump-share requests at once: each step's canvas is the batch's share (knobs.step_width,
+    as vLLM's scheduler gives it after the previous step), narrower than the canvas of a request
+    alone and wider than the window; every plan fits its step (the emulator asserts it), drafts are
+    still accepted, and each response is the reference loop's for that prompt alone."""
+    from vllm_odb.engine.knobs import canvas_width, step_width
+
+    ck = _ckpt(fmt)
+    engine_cfg = engine_config({"odb": {"block_length": BLOCK, "gen_length": GEN, "method": "odb", "threshold": 1.0,
+                                        "ridge_rows": 128}})
+    engine = EmulatedEngine(ck, engine_cfg, slots=4)
+    prompts = [ck.encode_chat(e.prompt) for e in make_suite(45, 4)]
+    sp = types.SimpleNamespace(temperature=0.0, max_tokens=GEN, extra_args=None, stop=None)
+    got = engine.generate(prompts, sp)
+    refs = [generate(ck.model, [p], engine_cfg.replace(gen_length=GEN), ck.special) for p in prompts]
+    assert got == [response_ids(r.tokens[0], ck.special) for r in refs]
+    shift = ck.model.spec.logits_shift
+    width, four = canvas_width(engine_cfg, shift), step_width(engine_cfg, shift, 4)
+    assert BLOCK + shift < four < width and engine.slots_seen[0] == four
+    assert set(engine.slots_seen) <= {step_width(engine_cfg, shift, b) for b in range(1, 5)}
+    assert engine.stats["drafts_accepted"] > 0

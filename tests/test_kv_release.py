@@ -15,6 +15,13 @@ from vllm_odb.engine import kv_release  # noqa: E402
 BLOCK = 16
 
 
+@pytest.fixture(autouse=True)
+def _listening_undone(monkeypatch):
+    """The scheduler wrapper (and ``listen``) mark this process as one whose scheduler takes the
+    cut notes; undone after each test, so later tests' workers do not expect runner block tables."""
+    monkeypatch.setattr(kv_release, "_listening", kv_release._listening)
+
+
 def _manager(num_blocks=64):
     from vllm.v1.core.kv_cache_manager import KVCacheManager
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec

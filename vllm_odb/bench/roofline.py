@@ -6,8 +6,9 @@ live canvas after each refresh) and the engine's decoding loop:
 
 - **vllm**: the step that completes the prompt's prefill (``prompt`` rows in the runner's forward)
   also runs the first block's refresh, a side forward over prompt + canvas. Each later forward of a
-  block is a runner forward of ``canvas_width`` query rows (the block, + Dream's shift; a jump-share
-  engine's whole draft canvas) against prompt + live canvas; a block its refresh already completed
+  block is a runner forward of the step's canvas (the block, + Dream's shift; a jump-share engine's
+  canvas follows the batch: ``knobs.step_width`` of the previous step's requests, the whole draft
+  canvas alone) against prompt + live canvas; a block its refresh already completed
   takes one (idle) runner forward to go out. The step that completes a block also refreshes the
   next one (prompt + the canvas left, before ALP cuts it). Requests run together up to
   ``max_num_seqs`` (``bench speed`` and ``report`` pass none: the whole batch at once, the
@@ -39,14 +40,15 @@ def forward_seconds(flops: float, nbytes: float, peak_tflops: float, bandwidth_g
     return max(flops / (peak_tflops * 1e12), nbytes / (bandwidth_gbs * 1e9))
 
 
-def _vllm_steps(prompt: int, commits, lengths, gen: int, width: int) -> list[list[tuple]]:
-    """One request's engine steps, each a list of (kind, query rows, keys)."""
+def _vllm_steps(prompt: int, commits, lengths, gen: int) -> list[list[tuple]]:
+    """One request's engine steps, each a list of (kind, query rows, keys); a decode forward's rows
+    are None: the step's canvas, which the batch sets (``_continuous``)."""
     steps = [[(RUN, prompt, prompt), (REFRESH, prompt + gen, prompt + gen)]]
     for b, counts in enumerate(commits):
         keys = prompt + lengths[b]
         n = max(1, len(counts) - 1)  # forwards after the refresh (one idle if the refresh completed it)
         for i in range(n):
-            step = [(RUN, width, keys)]
+            step = [(RUN, None, keys)]
             if i == n - 1 and b + 1 < len(commits):
                 step.append((REFRESH, keys, keys))
             steps.append(step)
@@ -80,13 +82,16 @@ def _lockstep(per_request: list[list[list[tuple]]]) -> list[list[tuple]]:
     return steps
 
 
-def _continuous(per_request: list[list[list[tuple]]], cap: int) -> list[list[tuple]]:
-    """vLLM batches: up to ``cap`` requests at once, a waiting one takes a finished one's place."""
-    waiting, running, steps = deque(deque(r) for r in per_request), [], []
+def _continuous(per_request: list[list[list[tuple]]], cap: int, width_of=lambda batch: 0) -> list[list[tuple]]:
+    """vLLM batches: up to ``cap`` requests at once, a waiting one takes a finished one's place; a
+    decode forward's rows are ``width_of(requests in the previous step)`` (its canvas)."""
+    waiting, running, steps, before = deque(deque(r) for r in per_request), [], [], 1
     while waiting or running:
         while waiting and len(running) < cap:
             running.append(waiting.popleft())
-        steps.append([piece for r in running for piece in r.popleft()])
+        rows = width_of(before)
+        steps.append([(k, rows if n is None else n, keys) for r in running for k, n, keys in r.popleft()])
+        before = len(running)
         running = [r for r in running if r]
     return steps
 
@@ -107,7 +112,7 @@ def row_seconds(traces: list[dict], spec, cfg, engine: str, batch: int, peak_tfl
                 max_num_seqs: int | None = None) -> tuple[float, int]:
     """Roofline seconds of a row's requests (``traces``: ``{prompt_len, replay}`` each, in run order;
     batch 1 runs them one after another, a larger batch together) and its forward count."""
-    from vllm_odb.engine.knobs import canvas_width
+    from vllm_odb.engine.knobs import canvas_width, step_width
 
     width = canvas_width(cfg, spec.logits_shift)
     groups = [[t] for t in traces] if batch == 1 else [traces]
@@ -115,7 +120,8 @@ def row_seconds(traces: list[dict], spec, cfg, engine: str, batch: int, peak_tfl
     for group in groups:
         if engine == "vllm":
             steps = _continuous([_vllm_steps(t["prompt_len"], t["replay"]["commits"], t["replay"]["lengths"],
-                                             cfg.gen_length, width) for t in group], max_num_seqs or batch)
+                                             cfg.gen_length) for t in group], max_num_seqs or batch,
+                                lambda b: step_width(cfg, spec.logits_shift, b))
         else:
             steps = _lockstep([_reference_blocks(t["prompt_len"], t["replay"]["commits"], t["replay"]["lengths"],
                                                  cfg.gen_length, cfg, spec.logits_shift, width) for t in group])

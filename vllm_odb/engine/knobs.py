@@ -26,6 +26,7 @@ Pure Python: imported by the front end (request validation), the scheduler patch
 from __future__ import annotations
 
 import math
+import re
 
 from vllm_odb.engine import faults
 from vllm_odb.policies.config import METHODS, DecodeConfig
@@ -78,11 +79,38 @@ def _from_knobs(knobs: dict, where: str) -> DecodeConfig:
         raise ValueError(f"{where}{e}") from None
 
 
+# The ridge point of the GPUs we measured, in query rows (bf16 matmul FLOP/s over copy bytes/s):
+# H100 753.5 TFLOP/s / 2999 GB/s = 251 (benchmarks/results/gpu/ridge-h100.json, DecodeConfig's
+# default); H200 756-774 TFLOP/s / 4.24 TB/s = ~178 (the project's H200 measurements). An engine
+# on one of them takes its row by default; the ``ridge_rows`` knob overrides it.
+RIDGE_ROWS_BY_GPU = (("H200", 178), ("H100", 251))  # matched as words: a GH200 is neither
+
+
+def gpu_ridge_rows() -> int | None:
+    """``RIDGE_ROWS_BY_GPU``'s row for this machine's first CUDA GPU (by name, through vLLM's
+    platform, which reads it without initialising CUDA), or None (another GPU, or none)."""
+    try:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cuda():
+            return None
+        name = current_platform.get_device_name(0)
+    except Exception:  # no vLLM, no device, no NVML: DecodeConfig's default
+        return None
+    return next((rows for key, rows in RIDGE_ROWS_BY_GPU if re.search(rf"\b{key}\b", name)), None)
+
+
 def engine_config(additional_config: dict | None) -> DecodeConfig:
-    """The engine's default ``DecodeConfig`` from vLLM's ``additional_config``."""
+    """The engine's default ``DecodeConfig`` from vLLM's ``additional_config`` (``ridge_rows``,
+    when not given, is this GPU's: ``gpu_ridge_rows``)."""
     section = (additional_config or {}).get(ENGINE_SECTION, {})
     if not isinstance(section, dict):
         raise ValueError(f"additional_config.{ENGINE_SECTION} must be a JSON object, got {section!r}")
+    if "ridge_rows" not in section:
+        rows = gpu_ridge_rows()
+        # (a block wider than this GPU's ridge keeps the default: no draft fits either way)
+        if rows is not None and rows > section.get("block_length", DecodeConfig.block_length):
+            section = {**section, "ridge_rows": rows}
     for name in REQUEST_ONLY_NOT_KNOBS:
         if name in section:
             raise ValueError(f"additional_config.{ENGINE_SECTION}.{name}: set temperature per request "
@@ -177,6 +205,22 @@ def canvas_width(cfg: DecodeConfig, shift: int) -> int:
     if not cfg.jump:
         return window
     return max(window, cfg.ridge_rows if shift == 0 else 2 * cfg.ridge_rows - window)
+
+
+def step_width(cfg: DecodeConfig, shift: int, batch: int) -> int:
+    """Query rows a jump-share engine gives each decode request in the step after a step of
+    ``batch`` scheduled requests: the most rows its share of the draft budget can lay out
+    (``policies.jump.plan_drafts``: share = ``ridge_rows // batch``; Dream's shifted layouts reach
+    ``2 * share - window``), at least the window, at most ``canvas_width``. Many drafts at batch 1,
+    the plain window from ``ridge_rows // window`` requests on. vLLM's scheduler takes these as its
+    per-batch-size draft counts (patches/scheduler_lookahead.py); the sampler plans each step with
+    the same share (engine/sampler.py). A plain engine's step is always the window."""
+    window = cfg.block_length + shift
+    if not cfg.jump:
+        return window
+    share = cfg.ridge_rows // max(1, batch)
+    rows = share if shift == 0 else 2 * share - window
+    return max(window, min(canvas_width(cfg, shift), rows))
 
 
 def live_gen_length(cfg: DecodeConfig, prompt_len: int, max_model_len: int, reach: int) -> int:

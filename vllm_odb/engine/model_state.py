@@ -79,7 +79,7 @@ from vllm_odb.checkpoint import special_tokens
 from vllm_odb.engine import CHECK, check, kv_release
 from vllm_odb.engine.draft_attention import DraftRows, draft_rows_attention, kernel_selected
 from vllm_odb.engine.metrics import RequestCounters
-from vllm_odb.engine.requests import JumpPlan, RequestTable, decode_rows
+from vllm_odb.engine.requests import JumpPlan, RequestTable, decode_rows, fit_plans
 from vllm_odb.policies import DecodeConfig
 from vllm_odb.policies.host import to_device
 
@@ -370,7 +370,6 @@ class ODBModelState(DefaultModelState):
                 wrapper = BranchAttention(impl.forward, self.paged)
                 impl.forward = wrapper
                 self.branch_attention.append(wrapper)
-            self._base_offsets = torch.arange(self.width, device=device)
         if vllm_config.num_speculative_tokens != self.width:
             raise RuntimeError(f"vLLM schedules {vllm_config.num_speculative_tokens} canvas slots per "
                                f"request, the decoder needs {self.width} (engine/knobs.py canvas_width)")
@@ -440,7 +439,7 @@ class ODBModelState(DefaultModelState):
         )
 
     def _dual_cache_and_shift(self, input_batch, slot_mappings) -> None:
-        rows = decode_rows(input_batch, self.width)
+        rows = decode_rows(input_batch, self.table)  # a plain engine's decode rows: width slots each
         if len(rows) == 0:
             return
         self._seq_lens(input_batch, rows, [self.table.get(int(s)) for s in input_batch.idx_mapping_np[rows]])
@@ -459,42 +458,47 @@ class ODBModelState(DefaultModelState):
 
     def _branch_rows(self, input_batch, slot_mappings) -> None:
         """Jump-share engines: the dual cache's sequence lengths, and each decode row's positions
-        and KV slots. Row i of a request's canvas sits at ``start - shift + offset[i]``: base rows
-        at their window offset (written to the cache), planned draft rows at their layout offset
-        and padding rows anywhere (neither written: slot -1). Planned requests go to the draft
-        rows' attention (``BranchAttention``)."""
-        rows = decode_rows(input_batch, self.width)
+        and KV slots. A row's scheduled slots follow the batch (``knobs.step_width``); row i of a
+        request's canvas sits at ``start - shift + offset[i]``: base rows at their window offset
+        (written to the cache), planned draft rows at their layout offset and padding rows at the
+        window start (neither written: slot -1). Planned requests go to the draft rows' attention
+        (``BranchAttention``)."""
+        fit_plans(input_batch, self.table)
+        rows = decode_rows(input_batch, self.table)
         if len(rows) == 0:
             return
         w = self.table.window
         reqs = [self.table.get(int(s)) for s in input_batch.idx_mapping_np[rows]]
         self._seq_lens(input_batch, rows, reqs)
-        offsets, written, branch_rows, planned_rows = [], [], [], []
-        for r, q in zip(rows, reqs):
+        counts = input_batch.num_scheduled_tokens[rows].astype(np.int64)
+        starts = input_batch.query_start_loc_np[rows].astype(np.int64)
+        firsts = np.cumsum(counts) - counts  # each row's first token among the step's decode tokens
+        local = np.arange(int(counts.sum())) - np.repeat(firsts, counts)  # a token's slot in its row
+        q0 = np.array([0 if q is None else q.start - self.shift for q in reqs], dtype=np.int64)
+        host = np.stack([np.repeat(starts, counts) + local,  # the token's place in the batch
+                         np.repeat(q0, counts) + np.where(local < w, local, 0),  # its position (base layout)
+                         np.repeat(rows.astype(np.int64), counts),  # its batch row
+                         local < w])  # written to the cache
+        tok, pos, tok_rows, written = async_copy_to_gpu(host, device=self.device)
+        branch_rows, planned_rows, plan_at, plan_q0, plan_offsets = [], [], [], [], []
+        for i, (r, q) in enumerate(zip(rows, reqs)):
             plan = None if q is None else q.plan
-            used = w if plan is None else plan.num_rows
-            off = self._base_offsets.clone()
-            off[w:] = 0
-            if plan is not None:
-                off[:used] = plan.offsets
-            offsets.append(off)
-            written.append(self._base_offsets < w)
-            if plan is not None and q is not None:
-                first = int(input_batch.query_start_loc_np[r])
-                branch_rows.append(BranchRows(first=first, plan=plan, q0=q.start - self.shift, end=q.keys))
-                planned_rows.append(int(r))
-        starts = input_batch.query_start_loc_np[rows]
-        tok = async_copy_to_gpu((starts[:, None] + np.arange(self.width)[None]).reshape(-1).astype(np.int64),
-                                device=self.device)
-        q0 = async_copy_to_gpu(np.array([0 if q is None else q.start - self.shift for q in reqs], dtype=np.int64),
-                               device=self.device)
-        pos = (q0[:, None] + torch.stack(offsets)).reshape(-1)
+            if plan is None:
+                continue
+            plan_at.append(firsts[i] + np.arange(plan.num_rows))
+            plan_q0.append(np.full(plan.num_rows, q0[i]))
+            plan_offsets.append(plan.offsets)
+            branch_rows.append(BranchRows(first=int(starts[i]), plan=plan, q0=int(q0[i]), end=q.keys))
+            planned_rows.append(int(r))
+        if plan_at:  # the planned rows' layout offsets, in one write
+            at, base = async_copy_to_gpu(np.stack([np.concatenate(plan_at), np.concatenate(plan_q0)]),
+                                         device=self.device)
+            pos[at] = base + torch.cat(plan_offsets).to(pos.dtype)
         input_batch.positions[tok] = pos.to(input_batch.positions.dtype)
         kbs = self.paged.kernel_block_size
-        table_rows = self.paged.block_tables[async_copy_to_gpu(np.repeat(rows, self.width).astype(np.int64),
-                                                               device=self.device)]
+        table_rows = self.paged.block_tables[tok_rows]
         slot = table_rows.gather(1, (pos // kbs)[:, None])[:, 0].long() * kbs + pos % kbs
-        slot = torch.where(torch.stack(written).reshape(-1), slot, -1)
+        slot = torch.where(written.bool(), slot, -1)
         slot_mappings[0, tok] = slot.to(slot_mappings.dtype)
         if branch_rows:
             batches = BranchBatch.build(branch_rows, self.paged.block_tables[to_device(planned_rows, self.device)],

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from vllm_odb.engine import CHECK, check, faults, kv_release
-from vllm_odb.engine.knobs import REPLAY_ARG, canvas_width, live_gen_length, request_config, request_forcing
+from vllm_odb.engine.knobs import (REPLAY_ARG, canvas_width, live_gen_length, request_config, request_forcing,
+                                   step_width)
 from vllm_odb.engine.metrics import COUNTERS, RequestCounters
 from vllm_odb.policies import DecodeConfig
 from vllm_odb.policies.adaptive import BlockThresholds, moving_thresholds
@@ -357,6 +358,17 @@ class RequestTable:
         starts = to_device([q.start - context for q in reqs], self.device)
         return starts[:, None] + self.arange(context + self.block)[None]
 
+    def rows_needed(self, slot: int) -> int:
+        """Query rows the request in ``slot`` lays out in its next decode step: its jump-share
+        plan's, or the window (an unknown slot: the window)."""
+        q = self.reqs[slot]
+        return self.window if q is None or q.plan is None else q.plan.num_rows
+
+    def step_width(self, batch: int) -> int:
+        """Rows each decode request gets in the step after a step of ``batch`` requests
+        (``knobs.step_width``): what the next step's plans may lay out."""
+        return step_width(self.engine, self.shift, batch)
+
     def arange(self, n: int) -> torch.Tensor:
         """``torch.arange(n)`` on the table's device, made once per length (a step's column
         ranges; read-only)."""
@@ -366,8 +378,32 @@ class RequestTable:
         return t
 
 
-def decode_rows(input_batch, width: int) -> np.ndarray:
-    """Batch rows that run a decode step: a running request scheduled its full ``width`` canvas
-    slots (not a prompt prefill chunk, nor a window the scheduler cut short)."""
+def decode_rows(input_batch, table: "RequestTable") -> np.ndarray:
+    """Batch rows that run a decode step: a request of the table (its slot holds the row's request:
+    not a dummy row of vLLM's) that is not prefilling and was scheduled at least the rows its step
+    lays out (``RequestTable.rows_needed``). A jump-share engine's step width follows the batch
+    (``knobs.step_width``), so a row may hold more (padding); a window the scheduler cut short
+    (token budget, ``max_model_len``) holds fewer and decides nothing."""
     n = input_batch.num_reqs
-    return np.flatnonzero(~input_batch.is_prefilling_np[:n] & (input_batch.num_scheduled_tokens[:n] == width))
+    rows = []
+    for r in np.flatnonzero(~input_batch.is_prefilling_np[:n]):
+        slot = int(input_batch.idx_mapping_np[r])
+        q = table.reqs[slot]
+        if q is not None and q.req_id == input_batch.req_ids[r] \
+                and input_batch.num_scheduled_tokens[r] >= table.rows_needed(slot):
+            rows.append(r)
+    return np.array(rows, dtype=np.int64)
+
+
+def fit_plans(input_batch, table: "RequestTable") -> None:
+    """Jump-share: a decode row scheduled its window but fewer slots than its plan lays out (the
+    scheduler cut it short, or the batch grew since the plan) decodes its window this step, without
+    drafts (the plan's first ``window`` rows are the window: its input ids stand). Kept, its plan
+    would leave the row undecided, and vLLM's own positions would write draft-row keys over the
+    dual cache's suffix, every step the batch stays as large."""
+    n = input_batch.num_reqs
+    for r in np.flatnonzero(~input_batch.is_prefilling_np[:n]):
+        q = table.reqs[int(input_batch.idx_mapping_np[r])]
+        if q is not None and q.plan is not None and q.req_id == input_batch.req_ids[r] \
+                and table.window <= input_batch.num_scheduled_tokens[r] < q.plan.num_rows:
+            q.plan = None

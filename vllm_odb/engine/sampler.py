@@ -89,18 +89,20 @@ class StepRows:
     failed: list[int]  # rows of requests that failed (RequestTable.fail): they decide nothing
 
     @classmethod
-    def of(cls, input_batch, table: RequestTable, width: int) -> "StepRows":
+    def of(cls, input_batch, table: RequestTable) -> "StepRows":
         n = input_batch.num_reqs
         slots = input_batch.idx_mapping_np[:n]
         if input_batch.num_draft_tokens == 0:  # an all-prefill batch: the runner gives each row
             nlog = np.zeros(n, dtype=np.int64)  # one logit (its last token), which we do not use
         else:
             nlog = np.diff(input_batch.cu_num_logits_np[: n + 1])
-        # A decode step is a full window (the rows model_state set up). The scheduler may give a
-        # running request fewer slots (token budget, max_model_len): that step decides nothing
-        # and all its slots are rejected, so vLLM's computed count stays where it was.
-        full = decode_rows(input_batch, width)
-        full = full[nlog[full] == width]
+        # A decode step holds the rows its request lays out (the rows model_state set up; a
+        # jump-share step may hold more: padding). The scheduler may give a running request fewer
+        # slots (token budget, max_model_len): that step decides nothing and all its slots are
+        # rejected, so vLLM's computed count stays where it was.
+        full = decode_rows(input_batch, table)
+        need = np.array([table.rows_needed(int(slots[r])) for r in full], dtype=np.int64)
+        full = full[nlog[full] >= need]
         failed = [r for r in range(n) if int(slots[r]) in table.failed] if table.failed else []
         decode = [int(r) for r in full if table.get(int(slots[r])) is not None and int(slots[r]) not in table.failed]
         return cls(slots, nlog, decode, np.setdiff1d(np.flatnonzero(nlog > 0), full),
@@ -150,11 +152,15 @@ class StepOutput:
             self.emitted = True
 
     def reject(self, rows: StepRows) -> None:
-        """Slots vLLM must not count as computed: a decode row's past what it emitted, and every
-        slot of a window the scheduler cut short."""
+        """Slots vLLM must not count as computed: a decode row's past what it emitted (of the slots
+        it was scheduled: the step's width), and every slot of a window the scheduler cut short."""
         if rows.decode:
+            counts = rows.nlog[rows.decode]
             r = to_device(rows.decode, self.device)
-            self.num_rejected[r] = self.width - self.num_sampled[r]
+            if (counts == counts[0]).all():  # one width for all (always, but a batch just narrowed)
+                self.num_rejected[r] = int(counts[0]) - self.num_sampled[r]
+            else:
+                self.num_rejected[r] = to_device(counts, self.device, self.num_rejected.dtype) - self.num_sampled[r]
         cut = np.union1d(rows.partial, np.asarray(rows.failed, dtype=np.int64)).astype(np.int64)
         if len(cut):
             self.num_rejected[to_device(cut, self.device)] = to_device(rows.nlog[cut], self.device,
@@ -195,6 +201,9 @@ class ODBSampler:
         # tokens per refresh side forward (VLLM_ODB_REFRESH_TOKENS: debugging override)
         self.refresh_budget = int(os.environ.get(_REFRESH_TOKENS_ENV) or max_num_tokens)
         self.observer = step_observer()  # benchmarks' step profiler; None when serving
+        # This step's scheduled requests and, from them, the rows each decode request gets next
+        # step (knobs.step_width: vLLM's scheduler gives the same): the jump-share plans' room.
+        self.batch, self.next_width = 1, self.width
 
     # ---- the runner's sampler surface -------------------------------------------------------
     @property
@@ -223,7 +232,9 @@ class ODBSampler:
     # ---- one step -----------------------------------------------------------------------------
     def _step(self, logits: torch.Tensor, input_batch) -> SamplerOutput:
         table = self.table
-        rows = StepRows.of(input_batch, table, self.width)
+        self.batch = max(1, input_batch.num_reqs)
+        self.next_width = table.step_width(self.batch)
+        rows = StepRows.of(input_batch, table)
         out = StepOutput(len(rows.slots), self.width, self.block, self.device)
         slots = [int(rows.slots[r]) for r in rows.decode]
         decoded = [table.get(s) for s in slots]
@@ -267,7 +278,7 @@ class ODBSampler:
         vocab = logits.shape[-1]
         if table.faulty:  # debug fault injection only (engine/faults.py)
             for i in self._faults_due(reqs):
-                logits[int(cu[dec_rows[i]]): int(cu[dec_rows[i]]) + self.width] = float("nan")
+                logits[int(cu[dec_rows[i]]): int(cu[dec_rows[i] + 1])] = float("nan")
 
         def block_logits(idx: torch.Tensor | None) -> torch.Tensor:  # None: every decode request
             rows = first if idx is None else first[idx]
@@ -560,7 +571,10 @@ class ODBSampler:
             starts = to_device([q.start - shift for _, _, q, _ in members], self.device)
             block, x0, conf = step.block[idx], step.x0[idx], step.conf[idx]
             before = table.tokens[slots[:, None], starts[:, None] + table.arange(shift)[None]]  # [G, shift]
-        plans = JumpPlan.plan_many(block, before, x0, conf, table.mask_id, members[0][2].cfg, max(1, live), self.width)
+        # The draft budget is shared by this step's batch (its live requests, or all the requests
+        # scheduled, whichever is more): the share knobs.step_width gave the next step's rows.
+        plans = JumpPlan.plan_many(block, before, x0, conf, table.mask_id, members[0][2].cfg,
+                                   max(1, live, self.batch), self.next_width)
         for (_, _, q, _), plan in zip(members, plans):
             q.plan = plan
 

@@ -7,8 +7,9 @@ engine knobs (``--additional-config '{"odb": {...}}'``) into vLLM settings:
   starts one position before the block, because Dream predicts token i from position i-1), or on
   a jump-share engine the most rows one request's drafts can lay out (``knobs.canvas_width``:
   ``ridge_rows``, Dream ``2 * ridge_rows - window``; engine/model_state.py), with PIECEWISE CUDA
-  graphs (the draft rows' attention runs outside the graphs) and at most ``ridge_rows // window``
-  requests at once;
+  graphs (the draft rows' attention runs outside the graphs); a step's canvas follows the batch
+  (``knobs.step_width``, set in the scheduler by patches/scheduler_lookahead.py), so the engine
+  takes as many requests as a plain one (without async scheduling: at most ``ridge_rows // window``);
 - bidirectional paged attention: ``use_non_causal`` and, unless the user chose one, the Triton
   backend (it runs fp32 and bf16 non-causal attention over the paged cache with CUDA graphs;
   FlashInfer cannot run non-causal decode batches and is refused);
@@ -30,7 +31,7 @@ import logging
 import os
 
 from vllm_odb.checkpoint import check_weights
-from vllm_odb.engine.knobs import canvas_width, engine_config
+from vllm_odb.engine.knobs import canvas_width, engine_config, step_width
 
 log = logging.getLogger(__name__)
 
@@ -96,17 +97,30 @@ def verify_and_update(vllm_config) -> None:
     sc.enable_chunked_prefill = False
     if sc.max_num_seqs >= SchedulerConfig.DEFAULT_MAX_NUM_SEQS:
         sc.max_num_seqs = DEFAULT_MAX_NUM_SEQS
+    step_tokens = sc.max_num_seqs * canvas  # every running request's whole canvas
     if cfg.jump:
-        # Every decode request carries the wide canvas; past ridge_rows // window requests the
-        # shared draft budget holds no draft, so a jump-share engine serves at most that many.
-        most = max(1, cfg.ridge_rows // (cfg.block_length + shift))
-        if sc.max_num_seqs > most:
-            log.info("vllm-odb: jump-share engine: max_num_seqs %d -> %d (ridge_rows // window; drafts "
-                     "need room below the ridge point)", sc.max_num_seqs, most)
-            sc.max_num_seqs = most
-    # A step must hold a whole prompt, and every running request's whole canvas.
-    sc.max_num_batched_tokens = max(sc.max_num_batched_tokens, model_config.max_model_len,
-                                    sc.max_num_seqs * canvas)
+        if sc.async_scheduling is False:
+            # Without async scheduling vLLM's placeholders cannot follow the batch: every request
+            # carries the wide canvas every step, and past ridge_rows // window requests the shared
+            # draft budget holds no draft, so such an engine serves at most that many.
+            most = max(1, cfg.ridge_rows // (cfg.block_length + shift))
+            if sc.max_num_seqs > most:
+                log.info("vllm-odb: jump-share engine without async scheduling: max_num_seqs %d -> %d "
+                         "(ridge_rows // window; drafts need room below the ridge point)", sc.max_num_seqs, most)
+                sc.max_num_seqs = most
+            step_tokens = sc.max_num_seqs * canvas
+        else:
+            # The canvas follows the batch (knobs.step_width, through the scheduler patch): at most
+            # every request's share, plus one step of a batch that grew since its widths were set.
+            # Should vLLM turn async scheduling off after this hook (async_scheduling None: e.g. an
+            # executor without it), the scheduler patch caps the requests at ridge_rows // window,
+            # each with the whole canvas: the budget holds that too.
+            most = max(1, cfg.ridge_rows // (cfg.block_length + shift))
+            step_tokens = max(max(b * step_width(cfg, shift, b) for b in range(1, sc.max_num_seqs + 1))
+                              + sc.max_num_seqs * (cfg.block_length + shift) + canvas,
+                              min(most, sc.max_num_seqs) * canvas)
+    # A step must hold a whole prompt, and every running request's canvas.
+    sc.max_num_batched_tokens = max(sc.max_num_batched_tokens, model_config.max_model_len, step_tokens)
 
     cc = vllm_config.compilation_config
     if cfg.jump:

@@ -9,12 +9,23 @@ step on; the canvas length comes from the same knob resolution the worker uses
 (``engine/knobs.py``). Memory cost: the suffix KV the dual cache holds anyway. When adaptive length
 prediction cuts a canvas, the blocks past the new end go back to the pool at the request's next
 allocation (engine/kv_release.py).
+On a jump-share engine the wrapper also sets the scheduler's per-batch-size draft counts
+(``dynamic_sd_lookup``, vLLM's dynamic speculative decoding table, which the engine cannot reach
+through a ``SpeculativeConfig``: it is built without one): a step of B requests schedules each
+running request ``knobs.step_width(B)`` canvas slots next step, its share of the draft budget, so
+the wide canvas of batch 1 narrows to the plain window as the batch grows and the engine needs no
+cap on concurrency. The placeholders carry these counts only under async scheduling (the default);
+without it every step is the full canvas, and the wrapper caps the running requests at
+``ridge_rows // window`` (``sync_cap``; ``models/hook.py`` sizes the token budget for both).
 Other models get vLLM's allocation unchanged.
 """
 
 from __future__ import annotations
 
+import logging
+
 NAME = "scheduler_lookahead"
+log = logging.getLogger(__name__)
 
 
 def canvas_end(request, hf_config, max_model_len: int) -> int:
@@ -62,7 +73,28 @@ def wrap_allocate_slots(manager, hf_config, max_model_len: int):
     return allocate_slots
 
 
+def step_widths(hf_config, max_num_seqs: int) -> list[int] | None:
+    """vLLM's ``dynamic_sd_lookup`` for our jump-share engine: index B (1..``max_num_seqs``) the
+    canvas slots of each request in the step after a step of B requests (``knobs.step_width``;
+    index 0 unused). None for a plain engine (its canvas never changes)."""
+    from vllm_odb.engine.knobs import step_width
+    from vllm_odb.policies import DecodeConfig
+
+    cfg = DecodeConfig(**hf_config.odb_engine)
+    if not cfg.jump:
+        return None
+    return [step_width(cfg, hf_config.spec.logits_shift, b) for b in range(max_num_seqs + 1)]
+
+
+def sync_cap(hf_config) -> int:
+    """Requests a jump-share engine runs at once when every step is its full canvas (no async
+    scheduling): ``ridge_rows // window``, the most whose drafts stay below the ridge point."""
+    cfg = hf_config.odb_engine
+    return max(1, cfg["ridge_rows"] // (cfg["block_length"] + hf_config.spec.logits_shift))
+
+
 def apply() -> None:
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
     from vllm.v1.core.sched.scheduler import Scheduler
 
     from vllm_odb.patches import is_odb_model
@@ -78,6 +110,16 @@ def apply() -> None:
             return
         manager = self.kv_cache_manager
         manager.allocate_slots = wrap_allocate_slots(manager, hf_config, self.max_model_len)
+        if self.dynamic_sd_lookup is None:
+            self.dynamic_sd_lookup = step_widths(hf_config, self.scheduler_config.max_num_seqs)
+        if self.dynamic_sd_lookup is not None and not isinstance(self, AsyncScheduler):
+            # Without async scheduling the placeholders are the worker's full canvas every step,
+            # whatever the table says: the concurrency cap of a fixed-width jump-share engine.
+            cap = sync_cap(hf_config)
+            if self.max_num_running_reqs > cap:
+                log.info("vllm-odb: jump-share engine without async scheduling: at most %d requests at once "
+                         "(ridge_rows // window)", cap)
+                self.max_num_running_reqs = cap
 
     __init__._odb_patched = True
     Scheduler.__init__ = __init__

@@ -1,0 +1,193 @@
+"""A jump-share engine's canvas follows the batch (issue #22): ``knobs.step_width`` per batch size,
+vLLM's own scheduler giving each request that many slots (patches/scheduler_lookahead.py sets its
+per-batch-size table), and the sampler planning within them (engine/sampler.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_odb.engine.knobs import canvas_width, step_width
+from vllm_odb.policies import DecodeConfig
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_the_step_width_is_the_batch_share_of_the_draft_budget(shift):
+    cfg = DecodeConfig(jump=True, block_length=32, ridge_rows=186)
+    window, width = 32 + shift, canvas_width(cfg, shift)
+    widths = [step_width(cfg, shift, b) for b in range(1, 65)]
+    assert widths[0] == width  # batch 1: the whole canvas
+    assert all(a >= b for a, b in zip(widths, widths[1:]))  # narrows as the batch grows
+    assert all(window <= w <= width for w in widths)
+    for b, w in enumerate(widths, 1):
+        share = 186 // b
+        assert w == max(window, share if shift == 0 else 2 * share - window)
+    assert widths[186 // window:] == [window] * (64 - 186 // window)  # the plain window from there on
+    plain = DecodeConfig(block_length=32)
+    assert {step_width(plain, shift, b) for b in (1, 7, 64)} == {window}
+
+
+def test_plans_fit_the_next_step(monkeypatch):
+    """The sampler plans with the share of this step's batch: every plan's rows fit the width
+    the scheduler gives the next step, at any batch (``JumpPlan.plan_many`` drops a plan that
+    would not, so none may be dropped for that reason)."""
+    from vllm_odb.engine.requests import JumpPlan
+
+    cfg = DecodeConfig(jump=True, block_length=16, ridge_rows=96, threshold=1.0)
+    g = torch.Generator().manual_seed(0)
+    for batch in (1, 2, 3, 5, 8):
+        block = torch.randint(0, 50, (batch, 16), generator=g)
+        block[:, 4:] = 99  # masked
+        x0 = torch.randint(0, 50, (batch, 16), generator=g)
+        conf = torch.rand(batch, 16, generator=g)
+        width = step_width(cfg, 0, batch)
+        plans = JumpPlan.plan_many(block, block[:, :0], x0, conf, 99, cfg, batch, width)
+        wide = JumpPlan.plan_many(block, block[:, :0], x0, conf, 99, cfg, batch, 10 ** 6)
+        assert [p is None for p in plans] == [p is None for p in wide]
+        assert all(p is None or p.num_rows <= width for p in plans)
+        assert batch > 96 // 32 or any(p is not None for p in plans)  # drafts while there is room
+
+
+def test_vllms_scheduler_gives_each_request_its_share(monkeypatch):
+    """vLLM's AsyncScheduler (CPU) with the patch: after a step of B requests, each running request
+    is scheduled ``step_width(B)`` canvas slots (the full canvas alone, the window at large B)."""
+    pytest.importorskip("vllm")
+    import vllm.plugins
+    from vllm import SamplingParams
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.request import Request
+    from vllm.v1.structured_output import StructuredOutputManager
+    from vllm_plugin_common import _cpu_shims, _create
+
+    from vllm_odb.engine import kv_release
+
+    _cpu_shims(monkeypatch)
+    monkeypatch.setattr(kv_release, "_listening", kv_release._listening)
+    vllm.plugins.load_general_plugins()
+    config = _create("llada", speculative_config={"method": "odb"})
+    cfg = DecodeConfig(**config.model_config.hf_config.odb_engine)
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=1, head_size=8, dtype=torch.float32)
+    for batch in (1, 2, 8, 20):
+        kv = KVCacheConfig(num_blocks=2048, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])
+        config.cache_config.num_gpu_blocks = 2048
+        sched = AsyncScheduler(config, kv, StructuredOutputManager(config), block_size=16)
+        assert sched.dynamic_sd_lookup[batch] == step_width(cfg, 0, batch)
+        ids = [str(i) for i in range(batch)]
+        for rid in ids:
+            sched.add_request(Request(rid, list(range(20)), SamplingParams(max_tokens=64, temperature=0.0), None))
+        prefill = sched.schedule()
+        assert set(prefill.num_scheduled_tokens.values()) == {20}
+        sched.update_from_output(prefill, ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+                                                            sampled_token_ids=[[] for _ in ids]))
+        step = sched.schedule()
+        assert set(step.num_scheduled_tokens.values()) == {step_width(cfg, 0, batch)}, batch
+        assert {len(v) for v in step.scheduled_spec_decode_tokens.values()} == {step_width(cfg, 0, batch)}
+
+
+def test_the_model_state_lays_out_rows_of_any_step_width(monkeypatch):
+    """``ODBModelState._branch_rows`` with a step narrower than the canvas: each decode row's
+    scheduled slots hold its base window (written to the cache), its plan's draft rows at their
+    layout offsets and padding at the window start (neither written); a row cut below what it lays
+    out is no decode row."""
+    import types
+
+    import numpy as np
+
+    from vllm_odb.engine import model_state as ms
+    from vllm_odb.engine.requests import JumpPlan, RequestTable
+
+    monkeypatch.setattr(ms, "async_copy_to_gpu", lambda x, device=None: torch.as_tensor(np.asarray(x)).clone())
+    cfg = DecodeConfig(jump=True, block_length=16, ridge_rows=96, threshold=1.0, gen_length=64)
+    table = RequestTable(3, 256, cfg, 0, 99, 98, [(98,)], "cpu")
+    sp = types.SimpleNamespace(temperature=0.0, max_tokens=64, extra_args=None, stop=None)
+    for slot in range(3):
+        table.add(slot, f"r{slot}", list(range(10 + slot)), None, sp)
+    block = torch.randint(0, 50, (1, 16), generator=torch.Generator().manual_seed(1))
+    block[:, 4:] = 99
+    plan = JumpPlan.plan_many(block, block[:, :0], torch.randint(0, 50, (1, 16)), torch.rand(1, 16), 99, cfg, 2,
+                              step_width(cfg, 0, 2))[0]
+    assert plan is not None and 16 < plan.num_rows <= step_width(cfg, 0, 2)
+    table.get(1).plan = plan
+    k = step_width(cfg, 0, 3)  # the step's slots: 32 each; row 2 cut short to 10
+    counts = np.array([k, k, 10])
+    state = object.__new__(ms.ODBModelState)
+    state.table, state.shift, state.device, state.draft_kernel = table, 0, "cpu", False
+    state.paged = ms.PagedCache(kernel_block_size=4)
+    state.paged.block_tables = torch.stack([torch.arange(64) + 64 * s for s in range(3)])
+    state.seq_lens_buf = torch.zeros(3, dtype=torch.int32)
+    wrapper = types.SimpleNamespace(batches=None)
+    state.branch_attention = [wrapper]
+    total = int(counts.sum())
+    batch = types.SimpleNamespace(num_reqs=3, idx_mapping_np=np.arange(3), is_prefilling_np=np.zeros(3, bool),
+                                  req_ids=["r0", "r1", "r2"],
+                                  num_scheduled_tokens=counts, query_start_loc_np=np.concatenate([[0], np.cumsum(counts)]),
+                                  positions=torch.full((total,), -7), seq_lens=torch.zeros(3, dtype=torch.int32))
+    slots = torch.full((1, total), -7)
+    state._branch_rows(batch, slots)
+    for r in range(2):
+        q0, first = table.get(r).start, r * k
+        want = torch.full((k,), q0)
+        want[:16] += torch.arange(16)
+        if r == 1:
+            want[:plan.num_rows] = q0 + plan.offsets
+        assert torch.equal(batch.positions[first:first + k], want)
+        written = torch.arange(k) < 16
+        pos = want[:16]
+        assert torch.equal(slots[0, first:first + 16], (64 * r + pos // 4) * 4 + pos % 4)
+        assert (slots[0, first:first + k][~written] == -1).all()
+    assert (batch.positions[2 * k:] == -7).all() and (slots[0, 2 * k:] == -7).all()  # cut short: left alone
+    assert len(wrapper.batches) == 1 and wrapper.batches[0].rows.shape[0] == 1
+
+
+def test_the_engine_takes_its_gpus_ridge_point_unless_told(monkeypatch):
+    """``ridge_rows`` defaults to the GPU's measured ridge point (H200: 178, H100: 251), read by
+    name from vLLM's platform; an explicit knob wins; elsewhere DecodeConfig's default."""
+    import types
+
+    pytest.importorskip("vllm")
+    import vllm.platforms
+
+    from vllm_odb.engine.knobs import engine_config
+
+    for name, rows in (("NVIDIA H200", 178), ("NVIDIA H100 80GB HBM3", 251), ("NVIDIA A100-SXM4-80GB", 251),
+                       ("NVIDIA GH200 480GB", 251)):
+        fake = types.SimpleNamespace(is_cuda=lambda: True, get_device_name=lambda i=0, n=name: n)
+        monkeypatch.setattr(vllm.platforms, "current_platform", fake)
+        assert engine_config({"odb": {"method": "odb"}}).ridge_rows == rows
+        assert engine_config({"odb": {"method": "odb", "ridge_rows": 96}}).ridge_rows == 96
+        # a block wider than the GPU's ridge keeps the default (which the block must not exceed)
+        assert engine_config({"odb": {"method": "odb", "block_length": 200, "gen_length": 400}}).ridge_rows == 251
+    monkeypatch.setattr(vllm.platforms, "current_platform", types.SimpleNamespace(is_cuda=lambda: False))
+    assert engine_config({"odb": {}}).ridge_rows == DecodeConfig().ridge_rows
+
+
+def test_rows_cut_below_their_plan_decode_their_window_and_dummy_rows_are_no_decode_rows():
+    """``fit_plans``: a row scheduled its window but fewer slots than its plan (cut short, or the
+    batch grew since the plan) loses the plan and decodes its window; below the window it keeps the
+    plan and decides nothing. ``decode_rows``: a row whose slot holds another request (vLLM's dummy
+    rows) is none."""
+    import types
+
+    import numpy as np
+
+    from vllm_odb.engine.requests import JumpPlan, RequestTable, decode_rows, fit_plans
+
+    cfg = DecodeConfig(jump=True, block_length=16, ridge_rows=96, threshold=1.0, gen_length=64)
+    table = RequestTable(4, 256, cfg, 0, 99, 98, [(98,)], "cpu")
+    sp = types.SimpleNamespace(temperature=0.0, max_tokens=64, extra_args=None, stop=None)
+    block = torch.randint(0, 50, (1, 16), generator=torch.Generator().manual_seed(1))
+    block[:, 4:] = 99
+    for slot in range(4):
+        table.add(slot, f"r{slot}", list(range(10)), None, sp)
+        table.get(slot).plan = JumpPlan.plan_many(block, block[:, :0], torch.randint(0, 50, (1, 16)),
+                                                  torch.rand(1, 16), 99, cfg, 1, 96)[0]
+    rows = table.get(0).plan.num_rows
+    assert rows > 16
+    counts = np.array([rows, rows - 1, 12, rows])
+    batch = types.SimpleNamespace(num_reqs=4, idx_mapping_np=np.arange(4), is_prefilling_np=np.zeros(4, bool),
+                                  num_scheduled_tokens=counts, req_ids=["r0", "r1", "r2", "_dummy_"])
+    fit_plans(batch, table)
+    assert [table.get(s).plan is None for s in range(4)] == [False, True, False, False]
+    assert decode_rows(batch, table).tolist() == [0, 1]
