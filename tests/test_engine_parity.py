@@ -120,3 +120,21 @@ def test_jump_share_requests_in_a_batch_decode_within_the_step_width(fmt):
     assert BLOCK + shift < four < width and engine.slots_seen[0] == four
     assert set(engine.slots_seen) <= {step_width(engine_cfg, shift, b) for b in range(1, 5)}
     assert engine.stats["drafts_accepted"] > 0
+
+
+def test_a_requests_own_ridge_rows_above_the_engines_still_drafts():
+    """A request asking for more draft rows than the engine's ridge_rows plans within the engine's
+    (its plans would not fit the scheduled canvas otherwise, and would be dropped: no drafts)."""
+    ck = _ckpt("llada")
+    engine_cfg = engine_config({"odb": {"block_length": BLOCK, "gen_length": GEN, "method": "odb", "threshold": 1.0,
+                                        "ridge_rows": 64}})
+    engine = EmulatedEngine(ck, engine_cfg)
+    prompt = ck.encode_chat(make_suite(41, 1)[0].prompt)
+    runs = []
+    for extra in (None, {"ridge_rows": 1000}):
+        sp = types.SimpleNamespace(temperature=0.0, max_tokens=GEN, extra_args=extra, stop=None)
+        (out,) = engine.generate([prompt], sp)
+        runs.append((out, engine.stats["drafts_accepted"], engine.stats["forwards"]))
+    ref = generate(ck.model, [prompt], engine_cfg.replace(gen_length=GEN), ck.special)
+    assert runs[0][0] == response_ids(ref.tokens[0], ck.special) and runs[0][1] > 0
+    assert runs[1] == runs[0]  # the engine's budget: the same drafts and forwards

@@ -572,9 +572,13 @@ class ODBSampler:
             block, x0, conf = step.block[idx], step.x0[idx], step.conf[idx]
             before = table.tokens[slots[:, None], starts[:, None] + table.arange(shift)[None]]  # [G, shift]
         # The draft budget is shared by this step's batch (its live requests, or all the requests
-        # scheduled, whichever is more): the share knobs.step_width gave the next step's rows.
-        plans = JumpPlan.plan_many(block, before, x0, conf, table.mask_id, members[0][2].cfg,
-                                   max(1, live, self.batch), self.next_width)
+        # scheduled, whichever is more): the share knobs.step_width gave the next step's rows. A
+        # request's own ridge_rows above the engine's would plan past them: the engine's bounds it.
+        cfg = members[0][2].cfg
+        if cfg.ridge_rows > table.engine.ridge_rows:
+            cfg = cfg.replace(ridge_rows=table.engine.ridge_rows)
+        plans = JumpPlan.plan_many(block, before, x0, conf, table.mask_id, cfg, max(1, live, self.batch),
+                                   self.next_width)
         for (_, _, q, _), plan in zip(members, plans):
             q.plan = plan
 
