@@ -38,12 +38,12 @@ class _Count(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _plain_step_ops(method: str, requests: int, max_tokens: tuple[int, ...] = (64, 64)) -> list[int]:
+def _plain_step_ops(method: str, requests: int, max_tokens: tuple[int, ...] = (64, 64), **knobs) -> list[int]:
     """Ops of each decode step that runs no refresh (no model op inside it); request i asks for
-    ``max_tokens[i]`` tokens."""
+    ``max_tokens[i]`` tokens; ``knobs``: more engine knobs."""
     ckpt = tiny_checkpoint("llada")
-    eng = EmulatedEngine(ckpt, engine_config({"odb": {"method": method, "block_length": 16, "threshold": 1.0}}),
-                         slots=requests)
+    eng = EmulatedEngine(ckpt, engine_config({"odb": {"method": method, "block_length": 16, "threshold": 1.0,
+                                                      **knobs}}), slots=requests)
     inner, counts = eng.sampler, []
 
     def counted(logits, batch):
@@ -91,3 +91,11 @@ def test_a_jump_share_decode_step_stays_within_its_launch_budget(requests):
     assert counts, "no jump-share decode step ran"
     typical = sorted(counts)[len(counts) // 2]
     assert typical <= JUMP_BUDGET[requests], f"{typical} device ops (budget {JUMP_BUDGET[requests]}): {counts}"
+
+
+def test_a_jump_share_step_with_no_room_for_drafts_costs_a_plain_one():
+    """When the batch's share of the draft budget is the window (knobs.step_width), jump-share
+    plans nothing: its step is the plain engine's (odb-alp), not a planning step that finds no room
+    (ridge_rows 32, block 16: two requests get 16 rows each)."""
+    jump, plain = _plain_step_ops("odb", 2, ridge_rows=32), _plain_step_ops("odb-alp", 2)
+    assert jump and plain and sorted(jump)[len(jump) // 2] <= sorted(plain)[len(plain) // 2], (jump, plain)

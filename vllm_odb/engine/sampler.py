@@ -539,6 +539,8 @@ class ODBSampler:
         as in the reference loop. One ``JumpPlan.plan_many`` per knob set (each request gets the
         plan it would get alone; see there). Should a group raise, its requests are planned one at
         a time, each in its own part of the step."""
+        if self.next_width <= self.table.window:  # the batch's share is the window: no draft fits
+            return
         groups: dict = defaultdict(list)
         for job in jobs:
             groups[job[2].cfg.step_knobs].append(job)
