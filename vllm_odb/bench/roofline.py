@@ -23,7 +23,8 @@ live canvas after each refresh) and the engine's decoding loop:
 
 Costs per forward are bench/costs.py's (linear layers per row, attention per row and key, weights
 streamed once per forward plus the keys' K/V). Query rows a step pads are not counted: the
-roofline is of the work the requests needed.
+roofline is of the work the requests needed (a jump-share step counts its scheduled canvas,
+``step_width`` rows a request: the rows its drafts may take, padding where they take fewer).
 """
 
 from __future__ import annotations

@@ -71,7 +71,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="a batch-1 row stops issuing requests after this long (at least one runs)")
     ap.add_argument("--block-length", type=int, default=32)
     ap.add_argument("--threshold", type=float, default=0.9)
-    ap.add_argument("--ridge-rows", type=int, help="jump-share draft budget (default: the method's)")
+    ap.add_argument("--ridge-rows", type=int,
+                    help="jump-share draft budget (default on the vLLM engine: the GPU's ridge point, as the "
+                         "engine's; else the method's)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--reference-impl", default="research", choices=("research", "plain"),
                     help="reference engine's attention: 'research' keeps the cache as the research code does "
@@ -403,6 +405,10 @@ def run_vllm(args, methods, gens, batches, emit) -> None:
         del ck
     profile = os.path.join(tempfile.mkdtemp(), "steps.jsonl")
     os.environ[PROFILE_ENV] = profile  # the engine's step profiler (bench/profile.py)
+    if args.ridge_rows is None:  # the engine's own default: this GPU's ridge point (engine/knobs.py)
+        from vllm_odb.engine.knobs import gpu_ridge_rows
+
+        args.ridge_rows = gpu_ridge_rows()
     for jump in (False, True):
         ms = [m for m in methods if method_config(m, gens[0], args).jump == jump]
         if not ms:
