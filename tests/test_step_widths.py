@@ -191,3 +191,20 @@ def test_rows_cut_below_their_plan_decode_their_window_and_dummy_rows_are_no_dec
     fit_plans(batch, table)
     assert [table.get(s).plan is None for s in range(4)] == [False, True, False, False]
     assert decode_rows(batch, table).tolist() == [0, 1]
+
+
+def test_rows_of_different_widths_reject_what_they_did_not_emit():
+    """vLLM advances a row by its scheduled slots minus the rejected: a decode row that emitted a
+    block rejects the rest of its own width (rows of one step may differ: scheduled before and
+    after the batch changed size); a row cut short rejects all it was given."""
+    import numpy as np
+
+    from vllm_odb.engine.sampler import StepOutput, StepRows
+
+    for nlog in ([40, 40, 40, 9], [40, 16, 40, 9]):
+        rows = StepRows(slots=np.arange(4), nlog=np.array(nlog), decode=[0, 1, 2], partial=np.array([3]),
+                        prefill=np.array([], dtype=np.int64), failed=[])
+        out = StepOutput(4, 40, 16, "cpu")
+        out.emit([1], torch.ones(1, 16, dtype=torch.long))
+        out.reject(rows)
+        assert out.num_rejected.tolist() == [nlog[0], nlog[1] - 16, nlog[2], 9]

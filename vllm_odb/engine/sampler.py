@@ -157,7 +157,8 @@ class StepOutput:
         if rows.decode:
             counts = rows.nlog[rows.decode]
             r = to_device(rows.decode, self.device)
-            if (counts == counts[0]).all():  # one width for all (always, but a batch just narrowed)
+            if (counts == counts[0]).all():  # one width for all: the usual step (widths differ only
+                # in the step after the batch changed size, between rows scheduled before and after)
                 self.num_rejected[r] = int(counts[0]) - self.num_sampled[r]
             else:
                 self.num_rejected[r] = to_device(counts, self.device, self.num_rejected.dtype) - self.num_sampled[r]
