@@ -208,3 +208,31 @@ def test_rows_of_different_widths_reject_what_they_did_not_emit():
         out.emit([1], torch.ones(1, 16, dtype=torch.long))
         out.reject(rows)
         assert out.num_rejected.tolist() == [nlog[0], nlog[1] - 16, nlog[2], 9]
+
+
+def test_a_sync_scheduler_keeps_the_cap(monkeypatch):
+    """vLLM's plain (sync) Scheduler with the patch: its placeholders are the worker's full canvas
+    every step, so a jump-share engine runs at most ridge_rows // window requests at once."""
+    pytest.importorskip("vllm")
+    import vllm.plugins
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.structured_output import StructuredOutputManager
+    from vllm_plugin_common import _cpu_shims, _create
+
+    from vllm_odb.engine import kv_release
+    from vllm_odb.engine.knobs import sync_cap
+
+    _cpu_shims(monkeypatch)
+    monkeypatch.setattr(kv_release, "_listening", kv_release._listening)
+    vllm.plugins.load_general_plugins()
+    config = _create("llada", speculative_config={"method": "odb"})
+    cfg = DecodeConfig(**config.model_config.hf_config.odb_engine)
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=1, head_size=8, dtype=torch.float32)
+    kv = KVCacheConfig(num_blocks=256, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])
+    config.cache_config.num_gpu_blocks = 256
+    sync = Scheduler(config, kv, StructuredOutputManager(config), block_size=16)
+    assert sync.max_num_running_reqs == sync_cap(cfg, 0) == 251 // 16
+    both = AsyncScheduler(config, kv, StructuredOutputManager(config), block_size=16)
+    assert both.max_num_running_reqs == config.scheduler_config.max_num_seqs == 64

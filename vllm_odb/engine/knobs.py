@@ -223,6 +223,13 @@ def step_width(cfg: DecodeConfig, shift: int, batch: int) -> int:
     return max(window, min(canvas_width(cfg, shift), rows))
 
 
+def sync_cap(cfg: DecodeConfig, shift: int) -> int:
+    """Requests a jump-share engine runs at once when every step is its whole canvas (no async
+    scheduling: vLLM's placeholders cannot follow the batch): ``ridge_rows // window``, the most
+    whose drafts all stay below the ridge point."""
+    return max(1, cfg.ridge_rows // (cfg.block_length + shift))
+
+
 def live_gen_length(cfg: DecodeConfig, prompt_len: int, max_model_len: int, reach: int) -> int:
     """The canvas a request decodes on the engine: ``gen_length``, cut to whole blocks that fit in
     ``max_model_len`` (the last block's query reaches ``reach`` = canvas width - block positions

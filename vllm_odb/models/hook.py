@@ -31,7 +31,7 @@ import logging
 import os
 
 from vllm_odb.checkpoint import check_weights
-from vllm_odb.engine.knobs import canvas_width, engine_config, step_width
+from vllm_odb.engine.knobs import canvas_width, engine_config, step_width, sync_cap
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def verify_and_update(vllm_config) -> None:
             # Without async scheduling vLLM's placeholders cannot follow the batch: every request
             # carries the wide canvas every step, and past ridge_rows // window requests the shared
             # draft budget holds no draft, so such an engine serves at most that many.
-            most = max(1, cfg.ridge_rows // (cfg.block_length + shift))
+            most = sync_cap(cfg, shift)
             if sc.max_num_seqs > most:
                 log.info("vllm-odb: jump-share engine without async scheduling: max_num_seqs %d -> %d "
                          "(ridge_rows // window; drafts need room below the ridge point)", sc.max_num_seqs, most)
@@ -115,7 +115,7 @@ def verify_and_update(vllm_config) -> None:
             # Should vLLM turn async scheduling off after this hook (async_scheduling None: e.g. an
             # executor without it), the scheduler patch caps the requests at ridge_rows // window,
             # each with the whole canvas: the budget holds that too.
-            most = max(1, cfg.ridge_rows // (cfg.block_length + shift))
+            most = sync_cap(cfg, shift)
             step_tokens = max(max(b * step_width(cfg, shift, b) for b in range(1, sc.max_num_seqs + 1))
                               + sc.max_num_seqs * (cfg.block_length + shift) + canvas,
                               min(most, sc.max_num_seqs) * canvas)

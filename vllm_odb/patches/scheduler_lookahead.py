@@ -16,7 +16,7 @@ running request ``knobs.step_width(B)`` canvas slots next step, its share of the
 the wide canvas of batch 1 narrows to the plain window as the batch grows and the engine needs no
 cap on concurrency. The placeholders carry these counts only under async scheduling (the default);
 without it every step is the full canvas, and the wrapper caps the running requests at
-``ridge_rows // window`` (``sync_cap``; ``models/hook.py`` sizes the token budget for both).
+``ridge_rows // window`` (``knobs.sync_cap``; ``models/hook.py`` sizes the token budget for both).
 Other models get vLLM's allocation unchanged.
 """
 
@@ -86,13 +86,6 @@ def step_widths(hf_config, max_num_seqs: int) -> list[int] | None:
     return [step_width(cfg, hf_config.spec.logits_shift, b) for b in range(max_num_seqs + 1)]
 
 
-def sync_cap(hf_config) -> int:
-    """Requests a jump-share engine runs at once when every step is its full canvas (no async
-    scheduling): ``ridge_rows // window``, the most whose drafts stay below the ridge point."""
-    cfg = hf_config.odb_engine
-    return max(1, cfg["ridge_rows"] // (cfg["block_length"] + hf_config.spec.logits_shift))
-
-
 def apply() -> None:
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler
     from vllm.v1.core.sched.scheduler import Scheduler
@@ -115,7 +108,10 @@ def apply() -> None:
         if self.dynamic_sd_lookup is not None and not isinstance(self, AsyncScheduler):
             # Without async scheduling the placeholders are the worker's full canvas every step,
             # whatever the table says: the concurrency cap of a fixed-width jump-share engine.
-            cap = sync_cap(hf_config)
+            from vllm_odb.engine.knobs import sync_cap
+            from vllm_odb.policies import DecodeConfig
+
+            cap = sync_cap(DecodeConfig(**hf_config.odb_engine), hf_config.spec.logits_shift)
             if self.max_num_running_reqs > cap:
                 log.info("vllm-odb: jump-share engine without async scheduling: at most %d requests at once "
                          "(ridge_rows // window)", cap)
