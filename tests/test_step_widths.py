@@ -48,31 +48,44 @@ def test_plans_fit_the_next_step(monkeypatch):
         assert batch > 96 // 32 or any(p is not None for p in plans)  # drafts while there is room
 
 
-def test_vllms_scheduler_gives_each_request_its_share(monkeypatch):
-    """vLLM's AsyncScheduler (CPU) with the patch: after a step of B requests, each running request
-    is scheduled ``step_width(B)`` canvas slots (the full canvas alone, the window at large B)."""
+@pytest.fixture
+def jump_scheduler(monkeypatch):
+    """``make(cls, num_blocks)``: vLLM's scheduler class ``cls`` (CPU) with the plugin's patches, on
+    the tiny LLaDA jump-share engine's config; and that engine's ``DecodeConfig``."""
     pytest.importorskip("vllm")
     import vllm.plugins
-    from vllm import SamplingParams
-    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-    from vllm.v1.outputs import ModelRunnerOutput
-    from vllm.v1.request import Request
     from vllm.v1.structured_output import StructuredOutputManager
     from vllm_plugin_common import _cpu_shims, _create
 
     from vllm_odb.engine import kv_release
 
     _cpu_shims(monkeypatch)
-    monkeypatch.setattr(kv_release, "_listening", kv_release._listening)
+    monkeypatch.setattr(kv_release, "_listening", kv_release._listening)  # the patch listens: undone after
     vllm.plugins.load_general_plugins()
     config = _create("llada", speculative_config={"method": "odb"})
-    cfg = DecodeConfig(**config.model_config.hf_config.odb_engine)
     spec = FullAttentionSpec(block_size=16, num_kv_heads=1, head_size=8, dtype=torch.float32)
+
+    def make(cls, num_blocks: int):
+        kv = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[],
+                           kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])
+        config.cache_config.num_gpu_blocks = num_blocks
+        return cls(config, kv, StructuredOutputManager(config), block_size=16)
+
+    return make, DecodeConfig(**config.model_config.hf_config.odb_engine)
+
+
+def test_vllms_scheduler_gives_each_request_its_share(jump_scheduler):
+    """vLLM's AsyncScheduler (CPU) with the patch: after a step of B requests, each running request
+    is scheduled ``step_width(B)`` canvas slots (the full canvas alone, the window at large B)."""
+    from vllm import SamplingParams
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.request import Request
+
+    make, cfg = jump_scheduler
     for batch in (1, 2, 8, 20):
-        kv = KVCacheConfig(num_blocks=2048, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])
-        config.cache_config.num_gpu_blocks = 2048
-        sched = AsyncScheduler(config, kv, StructuredOutputManager(config), block_size=16)
+        sched = make(AsyncScheduler, 2048)
         assert sched.dynamic_sd_lookup[batch] == step_width(cfg, 0, batch)
         ids = [str(i) for i in range(batch)]
         for rid in ids:
@@ -210,29 +223,14 @@ def test_rows_of_different_widths_reject_what_they_did_not_emit():
         assert out.num_rejected.tolist() == [nlog[0], nlog[1] - 16, nlog[2], 9]
 
 
-def test_a_sync_scheduler_keeps_the_cap(monkeypatch):
+def test_a_sync_scheduler_keeps_the_cap(jump_scheduler):
     """vLLM's plain (sync) Scheduler with the patch: its placeholders are the worker's full canvas
     every step, so a jump-share engine runs at most ridge_rows // window requests at once."""
-    pytest.importorskip("vllm")
-    import vllm.plugins
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler
     from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-    from vllm.v1.structured_output import StructuredOutputManager
-    from vllm_plugin_common import _cpu_shims, _create
 
-    from vllm_odb.engine import kv_release
     from vllm_odb.engine.knobs import sync_cap
 
-    _cpu_shims(monkeypatch)
-    monkeypatch.setattr(kv_release, "_listening", kv_release._listening)
-    vllm.plugins.load_general_plugins()
-    config = _create("llada", speculative_config={"method": "odb"})
-    cfg = DecodeConfig(**config.model_config.hf_config.odb_engine)
-    spec = FullAttentionSpec(block_size=16, num_kv_heads=1, head_size=8, dtype=torch.float32)
-    kv = KVCacheConfig(num_blocks=256, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])
-    config.cache_config.num_gpu_blocks = 256
-    sync = Scheduler(config, kv, StructuredOutputManager(config), block_size=16)
-    assert sync.max_num_running_reqs == sync_cap(cfg, 0) == 251 // 16
-    both = AsyncScheduler(config, kv, StructuredOutputManager(config), block_size=16)
-    assert both.max_num_running_reqs == config.scheduler_config.max_num_seqs == 64
+    make, cfg = jump_scheduler
+    assert make(Scheduler, 256).max_num_running_reqs == sync_cap(cfg, 0) == 251 // 16
+    assert make(AsyncScheduler, 256).max_num_running_reqs == 64

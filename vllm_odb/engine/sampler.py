@@ -100,9 +100,8 @@ class StepRows:
         # jump-share step may hold more: padding). The scheduler may give a running request fewer
         # slots (token budget, max_model_len): that step decides nothing and all its slots are
         # rejected, so vLLM's computed count stays where it was.
-        full = decode_rows(input_batch, table)
-        need = np.array([table.rows_needed(int(slots[r])) for r in full], dtype=np.int64)
-        full = full[nlog[full] >= need]
+        full = decode_rows(input_batch, table)  # scheduled at least the rows each lays out
+        full = full[nlog[full] >= input_batch.num_scheduled_tokens[full]]  # and the logits of them all
         failed = [r for r in range(n) if int(slots[r]) in table.failed] if table.failed else []
         decode = [int(r) for r in full if table.get(int(slots[r])) is not None and int(slots[r]) not in table.failed]
         return cls(slots, nlog, decode, np.setdiff1d(np.flatnonzero(nlog > 0), full),
