@@ -9,6 +9,7 @@
 #   PART=2 OUT=$OUT bash scripts/gpu_verify.sh   # reliability: fuzz x2, soak x4, faults x2 (full size), and
 #       test_gpu_reliability.py -k soak
 #   PART=parity ...                              # the six parity checks and the engine's GPU tests (no lm-eval)
+#   PART=overlap ...                             # parity, GPU tests, jump-share at 4 requests, a soak, faults
 #   PART=eco ...                                 # lm-eval, examples, reliability but soaks (carry .whl)
 #   PART=all ...                                 # one call: soak x2 (llada default, dream odb), faults, fuzz,
 #       and the GPU tests but test_gpu_reliability.py (carry .whl)
@@ -17,7 +18,7 @@ set -uo pipefail
 source /root/vllm-env.sh
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/vllm-site . >/dev/null 2>&1 \
   || { echo "project install failed"; exit 1; }
-PART=${PART:?PART=1, 2, all, parity, eco or fixes}
+PART=${PART:?PART=1, 2, all, parity, overlap, eco or fixes}
 OUT=${OUT:-/tmp/out}; R="$OUT/verify-$PART"; mkdir -p "$R"
 export VLLM_ODB_BENCH_KV_GIB=${VLLM_ODB_BENCH_KV_GIB:-2}
 LIMIT=${LIMIT:-540}   # seconds every lane must end within (the call's limit is 600)
@@ -89,6 +90,24 @@ parity)  # token parity and the engine's GPU tests alone, after a sampler change
   LIMIT=$((LIMIT + 100))
   lane pytest-defaults "${pt[@]}" tests/test_gpu_vllm.py -k defaults
   wait ;;
+overlap)  # the sampler's overlap (#21: a step's outcome read at the next step), beside other GPU work:
+  # the six parity checks, the engine's GPU tests, jump-share parity where a batch narrows the canvas
+  # (#22), and a soak and the fault injection on the plain engine, which now overlaps (no defaults
+  # server: it takes 90% of the GPU)
+  [[ -n "${SKIP_SIX:-}" ]] || lane parity-six env OUT="$R/parity-six" bash scripts/gpu_parity_all.sh
+  lane pytest-vllm "${pt[@]}" -n ${XDIST:-4} tests/test_gpu_vllm.py -k "not defaults"
+  lane pytest-ref "${pt[@]}" tests/test_gpu.py tests/test_policies.py
+  wide=(--block-length 16 --gen-length 128 --threshold 1.0 --method odb --select speculative --ridge-rows 128
+        --gpu-memory 0.28)
+  for m in "llada graphs" "dream eager"; do
+    set -- $m
+    lane parity-$1-$2-n4 "${bench[@]}" vllm-parity --model $M/tiny-$1 --mode $2 --n 4 "${wide[@]}" \
+      --out "$R/parity-$1-$2-n4.json"
+  done
+  lane soak-llada "${bench[@]}" server-soak --model $M/tiny-llada --requests 600 --clients 100 \
+    --max-seconds $((LIMIT - 60)) --port 8801 --out "$R/soak-llada.json"
+  lane faults-dream "${bench[@]}" server-faults --model $M/tiny-dream --eager --port 8808 --out "$R/faults-dream.json"
+  wait ;;
 eco)  # the ecosystem checks alone (#23): lm-eval against the server and in-process, the examples, and
   # the reliability tests but the soaks (the fuzz's good request); light enough to share the GPU
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /root/lm-site .whl/*.whl \
@@ -102,7 +121,7 @@ fixes)  # the two runs that found bugs, after their fixes (eager: they start fas
   lane faults-llada-odb "${bench[@]}" server-faults --model $M/tiny-llada --speculative --eager --phases requests \
     --port 8807 --out "$R/faults-llada-odb.json"
   wait ;;
-*) echo "PART=$PART: give 1, 2, all, parity, eco or fixes"; exit 2 ;;
+*) echo "PART=$PART: give 1, 2, all, parity, overlap, eco or fixes"; exit 2 ;;
 esac
 sort "$R/rc.txt"
 for f in "$R"/*.log; do case $f in *.server.log) continue ;; esac; echo "== $f"; grep -vE "^(INFO|DEBUG|\(EngineCore)" "$f" | tail -n 6; done

@@ -25,10 +25,12 @@ def params(stop=None, **extra):
 class Engine:
     """The sampler of one engine. ``refresh_logits(ids, pos)`` gives the refresh side forward's
     output rows (the stand-in model's hidden states are its logits); by default every position is
-    confidently token ``(7 * id + position) % 8``."""
+    confidently token ``(7 * id + position) % 8``. ``overlap``: the sampler reads a decode step's
+    outcome at the next step (its default, engine/sampler.py), else in the step itself, where the
+    rules of one step read most plainly."""
 
     def __init__(self, cfg, shift: int = 0, slots: int = 2, tokenizer=None, refresh_logits=None,
-                 max_num_tokens: int = 4096):
+                 max_num_tokens: int = 4096, overlap: bool = False):
         self.table = RequestTable(slots, 512, cfg, shift, mask_id=MASK, eos_id=EOS, markers=[(EOS,)], device="cpu",
                                   tokenizer=tokenizer)
         self.width = self.table.width
@@ -41,6 +43,7 @@ class Engine:
         base = types.SimpleNamespace(sampling_states=None, req_states=types.SimpleNamespace(
             draft_tokens=torch.zeros(slots, self.width, dtype=torch.long)))
         self.sampler = ODBSampler(self.table, CacheRefresh(model, self.paged), base, max_num_tokens)
+        self.sampler.overlap = overlap and self.sampler.overlap
 
     def _refresh_forward(self, ids, pos, attend):
         self.forwards.append({"ids": ids.clone(), "pos": pos.clone(), "slots": attend.slots.clone(),

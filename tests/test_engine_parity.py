@@ -80,14 +80,18 @@ def test_stop_strings_are_end_markers_on_both_engines(fmt):
 
 
 @pytest.mark.parametrize("fmt", ["llada", "dream"])
-def test_requests_decode_alike_alone_and_in_a_batch(fmt):
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "sync"])
+def test_requests_decode_alike_alone_and_in_a_batch(fmt, overlap, monkeypatch):
     """Three requests at once, their refreshes cut into chunks of a small token budget: each
     response is the reference loop's for that prompt alone, and the NFE the engine counted is the
-    sum of theirs (ALP and early stop on; plain engine: no shared draft budget)."""
+    sum of theirs (ALP and early stop on; plain engine: no shared draft budget). With overlap (the
+    default) and without (VLLM_ODB_OVERLAP=0: each step's outcome read in the step)."""
+    monkeypatch.setenv("VLLM_ODB_OVERLAP", "1" if overlap else "0")
     ck = _ckpt(fmt)
     engine_cfg = engine_config({"odb": {"block_length": BLOCK, "gen_length": GEN, "method": "odb-alp",
                                         "threshold": 1.0}})
     engine = EmulatedEngine(ck, engine_cfg, slots=3)
+    assert engine.sampler.overlap == overlap
     engine.sampler.refresh_budget = 120  # a prompt + canvas is ~90 tokens: several side forwards a step
     prompts = [ck.encode_chat(e.prompt) for e in make_suite(43, 3)]
     sp = types.SimpleNamespace(temperature=0.0, max_tokens=GEN, extra_args=None, stop=None)

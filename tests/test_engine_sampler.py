@@ -308,3 +308,75 @@ def test_the_step_profiler_attaches_only_when_asked(monkeypatch, tmp_path):
     assert first["refresh_tokens"] == (4 + 32) + (3 + 32) and first["refresh_s"] > 0
     assert second["step_s"] > 0 and (second["refresh_reqs"], second["decode_reqs"]) == (0, 2)
     assert second["kv_tokens"] == 36 + 35 and second["refresh_s"] == 0.0 and second["reqs"] == 2
+
+
+# ---- overlap: a decode step's outcome is read at the next step ----------------------------------
+def _confident(rows: int = 8) -> torch.Tensor:
+    return window(rows, {r: (3, 0.99) for r in range(rows)})
+
+
+def test_overlap_reads_a_step_outcome_at_the_next_step():
+    """With overlap (the default but for jump-share) the step that completes a block emits nothing
+    and leaves the host untouched: its outcome waits on the sampler. The next step reads it: the
+    block goes out in that step's row, whose forward decided nothing (an idle forward), and the
+    next block starts with a refresh there. The tokens are the same as without overlap."""
+    cfg = DecodeConfig(gen_length=32, block_length=8)
+    got = {}
+    for overlap in (False, True):
+        engine = Engine(cfg, overlap=overlap)
+        req = engine.add(0, "a", [1, 2, 3, 4])
+        first = engine.decode({0: _confident()})
+        if overlap:
+            assert int(first.num_sampled[0]) == 0 and int(first.num_rejected[0]) == 8
+            assert req.start == 4 and req.stats["forwards"] == 0 and engine.sampler._pending
+            assert not engine.forwards  # no refresh yet
+            blocks = engine.table.tokens[0, 4:12].clone()
+            second = engine.decode({0: window(8)})  # the completed block's window again: not read
+            assert torch.equal(engine.table.tokens[0, 4:12], blocks)
+            assert req.stats["idle_forwards"] == 1
+        else:
+            second = first
+        assert int(second.num_sampled[0]) == 8 and int(second.num_rejected[0]) == 0
+        assert torch.equal(second.sampled_token_ids[0, :8], torch.full((8,), 3))
+        assert req.start == 12 and req.stats["forwards"] == 2 and len(engine.forwards) == 1  # decode + refresh
+        got[overlap] = engine.table.tokens[0].clone()
+    assert torch.equal(got[False], got[True])
+
+
+def test_overlap_keeps_an_outcome_until_its_request_has_a_row():
+    """A block completed, then the scheduler cut the request's next window short: that row can
+    carry no block, so it rejects every slot and the outcome waits; the block goes out at the
+    request's next full window. A request that left before its outcome was read is dropped."""
+    cfg = DecodeConfig(gen_length=32, block_length=8)
+    engine = Engine(cfg, overlap=True)
+    a = engine.add(0, "a", [1, 2, 3, 4])
+    b = engine.add(1, "b", [1, 2, 3])
+    engine.decode({0: _confident(), 1: _confident()})  # both blocks complete
+    out = engine.decode({0: window(5), 1: window(8)})  # a cut short
+    assert out.num_sampled.tolist() == [0, 8] and out.num_rejected.tolist() == [5, 0]
+    assert a.start == 4 and b.start == 11 and len(engine.sampler._pending) == 1
+    engine.table.remove("b")
+    out = engine.decode({0: window(8)})
+    assert out.num_sampled.tolist() == [8] and a.start == 12 and not engine.sampler._pending
+
+
+def test_overlap_fails_non_finite_logits_at_the_next_step_without_output():
+    """A NaN step under overlap: the request fails when its outcome is read, and nothing of that
+    block goes out; the other request's block does."""
+    cfg = DecodeConfig(gen_length=32, block_length=8)
+    engine = Engine(cfg, overlap=True)
+    a = engine.add(0, "a", [1, 2, 3, 4])
+    engine.add(1, "b", [1, 2, 3, 4])
+    bad = _confident()
+    bad[2] = float("nan")
+    engine.decode({0: bad, 1: _confident()})
+    assert a.error is None
+    out = engine.decode({0: window(8), 1: window(8)})
+    assert a.error is not None and out.num_sampled.tolist() == [0, 8] and out.num_nans.tolist() == [1, 0]
+
+
+def test_jump_share_reads_its_outcome_in_the_step():
+    """Jump-share plans a step from the outcome of the step before it, so its engine never overlaps
+    (VLLM_ODB_OVERLAP=0 turns overlap off for the others)."""
+    assert not Engine(DecodeConfig(gen_length=32, block_length=8, jump=True, ridge_rows=64), overlap=True).sampler.overlap
+    assert Engine(DecodeConfig(gen_length=32, block_length=8), overlap=True).sampler.overlap

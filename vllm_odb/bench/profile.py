@@ -2,11 +2,16 @@
 
 The sampler (engine/sampler.py) takes it as its step observer when the variable is set in the
 engine process (``vllm_odb.engine.step_observer``): it appends one JSON line per engine step to
-``path``, with the wall time since the previous step ended (``step_s``), the time of the refresh
-phase (``refresh_s``), the decode and refresh requests, the tokens the refreshes processed and the
-keys the decode rows attended, and the runner's batch (``tokens``, ``reqs``). Each line syncs the
-device first (on a GPU), so the times are of finished work. ``bench speed`` and ``bench vllm-full-size``
-read it (decode-only and refresh-only steps against the GPU's ceilings).
+``path``, with the time since the previous step ended (``step_s``), the time of the refresh phase
+(``refresh_s``), the decode and refresh requests, the tokens the refreshes processed and the keys
+the decode rows attended, and the runner's batch (``tokens``, ``reqs``). ``bench speed`` and
+``bench vllm-full-size`` read it (decode-only and refresh-only steps against the GPU's ceilings).
+
+On a GPU the times are the device's: CUDA events recorded in the stream where the refresh phase
+starts and where the step ends, read once the device has passed them. The profiler never waits for
+the device, so the host runs ahead as it does when serving (the sampler's overlap). A step's line is
+written once its events have completed, and all of them when a request ends (one device sync a
+request, not a step). On the CPU the times are the host's.
 """
 
 from __future__ import annotations
@@ -17,27 +22,62 @@ import time
 import torch
 
 
+class _Clock:
+    """A point in the step's time: a CUDA timing event on a GPU, else the host's clock."""
+
+    def __init__(self):
+        self.event = None
+        if torch.cuda.is_available():
+            self.event = torch.cuda.Event(enable_timing=True)
+            self.event.record()
+        else:
+            self.host = time.perf_counter()
+
+    def done(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def seconds_since(self, earlier: "_Clock") -> float:
+        if self.event is None:
+            return self.host - earlier.host
+        return earlier.event.elapsed_time(self.event) / 1e3
+
+
 class StepProfiler:
     def __init__(self, path: str):
         self.path = path
-        self._last_end: float | None = None
-        self._refresh_start = 0.0
+        self._last_end: _Clock | None = None
+        self._refresh_start: _Clock | None = None
+        self._waiting: list[tuple[dict, _Clock | None, _Clock]] = []  # lines whose events are not done yet
 
     def refresh_started(self) -> None:
-        self._refresh_start = time.perf_counter()
+        self._refresh_start = _Clock()
 
     def step_ended(self, report) -> None:
-        """``report``: the sampler's ``StepReport`` (the batch, the decoded and refreshed requests)."""
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        now = time.perf_counter()
+        """``report``: the sampler's ``StepReport`` (the batch, the decoded and refreshed requests,
+        whether a request ended: vLLM may take no further step, so every line is written now)."""
         batch = report.input_batch
-        row = {"step_s": None if self._last_end is None else now - self._last_end,
-               "refresh_s": now - self._refresh_start if report.refreshed else 0.0,
-               "decode_reqs": len(report.decoded), "refresh_reqs": len(report.refreshed),
+        row = {"decode_reqs": len(report.decoded), "refresh_reqs": len(report.refreshed),
                "refresh_tokens": sum(q.keys for q in report.refreshed),
                "kv_tokens": sum(q.keys for q in report.decoded),
                "tokens": int(batch.num_tokens), "reqs": int(batch.num_reqs)}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        self._last_end = now
+        self._waiting.append((row, self._refresh_start if report.refreshed else None, _Clock()))
+        self._refresh_start = None
+        self._write(wait=report.ending)
+
+    def _write(self, wait: bool) -> None:
+        """The lines whose events completed (``wait``: all of them, after a device sync; the next
+        step, maybe after a pause, then has no previous one: ``step_s`` None)."""
+        if wait and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        lines = []
+        while self._waiting and self._waiting[0][2].done():
+            row, start, end = self._waiting.pop(0)
+            row = {"step_s": None if self._last_end is None else end.seconds_since(self._last_end),
+                   "refresh_s": end.seconds_since(start) if start is not None else 0.0, **row}
+            lines.append(json.dumps(row))
+            self._last_end = end
+        if wait:
+            self._last_end = None
+        if lines:
+            with open(self.path, "a") as f:
+                f.write("\n".join(lines) + "\n")

@@ -257,6 +257,7 @@ class RequestTable:
         # Per slot: the request's last refresh produced non-finite logits. Read with the next
         # decode step's flags (engine/sampler.py), so the refresh adds no host sync.
         self.unusable = torch.zeros(max_num_reqs, dtype=torch.bool, device=device)
+        self.ends = 0  # requests whose decoding ended (finish, or an end marker vLLM stops on), ever
 
     def add(self, slot: int, req_id: str, prompt_ids: list[int], prefill_ids: list[int] | None,
             sampling_params) -> ODBRequest:
@@ -327,6 +328,7 @@ class RequestTable:
         req.plan = None
         self.tokens[slot, req.start:] = self.eos_id
         self._count(req)  # its decoding is over; an aborted request is counted when removed
+        self.ends += 1
 
     def fail(self, slot: int, reason: str) -> None:
         """The request's step cannot be used (``reason``): it decodes and emits nothing more, and
@@ -348,6 +350,7 @@ class RequestTable:
         to the metrics now (vLLM's removal reaches the worker only at the next step, which may be
         long after). Forwards it still takes (``ignore_eos``) are not counted."""
         self._count(self.reqs[slot])
+        self.ends += 1
 
     def get(self, slot: int) -> ODBRequest | None:
         return self.reqs[slot] if 0 <= slot < len(self.reqs) else None

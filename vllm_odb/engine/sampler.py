@@ -3,12 +3,15 @@
 The runner hands over the logits of every decode request's query window (``width`` rows) after
 each forward. One step, top to bottom (``_step``; the reference loop's order, policies shared):
 
+    settle   (overlap) the last step's outcome per request, read on the host now: its decisions
+             ran before this step's forward, so the host waits for them, not for the forward
     decode   each decode request's block logits (Dream: from the position before each slot)
              -> policies.step.block_step (decide, a trace's forced counts, commit) -> new block;
              a request with a jump-share plan: every branch's rows -> policies.step.branch_step
-             (decide per branch, accept) -> the adopted branch's block
-    advance  per request, its state machine (engine/requests.py), after one host sync (which
-             blocks completed; policies.step.block_ends: which completed an end marker):
+             (decide per branch, accept) -> the adopted branch's block. The outcome (which blocks
+             completed; policies.step.block_ends: which completed an end marker) goes to the host
+             behind the step's kernels (``Outcome``), and is settled at the next step
+    advance  per request, its state machine (engine/requests.py), on the settled outcome:
              not complete -> the block goes back as the next step's draft slots (num_sampled 0);
                              jump-share plans the next step's branches (policies.step.plan_branches)
              complete     -> it goes out (num_sampled = block); the request is done if its canvas
@@ -19,6 +22,13 @@ each forward. One step, top to bottom (``_step``; the reference loop's order, po
              predictions give ALP's new length (policies.step.cut_canvas), and its block logits
              take the next block's first step (block_step again)
     drafts   every touched request's next query rows go to vLLM's draft slots
+
+Overlap (the default; ``VLLM_ODB_OVERLAP=0`` turns it off) is what keeps the GPU busy: the host
+never waits for a forward, so vLLM schedules and prepares the next step while this one runs. Its
+price: a completed block goes out one step later, and its request's forward in that step is idle
+(counted in ``idle_forwards``, not in NFE); tokens and NFE are unchanged. A jump-share engine
+plans each step from the outcome of the one before it, so it settles in the step itself (the
+step's host sync), as every engine does with overlap off.
 
 A block that the refresh step already completes is committed on the next step. A finished
 request (canvas done, or an end marker with ``early_stop``) commits EOS blocks until vLLM's stop
@@ -36,9 +46,9 @@ core dies, and the server's ``/health`` answers 503. ``VLLM_ODB_DEBUG_FAULTS`` (
 injects such failures for the tests.
 
 Logits are read in tiles over requests (``_TILE_BYTES`` of fp32 work each), so the sampler never
-holds more than a bounded slice of [requests x block, vocab] in fp32 at once. One host sync per
-step (which blocks completed) decides the refreshes; jump-share planning adds a few per planned
-request (the layout's row count), and ALP one per step with refreshes.
+holds more than a bounded slice of [requests x block, vocab] in fp32 at once. With overlap a
+decode step has no host sync; ALP adds one per step with refreshes (after the refresh forward),
+and jump-share one per step plus a few per planned request (the layout's row count).
 
 Benchmarks attach through hooks that are None when serving: a request's ``forcing`` (a trace,
 policies/forcing.py) at the three forced decisions, and the step ``observer``
@@ -75,6 +85,8 @@ _ALP_ROWS = 256  # canvas rows projected to the vocabulary at once for length pr
 # VLLM_ODB_REFRESH_TOKENS=n: refresh side forwards of up to n tokens instead of the runner's token
 # budget (debugging: past the budget, a side forward may need memory vLLM's profile did not leave).
 _REFRESH_TOKENS_ENV = "VLLM_ODB_REFRESH_TOKENS"
+# VLLM_ODB_OVERLAP=0: read each decode step's outcome in the step itself (a host sync per step).
+OVERLAP_ENV = "VLLM_ODB_OVERLAP"
 
 
 @dataclass
@@ -177,6 +189,34 @@ class StepOutput:
                              num_sampled=self.num_sampled, num_rejected=self.num_rejected)
 
 
+class Outcome:
+    """Decode steps' outcomes (``ODBSampler._flags`` rows) on their way to the host. ``later``
+    starts the copy behind the step's kernels and returns at once; ``read`` (the next step) waits
+    for that copy only."""
+
+    def __init__(self, slots: list[int], reqs: list[ODBRequest], flags, ready=None):
+        self.slots, self.reqs, self.flags, self.ready = slots, reqs, flags, ready
+
+    @classmethod
+    def later(cls, slots: list[int], reqs: list[ODBRequest], flags: torch.Tensor) -> "Outcome":
+        if flags.device.type != "cuda":
+            return cls(slots, reqs, flags)
+        host = flags.to("cpu", non_blocking=True)  # pinned: the copy runs after the step's kernels
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(slots, reqs, host, ready)
+
+    @classmethod
+    def now(cls, outcomes: list[tuple[int, ODBRequest, list]]) -> "Outcome":
+        return cls([s for s, _, _ in outcomes], [q for _, q, _ in outcomes], [f for _, _, f in outcomes])
+
+    def read(self) -> list[tuple[int, ODBRequest, list]]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        flags = self.flags.tolist() if isinstance(self.flags, torch.Tensor) else self.flags
+        return list(zip(self.slots, self.reqs, flags))
+
+
 @dataclass
 class StepReport:
     """What a step did, for the step observer (read after the step)."""
@@ -184,6 +224,7 @@ class StepReport:
     input_batch: object
     decoded: list[ODBRequest]  # the decode rows' requests
     refreshed: list[ODBRequest]  # the requests whose block started with a refresh
+    ending: bool = False  # a request ended its decoding, or none is decoding: vLLM may stop stepping
 
 
 class ODBSampler:
@@ -204,6 +245,12 @@ class ODBSampler:
         # This step's scheduled requests and, from them, the rows each decode request gets next
         # step (knobs.step_width: vLLM's scheduler gives the same): the jump-share plans' room.
         self.batch, self.next_width = 1, self.width
+        # Overlap (the default, but for jump-share): a decode step's outcome is read on the host at the
+        # next step, so the host never waits for a forward and prepares the next step while it runs.
+        # A completed block then goes out one step later; its request's forward in that step is idle.
+        # Jump-share plans a step from the outcome of the one before it: it reads it at once.
+        self.overlap = os.environ.get(OVERLAP_ENV, "1") != "0" and not table.engine.jump
+        self._pending: list[Outcome] = []
 
     # ---- the runner's sampler surface -------------------------------------------------------
     @property
@@ -232,16 +279,26 @@ class ODBSampler:
     # ---- one step -----------------------------------------------------------------------------
     def _step(self, logits: torch.Tensor, input_batch) -> SamplerOutput:
         table = self.table
+        ends = table.ends
         self.batch = max(1, input_batch.num_reqs)
         self.next_width = table.step_width(self.batch)
         rows = StepRows.of(input_batch, table)
         out = StepOutput(len(rows.slots), self.width, self.block, self.device)
-        slots = [int(rows.slots[r]) for r in rows.decode]
-        decoded = [table.get(s) for s in slots]
         refresh: list[tuple[int, int]] = []  # (slot, batch row): a refresh starts their next block
+        settled: set[int] = set()  # slots whose last step completed their block: no decision this step
+        if self._pending:  # overlap: the last step's outcome, read while this step's forward runs
+            refresh += self._settle(self._read_pending(rows), rows, out, settled)
+        dec = [r for r in rows.decode if int(rows.slots[r]) not in settled and table.get(int(rows.slots[r])).error is None]
+        slots = [int(rows.slots[r]) for r in dec]
+        decoded = [table.get(s) for s in slots]
         if decoded:
-            masked, step, unusable = self._decode(logits, input_batch.cu_num_logits_np, rows.decode, slots, decoded)
-            refresh += self._advance(rows.decode, slots, decoded, masked, step, unusable, out)
+            masked, step, unusable = self._decode(logits, input_batch.cu_num_logits_np, dec, slots, decoded)
+            flags = self._flags(slots, decoded, masked, step, unusable)
+            if self.overlap:  # read at the next step (_read_pending): no host sync now
+                self._pending.append(Outcome.later(slots, decoded, flags))
+            else:  # the step's host sync
+                refresh += self._settle([(s, q, f) for s, q, f in zip(slots, decoded, flags.tolist())], rows, out,
+                                        settled, step)
             _checkpoint("decode")
         out.reject(rows)
         refresh += rows.prefilled(input_batch, table)
@@ -258,7 +315,8 @@ class ODBSampler:
             out.report_failed([r for r in range(len(rows.slots)) if int(rows.slots[r]) in table.failed])
         table.counters.flush(force=out.emitted or table.idle())  # blocks out may end requests: at once
         if self.observer:
-            self.observer.step_ended(StepReport(input_batch, decoded, [table.get(s) for s, _ in refresh]))
+            self.observer.step_ended(StepReport(input_batch, decoded, [table.get(s) for s, _ in refresh],
+                                                table.ends != ends or (table.idle() and not self._pending)))
         return out.result()
 
     def _decode(self, logits, cu: np.ndarray, dec_rows: list[int], slot_list: list[int], reqs: list[ODBRequest]):
@@ -289,35 +347,73 @@ class ODBSampler:
         table.tokens[slots[:, None], cols] = step.block
         return masked, step, nonfinite_rows(step.conf) | table.unusable[slots]
 
-    def _advance(self, dec_rows: list[int], slots: list[int], reqs: list[ODBRequest], masked: torch.Tensor,
-                 step: Step, unusable: torch.Tensor, out: StepOutput) -> list[tuple[int, int]]:
-        """Each decode request after its step (engine/requests.py), then the completed blocks go
-        out. Returns (slot, row) of the requests whose next block starts with a refresh."""
-        table = self.table
-        left = step.block == table.mask_id
+    def _flags(self, slots: list[int], reqs: list[ODBRequest], masked: torch.Tensor, step: Step,
+               unusable: torch.Tensor) -> torch.Tensor:
+        """[R, 6] the decode step's outcome per request, on the device: block complete, it completed
+        an end marker, the step decided (the block had masks), masks left, drafts accepted, unusable."""
+        n_left = (step.block == self.table.mask_id).sum(1)
         ends = self._block_ends(reqs, slots, step.block)
-        # the step's host sync
-        n_left = left.sum(1)
-        flags = torch.stack([n_left == 0, ends, masked.any(1), n_left, step.accepted, unusable], 1).tolist()
-        live = sum(1 for q, f in zip(reqs, flags) if not q.finished and not f[0] and not f[5])
-        refresh, done, plans = [], [], []
-        for i, (r, slot, q) in enumerate(zip(dec_rows, slots, reqs)):
-            if q.error is not None:  # failed in this step's decode
+        return torch.stack([n_left == 0, ends, masked.any(1), n_left, step.accepted, unusable], 1)
+
+    def _read_pending(self, rows: StepRows) -> list[tuple[int, ODBRequest, list]]:
+        """Overlap: the outcomes of earlier steps (``Outcome``), on the host. The last step's
+        decisions ran before this step's forward, so the read waits for them only, not for the
+        forward. A completed block goes out in its request's decode row; a request that has none
+        this step (not scheduled, or cut short) keeps its outcome for a later step."""
+        pending, self._pending = self._pending, []
+        row_of = {int(rows.slots[r]) for r in rows.decode}
+        ready = []
+        for outcome in pending:
+            for slot, q, f in outcome.read():
+                if self.table.get(slot) is not q:  # it left (finished, aborted, preempted)
+                    continue
+                if f[0] and not f[5] and slot not in row_of:
+                    self._pending.append(Outcome.now([(slot, q, f)]))
+                else:
+                    ready.append((slot, q, f))
+        return ready
+
+    def _settle(self, outcomes: list[tuple[int, ODBRequest, list]], rows: StepRows, out: StepOutput, settled: set[int],
+                step: Step | None = None) -> list[tuple[int, int]]:
+        """Each decode request after its step (engine/requests.py; ``outcomes``: (slot, request, its
+        row of ``_flags``) on the host), then the completed blocks go out in this step's rows:
+        read in the step itself, or (overlap) in the next one. Returns (slot, row) of the requests
+        whose next block starts with a refresh; adds the slots whose blocks went out to
+        ``settled``. ``step``: the decisions just made (read in the step itself), which jump-share
+        plans from."""
+        table = self.table
+        row_of = {int(rows.slots[r]): int(r) for r in rows.decode}
+        late = step is None
+        complete = [(slot, q) for slot, q, f in outcomes if f[0] and q.error is None and not f[5]]
+        blocks = None
+        if complete:  # the completed blocks, read before the requests move on to their next block
+            idx = to_device([s for s, _ in complete], self.device)
+            blocks = table.tokens[idx[:, None], table.block_cols([q for _, q in complete])]
+        at = {s: i for i, (s, _) in enumerate(complete)}
+        live = sum(1 for _, q, f in outcomes if not q.finished and not f[0] and not f[5])
+        refresh, emit, plans = [], [], []
+        for i, (slot, q, f) in enumerate(outcomes):
+            if q.error is not None:  # failed in its decode step
                 continue
-            if flags[i][5] and not q.finished:  # (a finished request's logits are not read)
+            if f[5] and not q.finished:  # (a finished request's logits are not read)
                 table.fail(slot, "non-finite logits (NaN or inf) in its forward")
                 continue
             with self._own_part(slot, q):
-                emit, again = self._advance_one(q, slot, flags[i])
-                if emit:
-                    done.append(i)
+                if late and f[0]:  # its forward this step ran the completed block again: it decides nothing
+                    settled.add(slot)
+                done, again = self._advance_one(q, slot, f)
+                if late and f[0]:
+                    q.stats["idle_forwards"] += 1
+                if done:
+                    emit.append(slot)
                 if again:
-                    refresh.append((slot, r))
-                elif self._plans_next(q, flags[i]):
-                    plans.append((i, slot, q, flags[i][3]))
-        self._plans(plans, step, live)
-        if done:
-            out.emit([dec_rows[i] for i in done], step.block[to_device(done, self.device)])
+                    refresh.append((slot, row_of[slot]))
+                elif step is not None and self._plans_next(q, f):
+                    plans.append((i, slot, q, f[3]))
+        if step is not None:
+            self._plans(plans, step, live)
+        if emit:
+            out.emit([row_of[s] for s in emit], blocks[to_device([at[s] for s in emit], self.device)])
         return refresh
 
     def _advance_one(self, q: ODBRequest, slot: int, flags: list) -> tuple[bool, bool]:
