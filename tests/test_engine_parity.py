@@ -126,6 +126,32 @@ def test_jump_share_requests_in_a_batch_decode_within_the_step_width(fmt):
     assert engine.stats["drafts_accepted"] > 0
 
 
+@pytest.mark.parametrize("fmt", ["llada", "dream"])
+def test_a_jump_share_batch_overlaps_where_no_draft_fits(fmt, monkeypatch):
+    """Four jump-share requests whose share of the draft budget is the window (ridge 64 / 4): no
+    plan, so the sampler reads those steps' outcomes at the next step (overlap); as requests end
+    the share widens, plans come back and outcomes are read in the step. Each response is the
+    reference loop's for that prompt alone (its NFE is not: alone, a request drafts more)."""
+    from vllm_odb.engine import sampler as sampler_mod
+    from vllm_odb.engine.knobs import step_width
+
+    later = []
+    real = sampler_mod.Outcome.later.__func__
+    monkeypatch.setattr(sampler_mod.Outcome, "later", classmethod(lambda cls, *a: later.append(1) or real(cls, *a)))
+    ck = _ckpt(fmt)
+    engine_cfg = engine_config({"odb": {"block_length": BLOCK, "gen_length": GEN, "method": "odb", "threshold": 1.0,
+                                        "ridge_rows": 64}})
+    shift = ck.model.spec.logits_shift
+    assert step_width(engine_cfg, shift, 4) == BLOCK + shift < step_width(engine_cfg, shift, 2)
+    engine = EmulatedEngine(ck, engine_cfg, slots=4)
+    prompts = [ck.encode_chat(e.prompt) for e in make_suite(45, 4)]
+    sp = types.SimpleNamespace(temperature=0.0, max_tokens=GEN, extra_args=None, stop=None)
+    got = engine.generate(prompts, sp)
+    refs = [generate(ck.model, [p], engine_cfg.replace(gen_length=GEN), ck.special) for p in prompts]
+    assert got == [response_ids(r.tokens[0], ck.special) for r in refs]
+    assert later and engine.stats["drafts_accepted"] > 0  # both kinds of step ran
+
+
 def test_a_requests_own_ridge_rows_above_the_engines_still_drafts():
     """A request asking for more draft rows than the engine's ridge_rows plans within the engine's
     (its plans would not fit the scheduled canvas otherwise, and would be dropped: no drafts)."""

@@ -375,8 +375,23 @@ def test_overlap_fails_non_finite_logits_at_the_next_step_without_output():
     assert a.error is not None and out.num_sampled.tolist() == [0, 8] and out.num_nans.tolist() == [1, 0]
 
 
-def test_jump_share_reads_its_outcome_in_the_step():
-    """Jump-share plans a step from the outcome of the step before it, so its engine never overlaps
-    (VLLM_ODB_OVERLAP=0 turns overlap off for the others)."""
-    assert not Engine(DecodeConfig(gen_length=32, block_length=8, jump=True, ridge_rows=64), overlap=True).sampler.overlap
-    assert Engine(DecodeConfig(gen_length=32, block_length=8), overlap=True).sampler.overlap
+def test_jump_share_reads_its_outcome_in_the_step_while_drafts_fit():
+    """Jump-share plans a step from the outcome of the step before it: it reads it in the step while
+    the batch's share of the draft budget leaves room for drafts. Once the share is the window
+    (here two requests: ridge 16 // 2 = 8 rows, the window) no plan is made, and it overlaps."""
+    cfg = DecodeConfig(gen_length=32, block_length=8, jump=True, ridge_rows=16)
+    engine = Engine(cfg, overlap=True)
+    a = engine.add(0, "a", [1, 2, 3, 4])
+    engine.decode({0: window(8)})  # alone: 16 rows, drafts fit
+    assert not engine.sampler._pending and a.stats["forwards"] == 1
+    engine.add(1, "b", [1, 2, 3])
+    a.plan = None  # (its plan's rows were not scheduled: fit_plans drops it so)
+    engine.decode({0: window(8), 1: window(8)})
+    assert engine.sampler._pending and a.stats["forwards"] == 1 and a.plan is None
+
+
+def test_overlap_is_off_with_the_variable(monkeypatch):
+    monkeypatch.setenv("VLLM_ODB_OVERLAP", "0")
+    engine = Engine(DecodeConfig(gen_length=32, block_length=8), overlap=True)
+    engine.add(0, "a", [1, 2, 3, 4])
+    assert int(engine.decode({0: _confident()}).num_sampled[0]) == 8 and not engine.sampler._pending

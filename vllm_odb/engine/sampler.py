@@ -28,7 +28,8 @@ never waits for a forward, so vLLM schedules and prepares the next step while th
 price: a completed block goes out one step later, and its request's forward in that step is idle
 (counted in ``idle_forwards``, not in NFE); tokens and NFE are unchanged. A jump-share engine
 plans each step from the outcome of the one before it, so it settles in the step itself (the
-step's host sync), as every engine does with overlap off.
+step's host sync), as every engine does with overlap off; once the batch is large enough that its
+share of the draft budget is the window (``knobs.step_width``: no draft fits), it overlaps too.
 
 A block that the refresh step already completes is committed on the next step. A finished
 request (canvas done, or an end marker with ``early_stop``) commits EOS blocks until vLLM's stop
@@ -245,11 +246,11 @@ class ODBSampler:
         # This step's scheduled requests and, from them, the rows each decode request gets next
         # step (knobs.step_width: vLLM's scheduler gives the same): the jump-share plans' room.
         self.batch, self.next_width = 1, self.width
-        # Overlap (the default, but for jump-share): a decode step's outcome is read on the host at the
-        # next step, so the host never waits for a forward and prepares the next step while it runs.
-        # A completed block then goes out one step later; its request's forward in that step is idle.
-        # Jump-share plans a step from the outcome of the one before it: it reads it at once.
-        self.overlap = os.environ.get(OVERLAP_ENV, "1") != "0" and not table.engine.jump
+        # Overlap (the default): a decode step's outcome is read on the host at the next step, so the
+        # host never waits for a forward and prepares the next step while it runs. A completed block
+        # then goes out one step later; its request's forward in that step is idle. Jump-share plans
+        # a step from the outcome of the one before it: it reads it at once while drafts fit.
+        self.overlap = os.environ.get(OVERLAP_ENV, "1") != "0"
         self._pending: list[Outcome] = []
 
     # ---- the runner's sampler surface -------------------------------------------------------
@@ -291,10 +292,13 @@ class ODBSampler:
         dec = [r for r in rows.decode if int(rows.slots[r]) not in settled and table.get(int(rows.slots[r])).error is None]
         slots = [int(rows.slots[r]) for r in dec]
         decoded = [table.get(s) for s in slots]
+        # Jump-share plans the next step from this one's outcome, unless the batch's share of the
+        # draft budget is the window (no draft fits): then it overlaps too.
+        overlap = self.overlap and (not table.engine.jump or self.next_width <= table.window)
         if decoded:
             masked, step, unusable = self._decode(logits, input_batch.cu_num_logits_np, dec, slots, decoded)
             flags = self._flags(slots, decoded, masked, step, unusable)
-            if self.overlap:  # read at the next step (_read_pending): no host sync now
+            if overlap:  # read at the next step (_read_pending): no host sync now
                 self._pending.append(Outcome.later(slots, decoded, flags))
             else:  # the step's host sync
                 refresh += self._settle([(s, q, f) for s, q, f in zip(slots, decoded, flags.tolist())], rows, out,
@@ -494,7 +498,7 @@ class ODBSampler:
                  for a, b in token_chunks([q.keys for q in reqs], self.refresh_budget)]
         new, x0, conf = (torch.cat(t) for t in zip(*((s.block, s.x0, s.conf) for s in steps)))
         jumping = [i for i, q in enumerate(reqs) if q.cfg.jump]
-        if jumping:  # plan the first jump-share step of the block from the refresh's predictions
+        if jumping and self.next_width > table.window:  # (else no draft fits: no plan, no host read)  # plan the first jump-share step of the block from the refresh's predictions
             left = (new == table.mask_id).sum(1).tolist()
             live = sum(1 for n in left if n)
             self._plans([(i, jobs[i][0], reqs[i], left[i]) for i in jumping
