@@ -465,3 +465,40 @@ def test_a_batched_jump_share_engine_decodes_as_the_reference(monkeypatch):
     assert got == refs
     assert engine.stats["drafts_accepted"] > 0
     assert any(len(g) > 1 for g in groups), groups
+
+
+@pytest.mark.gpu
+def test_the_kernel_compiles_once_for_any_draft_count():
+    """A jump-share engine's plans change size with the batch (knobs.step_width): the kernel must not
+    compile again for each new size (a compile stalls the step for about a second). The first call
+    compiles; calls with other draft counts (the same tile) must each take well under that."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    import time
+
+    from vllm_odb.engine.draft_attention import draft_rows_attention
+
+    dev, heads, dim, kbs, blocks = "cuda", 4, 64, 16, 64
+    cache = torch.randn(blocks, heads, kbs, 2 * dim, device=dev, dtype=torch.bfloat16)
+    seconds = []
+    for ridge in (64, 80, 96, 112, 128, 144):  # draft counts of 17 rows and more: one tile size
+        cfg = DecodeConfig(gen_length=64, block_length=32, jump=True, rule="threshold", cache="dual", ridge_rows=ridge)
+        g = torch.Generator().manual_seed(ridge)
+        block = torch.where(torch.rand(32, generator=g) < 0.8, MASK, 5).to(dev)
+        block[0] = MASK
+        plan = JumpPlan.plan(block, torch.zeros(0, dtype=torch.long, device=dev),
+                             torch.randint(0, 50, (32,), generator=g).to(dev), torch.rand(32, generator=g).to(dev),
+                             MASK, cfg, 1, ridge)
+        assert plan is not None and plan.num_rows - plan.window > 16
+        rows = [BranchRows(first=0, plan=plan, q0=300, end=400)]
+        tables = torch.randperm(blocks, device=dev)[None, :32].int()
+        d = BranchBatch.build(rows, tables, kbs, dev, kernel=True)[0].kernel
+        q = torch.randn(plan.num_rows, heads, dim, device=dev, dtype=torch.bfloat16)
+        out = torch.zeros(plan.num_rows, heads * dim, device=dev, dtype=torch.bfloat16)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        draft_rows_attention(q, q.clone(), q.clone(), cache, out, d, dim ** -0.5, kbs)
+        torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - t0)
+    print("draft-row kernel calls (s):", [round(t, 4) for t in seconds])
+    assert max(seconds[1:]) < 0.1, seconds

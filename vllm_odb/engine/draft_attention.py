@@ -87,7 +87,10 @@ if triton is not None:
             pv = tl.dot(p.to(v.dtype), v)
         return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + pv
 
-    @triton.jit
+    # Triton specialises integer arguments (equal to 1, divisible by 16) and compiles once per
+    # combination: the strides below follow the step's plans (draft rows per request), which change
+    # with the batch (knobs.step_width), so each new combination would stall a step for a compile.
+    @triton.jit(do_not_specialize=["s_rows", "s_mw_r", "s_mw_m", "s_md_r", "s_md_m"])
     def _draft_rows_kernel(
         q_ptr, k_ptr, v_ptr, cache_ptr, out_ptr,
         bt_ptr, rows_ptr, nd_ptr, end_ptr, q0_ptr, win_ptr, mw_ptr, md_ptr,
