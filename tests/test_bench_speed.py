@@ -124,3 +124,25 @@ def test_a_row_with_too_few_traces_is_skipped_out_loud(capsys):
     assert not enough_traces([{}] * 12, "odb", 1024, 64, "vllm")
     err = capsys.readouterr().err
     assert "odb gen 1024 batch 64 (vllm) skipped" in err and "hold 12 requests" in err and "--requests 64" in err
+
+
+def test_a_jump_row_where_no_draft_fits_replays_its_plain_twin():
+    """A jump-share trace holds the drafts accepted alone; a replay forces those commits whatever the
+    step laid out. Where the batch's share of the draft budget is the window no draft fits and the
+    engine decodes as odb-alp: that row replays odb-alp's traces, and says so. Where drafts fit
+    but fewer than alone, the row says its drafts are an upper bound; batch 1 is exact."""
+    import types
+
+    from vllm_odb.bench.speed import replay_method
+
+    args = types.SimpleNamespace(block_length=32, threshold=0.9, ridge_rows=178)
+    traces = {"odb|1024|vllm": [], "odb-alp|1024|vllm": []}
+    assert replay_method("odb", 1024, 1, args, 0, traces, "vllm") == ("odb", "")
+    method, note = replay_method("odb", 1024, 2, args, 0, traces, "vllm")  # 89 rows each: drafts fit
+    assert method == "odb" and "upper bound" in note
+    method, note = replay_method("odb", 1024, 8, args, 0, traces, "vllm")  # 178 // 8 = 22 < 32: the window
+    assert method == "odb-alp" and "no draft fits at batch 8" in note
+    method, note = replay_method("odb", 1024, 64, args, 0, {"odb|1024|vllm": []}, "vllm")  # no twin traces
+    assert method == "odb" and "overstated" in note
+    assert replay_method("odb-alp", 1024, 64, args, 0, traces, "vllm") == ("odb-alp", "")
+    assert replay_method("odb", 1024, 8, args, 1, traces, "vllm")[0] == "odb-alp"  # Dream: 2*22-33 < 33

@@ -36,7 +36,7 @@ ROW_OPTIONAL = {"trace_model": str, "note": str, "requests": int, "latency_p50_s
                 "wall_s": float, "decode_step_ms_p50": float, "weight_stream_floor_ms": float,
                 "step_over_floor": float, "response_tokens": int, "attention_impl": str,
                 "request_latency_s": list, "request_tokens": list, "max_num_seqs": int, "roofline_s": float,
-                "roofline_forwards": int, "roofline_ceilings": dict}
+                "roofline_forwards": int, "roofline_ceilings": dict, "traces_of": str}
 STEP_KEYS = {"engine": str, "model": str, "kind": str, "batch": int, "query_tokens": int, "ms": float,
              "flops": float, "bytes": float}
 STEP_OPTIONAL = {"method": str, "kv_tokens": int}
@@ -297,7 +297,8 @@ def row_roofline(row: dict, meta: dict, traces: dict[str, dict] | None = None) -
     from vllm_odb.bench.speed import BENCH_METHODS, _trace_key, method_config
     from vllm_odb.checkpoint import ModelSpec
 
-    key, n = _trace_key(row["method"], row["gen_length"], row["engine"]), row.get("requests") or row["batch"]
+    key = _trace_key(row.get("traces_of", row["method"]), row["gen_length"], row["engine"])  # (speed.replay_method)
+    n = row.get("requests") or row["batch"]
     ran = data["traces"].get(key, [])[:n]
     if row["method"] not in BENCH_METHODS or len(ran) < n:
         return Roofline(None, f"row lacks roofline_s, traces lack {n} of {key}")

@@ -116,6 +116,31 @@ def method_config(method: str, gen: int, args) -> DecodeConfig:
     return DecodeConfig.for_method(preset, **knobs)
 
 
+# A jump-share method's trace holds the drafts it accepted alone (batch 1), and a replay forces those
+# commits whatever the step verified. At a batch whose share of the draft budget is the window
+# (knobs.step_width) no draft fits and the engine decodes exactly as its plain twin, so such a row
+# replays the twin's traces: the jump trace would credit it with drafts it never laid out.
+PLAIN_TWIN = {"odb": "odb-alp"}
+
+
+def replay_method(method: str, gen: int, batch: int, args, shift: int, traces: dict, engine: str) -> tuple[str, str]:
+    """The method whose traces a full-size ``method`` row at ``batch`` replays, and the row's note
+    on it ("" when it is the method's own and exact)."""
+    from vllm_odb.engine.knobs import step_width
+
+    cfg = method_config(method, gen, args)
+    if not cfg.jump or batch == 1:
+        return method, ""
+    if step_width(cfg, shift, batch) > cfg.block_length + shift:
+        return method, (f"drafts fit at batch {batch} but fewer than alone: the replayed drafts (recorded alone) "
+                        "are an upper bound")
+    twin = PLAIN_TWIN.get(method)
+    if twin is None or _trace_key(twin, gen, engine) not in traces:
+        return method, (f"no draft fits at batch {batch}, yet the replay forces the drafts accepted alone: "
+                        "tokens per forward are overstated")
+    return twin, f"no draft fits at batch {batch}: replays {twin}'s traces (the engine decodes as {twin})"
+
+
 def _trace_key(method: str, gen: int, engine: str) -> str:
     return f"{method}|{gen}|{engine}"
 
@@ -422,8 +447,10 @@ def run_vllm(args, methods, gens, batches, emit) -> None:
         for m, g, b in tqdm(jobs, desc=f"vllm {args.model} {'jump-share' if jump else 'plain'} engine",
                             file=sys.stderr):
             preset = BENCH_METHODS[m][0]
+            replayed, replay_note = m, ""
             if full:
-                tr = traces["traces"][_trace_key(m, g, "vllm")]
+                replayed, replay_note = replay_method(m, g, b, args, spec.logits_shift, traces["traces"], "vllm")
+                tr = traces["traces"][_trace_key(replayed, g, "vllm")]
                 if not enough_traces(tr, m, g, b, "vllm"):
                     continue
                 prompts = _replay_prompts(tr, spec)
@@ -462,8 +489,13 @@ def run_vllm(args, methods, gens, batches, emit) -> None:
                    "gpu_mem_gb": round((total - free) / 1e9, 2), "max_num_seqs": cap,
                    **_per_request(b, lat, per_req),
                    **_roofline(tr[:n_req] if full else [], spec, method_config(m, g, args), "vllm", b)}
+            if replayed != m:
+                row["traces_of"] = replayed
+            notes = [replay_note] if replay_note else []
             if b > cap:
-                row["note"] = f"engine runs at most {cap} requests at once (jump-share canvas)"
+                notes.append(f"engine runs at most {cap} requests at once (jump-share canvas)")
+            if notes:
+                row["note"] = "; ".join(notes)
             steps: list[dict] = []
             row.update(_step_profile(profile, spec, b, m, g, steps, args, jump, llm))
             emit(row, steps)
