@@ -7,6 +7,7 @@ greedy outputs must equal the reference loop's, token for token, alone and batch
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,15 +19,16 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _parity(fmt: str, tmp_path, *args: str) -> dict:
+def _parity(fmt: str, tmp_path, *args: str, env: dict | None = None) -> dict:
     """Run ``bench vllm-parity`` on the tiny ``fmt`` checkpoint (8 prompts, eager, block 16) with
-    ``args``; it must exit 0 (its own token, NFE, canvas and draft checks). Returns its summary."""
+    ``args`` (and ``env`` added to the environment); it must exit 0 (its own token, NFE, canvas and
+    draft checks). Returns its summary."""
     pytest.importorskip("vllm")
     out = tmp_path / "parity.json"
     proc = subprocess.run(
         [sys.executable, "-m", "vllm_odb.bench", "vllm-parity", "--model", str(ROOT / "checkpoints" / f"tiny-{fmt}"),
          "--mode", "eager", "--n", "8", "--block-length", "16", *args, "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())["summary"]
 
@@ -35,6 +37,20 @@ def _parity(fmt: str, tmp_path, *args: str) -> dict:
 def test_vllm_matches_reference_eager(fmt, tmp_path):
     summary = _parity(fmt, tmp_path, "--gen-length", "64")
     assert summary["alone_match"] == summary["batched_match"] == 8
+
+
+@pytest.mark.parametrize("fmt", ["llada", "dream"])
+@pytest.mark.parametrize("overlap", ["1", "0"])
+def test_vllm_decode_steps_match_with_and_without_overlap(fmt, overlap, tmp_path):
+    """odb-alp at threshold 1.0 (blocks take several decode steps): with overlap (the default: a
+    step's outcome read at the next step, a completed block out one step later, its request's
+    forward in between idle) and without (VLLM_ODB_OVERLAP=0), tokens alone and batched, NFE and
+    canvas equal the reference loop's."""
+    summary = _parity(fmt, tmp_path, "--gen-length", "128", "--threshold", "1.0", "--method", "odb-alp",
+                      env={"VLLM_ODB_OVERLAP": overlap})
+    assert summary["alone_match"] == summary["batched_match"] == 8
+    assert summary["nfe"]["vllm"] == summary["nfe"]["reference"] > 8
+    assert (summary["nfe"]["vllm_idle_forwards"] > 0) == (overlap == "1")
 
 
 @pytest.mark.parametrize("fmt", ["llada", "dream"])

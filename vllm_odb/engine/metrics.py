@@ -29,7 +29,8 @@ COUNTERS = {
     "tokens": "Canvas tokens decoded (whole blocks, before the response is cut at its end)",
     "refreshes": "Cache-refresh forwards (one per block)",
     "refresh_tokens": "Tokens processed by cache-refresh forwards",
-    "idle_forwards": "Canvas forwards that decided nothing (a block completed by its refresh)",
+    "idle_forwards": "Canvas forwards that decided nothing (a block completed by its refresh, or the step after "
+                     "a block completed, whose outcome the sampler reads one step late: overlap)",
     "drafts_accepted": "Drafted tokens adopted by jump-share verification",
     "canvas_requested": "Canvas tokens requested (gen_length, cut to max_model_len)",
     "canvas_predicted": "Canvas tokens left after adaptive length prediction",
