@@ -37,7 +37,8 @@ check ends it.
 
 One request's failure ends that request, not the engine. A step whose confidences are not finite
 (its logits hold NaN or inf: a NaN confidence must never commit tokens) fails the request, found
-with the step's host sync (a refresh's, with the next decode step's: ``RequestTable.unusable``); an
+when the step's outcome is read (a refresh's, with the next decode step's: ``RequestTable.unusable``),
+before anything of it goes out; an
 exception in a request's own part of the step (its state machine, planning, the refresh's checks:
 ``_own_part``) fails it too. A failed request emits nothing more, its slots are rejected, and the
 step's ``SamplerOutput.num_nans`` marks its row, every step it is still in the batch: the scheduler
@@ -527,7 +528,7 @@ class ODBSampler:
         for q in reqs:
             q.stepped()
         table.tokens[slots[:, None], cols] = step.block
-        # non-finite logits fail the request at its next decode step's sync (_advance)
+        # non-finite logits fail the request when its next decode step's outcome is settled (_settle)
         table.unusable[slots] |= nonfinite_rows(step.conf)
         return step
 
