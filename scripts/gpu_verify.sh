@@ -104,6 +104,9 @@ overlap)  # the sampler's overlap (#21: a step's outcome read at the next step),
     lane parity-$1-$2-n4 "${bench[@]}" vllm-parity --model $M/tiny-$1 --mode $2 --n 4 "${wide[@]}" \
       --out "$R/parity-$1-$2-n4.json"
   done
+  lane pytest-branches "${pt[@]}" tests/test_engine_branches.py   # the draft-row kernel: values, compiles once
+  lane parity-dream-eager-n4-check env VLLM_ODB_CHECK=1 "${bench[@]}" vllm-parity --model $M/tiny-dream --mode eager \
+    --n 4 "${wide[@]}" --out "$R/parity-dream-eager-n4-check.json"   # session 7: NFE 19 vs 18 here; the history says why
   lane soak-llada "${bench[@]}" server-soak --model $M/tiny-llada --requests 600 --clients 100 \
     --max-seconds $((LIMIT - 60)) --port 8801 --out "$R/soak-llada.json"
   lane faults-dream "${bench[@]}" server-faults --model $M/tiny-dream --eager --port 8808 --out "$R/faults-dream.json"

@@ -91,10 +91,24 @@ def test_the_profiled_steps_always_have_a_request(prof, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "vllm.inputs",
                         types.SimpleNamespace(TokensPrompt=lambda **k: k))
     args = types.SimpleNamespace(model="llada-8b", speculative=True, prompt_len=8, gen_length=16, block_length=8,
-                                 skip=7)
+                                 skip=7, engine_args={})
     spec = types.SimpleNamespace(mask_token_id=100)
     got, step = prof._engine(args, spec)
     assert got is engine and engine.steps == 7 and len(engine.added) == 3
     for _ in range(5):
         step()
     assert engine.steps == 12 and len(engine.added) == 4 and len(set(engine.added)) == 4
+
+
+def test_engine_args_reach_the_profiled_engine_as_json(prof):
+    """``--engine-args`` (e.g. another attention backend) is a JSON object, checked before any engine
+    starts, as bench speed's."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    prof.add_arguments(ap)
+    args = ap.parse_args(["--model", "llada-8b", "--out", "x", "--engine-args", '{"attention_backend": "FLASH_ATTN"}'])
+    assert args.engine_args == {"attention_backend": "FLASH_ATTN"}
+    assert ap.parse_args(["--model", "llada-8b", "--out", "x"]).engine_args == {}
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--model", "llada-8b", "--out", "x", "--engine-args", "[1]"])

@@ -99,7 +99,15 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--steps", type=int, default=24, help="engine steps profiled")
     ap.add_argument("--speculative", action="store_true",
                     help="profile the jump-share engine (speculative_config={'method': 'odb'}) instead of the plain one")
+    ap.add_argument("--engine-args", default="{}", type=_engine_args,
+                    help='extra vLLM engine arguments as a JSON object, e.g. \'{"attention_backend": "FLASH_ATTN"}\'')
     ap.add_argument("--out", required=True)
+
+
+def _engine_args(text: str) -> dict:
+    from vllm_odb.bench.speed import _engine_args as parse
+
+    return parse(text)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -116,7 +124,7 @@ def main(args: argparse.Namespace) -> int:
     plain, res, python_host = _profile_steps(engine, step, args)
     floor_ms = weight_bytes(spec) / (ceilings["copy_bandwidth_gbs"] * 1e9) * 1e3
     summary = _summary(res, plain, floor_ms)
-    out = {"model": args.model, "engine": "jump-share" if args.speculative else "plain",
+    out = {"model": args.model, "engine": "jump-share" if args.speculative else "plain", "engine_args": args.engine_args,
            "weights": "random (load_format=dummy)", "prompt_len": args.prompt_len, "gen_length": args.gen_length, "block_length": args.block_length, "ceilings": ceilings,
            "when": time.strftime("%Y-%m-%d %H:%M:%S"), "summary": summary, **res, "python_host_cprofile": python_host}
     print(json.dumps(summary))
@@ -140,7 +148,8 @@ def _engine(args, spec):
               # the jump-share canvas reaches past the block (its draft rows, up to ridge_rows)
               max_model_len=args.prompt_len + args.gen_length + (1024 if args.speculative else 64),
               gpu_memory_utilization=0.85, max_num_seqs=8, seed=0,
-              additional_config={"odb": {"block_length": args.block_length, "gen_length": args.gen_length}}, **jump)
+              additional_config={"odb": {"block_length": args.block_length, "gen_length": args.gen_length}},
+              **{**jump, **args.engine_args})
     engine = llm.llm_engine
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, spec.mask_token_id - 1, (args.prompt_len,), generator=g).tolist()
