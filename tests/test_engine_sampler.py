@@ -395,3 +395,20 @@ def test_overlap_is_off_with_the_variable(monkeypatch):
     engine = Engine(DecodeConfig(gen_length=32, block_length=8), overlap=True)
     engine.add(0, "a", [1, 2, 3, 4])
     assert int(engine.decode({0: _confident()}).num_sampled[0]) == 8 and not engine.sampler._pending
+
+
+def test_a_plan_decoded_in_an_overlapped_step_is_spent_at_once():
+    """A jump-share request planned alone (drafts fit) whose next step runs in a batch where none fit
+    (overlap): that step still decodes its plan, and the plan is spent there. The next step's rows
+    are the window of the block as that step left it, not the old plan's (its outcome, read a step
+    later, must not leave the plan in place for the draft slots)."""
+    cfg = DecodeConfig(gen_length=32, block_length=8, jump=True, ridge_rows=16)
+    engine = Engine(cfg, overlap=True)
+    a = engine.add(0, "a", [1, 2, 3, 4])
+    engine.decode({0: window(8)})  # alone: 16 rows, drafts fit
+    assert a.plan is not None and not engine.sampler._pending
+    rows = a.plan.num_rows
+    engine.add(1, "b", [1, 2, 3])
+    engine.decode({0: window(rows), 1: window(8)})  # two requests: the share is the window
+    assert engine.sampler._pending and a.plan is None
+    assert torch.equal(engine.draft_rows(0)[:8], engine.table.tokens[0, a.start:a.start + 8])

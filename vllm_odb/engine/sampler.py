@@ -301,6 +301,8 @@ class ODBSampler:
             flags = self._flags(slots, decoded, masked, step, unusable)
             if overlap:  # read at the next step (_read_pending): no host sync now
                 self._pending.append(Outcome.later(slots, decoded, flags))
+                for q in decoded:  # a plan this step decoded is spent (the next step's rows are the window)
+                    q.plan = None
             else:  # the step's host sync
                 refresh += self._settle([(s, q, f) for s, q, f in zip(slots, decoded, flags.tolist())], rows, out,
                                         settled, step)
