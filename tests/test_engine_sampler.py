@@ -412,3 +412,21 @@ def test_a_plan_decoded_in_an_overlapped_step_is_spent_at_once():
     engine.decode({0: window(rows), 1: window(8)})  # two requests: the share is the window
     assert engine.sampler._pending and a.plan is None
     assert torch.equal(engine.draft_rows(0)[:8], engine.table.tokens[0, a.start:a.start + 8])
+
+
+def test_overlap_counts_a_request_end_once_and_its_last_idle_forward():
+    """A request whose canvas is done keeps committing EOS blocks until vLLM stops it: its end counts
+    once (the step profiler syncs the device on it), and the idle forward of the step that emitted
+    its last block reaches the metrics with the rest of its stats."""
+    cfg = DecodeConfig(gen_length=8, block_length=8)  # one block
+    engine = Engine(cfg, overlap=True)
+    req = engine.add(0, "a", [1, 2, 3, 4])
+    ends = engine.table.ends
+    engine.decode({0: _confident()})  # the block completes
+    engine.decode({0: window(8)})  # it goes out: the canvas is done
+    assert req.finished and engine.table.ends == ends + 1
+    for _ in range(4):  # EOS blocks until vLLM's stop check
+        engine.decode({0: window(8)})
+    assert engine.table.ends == ends + 1
+    totals = engine.table.counters.totals
+    assert totals["requests"] == 1 and totals["forwards"] == 1 and totals["idle_forwards"] == 1

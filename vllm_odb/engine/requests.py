@@ -324,11 +324,11 @@ class RequestTable:
         """No more decoding: the canvas from the current block on reads EOS, so the next step
         commits EOS and vLLM stops the request."""
         req = self.reqs[slot]
+        self.ends += not req.finished  # (a finished request commits EOS blocks, each finishing it again)
         req.finished = True
         req.plan = None
         self.tokens[slot, req.start:] = self.eos_id
         self._count(req)  # its decoding is over; an aborted request is counted when removed
-        self.ends += 1
 
     def fail(self, slot: int, reason: str) -> None:
         """The request's step cannot be used (``reason``): it decodes and emits nothing more, and
@@ -349,8 +349,8 @@ class RequestTable:
         """The request emitted a block holding an end marker, on which vLLM stops it: its stats go
         to the metrics now (vLLM's removal reaches the worker only at the next step, which may be
         long after). Forwards it still takes (``ignore_eos``) are not counted."""
+        self.ends += not self.reqs[slot].counted  # once a request (``ignore_eos``: end markers in later blocks)
         self._count(self.reqs[slot])
-        self.ends += 1
 
     def get(self, slot: int) -> ODBRequest | None:
         return self.reqs[slot] if 0 <= slot < len(self.reqs) else None

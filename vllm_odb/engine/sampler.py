@@ -406,11 +406,10 @@ class ODBSampler:
                 table.fail(slot, "non-finite logits (NaN or inf) in its forward")
                 continue
             with self._own_part(slot, q):
-                if late and f[0]:  # its forward this step ran the completed block again: it decides nothing
+                idle = late and bool(f[0])  # its forward this step ran the completed block again: no decision
+                if idle:
                     settled.add(slot)
-                done, again = self._advance_one(q, slot, f)
-                if late and f[0]:
-                    q.stats["idle_forwards"] += 1
+                done, again = self._advance_one(q, slot, f, idle)
                 if done:
                     emit.append(slot)
                 if again:
@@ -423,12 +422,16 @@ class ODBSampler:
             out.emit([row_of[s] for s in emit], blocks[to_device([at[s] for s in emit], self.device)])
         return refresh
 
-    def _advance_one(self, q: ODBRequest, slot: int, flags: list) -> tuple[bool, bool]:
-        """One decode request after its step (``flags``: its row of the step's host sync).
-        Returns whether its block goes out, and whether a refresh starts its next block."""
+    def _advance_one(self, q: ODBRequest, slot: int, flags: list, idle: bool = False) -> tuple[bool, bool]:
+        """One decode request after its step (``flags``: its row of ``_flags``; ``idle``: this
+        step's forward of it, after the completing one, decided nothing: counted before its stats
+        may go to the metrics). Returns whether its block goes out, and whether a refresh starts its
+        next block."""
         complete, has_end, decided, masks_left, accepted, _ = flags
         if q.fault is not None and q.fault.kind == "raise" and q.fault.due(q.forwards_taken):
             raise faults.InjectedFault(f"debug fault {q.fault} in request {q.req_id}'s step")
+        if idle:
+            q.stats["idle_forwards"] += 1
         q.forwarded(bool(decided), accepted)
         if not complete:
             return False, False
