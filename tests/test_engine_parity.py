@@ -110,15 +110,7 @@ def test_jump_share_requests_in_a_batch_decode_within_the_step_width(fmt):
     still accepted, and each response is the reference loop's for that prompt alone."""
     from vllm_odb.engine.knobs import canvas_width, step_width
 
-    ck = _ckpt(fmt)
-    engine_cfg = engine_config({"odb": {"block_length": BLOCK, "gen_length": GEN, "method": "odb", "threshold": 1.0,
-                                        "ridge_rows": 128}})
-    engine = EmulatedEngine(ck, engine_cfg, slots=4)
-    prompts = [ck.encode_chat(e.prompt) for e in make_suite(45, 4)]
-    sp = types.SimpleNamespace(temperature=0.0, max_tokens=GEN, extra_args=None, stop=None)
-    got = engine.generate(prompts, sp)
-    refs = [generate(ck.model, [p], engine_cfg.replace(gen_length=GEN), ck.special) for p in prompts]
-    assert got == [response_ids(r.tokens[0], ck.special) for r in refs]
+    ck, engine_cfg, engine = _jump_batch_decodes_as_alone(fmt, 128)
     shift = ck.model.spec.logits_shift
     width, four = canvas_width(engine_cfg, shift), step_width(engine_cfg, shift, 4)
     assert BLOCK + shift < four < width and engine.slots_seen[0] == four
@@ -138,18 +130,26 @@ def test_a_jump_share_batch_overlaps_where_no_draft_fits(fmt, monkeypatch):
     later = []
     real = sampler_mod.Outcome.later.__func__
     monkeypatch.setattr(sampler_mod.Outcome, "later", classmethod(lambda cls, *a: later.append(1) or real(cls, *a)))
-    ck = _ckpt(fmt)
-    engine_cfg = engine_config({"odb": {"block_length": BLOCK, "gen_length": GEN, "method": "odb", "threshold": 1.0,
-                                        "ridge_rows": 64}})
+    ck, engine_cfg, engine = _jump_batch_decodes_as_alone(fmt, 64)
     shift = ck.model.spec.logits_shift
     assert step_width(engine_cfg, shift, 4) == BLOCK + shift < step_width(engine_cfg, shift, 2)
+    assert later and engine.stats["drafts_accepted"] > 0  # both kinds of step ran
+
+
+def _jump_batch_decodes_as_alone(fmt: str, ridge_rows: int):
+    """Four jump-share requests at once through the emulated engine (threshold 1.0, ``ridge_rows``):
+    each response must be the reference loop's for that prompt alone. Returns the checkpoint, the
+    engine's config and the engine."""
+    ck = _ckpt(fmt)
+    engine_cfg = engine_config({"odb": {"block_length": BLOCK, "gen_length": GEN, "method": "odb", "threshold": 1.0,
+                                        "ridge_rows": ridge_rows}})
     engine = EmulatedEngine(ck, engine_cfg, slots=4)
     prompts = [ck.encode_chat(e.prompt) for e in make_suite(45, 4)]
     sp = types.SimpleNamespace(temperature=0.0, max_tokens=GEN, extra_args=None, stop=None)
     got = engine.generate(prompts, sp)
     refs = [generate(ck.model, [p], engine_cfg.replace(gen_length=GEN), ck.special) for p in prompts]
     assert got == [response_ids(r.tokens[0], ck.special) for r in refs]
-    assert later and engine.stats["drafts_accepted"] > 0  # both kinds of step ran
+    return ck, engine_cfg, engine
 
 
 def test_a_requests_own_ridge_rows_above_the_engines_still_drafts():
