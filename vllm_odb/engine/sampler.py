@@ -290,7 +290,8 @@ class ODBSampler:
         settled: set[int] = set()  # slots whose last step completed their block: no decision this step
         if self._pending:  # overlap: the last step's outcome, read while this step's forward runs
             refresh += self._settle(self._read_pending(rows), rows, out, settled)
-        dec = [r for r in rows.decode if int(rows.slots[r]) not in settled and table.get(int(rows.slots[r])).error is None]
+        dec = [r for r in rows.decode
+               if int(rows.slots[r]) not in settled and table.get(int(rows.slots[r])).error is None]
         slots = [int(rows.slots[r]) for r in dec]
         decoded = [table.get(s) for s in slots]
         # Jump-share plans the next step from this one's outcome, unless the batch's share of the
@@ -504,7 +505,9 @@ class ODBSampler:
                  for a, b in token_chunks([q.keys for q in reqs], self.refresh_budget)]
         new, x0, conf = (torch.cat(t) for t in zip(*((s.block, s.x0, s.conf) for s in steps)))
         jumping = [i for i, q in enumerate(reqs) if q.cfg.jump]
-        if jumping and self.next_width > table.window:  # (else no draft fits: no plan, no host read)  # plan the first jump-share step of the block from the refresh's predictions
+        # plan the first jump-share step of the block from the refresh's predictions (when a draft
+        # fits the batch's share: else no plan, and no host read)
+        if jumping and self.next_width > table.window:
             left = (new == table.mask_id).sum(1).tolist()
             live = sum(1 for n in left if n)
             self._plans([(i, jobs[i][0], reqs[i], left[i]) for i in jumping
