@@ -209,6 +209,54 @@ def test_hook_jump_share_engine(cpu_vllm, fmt):  # noqa: F811 (the fixture)
 
 
 @pytest.mark.parametrize("fmt", ["llada", "dream"])
+@pytest.mark.parametrize("dtype,route,full", [("bfloat16", "full", True), ("float32", "full", False),
+                                              ("bfloat16", "piecewise", False), ("bfloat16", None, False)])
+def test_hook_jump_share_graphs_follow_the_knob_and_the_draft_route(cpu_vllm, monkeypatch, fmt, dtype, route,  # noqa: F811
+                                                                   full):
+    """VLLM_ODB_JUMP_GRAPHS=full captures a jump-share engine's steps in FULL graphs of any batch,
+    sized for its widest step, where the draft rows take the Triton kernel (a half-precision model);
+    piecewise (the default) and an fp32 model (the SDPA route, which cannot be captured) keep the
+    attention outside the graphs."""
+    pytest.importorskip("triton")
+    from vllm.config.compilation import CUDAGraphMode
+
+    from vllm_odb.engine.knobs import jump_capture_tokens
+    from vllm_odb.policies import DecodeConfig
+
+    monkeypatch.delenv("VLLM_ODB_DRAFT_ATTENTION", raising=False)
+    if route is None:
+        monkeypatch.delenv("VLLM_ODB_JUMP_GRAPHS", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_ODB_JUMP_GRAPHS", route)
+    from vllm_odb.models import hook
+
+    seen = []  # the graph settings as the hook leaves them (vLLM's CPU platform turns graphs off later)
+
+    def spy(vllm_config):
+        original(vllm_config)
+        cc = vllm_config.compilation_config
+        seen.append((cc.cudagraph_mode, cc.max_cudagraph_capture_size))
+
+    original = hook.verify_and_update
+    monkeypatch.setattr(hook, "verify_and_update", spy)
+    vc = _create(fmt, speculative_config={"method": "odb"}, dtype=dtype)
+    mode, size = seen[-1]
+    assert mode == (CUDAGraphMode.FULL if full else CUDAGraphMode.PIECEWISE)
+    if full:
+        cfg = DecodeConfig(**vc.model_config.hf_config.odb_engine)
+        most = jump_capture_tokens(cfg, SHIFT[fmt], vc.scheduler_config.max_num_seqs)
+        assert size == most == max(64 * (16 + SHIFT[fmt]), vc.diffusion_config.canvas_length)
+
+
+def test_an_unknown_jump_graph_mode_names_the_variable(monkeypatch):
+    from vllm_odb.engine.knobs import jump_graphs
+
+    monkeypatch.setenv("VLLM_ODB_JUMP_GRAPHS", "breakable")
+    with pytest.raises(ValueError, match="VLLM_ODB_JUMP_GRAPHS='breakable': give one of piecewise, full"):
+        jump_graphs()
+
+
+@pytest.mark.parametrize("fmt", ["llada", "dream"])
 def test_hook_jump_share_engine_without_async_scheduling_keeps_the_cap(cpu_vllm, fmt):  # noqa: F811
     """Without async scheduling vLLM's placeholders are the full canvas every step: at most
     ridge_rows // window requests, each with the whole canvas in the token budget."""

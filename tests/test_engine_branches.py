@@ -63,10 +63,12 @@ def _request(shift, masked, ridge_rows, prompt, seed):
                                  ref=ref[0].transpose(0, 1).reshape(q, H * D))
 
 
-def _run(reqs, gap=2, triton_route=False):
+def _run(reqs, gap=2, triton_route=False, buffers=None):
     """The requests' rows in one batch (``gap`` kernel-only rows before each), their sequences in
     one paged cache at disjoint random blocks; the wrapper's output and each request's first row.
-    ``triton_route``: the Triton kernel (engine/draft_attention.py) instead of the SDPA route."""
+    ``triton_route``: the Triton kernel (engine/draft_attention.py) instead of the SDPA route;
+    ``buffers`` (a ``DraftBuffers``): its layout copied there and launched over their capacity, as
+    a step captured in a FULL CUDA graph runs it."""
     blocks = torch.randperm(NUM_BLOCKS)
     cache = torch.zeros(NUM_BLOCKS, H, KBS, 2 * D)
     tables, firsts, used, row = [], [], 0, 0
@@ -93,6 +95,10 @@ def _run(reqs, gap=2, triton_route=False):
     wrapper = BranchAttention(kernel, PagedCache(kernel_block_size=KBS))
     rows = [BranchRows(first=f, plan=r.plan, q0=r.q0, end=r.end) for r, f in zip(reqs, firsts)]
     wrapper.batches = BranchBatch.build(rows, torch.stack(tables), KBS, "cpu", kernel=triton_route)
+    if buffers is not None:
+        (batch,) = wrapper.batches
+        buffers.fill(batch.kernel)
+        batch.kernel = buffers.rows
     out = torch.zeros(row + gap, H * D)
     wrapper(layer, query, key, value, cache, object(), out)
     return out, firsts
@@ -187,6 +193,23 @@ def test_kernel_route_inner(shift):
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="run by test_the_kernel_route_under_the_triton_interpreter")
+def test_kernel_route_inner_in_fixed_buffers():
+    """The launch a FULL CUDA graph captures: the step's layout copied into buffers of fixed size
+    (more requests, rows, window and blocks than it needs, the last step's layout left behind) and
+    the kernel over all of them: the same rows as the step's own launch, no other row written."""
+    from vllm_odb.engine.draft_attention import DraftBuffers
+
+    buffers = DraftBuffers(capacity=6, max_draft=40, window=9, blocks=10, device="cpu")
+    for shift in (1, 0):  # the shift-1 layout first: the shift-0 one must not read what it left
+        reqs = [_request(shift, m, rr, prompt=p, seed=i) for i, (m, rr, p) in
+                enumerate([((1, 1, 1, 1), 64, 6), ((1, 0, 0, 1), 8, 11), ((1, 0, 1, 1), 14, 3)])]
+        want, _ = _run(reqs, triton_route=True)
+        got, _ = _run(reqs, triton_route=True, buffers=buffers)
+        torch.testing.assert_close(got, want)
+        assert int((buffers.rows.n_draft > 0).sum()) == 3
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="run by test_the_kernel_route_under_the_triton_interpreter")
 def test_kernel_route_inner_gqa_and_long_keys():
     """Grouped KV heads (Dream), keys spanning several key tiles, a head dim below the tile: the
     Triton route equals the SDPA route."""
@@ -222,7 +245,39 @@ def test_the_kernel_route_under_the_triton_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
                           "kernel_route_inner or left_out"], env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0 and "5 passed" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
+    assert res.returncode == 0 and "6 passed" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
+
+
+def test_fixed_buffers_take_each_steps_layout_and_refuse_a_bigger_one():
+    """``DraftBuffers.fill``: a step's layout lands in the first slots, the slots past it have no
+    draft rows (a request that had drafts last step is not attended again), and a layout the
+    buffers cannot hold is refused by name, never cut."""
+    from vllm_odb.engine.draft_attention import DraftBuffers, DraftRows
+
+    def layout(r, dd, w, b, seed):
+        g = torch.Generator().manual_seed(seed)
+        ints = torch.randint(1, 9, (4, r), generator=g, dtype=torch.int32)
+        return DraftRows(torch.randint(0, 50, (r, b), generator=g, dtype=torch.int32),
+                         torch.randint(0, 90, (r, dd), generator=g), ints[0], ints[1], ints[2], ints[3],
+                         torch.randint(0, 2, (r, dd, w), generator=g, dtype=torch.int8),
+                         torch.randint(0, 2, (r, dd, dd), generator=g, dtype=torch.int8), dd)
+
+    buffers = DraftBuffers(capacity=4, max_draft=12, window=5, blocks=7, device="cpu")
+    for r, dd, w, b in [(3, 12, 5, 7), (1, 4, 3, 6)]:
+        d = layout(r, dd, w, b, seed=r)
+        buffers.fill(d)
+        p = buffers.rows
+        assert p.n_draft[:r].tolist() == d.n_draft.tolist() and p.n_draft[r:].eq(0).all()
+        for mine, theirs in ((p.ends, d.ends), (p.q0, d.q0), (p.window, d.window)):
+            assert mine[:r].tolist() == theirs.tolist()
+        assert torch.equal(p.block_tables[:r, :b], d.block_tables) and torch.equal(p.rows[:r, :dd], d.rows)
+        assert torch.equal(p.mask_w[:r, :dd, :w], d.mask_w) and torch.equal(p.mask_d[:r, :dd, :dd], d.mask_d)
+        assert p.max_draft == 12 and p.rows.shape == (4, 12)
+    for too_big in [(5, 4, 3, 6), (1, 13, 3, 6), (1, 4, 6, 6), (1, 4, 3, 8)]:
+        with pytest.raises(RuntimeError, match="outgrow the captured buffers"):
+            buffers.fill(layout(*too_big, seed=0))
+    buffers.clear()
+    assert buffers.rows.n_draft.eq(0).all()
 
 
 def test_the_route_is_chosen_by_name(monkeypatch):

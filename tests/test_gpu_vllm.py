@@ -54,6 +54,24 @@ def test_vllm_decode_steps_match_with_and_without_overlap(fmt, overlap, tmp_path
 
 
 @pytest.mark.parametrize("fmt", ["llada", "dream"])
+@pytest.mark.parametrize("method,extra", [("odb-alp", ["--threshold", "1.0", "--mode", "graphs"]),
+                                          ("odb", ["--threshold", "1.0", "--select", "speculative", "--ridge-rows", "64"]),
+                                          ("fast-dllm", ["--suffix-window", "16", "--threshold-alpha", "0.3"])])
+def test_vllm_paged_refresh_matches_reference(fmt, method, extra, tmp_path):
+    """VLLM_ODB_REFRESH=paged: the cache refresh on vLLM's compiled forward with the attention
+    backend over the paged cache (engine/model_state.py ``PagedRefresh``), with CUDA graphs and ALP's
+    cuts, with jump-share's draft rows in the steps between, and with Streaming's pruned canvas (its
+    final token): tokens and NFE equal the reference loop's, every prompt alone (and batched,
+    without jump-share)."""
+    summary = _parity(fmt, tmp_path, "--gen-length", "128", "--method", method, *extra,
+                      env={"VLLM_ODB_REFRESH": "paged"})
+    assert summary["alone_match"] == 8
+    if method != "odb":
+        assert summary["batched_match"] == 8
+    assert summary["nfe"]["vllm"] == summary["nfe"]["reference"]
+
+
+@pytest.mark.parametrize("fmt", ["llada", "dream"])
 def test_vllm_odb_matches_reference_odb(fmt, tmp_path):
     """ALP, early stop and jump-share (threshold 1.0, so blocks take several steps and drafts are
     verified), selected with speculative_config={"method": "odb"}: tokens, NFE, predicted canvas

@@ -152,6 +152,21 @@ def test_the_model_state_lays_out_rows_of_any_step_width(monkeypatch):
         assert (slots[0, first:first + k][~written] == -1).all()
     assert (batch.positions[2 * k:] == -7).all() and (slots[0, 2 * k:] == -7).all()  # cut short: left alone
     assert len(wrapper.batches) == 1 and wrapper.batches[0].rows.shape[0] == 1
+    # FULL graphs (VLLM_ODB_JUMP_GRAPHS=full): the kernel's layout goes into the fixed buffers the
+    # graphs read, and the wrappers keep the one batch over them (set by prepare_attn)
+    from vllm_odb.engine.draft_attention import DraftBuffers
+
+    state.draft_kernel = True
+    state.draft_buffers = DraftBuffers(3, 96 - 16, 16, 64, "cpu")
+    state.draft_buffers.rows.n_draft.fill_(5)  # the last step's plans
+    state.draft_buffers.clear()
+    wrapper.batches = ["the graph batch"]
+    state._branch_rows(batch, slots)
+    p = state.draft_buffers.rows
+    assert p.n_draft.tolist() == [plan.num_rows - 16, 0, 0] and wrapper.batches == ["the graph batch"]
+    assert p.q0[0] == table.get(1).start and p.ends[0] == table.get(1).keys
+    assert torch.equal(p.block_tables[0], state.paged.block_tables[1].int())
+    assert p.rows[0, :plan.num_rows - 16].tolist() == list(range(k + 16, k + plan.num_rows))
 
 
 def test_the_engine_takes_its_gpus_ridge_point_unless_told(monkeypatch):

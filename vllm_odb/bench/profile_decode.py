@@ -237,4 +237,10 @@ def _summary(res: dict, plain: list[float], floor_ms: float) -> dict:
     summary["wall_over_floor"] = round(summary["wall_ms_p50"] / floor_ms, 3)
     summary["gpu_idle_fraction"] = round(1 - summary["gpu_busy_ms_p50"] / summary["wall_ms_p50"], 3)
     summary["unprofiled_wall_over_floor"] = round(summary["wall_ms_unprofiled_p50"] / floor_ms, 3)
+    # Steps with a refresh side forward launch several times the decode step's kernels.
+    refresh = [s for s in res["steps"] if s["kernels"] > 2 * typical]
+    summary["refresh_steps"] = len(refresh)
+    if refresh:
+        summary.update({f"refresh_{k}_p50": round(statistics.median(s[k] for s in refresh), 3)
+                        for k in ("wall_ms", "gpu_busy_ms", "matmul_ms", "attention_ms", "other_ms", "kernels")})
     return summary

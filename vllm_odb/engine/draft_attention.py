@@ -65,6 +65,49 @@ class DraftRows:
     max_draft: int
 
 
+class DraftBuffers:
+    """The kernel's inputs at fixed addresses and sizes, for jump-share steps captured in FULL CUDA
+    graphs (``VLLM_ODB_JUMP_GRAPHS=full``; engine/knobs.py): room for ``capacity`` planned requests
+    of at most ``max_draft`` draft rows, windows of at most ``window`` rows, block tables ``blocks``
+    wide. A step's layout (``DraftRows``) is copied in; every request slot past it gets zero draft
+    rows, so the launch captured over the whole capacity (``draft_rows_attention``'s grid follows
+    ``rows``' shape) skips them at once. Stale rows, masks and tables past a slot's draft count are
+    never read: the kernel reads draft row ``m`` and draft key ``j`` below that count only, and the
+    window mask inside that slot's own window."""
+
+    def __init__(self, capacity: int, max_draft: int, window: int, blocks: int, device):
+        i32 = {"dtype": torch.int32, "device": device}
+        self.rows = DraftRows(
+            block_tables=torch.zeros((capacity, blocks), **i32),
+            rows=torch.zeros((capacity, max_draft), dtype=torch.long, device=device),
+            n_draft=torch.zeros(capacity, **i32), ends=torch.zeros(capacity, **i32),
+            q0=torch.zeros(capacity, **i32), window=torch.zeros(capacity, **i32),
+            mask_w=torch.zeros((capacity, max_draft, window), dtype=torch.int8, device=device),
+            mask_d=torch.zeros((capacity, max_draft, max_draft), dtype=torch.int8, device=device),
+            max_draft=max_draft)
+
+    def clear(self) -> None:
+        """No draft rows this step."""
+        self.rows.n_draft.zero_()
+
+    def fill(self, d: DraftRows) -> None:
+        """This step's layout ``d`` in place of the last one's."""
+        p = self.rows
+        r, dd = d.rows.shape
+        b, w = d.block_tables.shape[1], d.mask_w.shape[2]
+        if r > p.rows.shape[0] or dd > p.max_draft or w > p.mask_w.shape[2] or b > p.block_tables.shape[1]:
+            raise RuntimeError(f"vllm-odb: a step's draft rows ({r} requests, {dd} rows, window {w}, {b} blocks) "
+                               f"outgrow the captured buffers ({p.rows.shape[0]}, {p.max_draft}, "
+                               f"{p.mask_w.shape[2]}, {p.block_tables.shape[1]})")
+        p.n_draft.zero_()
+        for mine, theirs in ((p.n_draft, d.n_draft), (p.ends, d.ends), (p.q0, d.q0), (p.window, d.window)):
+            mine[:r].copy_(theirs)
+        p.block_tables[:r, :b].copy_(d.block_tables)
+        p.rows[:r, :dd].copy_(d.rows)
+        p.mask_w[:r, :dd, :w].copy_(d.mask_w)
+        p.mask_d[:r, :dd, :dd].copy_(d.mask_d)
+
+
 if triton is not None:
 
     @triton.jit

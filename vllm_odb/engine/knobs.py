@@ -236,3 +236,28 @@ def live_gen_length(cfg: DecodeConfig, prompt_len: int, max_model_len: int, reac
     past the canvas)."""
     room = (max_model_len - prompt_len - reach) // cfg.block_length * cfg.block_length
     return max(0, min(cfg.gen_length, room))
+
+
+# VLLM_ODB_JUMP_GRAPHS=full: a jump-share engine whose draft rows take the Triton kernel captures its
+# steps in FULL CUDA graphs (the kernel's inputs in fixed buffers: engine/draft_attention.py
+# ``DraftBuffers``); piecewise (the default until the GPU parity runs pass with full): attention
+# outside the graphs, launched from Python every layer.
+JUMP_GRAPHS_ENV = "VLLM_ODB_JUMP_GRAPHS"
+JUMP_GRAPHS = ("piecewise", "full")
+
+
+def jump_graphs() -> str:
+    """A jump-share engine's CUDA-graph mode from ``VLLM_ODB_JUMP_GRAPHS`` (an unknown value names
+    the variable)."""
+    import os
+
+    mode = os.environ.get(JUMP_GRAPHS_ENV, "").strip().lower() or "piecewise"
+    if mode not in JUMP_GRAPHS:
+        raise ValueError(f"{JUMP_GRAPHS_ENV}={mode!r}: give one of {', '.join(JUMP_GRAPHS)}")
+    return mode
+
+
+def jump_capture_tokens(cfg: DecodeConfig, shift: int, max_num_seqs: int) -> int:
+    """The largest decode step of a jump-share engine whose canvas follows the batch: the most
+    tokens ``batch * step_width`` over every batch size (the CUDA graphs' capture size)."""
+    return max(b * step_width(cfg, shift, b) for b in range(1, max_num_seqs + 1))

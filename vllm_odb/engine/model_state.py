@@ -64,6 +64,7 @@ All per-step writes go to persistent buffers (the runner's positions and slot ma
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,7 +78,7 @@ from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
 from vllm_odb.checkpoint import special_tokens
 from vllm_odb.engine import CHECK, check, kv_release
-from vllm_odb.engine.draft_attention import DraftRows, draft_rows_attention, kernel_selected
+from vllm_odb.engine.draft_attention import DraftBuffers, DraftRows, draft_rows_attention, kernel_selected
 from vllm_odb.engine.metrics import RequestCounters
 from vllm_odb.engine.requests import JumpPlan, RequestTable, decode_rows, fit_plans
 from vllm_odb.policies import DecodeConfig
@@ -142,13 +143,91 @@ class DenseAttend:
         return out
 
 
+# VLLM_ODB_REFRESH=paged: the refresh forward runs on vLLM's own path (``PagedRefresh``); dense (the
+# default until the GPU parity runs pass with it): the eager layers with SDPA (``DenseAttend``).
+REFRESH_ENV = "VLLM_ODB_REFRESH"
+REFRESH_ROUTES = ("dense", "paged")
+
+
+def refresh_route() -> str:
+    """The refresh forward's route from ``VLLM_ODB_REFRESH`` (an unknown value names the variable)."""
+    route = os.environ.get(REFRESH_ENV, "").strip().lower() or "dense"
+    if route not in REFRESH_ROUTES:
+        raise ValueError(f"{REFRESH_ENV}={route!r}: give one of {', '.join(REFRESH_ROUTES)}")
+    return route
+
+
+class PagedRefresh:
+    """The refresh forward on vLLM's own forward path: the compiled model (its fused norms, rotary
+    and activation kernels, instead of the eager layers' native ops) with the engine's attention
+    backend over the paged cache, in place of ``DenseAttend``'s per-sequence SDPA. The refresh is a
+    batch of whole sequences, each attending to all of itself: query ``[0, n)`` of job j is its
+    positions, its keys are the same ``n`` slots (written first by the layer's cache update), and
+    the metadata is non-causal, as every step of ours. No CUDA graph: the sizes vary every call.
+    The attention groups and cache config come from the model state's first ``prepare_attn``
+    (``bind``); before that (no step has run) the dense route serves."""
+
+    def __init__(self, model, vllm_config, paged: PagedCache, branch_attention: list):
+        self.model = model
+        self.vllm_config = vllm_config
+        self.paged = paged
+        self.branch_attention = branch_attention  # jump-share's wrappers: no draft rows in a refresh
+        self.attn_groups = None
+        self.kv_cache_config = None
+
+    def bind(self, attn_groups, kv_cache_config) -> None:
+        if self.attn_groups is None:
+            if len(kv_cache_config.kv_cache_groups) != 1:
+                raise RuntimeError(f"{REFRESH_ENV}=paged runs one KV-cache group; this engine has "
+                                   f"{len(kv_cache_config.kv_cache_groups)}")
+            self.attn_groups, self.kv_cache_config = attn_groups, kv_cache_config
+
+    @property
+    def ready(self) -> bool:
+        return self.attn_groups is not None and self.paged.block_tables is not None
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor,
+                 bounds: list[tuple[int, int]], rows: list[int]) -> torch.Tensor:
+        from vllm.forward_context import BatchDescriptor, set_forward_context
+        from vllm.v1.worker.gpu.attn_utils import build_slot_mappings_by_layer
+
+        device = ids.device
+        n = ids.shape[0]
+        lens = [b - a for a, b in bounds]
+        starts = np.zeros(len(lens) + 1, dtype=np.int32)
+        np.cumsum(lens, out=starts[1:])
+        qsl_cpu = torch.from_numpy(starts)
+        both = to_device(np.concatenate([starts, np.asarray(lens, dtype=np.int32)]), device, torch.int32)
+        qsl, seq_lens = both[:len(starts)], both[len(starts):]
+        tables = self.paged.block_tables[to_device(rows, device)]
+        slot_mappings = slots.to(torch.int64)[None]
+        meta = build_attn_metadata(
+            attn_groups=self.attn_groups, num_reqs=len(lens), num_tokens=n,
+            query_start_loc_gpu=qsl, query_start_loc_cpu=qsl_cpu, max_query_len=max(lens),
+            seq_lens=seq_lens, max_seq_len=max(lens), block_tables=[tables], slot_mappings=slot_mappings,
+            kv_cache_config=self.kv_cache_config, causal=False)
+        held = [w.batches for w in self.branch_attention]
+        for w in self.branch_attention:
+            w.batches = []
+        try:
+            with set_forward_context(meta, self.vllm_config, num_tokens=n,
+                                     cudagraph_runtime_mode=CUDAGraphMode.NONE,
+                                     batch_descriptor=BatchDescriptor(num_tokens=n),
+                                     slot_mapping=build_slot_mappings_by_layer(slot_mappings, self.kv_cache_config)):
+                return self.model(input_ids=ids.to(torch.int32), positions=pos.to(torch.int64))
+        finally:
+            for w, b in zip(self.branch_attention, held):
+                w.batches = b
+
+
 class CacheRefresh:
     """The Fast-dLLM cache refresh on the paged cache (module doc): the side forward over whole
     sequences, the logits of its rows, and the cache tail an ALP cut frees."""
 
-    def __init__(self, model, paged: PagedCache):
+    def __init__(self, model, paged: PagedCache, paged_forward: PagedRefresh | None = None):
         self.model = model  # the vLLM model: refresh_forward and compute_logits
         self.paged = paged
+        self.paged_forward = paged_forward  # VLLM_ODB_REFRESH=paged
 
     def forward(self, tokens: torch.Tensor, jobs: list[tuple]) -> tuple[torch.Tensor, list[int]]:
         """Run the refresh forward for ``jobs`` = [(slot, batch_row, length[, final])]: sequence
@@ -159,9 +238,10 @@ class CacheRefresh:
         concatenated, and each job's first row in them. Row ``offset + p`` is position p
         (p < length); with Dream's shift its logits predict position p + 1."""
         device = tokens.device
-        ids, pos, slots, bounds, offsets = [], [], [], [], []
+        ids, pos, slots, bounds, offsets, rows = [], [], [], [], [], []
         offset = 0
         for slot, row, length, *rest in jobs:
+            rows.append(row)
             final = rest[0] if rest else None
             p = torch.arange(length, device=device)
             ids.append(tokens[slot, :length])
@@ -176,7 +256,12 @@ class CacheRefresh:
             bounds.append((offset, offset + n))
             offsets.append(offset)
             offset += n
-        hidden = self.model.model.refresh_forward(torch.cat(ids), torch.cat(pos), DenseAttend(bounds, torch.cat(slots)))
+        route = self.paged_forward
+        if route is not None and route.ready:
+            hidden = route(torch.cat(ids), torch.cat(pos), torch.cat(slots), bounds, rows)
+        else:
+            hidden = self.model.model.refresh_forward(torch.cat(ids), torch.cat(pos),
+                                                      DenseAttend(bounds, torch.cat(slots)))
         return hidden, offsets
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -338,6 +423,10 @@ class BranchAttention:
 
 class ODBModelState(DefaultModelState):
     num_new_sampled_tokens_per_step = 0  # diffusion: no AR bonus token
+    # Jump-share steps captured in FULL CUDA graphs (VLLM_ODB_JUMP_GRAPHS=full): the draft kernel's
+    # inputs at fixed addresses (draft_attention.DraftBuffers), made at the first prepare_attn.
+    draft_buffers: DraftBuffers | None = None
+    jump_full_graphs = False
 
     def __init__(self, vllm_config, model, encoder_cache, device):
         super().__init__(vllm_config, model, encoder_cache, device)
@@ -355,9 +444,11 @@ class ODBModelState(DefaultModelState):
                                   RequestCounters(enabled=_is_first_rank()), tokenizer=self._tokenizer)
         self.width = self.table.width
         self.paged = PagedCache()
-        self.refresh = CacheRefresh(model, self.paged)
         # Jump-share engines: every attention layer's impl gets the draft-row side path.
         self.branch_attention = []
+        self.paged_refresh = (PagedRefresh(model, vllm_config, self.paged, self.branch_attention)
+                              if refresh_route() == "paged" else None)
+        self.refresh = CacheRefresh(model, self.paged, self.paged_refresh)
         if engine.jump:
             cache_dtype = getattr(vllm_config.cache_config, "cache_dtype", "auto")
             model_dtype = str(self.model_config.dtype).removeprefix("torch.")
@@ -365,6 +456,11 @@ class ODBModelState(DefaultModelState):
                 raise ValueError(f"vllm-odb: --speculative odb (jump-share) needs the KV cache in the model's dtype; "
                                  f"kv_cache_dtype={cache_dtype!r} is not supported with it (leave it 'auto')")
             self.draft_kernel = kernel_selected(device, self.model_config.dtype)
+            if vllm_config.compilation_config.cudagraph_mode.has_full_cudagraphs():
+                if not self.draft_kernel:  # models/hook.py chooses FULL graphs only with the kernel
+                    raise RuntimeError("vllm-odb: a jump-share engine captures FULL CUDA graphs only with the "
+                                       "Triton draft-row kernel (a bf16/fp16 model); this one takes the SDPA route")
+                self.jump_full_graphs = True
             for layer in model.model.layers:
                 impl = layer.self_attn.attn.impl
                 wrapper = BranchAttention(impl.forward, self.paged)
@@ -409,8 +505,17 @@ class ODBModelState(DefaultModelState):
         self.seq_lens_buf[:num_reqs].copy_(input_batch.seq_lens[:num_reqs])
         for wrapper in self.branch_attention:
             wrapper.batches = []
+        # The draft kernel in every step, over its fixed buffers (none planned yet); not in the dummy
+        # runs before the KV cache exists (vLLM's memory profile: the runner's tables come with it).
+        if self.jump_full_graphs and (for_capture or self.paged.runner_block_tables is not None):
+            graph_batch = self._graph_batch(block_tables[0])
+            self.draft_buffers.clear()
+            for wrapper in self.branch_attention:
+                wrapper.batches = [graph_batch]
         if not for_capture:
             self.paged.block_tables = block_tables[0]
+            if self.paged_refresh is not None:
+                self.paged_refresh.bind(attn_groups, kv_cache_config)
             if CHECK:
                 check.step_inputs(input_batch, self.table)
             self._calibrate(input_batch, kv_cache_config, slot_mappings)
@@ -503,8 +608,31 @@ class ODBModelState(DefaultModelState):
         if branch_rows:
             batches = BranchBatch.build(branch_rows, self.paged.block_tables[to_device(planned_rows, self.device)],
                                         kbs, self.device, self.draft_kernel)
+            if self.draft_buffers is not None:  # FULL graphs: the kernel reads the step's layout there
+                if batches:
+                    self.draft_buffers.fill(batches[0].kernel)
+                return
             for wrapper in self.branch_attention:
                 wrapper.batches = batches
+
+    def _graph_batch(self, block_tables: torch.Tensor) -> BranchBatch:
+        """The one draft-row batch of every step of a FULL-graph jump-share engine: the kernel over
+        ``DraftBuffers`` of the most planned requests (``max_num_reqs``), draft rows (canvas - window)
+        and blocks (the block tables' width). The kernel's block size is baked into the graphs at
+        capture, before any step calibrates it (``_calibrate``): it comes from the runner's block
+        tables here, and the first real step checks it."""
+        if self.draft_buffers is None:
+            bt = self.paged.runner_block_tables
+            if bt is None:
+                raise RuntimeError("vllm-odb: the runner's block tables were not handed over "
+                                   "(patches/runner_block_tables.py); FULL graphs of jump-share steps need them")
+            self.paged.kernel_block_size = int(bt.kernel_block_sizes[0])
+            w = self.table.window
+            self.draft_buffers = DraftBuffers(self.max_num_reqs, self.width - w, w, block_tables.shape[1], self.device)
+            rows = self.draft_buffers.rows
+            none = torch.zeros(0, dtype=torch.long, device=self.device)
+            self._draft_graph_batch = BranchBatch(None, None, rows.rows, None, (none, none), none, kernel=rows)
+        return self._draft_graph_batch
 
     def _seq_lens(self, input_batch, rows: np.ndarray, reqs: list) -> None:
         """Keys of each decode row: exactly the slots its block attends (prompt + live canvas, or
@@ -516,10 +644,13 @@ class ODBModelState(DefaultModelState):
         ends_g = async_copy_to_gpu(ends, device=self.device)
         torch.where(ends_g >= 0, ends_g, self.seq_lens_buf[:n], out=self.seq_lens_buf[:n])
 
+    _calibrated = False
+
     def _calibrate(self, input_batch, kv_cache_config, slot_mappings) -> None:
         """Find the block size the block tables count in (the attention kernel's), once, by
-        reproducing the runner's slot mapping of this step's first token."""
-        if self.paged.kernel_block_size is not None or input_batch.num_reqs == 0:
+        reproducing the runner's slot mapping of this step's first token (a size taken earlier
+        from the runner, for FULL graphs of jump-share steps, must be the one found)."""
+        if self._calibrated or input_batch.num_reqs == 0:
             return
         block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         first = int(input_batch.query_start_loc_np[0])
@@ -528,7 +659,11 @@ class ODBModelState(DefaultModelState):
         want = slot_mappings[0, first:first + count].long()
         for kbs in sorted({d for d in range(1, block_size + 1) if block_size % d == 0}, reverse=True):
             if torch.equal(kv_slots(self.paged.block_tables[0], pos, kbs), want):
+                if self.paged.kernel_block_size not in (None, kbs):
+                    raise RuntimeError(f"vllm-odb: the runner's kernel block size {self.paged.kernel_block_size} "
+                                       f"(captured in the jump-share graphs) is not the cache's ({kbs})")
                 self.paged.kernel_block_size = kbs
+                self._calibrated = True
                 return
         raise RuntimeError("vllm-odb could not reproduce vLLM's KV slot mapping from the block table; "
                            "this vLLM build lays out its paged cache differently than 0.26.0")

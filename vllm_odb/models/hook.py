@@ -31,7 +31,14 @@ import logging
 import os
 
 from vllm_odb.checkpoint import check_weights
-from vllm_odb.engine.knobs import canvas_width, engine_config, step_width, sync_cap
+from vllm_odb.engine.knobs import (
+    canvas_width,
+    engine_config,
+    jump_capture_tokens,
+    jump_graphs,
+    step_width,
+    sync_cap,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +131,22 @@ def verify_and_update(vllm_config) -> None:
 
     cc = vllm_config.compilation_config
     if cfg.jump:
-        # Draft rows take an attention side path (engine/model_state.py BranchAttention) outside CUDA graphs.
+        # Draft rows take an attention side path (engine/model_state.py BranchAttention): outside
+        # CUDA graphs, or (VLLM_ODB_JUMP_GRAPHS=full, on the Triton kernel) captured with the rest of
+        # the step in FULL graphs of any batch (vLLM's mixed-batch FULL graphs: a step's canvas follows
+        # the batch, so its decode steps are not of the one uniform width vLLM captures).
         from vllm.config.compilation import CUDAGraphMode
 
+        from vllm_odb.engine.draft_attention import kernel_selected
+
+        full = jump_graphs() == "full" and kernel_selected("cuda", model_config.dtype)
         if cc.cudagraph_mode is None or cc.cudagraph_mode.has_full_cudagraphs():
-            log.info("vllm-odb: jump-share runs attention outside CUDA graphs; cudagraph_mode=PIECEWISE")
-            cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
+            mode = CUDAGraphMode.FULL if full else CUDAGraphMode.PIECEWISE
+            log.info("vllm-odb: jump-share %s; cudagraph_mode=%s", "captures its steps whole" if full
+                     else "runs attention outside CUDA graphs", mode.name)
+            cc.cudagraph_mode = mode
+        if full and cc.max_cudagraph_capture_size is None:
+            cc.max_cudagraph_capture_size = jump_capture_tokens(cfg, shift, sc.max_num_seqs)
     elif cc.max_cudagraph_capture_size is None:
         cc.max_cudagraph_capture_size = sc.max_num_seqs * canvas
 

@@ -1,0 +1,138 @@
+"""The refresh forward's two routes (engine/model_state.py): ``VLLM_ODB_REFRESH`` picks one, the
+cache refresh hands the paged route the same sequences the dense one gets, and the paged route lays
+them out as vLLM's non-causal attention metadata (checked here with vLLM's builders replaced by
+recorders; the GPU parity test runs the route itself: tests/test_gpu_vllm.py)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from vllm_odb.engine import model_state
+from vllm_odb.engine.model_state import CacheRefresh, PagedCache, PagedRefresh, refresh_route
+
+
+@pytest.mark.parametrize("value,route", [(None, "dense"), ("", "dense"), ("dense", "dense"), ("paged", "paged"),
+                                         (" Paged ", "paged")])
+def test_the_route_comes_from_the_environment(monkeypatch, value, route):
+    if value is None:
+        monkeypatch.delenv("VLLM_ODB_REFRESH", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_ODB_REFRESH", value)
+    assert refresh_route() == route
+
+
+def test_an_unknown_route_names_the_variable(monkeypatch):
+    monkeypatch.setenv("VLLM_ODB_REFRESH", "flash")
+    with pytest.raises(ValueError, match="VLLM_ODB_REFRESH='flash'.*dense, paged"):
+        refresh_route()
+
+
+def _tables():
+    return torch.arange(3 * 8, dtype=torch.int32).view(3, 8).flip(1).contiguous()
+
+
+class _Route:
+    """A stand-in paged route that records its inputs."""
+
+    def __init__(self, ready=True):
+        self.ready = ready
+        self.calls = []
+
+    def __call__(self, ids, pos, slots, bounds, rows):
+        self.calls.append((ids.clone(), pos.clone(), slots.clone(), list(bounds), list(rows)))
+        return torch.zeros(ids.shape[0], 4)
+
+
+def _refresh(route):
+    dense = []
+    model = types.SimpleNamespace(model=types.SimpleNamespace(
+        refresh_forward=lambda ids, pos, attend: dense.append((ids, attend.bounds)) or torch.zeros(ids.shape[0], 4)))
+    paged = PagedCache(block_tables=_tables(), kernel_block_size=4)
+    return CacheRefresh(model, paged, route), dense
+
+
+def test_a_ready_paged_route_gets_the_dense_routes_sequences():
+    route = _Route()
+    refresh, dense = _refresh(route)
+    tokens = torch.arange(2 * 40).view(2, 40)
+    # job 0: slot 1 in batch row 2, 6 tokens; job 1: slot 0 in row 0, 5 tokens plus a final token
+    # (Streaming's pruned canvas: position id 30, cache slot of position 5)
+    hidden, offsets = refresh.forward(tokens, [(1, 2, 6), (0, 0, 5, 30)])
+    assert not dense and offsets == [0, 6] and hidden.shape == (12, 4)
+    ids, pos, slots, bounds, rows = route.calls[0]
+    assert ids.tolist() == tokens[1, :6].tolist() + tokens[0, :5].tolist() + [tokens[0, 30].item()]
+    assert pos.tolist() == list(range(6)) + list(range(5)) + [30]
+    paged = refresh.paged
+    want = torch.cat([paged.slots(2, torch.arange(6)), paged.slots(0, torch.arange(6))])
+    assert slots.tolist() == want.tolist()
+    assert bounds == [(0, 6), (6, 12)] and rows == [2, 0]
+
+
+@pytest.mark.parametrize("route", [None, _Route(ready=False)])
+def test_without_a_ready_paged_route_the_dense_one_serves(route):
+    refresh, dense = _refresh(route)
+    refresh.forward(torch.zeros(2, 40, dtype=torch.long), [(0, 1, 7)])
+    assert len(dense) == 1 and dense[0][1] == [(0, 7)]
+    assert route is None or not route.calls
+
+
+def test_the_paged_route_lays_the_sequences_out_as_non_causal_metadata(monkeypatch):
+    import vllm.forward_context as fc
+
+    seen = {}
+
+    def metadata(**kw):
+        seen["meta"] = kw
+        return {"layer": "meta"}
+
+    class Context:
+        def __init__(self, meta, vllm_config, **kw):
+            seen["context"] = (meta, vllm_config, kw)
+
+        def __enter__(self):
+            seen["batches_inside"] = [list(w.batches) for w in wrappers]
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(model_state, "build_attn_metadata", metadata)
+    monkeypatch.setattr(fc, "set_forward_context", Context)
+    calls = []
+    model = lambda input_ids, positions: calls.append((input_ids, positions)) or torch.ones(input_ids.shape[0], 4)
+    wrappers = [types.SimpleNamespace(batches=["planned"]), types.SimpleNamespace(batches=["planned"])]
+    group = types.SimpleNamespace(layer_names=["layer"])
+    kv_config = types.SimpleNamespace(kv_cache_groups=[group])
+    paged = PagedCache(block_tables=_tables(), kernel_block_size=4)
+    route = PagedRefresh(model, "the config", paged, wrappers)
+    assert not route.ready
+    route.bind("groups", kv_config)
+    assert route.ready
+    ids = torch.arange(9)
+    slots = torch.arange(100, 109)
+    hidden = route(ids, torch.arange(9), slots, [(0, 4), (4, 9)], [2, 0])
+    assert hidden.shape == (9, 4)
+    meta = seen["meta"]
+    assert meta["causal"] is False and meta["num_reqs"] == 2 and meta["num_tokens"] == 9
+    assert meta["query_start_loc_gpu"].tolist() == meta["query_start_loc_cpu"].tolist() == [0, 4, 9]
+    assert meta["query_start_loc_gpu"].dtype == meta["seq_lens"].dtype == torch.int32
+    assert meta["seq_lens"].tolist() == [4, 5] and meta["max_query_len"] == meta["max_seq_len"] == 5
+    assert meta["block_tables"][0].tolist() == _tables()[[2, 0]].tolist()
+    assert meta["slot_mappings"].tolist() == [slots.tolist()] and meta["slot_mappings"].dtype == torch.int64
+    assert meta["attn_groups"] == "groups" and meta["kv_cache_config"] is kv_config
+    ctx_meta, config, kw = seen["context"]
+    assert ctx_meta == {"layer": "meta"} and config == "the config" and kw["num_tokens"] == 9
+    assert kw["slot_mapping"]["layer"].tolist() == slots.tolist()
+    # the model gets the runner's dtypes; no draft rows during the refresh, the step's restored after
+    assert calls[0][0].dtype == torch.int32 and calls[0][1].dtype == torch.int64
+    assert seen["batches_inside"] == [[], []] and [w.batches for w in wrappers] == [["planned"], ["planned"]]
+
+
+def test_the_paged_route_refuses_more_than_one_cache_group():
+    paged = PagedCache(block_tables=_tables(), kernel_block_size=4)
+    route = PagedRefresh(None, None, paged, [])
+    two = types.SimpleNamespace(kv_cache_groups=[object(), object()])
+    with pytest.raises(RuntimeError, match="VLLM_ODB_REFRESH=paged runs one KV-cache group; this engine has 2"):
+        route.bind("groups", two)
