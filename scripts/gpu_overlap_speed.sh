@@ -8,12 +8,17 @@
 #       ENGINE_ARGS (a JSON object) goes to the engines, e.g. '{"attention_backend": "FLASH_ATTN"}'
 #   PART=attn OUT=$OUT bash scripts/gpu_overlap_speed.sh     # the plain step's profile with vLLM's FlashAttention
 #       backend (bf16) against the Triton one it replaces (the 1.3 ms of attention a batch-1 step spends)
+#   PART=refresh OUT=$OUT bash scripts/gpu_overlap_speed.sh  # the plain step's profile (its refresh steps too) with
+#       the refresh forward's two routes, VLLM_ODB_REFRESH=dense and paged (engine/model_state.py)
+#   PART=jump OUT=$OUT bash scripts/gpu_overlap_speed.sh     # jump-share's step profile with its attention outside
+#       the CUDA graphs (VLLM_ODB_JUMP_GRAPHS=piecewise) and captured whole (full)
+# TAG names a run's folder and tarball (overlap-$PART-$TAG), e.g. TAG=paged VLLM_ODB_REFRESH=paged PART=speed.
 set -uo pipefail
 source /root/vllm-env.sh
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/vllm-site . >/dev/null 2>&1 \
   || { echo "project install failed"; exit 1; }
-PART=${PART:?PART=profile, speed or attn}
-OUT=${OUT:-/tmp/out}; R="$OUT/overlap-$PART"; mkdir -p "$R"
+PART=${PART:?PART=profile, speed, attn, refresh or jump}
+OUT=${OUT:-/tmp/out}; P=$PART${TAG:+-$TAG}; R="$OUT/overlap-$P"; mkdir -p "$R"
 note() { echo "$1 rc=$2" | tee -a "$R/rc.txt"; }
 case $PART in
 profile)
@@ -42,7 +47,21 @@ attn)
     note "profile-$b" $?
     grep steps_profiled "$R/profile-$b.log"
   done ;;
-*) echo "PART=$PART: give profile, speed or attn"; exit 2 ;;
+refresh)
+  for r in dense paged; do
+    VLLM_ODB_REFRESH=$r timeout 200 python3 -m vllm_odb.bench profile-decode-step --model llada-8b --gen-length 1024 --steps 70 \
+      --out "$R/profile-llada-8b-refresh-$r.json" > "$R/profile-refresh-$r.log" 2>&1
+    note "profile-refresh-$r" $?
+    grep steps_profiled "$R/profile-refresh-$r.log"
+  done ;;
+jump)
+  for g in piecewise full; do
+    VLLM_ODB_JUMP_GRAPHS=$g timeout 250 python3 -m vllm_odb.bench profile-decode-step --model llada-8b --speculative \
+      --out "$R/profile-jump-llada-8b-$g.json" > "$R/profile-jump-$g.log" 2>&1
+    note "profile-jump-$g" $?
+    grep steps_profiled "$R/profile-jump-$g.log"
+  done ;;
+*) echo "PART=$PART: give profile, speed, attn, refresh or jump"; exit 2 ;;
 esac
 sort "$R/rc.txt"
-tar -czf "$OUT/overlap-$PART.tgz" -C "$OUT" "overlap-$PART" && rm -rf "$R"
+tar -czf "$OUT/overlap-$P.tgz" -C "$OUT" "overlap-$P" && rm -rf "$R"

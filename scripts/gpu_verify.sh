@@ -10,6 +10,8 @@
 #       test_gpu_reliability.py -k soak
 #   PART=parity ...                              # the six parity checks and the engine's GPU tests (no lm-eval)
 #   PART=overlap ...                             # parity, GPU tests, jump-share at 4 requests, a soak, faults
+#       (SKIP_SIX=1 and SKIP_SOAK=1 leave out the parity checks and the soak and faults)
+#   PART=next ...                                # session 8's unrun changes: paged refresh, FULL-graph jump steps
 #   PART=eco ...                                 # lm-eval, examples, reliability but soaks (carry .whl)
 #   PART=all ...                                 # one call: soak x2 (llada default, dream odb), faults, fuzz,
 #       and the GPU tests but test_gpu_reliability.py (carry .whl)
@@ -18,7 +20,7 @@ set -uo pipefail
 source /root/vllm-env.sh
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/vllm-site . >/dev/null 2>&1 \
   || { echo "project install failed"; exit 1; }
-PART=${PART:?PART=1, 2, all, parity, overlap, eco or fixes}
+PART=${PART:?PART=1, 2, all, parity, overlap, next, eco or fixes}
 OUT=${OUT:-/tmp/out}; R="$OUT/verify-$PART"; mkdir -p "$R"
 export VLLM_ODB_BENCH_KV_GIB=${VLLM_ODB_BENCH_KV_GIB:-2}
 LIMIT=${LIMIT:-540}   # seconds every lane must end within (the call's limit is 600)
@@ -54,7 +56,7 @@ case $PART in
   wait ;;
 2)
   S=(--requests 1000 --clients 200 --max-seconds $((LIMIT - 40)))
-  lane soak-llada "${bench[@]}" server-soak --model $M/tiny-llada "${S[@]}" --port 8801 --out "$R/soak-llada.json"
+  [[ -n "${SKIP_SOAK:-}" ]] || lane soak-llada "${bench[@]}" server-soak --model $M/tiny-llada "${S[@]}" --port 8801 --out "$R/soak-llada.json"
   lane soak-llada-odb "${bench[@]}" server-soak --model $M/tiny-llada --speculative "${S[@]}" --port 8802 --out "$R/soak-llada-odb.json"
   lane soak-dream "${bench[@]}" server-soak --model $M/tiny-dream "${S[@]}" --port 8803 --out "$R/soak-dream.json"
   lane soak-dream-odb "${bench[@]}" server-soak --model $M/tiny-dream --speculative "${S[@]}" --port 8804 --out "$R/soak-dream-odb.json"
@@ -69,7 +71,7 @@ all)  # one call when device time is short: a run of each kind, both checkpoints
     && export PYTHONPATH=${PYTHONPATH:-}:/root/lm-site || echo "lm-eval wheels did not install" | tee "$R/wheels.log"
   LIMIT=$((LIMIT - 90))
   S=(--requests 1000 --clients 200 --max-seconds $((LIMIT - 30)))
-  lane soak-llada "${bench[@]}" server-soak --model $M/tiny-llada "${S[@]}" --port 8801 --out "$R/soak-llada.json"
+  [[ -n "${SKIP_SOAK:-}" ]] || lane soak-llada "${bench[@]}" server-soak --model $M/tiny-llada "${S[@]}" --port 8801 --out "$R/soak-llada.json"
   lane soak-dream-odb "${bench[@]}" server-soak --model $M/tiny-dream --speculative "${S[@]}" --port 8804 --out "$R/soak-dream-odb.json"
   lane faults-llada-odb "${bench[@]}" server-faults --model $M/tiny-llada --speculative --port 8807 --out "$R/faults-llada-odb.json"
   lane fuzz-llada "${bench[@]}" server-fuzz --model $M/tiny-llada --n 200 --eager --port 8805 --out "$R/fuzz-llada.json"
@@ -107,9 +109,29 @@ overlap)  # the sampler's overlap (#21: a step's outcome read at the next step),
   lane pytest-branches "${pt[@]}" tests/test_engine_branches.py   # the draft-row kernel: values, compiles once
   lane parity-dream-eager-n4-check env VLLM_ODB_CHECK=1 "${bench[@]}" vllm-parity --model $M/tiny-dream --mode eager \
     --n 4 "${wide[@]}" --out "$R/parity-dream-eager-n4-check.json"   # session 7: NFE 19 vs 18 here; the history says why
-  lane soak-llada "${bench[@]}" server-soak --model $M/tiny-llada --requests 600 --clients 100 \
+  [[ -n "${SKIP_SOAK:-}" ]] || lane soak-llada "${bench[@]}" server-soak --model $M/tiny-llada --requests 600 --clients 100 \
     --max-seconds $((LIMIT - 60)) --port 8801 --out "$R/soak-llada.json"
-  lane faults-dream "${bench[@]}" server-faults --model $M/tiny-dream --eager --port 8808 --out "$R/faults-dream.json"
+  [[ -n "${SKIP_SOAK:-}" ]] || lane faults-dream "${bench[@]}" server-faults --model $M/tiny-dream --eager --port 8808 \
+    --out "$R/faults-dream.json"
+  wait ;;
+next)  # session 8's changes, not yet run on a GPU: the refresh on vLLM's forward (VLLM_ODB_REFRESH=paged),
+  # jump-share steps in FULL CUDA graphs (VLLM_ODB_JUMP_GRAPHS=full; fp32 parity needs the kernel route,
+  # VLLM_ODB_DRAFT_ATTENTION=triton), and session 7's tests that never ran
+  lane pytest-new "${pt[@]}" -n ${XDIST:-4} tests/test_gpu_vllm.py -k "paged_refresh or overlap"
+  lane pytest-branches "${pt[@]}" tests/test_engine_branches.py
+  full=(env VLLM_ODB_JUMP_GRAPHS=full VLLM_ODB_DRAFT_ATTENTION=triton)
+  odb=(--block-length 16 --gen-length 128 --threshold 1.0 --method odb --select speculative --gpu-memory 0.2)
+  for f in llada dream; do
+    lane jump-full-$f "${full[@]}" "${bench[@]}" vllm-parity --model $M/tiny-$f --mode graphs --n 8 "${odb[@]}" \
+      --ridge-rows 64 --out "$R/jump-full-$f.json"
+    lane jump-full-$f-n4 "${full[@]}" "${bench[@]}" vllm-parity --model $M/tiny-$f --mode graphs --n 4 "${odb[@]}" \
+      --ridge-rows 128 --out "$R/jump-full-$f-n4.json"
+    lane jump-full-paged-$f "${full[@]}" VLLM_ODB_REFRESH=paged "${bench[@]}" vllm-parity --model $M/tiny-$f \
+      --mode graphs --n 8 "${odb[@]}" --ridge-rows 64 --out "$R/jump-full-paged-$f.json"
+  done
+  lane parity-dream-eager-n4-check env VLLM_ODB_CHECK=1 "${bench[@]}" vllm-parity --model $M/tiny-dream --mode eager \
+    --n 4 --block-length 16 --gen-length 128 --threshold 1.0 --method odb --select speculative --ridge-rows 128 \
+    --gpu-memory 0.2 --out "$R/parity-dream-eager-n4-check.json"
   wait ;;
 eco)  # the ecosystem checks alone (#23): lm-eval against the server and in-process, the examples, and
   # the reliability tests but the soaks (the fuzz's good request); light enough to share the GPU
@@ -124,7 +146,7 @@ fixes)  # the two runs that found bugs, after their fixes (eager: they start fas
   lane faults-llada-odb "${bench[@]}" server-faults --model $M/tiny-llada --speculative --eager --phases requests \
     --port 8807 --out "$R/faults-llada-odb.json"
   wait ;;
-*) echo "PART=$PART: give 1, 2, all, parity, overlap, eco or fixes"; exit 2 ;;
+*) echo "PART=$PART: give 1, 2, all, parity, overlap, next, eco or fixes"; exit 2 ;;
 esac
 sort "$R/rc.txt"
 for f in "$R"/*.log; do case $f in *.server.log) continue ;; esac; echo "== $f"; grep -vE "^(INFO|DEBUG|\(EngineCore)" "$f" | tail -n 6; done
