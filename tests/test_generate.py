@@ -91,7 +91,7 @@ def test_cache_modes_agree_when_each_block_is_decided_at_its_refresh(ckpt):
 
 def test_cached_steps_differ_from_uncached_only_by_cache_staleness(ckpt):
     """Multi-step blocks (threshold 1.0): the three cache modes still answer correctly."""
-    suite = make_suite(9, 10)
+    suite = make_suite(9, 6)
     for cache in ("none", "prefix", "dual"):
         acc, out = _accuracy(ckpt, suite, DecodeConfig(gen_length=64, threshold=1.0, cache=cache))
         assert acc >= 0.8, cache

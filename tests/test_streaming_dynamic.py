@@ -330,9 +330,9 @@ def test_dcu_full_budget_is_full_sequence_denoising_exactly(ckpt):
     """A window covering the response and a prompt refresh every forward recompute every token
     at every layer through the selected-token path: tokens and NFE equal the uncached decoder's,
     on a left-padded batch with multi-step blocks."""
-    prompts = _prompts(ckpt, 5, 4)
-    base = DecodeConfig(gen_length=64, threshold=1.0, cache="none")
-    full = base.replace(dcu=True, dcu_window=64, dcu_layer_budget=0, dcu_prompt_interval=1)
+    prompts = _prompts(ckpt, 5, 2)  # two prompts of different lengths: a left-padded batch
+    base = DecodeConfig(gen_length=32, threshold=1.0, cache="none")
+    full = base.replace(dcu=True, dcu_window=32, dcu_layer_budget=0, dcu_prompt_interval=1)
     a = generate(ckpt.model, prompts, base, ckpt.special)
     b = generate(ckpt.model, prompts, full, ckpt.special)
     assert max(a.nfe) > 4
@@ -389,7 +389,7 @@ def test_dcu_budgets_window_and_layer_zero(ckpt):
 def test_streaming_with_window_over_the_canvas_is_prefix_fast_dllm(ckpt):
     """Suffix window >= the remaining canvas: nothing is pruned, so the output equals Fast-dLLM on
     the prefix cache token for token, with the fixed and with the dynamic threshold."""
-    prompts = _prompts(ckpt, 7, 4)
+    prompts = _prompts(ckpt, 7, 2)
     for alpha in (0.0, 0.5):
         fast = DecodeConfig(gen_length=64, threshold=1.0, cache="prefix", threshold_alpha=alpha)
         stream = DecodeConfig.for_method("streaming", gen_length=64, threshold=1.0, suffix_window=64,
