@@ -245,7 +245,28 @@ def test_hook_jump_share_graphs_follow_the_knob_and_the_draft_route(cpu_vllm, mo
     if full:
         cfg = DecodeConfig(**vc.model_config.hf_config.odb_engine)
         most = jump_capture_tokens(cfg, SHIFT[fmt], vc.scheduler_config.max_num_seqs)
-        assert size == most == max(64 * (16 + SHIFT[fmt]), vc.diffusion_config.canvas_length)
+        assert most == max(64 * (16 + SHIFT[fmt]), vc.diffusion_config.canvas_length)
+        assert size == -(-most // 16) * 16
+
+
+def test_hook_full_jump_graphs_without_async_scheduling_cover_the_whole_canvases(cpu_vllm, monkeypatch):  # noqa: F811
+    """Without async scheduling every request of a jump-share engine carries the whole canvas: the
+    FULL graphs are captured up to the capped batch's canvases."""
+    pytest.importorskip("triton")
+    from vllm_odb.engine.knobs import sync_cap
+    from vllm_odb.models import hook
+    from vllm_odb.policies import DecodeConfig
+
+    monkeypatch.setenv("VLLM_ODB_JUMP_GRAPHS", "full")
+    monkeypatch.delenv("VLLM_ODB_DRAFT_ATTENTION", raising=False)
+    seen = []
+    original = hook.verify_and_update
+    monkeypatch.setattr(hook, "verify_and_update", lambda vc: original(vc) or seen.append(
+        vc.compilation_config.max_cudagraph_capture_size))
+    vc = _create("llada", speculative_config={"method": "odb"}, dtype="bfloat16", async_scheduling=False)
+    cfg = DecodeConfig(**vc.model_config.hf_config.odb_engine)
+    want = sync_cap(cfg, 0) * vc.diffusion_config.canvas_length
+    assert seen[-1] == -(-want // 16) * 16 and seen[-1] >= 2 * vc.diffusion_config.canvas_length
 
 
 def test_an_unknown_jump_graph_mode_names_the_variable(monkeypatch):

@@ -49,6 +49,27 @@ def test_step_split_into_busy_and_idle_before_between_after(prof):
     assert res["top_host_ops_ms"] == [{"name": "aten::copy_", "ms_total": 0.003}]
 
 
+def test_steps_with_the_refresh_range_are_the_refresh_steps(prof):
+    """A step is a refresh step when the refresh forward's profiler range starts inside it (either
+    route: the paged one launches about a decode step's kernels, so counting kernels cannot tell);
+    the summary gives their p50s beside the decode steps'."""
+    from vllm_odb.engine import REFRESH_MARK
+
+    def ev(cat, name, ts, dur):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    events = []
+    for i in range(4):  # steps of 100 us; step 2 refreshes (two kernels more, longer)
+        events += [ev("user_annotation", f"engine_step_{i}", 100 * i, 100), ev("kernel", "nvjet_gemm", 100 * i + 5, 10)]
+    events += [ev("user_annotation", REFRESH_MARK, 220, 50), ev("kernel", "nvjet_gemm", 230, 30),
+               ev("kernel", "nvjet_gemm", 262, 30)]
+    res = prof.analyse({"traceEvents": events}, [(100 * i, 100 * i + 100) for i in range(4)])
+    assert [s["refresh"] for s in res["steps"]] == [False, False, True, False]
+    summary = prof._summary(res, [0.1] * 4, 0.005)
+    assert summary["decode_steps"] == 3 and summary["refresh_steps"] == 1
+    assert summary["refresh_kernels_p50"] == 3 and summary["refresh_matmul_ms_p50"] == pytest.approx(0.07)
+
+
 def test_a_profile_without_kernels_is_refused_by_name(prof):
     """A profile whose steps ran nothing (the request finished before them) says so, instead of
     statistics' 'no mode for empty data' (what the jump-share profile hit on the H200)."""

@@ -136,3 +136,19 @@ def test_the_paged_route_refuses_more_than_one_cache_group():
     two = types.SimpleNamespace(kv_cache_groups=[object(), object()])
     with pytest.raises(RuntimeError, match="VLLM_ODB_REFRESH=paged runs one KV-cache group; this engine has 2"):
         route.bind("groups", two)
+
+
+def test_the_paged_route_keeps_refresh_chunks_within_the_compiled_range(monkeypatch):
+    """vLLM compiles its forward for at most the runner's token budget: on the paged route a larger
+    VLLM_ODB_REFRESH_TOKENS (a debugging override the dense route honours) is cut to it."""
+    from engine_stubs import Engine
+
+    from vllm_odb.engine.sampler import ODBSampler
+    from vllm_odb.policies import DecodeConfig
+
+    monkeypatch.setenv("VLLM_ODB_REFRESH_TOKENS", "100000")
+    eng = Engine(DecodeConfig(gen_length=32, block_length=16), max_num_tokens=4096)
+    assert eng.sampler.refresh_budget == 100000  # the dense route
+    base = types.SimpleNamespace(sampling_states=None, req_states=eng.sampler.req_states)
+    paged = ODBSampler(eng.table, CacheRefresh(eng.sampler.cache.model, eng.paged, _Route()), base, 4096)
+    assert paged.refresh_budget == 4096

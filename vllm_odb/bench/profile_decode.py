@@ -27,6 +27,8 @@ import statistics
 import tempfile
 import time
 
+from vllm_odb.engine import REFRESH_MARK
+
 MATMUL = ("gemm", "cutlass", "nvjet", "sm90_xmma", "sm80_xmma", "cublas", "matmul")
 ATTENTION = ("flash", "attn", "attention", "fmha")
 
@@ -62,6 +64,8 @@ def analyse(trace: dict, step_marks: list[tuple[float, float]]) -> dict:
     cpu = [e for e in trace.get("traceEvents", [])
            if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation")
            and not str(e.get("name", "")).startswith("engine_step_")]
+    refreshes = [e["ts"] for e in trace.get("traceEvents", []) if e.get("ph") == "X"
+                 and e.get("name") == REFRESH_MARK]
     steps, names, host = [], {}, {}
     for s0, s1 in step_marks:
         inside = [e for e in gpu if s0 <= e["ts"] < s1]
@@ -83,7 +87,8 @@ def analyse(trace: dict, step_marks: list[tuple[float, float]]) -> dict:
                       "idle_before_ms": round((first - s0) / 1e3, 3),
                       "idle_between_ms": round(max(0.0, (last - first) / 1e3 - busy), 3),
                       "idle_after_ms": round(max(0.0, s1 - last) / 1e3, 3),
-                      "kernels": len(inside), **{f"{k}_ms": round(v, 3) for k, v in kinds.items()}})
+                      "kernels": len(inside), **{f"{k}_ms": round(v, 3) for k, v in kinds.items()},
+                      "refresh": any(s0 <= t < s1 for t in refreshes)})
     top = sorted(names.items(), key=lambda kv: -kv[1])[:20]
     top_host = sorted(host.items(), key=lambda kv: -kv[1])[:30]
     return {"steps": steps, "top_kernels_ms": [{"name": n, "ms_total": round(ms, 3)} for n, ms in top],
@@ -237,8 +242,8 @@ def _summary(res: dict, plain: list[float], floor_ms: float) -> dict:
     summary["wall_over_floor"] = round(summary["wall_ms_p50"] / floor_ms, 3)
     summary["gpu_idle_fraction"] = round(1 - summary["gpu_busy_ms_p50"] / summary["wall_ms_p50"], 3)
     summary["unprofiled_wall_over_floor"] = round(summary["wall_ms_unprofiled_p50"] / floor_ms, 3)
-    # Steps with a refresh side forward launch several times the decode step's kernels.
-    refresh = [s for s in res["steps"] if s["kernels"] > 2 * typical]
+    # Steps with a refresh side forward (its profiler range, engine/model_state.py REFRESH_MARK).
+    refresh = [s for s in res["steps"] if s.get("refresh")]
     summary["refresh_steps"] = len(refresh)
     if refresh:
         summary.update({f"refresh_{k}_p50": round(statistics.median(s[k] for s in refresh), 3)

@@ -14,6 +14,8 @@ CHECK = os.environ.get("VLLM_ODB_CHECK", "") not in ("", "0")
 # VLLM_ODB_PROFILE=path: the benchmarks' step profiler appends one JSON line per engine step
 # (vllm_odb/bench/profile.py; it adds a device sync per step).
 PROFILE_ENV = "VLLM_ODB_PROFILE"
+# The refresh side forward's range name in a torch.profiler trace (bench profile-decode-step).
+REFRESH_MARK = "odb_refresh_forward"
 
 
 def step_observer():

@@ -243,6 +243,8 @@ class ODBSampler:
         self._cols = torch.arange(self.block, device=self.device)
         # tokens per refresh side forward (VLLM_ODB_REFRESH_TOKENS: debugging override)
         self.refresh_budget = int(os.environ.get(_REFRESH_TOKENS_ENV) or max_num_tokens)
+        if getattr(cache, "paged_forward", None) is not None:  # vLLM's compiled forward: its token range
+            self.refresh_budget = min(self.refresh_budget, max_num_tokens)
         self.observer = step_observer()  # benchmarks' step profiler; None when serving
         # This step's scheduled requests and, from them, the rows each decode request gets next
         # step (knobs.step_width: vLLM's scheduler gives the same): the jump-share plans' room.

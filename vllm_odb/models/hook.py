@@ -146,7 +146,11 @@ def verify_and_update(vllm_config) -> None:
                      else "runs attention outside CUDA graphs", mode.name)
             cc.cudagraph_mode = mode
         if full and cc.max_cudagraph_capture_size is None:
-            cc.max_cudagraph_capture_size = jump_capture_tokens(cfg, shift, sc.max_num_seqs)
+            # FULL graphs have no piecewise ones to fall back on: a step past the largest capture
+            # runs eager. Without async scheduling every request carries the whole canvas.
+            widest = (jump_capture_tokens(cfg, shift, sc.max_num_seqs) if sc.async_scheduling is not False
+                      else min(sync_cap(cfg, shift), sc.max_num_seqs) * canvas)
+            cc.max_cudagraph_capture_size = -(-widest // 16) * 16  # vLLM's capture sizes step by 16 past 256
     elif cc.max_cudagraph_capture_size is None:
         cc.max_cudagraph_capture_size = sc.max_num_seqs * canvas
 
