@@ -71,7 +71,20 @@ def _run(*args):
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
 
 
-def test_quality_command_json_and_errors():
+def _in_process(main, argv, capsys):
+    """A command's exit status and stderr, run in this process: its error paths need no fresh
+    interpreter (a subprocess costs seconds of imports; the success paths keep theirs)."""
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_quality_command_json_and_errors(capsys):
+    from vllm_odb.bench.__main__ import main
+
     r = _run("vllm_odb.bench", "quality", "--model", "checkpoints/tiny-dream", "--method", "odb", "--engine",
              "reference", "--limit", "5", "--seed", "4", "--gen-length", "64", "--block-length", "32", "--json")
     assert r.returncode == 0, r.stderr
@@ -80,16 +93,19 @@ def test_quality_command_json_and_errors():
                 "actual_length", "drafted_per_forward", "query_rows_per_forward"):
         assert key in result
     assert "prompt" in r.stderr  # the progress bar
-    bad = _run("vllm_odb.bench", "quality", "--model", "checkpoints/tiny-dream", "--method", "nope")
-    assert bad.returncode == 2 and "fast-dllm" in bad.stderr and "vanilla" in bad.stderr
-    bad = _run("vllm_odb.bench", "quality", "--model", "checkpoints/tiny-dream", "--method", "vanilla", "--engine", "x")
-    assert bad.returncode == 2 and "reference" in bad.stderr
-    bad = _run("vllm_odb.bench", "quality", "--model", "checkpoints/tiny-dream", "--method", "fast-dllm",
-               "--gen-length", "100", "--block-length", "32")
-    assert bad.returncode == 2 and "gen_length=100" in bad.stderr and "Traceback" not in bad.stderr
+    model = str(ROOT / "checkpoints" / "tiny-dream")
+    code, err = _in_process(main, ["quality", "--model", model, "--method", "nope"], capsys)
+    assert code == 2 and "fast-dllm" in err and "vanilla" in err
+    code, err = _in_process(main, ["quality", "--model", model, "--method", "vanilla", "--engine", "x"], capsys)
+    assert code == 2 and "reference" in err
+    code, err = _in_process(main, ["quality", "--model", model, "--method", "fast-dllm", "--gen-length", "100",
+                                   "--block-length", "32"], capsys)
+    assert code == 2 and "gen_length=100" in err and "Traceback" not in err
 
 
-def test_generate_command():
+def test_generate_command(capsys):
+    from vllm_odb.generate import main
+
     r = _run("vllm_odb.generate", "--model", "checkpoints/tiny-llada", "Reverse the word planet.")
     assert r.returncode == 0, r.stderr
     prompt, answer, figures, blank, total = r.stdout.splitlines()
@@ -97,9 +113,9 @@ def test_generate_command():
     assert re.fullmatch(r"  tokens 6 · forwards \d+ · [\d.]+ tok/forward · \d+ tok/s · method odb", figures), figures
     assert re.fullmatch(r"total: 1 prompt in one batch · tokens 6 · forwards \d+ · [\d.]+ s · \d+ tok/s · "
                         r"method odb on cpu", total), total
-    bad = _run("vllm_odb.generate", "--model", "checkpoints/tiny-llada", "--threshold", "1.5", "hi")
-    assert bad.returncode == 2 and "threshold" in bad.stderr
-    assert bad.stderr.splitlines() == ["error: threshold=1.5 must be in (0, 1]"]  # one line, no traceback
+    code, err = _in_process(main, ["--model", str(ROOT / "checkpoints" / "tiny-llada"), "--threshold", "1.5", "hi"],
+                            capsys)
+    assert code == 2 and err.splitlines() == ["error: threshold=1.5 must be in (0, 1]"]  # one line, no traceback
 
 
 def test_generate_json_is_one_object_per_prompt(capsys):
