@@ -20,18 +20,18 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /ro
 PART=${PART:?PART=profile, speed, attn, refresh or jump}
 OUT=${OUT:-/tmp/out}; P=$PART${TAG:+-$TAG}; R="$OUT/overlap-$P"; mkdir -p "$R"
 note() { echo "$1 rc=$2" | tee -a "$R/rc.txt"; }
+prof() {  # name, timeout, VAR=value... --, profile-decode-step's arguments: $R/profile-<name>.{json,log}
+  local name=$1 t=$2 envs=(); shift 2
+  while [[ $1 != -- ]]; do envs+=("$1"); shift; done; shift
+  env "${envs[@]}" timeout "$t" python3 -m vllm_odb.bench profile-decode-step --model llada-8b "$@" \
+    --out "$R/profile-$name.json" > "$R/profile-$name.log" 2>&1
+  note "profile-$name" $?
+  grep steps_profiled "$R/profile-$name.log"
+}
 case $PART in
 profile)
-  for o in 1 0; do
-    VLLM_ODB_OVERLAP=$o timeout 170 python3 -m vllm_odb.bench profile-decode-step --model llada-8b \
-      --out "$R/profile-llada-8b-overlap$o.json" > "$R/profile-overlap$o.log" 2>&1
-    note "profile-overlap$o" $?
-    grep steps_profiled "$R/profile-overlap$o.log"
-  done
-  [[ -n "${SKIP_JUMP:-}" ]] || { timeout 170 python3 -m vllm_odb.bench profile-decode-step --model llada-8b --speculative \
-      --out "$R/profile-jump-llada-8b.json" > "$R/profile-jump.log" 2>&1
-    note profile-jump $?
-    grep steps_profiled "$R/profile-jump.log"; } ;;
+  for o in 1 0; do prof "overlap$o" 170 VLLM_ODB_OVERLAP=$o --; done
+  [[ -n "${SKIP_JUMP:-}" ]] || prof jump 170 -- --speculative ;;
 speed)
   o=${OVERLAP:-1}
   VLLM_ODB_OVERLAP=$o timeout ${SPEED_TIMEOUT:-520} python3 -m vllm_odb.bench speed --engine vllm --model llada-8b \
@@ -41,26 +41,11 @@ speed)
   note "speed-overlap$o" $?
   tail -n 25 "$R/speed-overlap$o.log" ;;
 attn)
-  for b in TRITON_ATTN FLASH_ATTN; do
-    timeout 200 python3 -m vllm_odb.bench profile-decode-step --model llada-8b --engine-args "{\"attention_backend\": \"$b\"}" \
-      --out "$R/profile-llada-8b-$b.json" > "$R/profile-$b.log" 2>&1
-    note "profile-$b" $?
-    grep steps_profiled "$R/profile-$b.log"
-  done ;;
+  for b in TRITON_ATTN FLASH_ATTN; do prof "$b" 200 -- --engine-args "{\"attention_backend\": \"$b\"}"; done ;;
 refresh)
-  for r in dense paged; do
-    VLLM_ODB_REFRESH=$r timeout 200 python3 -m vllm_odb.bench profile-decode-step --model llada-8b --gen-length 1024 --steps 70 \
-      --out "$R/profile-llada-8b-refresh-$r.json" > "$R/profile-refresh-$r.log" 2>&1
-    note "profile-refresh-$r" $?
-    grep steps_profiled "$R/profile-refresh-$r.log"
-  done ;;
+  for r in dense paged; do prof "refresh-$r" 200 VLLM_ODB_REFRESH=$r -- --gen-length 1024 --steps 70; done ;;
 jump)
-  for g in piecewise full; do
-    VLLM_ODB_JUMP_GRAPHS=$g timeout 250 python3 -m vllm_odb.bench profile-decode-step --model llada-8b --speculative \
-      --out "$R/profile-jump-llada-8b-$g.json" > "$R/profile-jump-$g.log" 2>&1
-    note "profile-jump-$g" $?
-    grep steps_profiled "$R/profile-jump-$g.log"
-  done ;;
+  for g in piecewise full; do prof "jump-$g" 250 VLLM_ODB_JUMP_GRAPHS=$g -- --speculative; done ;;
 *) echo "PART=$PART: give profile, speed, attn, refresh or jump"; exit 2 ;;
 esac
 sort "$R/rc.txt"
