@@ -3,7 +3,8 @@
 # staging vLLM on the same warm machine. Everything lands in $OUT/overlap-<part>.tgz.
 #   PART=profile OUT=$OUT bash scripts/gpu_overlap_speed.sh  # profile-decode-step, LLaDA-8B, batch 1: the plain
 #       engine with overlap (the default) and without (VLLM_ODB_OVERLAP=0), then jump-share's step (~6 min)
-#   PART=speed OUT=$OUT bash scripts/gpu_overlap_speed.sh    # bench speed on the v3 traces, LLaDA-8B, gen 1024:
+#   PART=speed OUT=$OUT bash scripts/gpu_overlap_speed.sh    # bench speed on TRACES (default: the v6 traces, recorded
+#       on the CPU in session 8 at ridge_rows 178; session 7 ran the v3 ones), LLaDA-8B, gen 1024:
 #       METHODS (default fast-dllm,odb-alp,odb) at BATCHES (default 1,8,64), with VLLM_ODB_OVERLAP=${OVERLAP:-1};
 #       ENGINE_ARGS (a JSON object) goes to the engines, e.g. '{"attention_backend": "FLASH_ATTN"}'
 #   PART=attn OUT=$OUT bash scripts/gpu_overlap_speed.sh     # the plain step's profile with vLLM's FlashAttention
@@ -35,7 +36,7 @@ profile)
 speed)
   o=${OVERLAP:-1}
   VLLM_ODB_OVERLAP=$o timeout ${SPEED_TIMEOUT:-520} python3 -m vllm_odb.bench speed --engine vllm --model llada-8b \
-    --traces benchmarks/results/dynamics/worked-v3-traces-llada.json --methods ${METHODS:-fast-dllm,odb-alp,odb} \
+    --traces ${TRACES:-benchmarks/results/dynamics/worked-v6-traces-llada.json} --methods ${METHODS:-fast-dllm,odb-alp,odb} \
     --gen-lengths 1024 --batches ${BATCHES:-1,8,64} --requests 3 --row-seconds 20 --engine-args "${ENGINE_ARGS:-{\}}" \
     --out "$R/speed-overlap$o.json" > "$R/speed-overlap$o.log" 2>&1
   note "speed-overlap$o" $?
