@@ -32,8 +32,10 @@ sampler may commit 0..width of them per step. What this file adds, in the order 
   of ours. Its cost is a gather of the request's keys and values per layer (prompt + canvas) and
   one masked SDPA call per planned request. FlexAttention would need a block mask per step over
   paged keys and a compile per shape; a kernel of ours is what would replace the SDPA gather if
-  the speed benchmarks say it matters. The attention op runs outside CUDA graphs (PIECEWISE), so
-  jump-share engines do not capture FULL graphs; everything else in the layer stays graphed;
+  the speed benchmarks say it matters. By default the attention op runs outside CUDA graphs
+  (PIECEWISE) and everything else in the layer stays graphed; with ``VLLM_ODB_JUMP_GRAPHS=full`` and
+  the Triton kernel the whole step is captured in FULL graphs, the kernel's inputs in fixed buffers
+  (``DraftBuffers``, filled by ``_branch_rows``);
 - the Fast-dLLM cache refresh (``CacheRefresh``), which the sampler runs at every block start: one
   full forward over prompt + committed tokens + the whole masked canvas rewrites the KV of every
   position (the committed prefix now sees the tokens decoded since, and the masked suffix gets the
@@ -54,7 +56,9 @@ sampler may commit 0..width of them per step. What this file adds, in the order 
   forward runs all layers on one rank). The side forward is ``DiffusionLMModel.refresh_forward``:
   the model's own layers with ``DenseAttend`` in place of paged attention, which writes each
   layer's keys and values into the request's paged-cache slots with the attention backend's own
-  cache-update op, then attends each sequence bidirectionally with SDPA;
+  cache-update op, then attends each sequence bidirectionally with SDPA. ``VLLM_ODB_REFRESH=paged``
+  runs the compiled forward instead, with the backend's attention over the paged cache
+  (``PagedRefresh``);
 - the request table (per-request knobs and canvases) and the sampler that decodes
   (``custom_sampler``), handed the table, the refresh and the draft-token buffer.
 
