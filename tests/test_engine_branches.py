@@ -557,3 +557,51 @@ def test_the_kernel_compiles_once_for_any_draft_count():
         seconds.append(time.perf_counter() - t0)
     print("draft-row kernel calls (s):", [round(t, 4) for t in seconds])
     assert max(seconds[1:]) < 0.1, seconds
+
+
+@pytest.mark.gpu
+def test_the_kernel_over_fixed_buffers_replays_in_a_cuda_graph():
+    """What VLLM_ODB_JUMP_GRAPHS=full relies on: the kernel captured once in a CUDA graph over
+    ``DraftBuffers`` with no draft rows (as vLLM captures a step), then replayed after each step's
+    layout is copied in, gives that step's own launch's rows; a replay after ``clear`` writes none."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from vllm_odb.engine.draft_attention import DraftBuffers, draft_rows_attention
+
+    dev, heads, dim, kbs, blocks, dtype = "cuda", 4, 64, 16, 64, torch.bfloat16
+    torch.manual_seed(0)
+    cache = torch.randn(blocks, heads, kbs, 2 * dim, device=dev, dtype=dtype)
+    n = 320  # the step's token rows
+    query, key, value = (torch.randn(n, heads, dim, device=dev, dtype=dtype) for _ in range(3))
+    out = torch.zeros(n, heads * dim, device=dev, dtype=dtype)
+    buffers = DraftBuffers(capacity=4, max_draft=160, window=32, blocks=40, device=dev)
+    draft_rows_attention(query, key, value, cache, out, buffers.rows, dim ** -0.5, kbs)  # compile outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        draft_rows_attention(query, key, value, cache, out, buffers.rows, dim ** -0.5, kbs)
+    for seed, ridge in ((1, 96), (2, 160)):  # two steps with different layouts, the same graph
+        cfg = DecodeConfig(gen_length=64, block_length=32, jump=True, rule="threshold", cache="dual", ridge_rows=ridge)
+        g = torch.Generator().manual_seed(seed)
+        block = torch.where(torch.rand(32, generator=g) < 0.8, MASK, 5).to(dev)
+        block[0] = MASK
+        plan = JumpPlan.plan(block, torch.zeros(0, dtype=torch.long, device=dev),
+                             torch.randint(0, 50, (32,), generator=g).to(dev), torch.rand(32, generator=g).to(dev),
+                             MASK, cfg, 1, ridge)
+        assert plan is not None and plan.num_rows > plan.window
+        rows = [BranchRows(first=8, plan=plan, q0=300, end=400)]
+        tables = torch.randperm(blocks, device=dev)[None, :40].int()
+        step = BranchBatch.build(rows, tables, kbs, dev, kernel=True)[0].kernel
+        want = torch.zeros_like(out)
+        draft_rows_attention(query, key, value, cache, want, step, dim ** -0.5, kbs)
+        buffers.fill(step)
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, want)
+        assert out.abs().sum() > 0
+    buffers.clear()
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert out.abs().sum() == 0
