@@ -522,6 +522,19 @@ def test_a_batched_jump_share_engine_decodes_as_the_reference(monkeypatch):
     assert any(len(g) > 1 for g in groups), groups
 
 
+def _block_plan(ridge: int, seed: int, device) -> JumpPlan:
+    """A block of 32 with about 80% of it masked, planned alone at ``ridge`` rows (it has drafts)."""
+    cfg = DecodeConfig(gen_length=64, block_length=32, jump=True, rule="threshold", cache="dual", ridge_rows=ridge)
+    g = torch.Generator().manual_seed(seed)
+    block = torch.where(torch.rand(32, generator=g) < 0.8, MASK, 5).to(device)
+    block[0] = MASK
+    plan = JumpPlan.plan(block, torch.zeros(0, dtype=torch.long, device=device),
+                         torch.randint(0, 50, (32,), generator=g).to(device), torch.rand(32, generator=g).to(device),
+                         MASK, cfg, 1, ridge)
+    assert plan is not None and plan.num_rows > plan.window
+    return plan
+
+
 @pytest.mark.gpu
 def test_the_kernel_compiles_once_for_any_draft_count():
     """A jump-share engine's plans change size with the batch (knobs.step_width): the kernel must not
@@ -537,14 +550,8 @@ def test_the_kernel_compiles_once_for_any_draft_count():
     cache = torch.randn(blocks, heads, kbs, 2 * dim, device=dev, dtype=torch.bfloat16)
     seconds = []
     for ridge in (64, 80, 96, 112, 128, 144):  # draft counts of 17 rows and more: one tile size
-        cfg = DecodeConfig(gen_length=64, block_length=32, jump=True, rule="threshold", cache="dual", ridge_rows=ridge)
-        g = torch.Generator().manual_seed(ridge)
-        block = torch.where(torch.rand(32, generator=g) < 0.8, MASK, 5).to(dev)
-        block[0] = MASK
-        plan = JumpPlan.plan(block, torch.zeros(0, dtype=torch.long, device=dev),
-                             torch.randint(0, 50, (32,), generator=g).to(dev), torch.rand(32, generator=g).to(dev),
-                             MASK, cfg, 1, ridge)
-        assert plan is not None and plan.num_rows - plan.window > 16
+        plan = _block_plan(ridge, seed=ridge, device=dev)
+        assert plan.num_rows - plan.window > 16
         rows = [BranchRows(first=0, plan=plan, q0=300, end=400)]
         tables = torch.randperm(blocks, device=dev)[None, :32].int()
         d = BranchBatch.build(rows, tables, kbs, dev, kernel=True)[0].kernel
@@ -581,14 +588,7 @@ def test_the_kernel_over_fixed_buffers_replays_in_a_cuda_graph():
     with torch.cuda.graph(graph):
         draft_rows_attention(query, key, value, cache, out, buffers.rows, dim ** -0.5, kbs)
     for seed, ridge in ((1, 96), (2, 160)):  # two steps with different layouts, the same graph
-        cfg = DecodeConfig(gen_length=64, block_length=32, jump=True, rule="threshold", cache="dual", ridge_rows=ridge)
-        g = torch.Generator().manual_seed(seed)
-        block = torch.where(torch.rand(32, generator=g) < 0.8, MASK, 5).to(dev)
-        block[0] = MASK
-        plan = JumpPlan.plan(block, torch.zeros(0, dtype=torch.long, device=dev),
-                             torch.randint(0, 50, (32,), generator=g).to(dev), torch.rand(32, generator=g).to(dev),
-                             MASK, cfg, 1, ridge)
-        assert plan is not None and plan.num_rows > plan.window
+        plan = _block_plan(ridge, seed, dev)
         rows = [BranchRows(first=8, plan=plan, q0=300, end=400)]
         tables = torch.randperm(blocks, device=dev)[None, :40].int()
         step = BranchBatch.build(rows, tables, kbs, dev, kernel=True)[0].kernel
