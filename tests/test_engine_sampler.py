@@ -69,11 +69,12 @@ def test_jump_step_decides_each_branch_from_its_rows(shift):
     lg = logits[plan.pred_row.reshape(-1)].view(nb, 8, VOCAB)
     bx0, bconf, bcommit = decide(lg, (plan.branches.blocks[0] == MASK) & (block == MASK).any(), cfg, MASK)
     c = int(accept(bcommit[None], bx0[None], plan.branches.positions, plan.branches.drafted, plan.branches.family,
-                   torch.ones(1, nb - 1, dtype=torch.bool))[0])
+                   plan.branches.valid)[0])
     new = torch.where(bcommit[c], bx0[c], plan.branches.blocks[0, c])
     assert torch.equal(engine.block(0), new)
     assert req.stats["drafts_accepted"] == (0 if c == 0 else int(plan.branches.family[c - 1].sum()))
-    nxt = JumpPlan.plan(new, engine.table.tokens[0, 4 - shift:4], bx0[c], bconf[c], MASK, req.cfg, 2, engine.width)
+    nxt = JumpPlan.plan(new, engine.table.tokens[0, 4 - shift:4], bx0[c], bconf[c], MASK, req.cfg, 2,
+                        engine.sampler.next_width)
     assert torch.equal(req.plan.tokens, nxt.tokens) and torch.equal(req.plan.branches.drafted, nxt.branches.drafted)
     rows = engine.draft_rows(0)  # written for the next step: the plan's rows
     assert torch.equal(rows[:nxt.num_rows], nxt.tokens)
@@ -375,15 +376,17 @@ def test_overlap_fails_non_finite_logits_at_the_next_step_without_output():
     assert a.error is not None and out.num_sampled.tolist() == [0, 8] and out.num_nans.tolist() == [1, 0]
 
 
-def test_jump_share_reads_its_outcome_in_the_step_while_drafts_fit():
-    """Jump-share plans a step from the outcome of the step before it: it reads it in the step while
-    the batch's share of the draft budget leaves room for drafts. Once the share is the window
-    (here two requests: ridge 16 // 2 = 8 rows, the window) no plan is made, and it overlaps."""
+def test_jump_share_overlaps_and_plans_on_the_device():
+    """Jump-share plans each step from the step before it on the device, before that step's outcome
+    is read: it overlaps as a plain engine does (the outcome is read at the next step). Once the
+    batch's share of the draft budget is the window (two requests: ridge 16 // 2 = 8 rows, the
+    window) no plan is made."""
     cfg = DecodeConfig(gen_length=32, block_length=8, jump=True, ridge_rows=16)
     engine = Engine(cfg, overlap=True)
     a = engine.add(0, "a", [1, 2, 3, 4])
     engine.decode({0: window(8)})  # alone: 16 rows, drafts fit
-    assert not engine.sampler._pending and a.stats["forwards"] == 1
+    assert engine.sampler._pending and a.stats["forwards"] == 0 and a.plan is not None
+    assert a.plan.num_rows == 16
     engine.add(1, "b", [1, 2, 3])
     a.plan = None  # (its plan's rows were not scheduled: fit_plans drops it so)
     engine.decode({0: window(8), 1: window(8)})
@@ -406,7 +409,7 @@ def test_a_plan_decoded_in_an_overlapped_step_is_spent_at_once():
     engine = Engine(cfg, overlap=True)
     a = engine.add(0, "a", [1, 2, 3, 4])
     engine.decode({0: window(8)})  # alone: 16 rows, drafts fit
-    assert a.plan is not None and not engine.sampler._pending
+    assert a.plan is not None and engine.sampler._pending
     rows = a.plan.num_rows
     engine.add(1, "b", [1, 2, 3])
     engine.decode({0: window(rows), 1: window(8)})  # two requests: the share is the window

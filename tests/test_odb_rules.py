@@ -790,11 +790,12 @@ def _accept_by_hand(v, family, valid):
     return max(reach, key=lambda t: (len(states[t]), -t))
 
 
-@pytest.mark.parametrize("p", [1, 2, 3, 4])
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 5, 8])
 def test_accept_equals_the_chain_rule_state_by_state(p):
-    """accept() settles all states of one size at once; on random verifications it adopts what
-    the rule applied state by state does, with the engine's made-once family and with a copy of it
-    (read back from the device)."""
+    """accept() reaches states through the closure of the verified steps (boolean squaring); on
+    random verifications it adopts what the rule applied state by state does, with the engine's
+    made-once family and with a copy of it (read back from the device), up to the longest chains
+    the default budget drafts (8 positions: a chain of 8 steps takes three squarings)."""
     from vllm_odb.policies.jump import _family_rows
 
     gen = torch.Generator().manual_seed(p)
@@ -803,10 +804,11 @@ def test_accept_equals_the_chain_rule_state_by_state(p):
     d, k, b = fam.shape[0], 8, 64
     positions = torch.stack([torch.randperm(k, generator=gen)[:p] for _ in range(b)])
     tokens = torch.randint(0, 5, (b, p), generator=gen)
-    commit = torch.rand((b, 1 + d, k), generator=gen) < 0.7
+    likely = {5: 0.85, 8: 0.9}.get(p, 0.7)  # long chains need most steps verified
+    commit = torch.rand((b, 1 + d, k), generator=gen) < likely
     x0 = torch.randint(0, 5, (b, 1 + d, k), generator=gen)
     x0.scatter_(2, positions[:, None].expand(-1, 1 + d, -1),
-                torch.where(torch.rand((b, 1 + d, p), generator=gen) < 0.7, tokens[:, None], 9))
+                torch.where(torch.rand((b, 1 + d, p), generator=gen) < likely, tokens[:, None], 9))
     valid = torch.rand((b, d), generator=gen) < 0.9
     pos = positions[:, None, :].expand(b, 1 + d, p)
     v = (commit.gather(2, pos) & (x0.gather(2, pos) == tokens[:, None, :])).tolist()
@@ -814,3 +816,54 @@ def test_accept_equals_the_chain_rule_state_by_state(p):
     assert accept(commit, x0, positions, tokens, fam, valid).tolist() == want
     assert accept(commit, x0, positions, tokens, fam.clone(), valid).tolist() == want
     assert len(set(want)) >= min(3, 1 + d)  # the cases reach several states
+    sizes = [0] + fam.sum(1).tolist()
+    assert max(sizes[w] for w in want) >= min(p, 5)  # and deep ones
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_plans_in_fixed_rows_decide_as_plans_laid_out_as_they_come(shift):
+    """``plan_branches(rows=Q)`` (the engine: shapes known on the host, nothing read back) against
+    the plan without it (the reference): the same valid drafts, rows, tokens, offsets, mask and
+    logit rows, padding after them that sees no new row; a request whose drafts would not fit Q
+    rows has none; and ``positions_bound`` bounds every request's own count."""
+    from vllm_odb.policies.jump import DraftBudget, plan_drafts, positions_bound
+    from vllm_odb.policies.step import plan_branches
+
+    gen = torch.Generator().manual_seed(11 + shift)
+    k, mask, cut = 8, 5, 0
+    for _ in range(150):
+        b = 3
+        block = torch.randint(0, 5, (b, k), generator=gen)
+        masked = torch.rand(b, k, generator=gen) < torch.rand(b, 1, generator=gen)
+        block[masked] = mask
+        before = torch.randint(0, 5, (b, shift), generator=gen)
+        x0, conf = torch.randint(0, 5, (b, k), generator=gen), torch.rand(b, k, generator=gen)
+        ridge = int(torch.randint(k, 120, (1,), generator=gen))
+        live = int(torch.randint(1, 4, (1,), generator=gen))
+        cfg = DecodeConfig(rule="threshold", cache="dual", jump=True, ridge_rows=ridge, block_length=k,
+                           gen_length=4 * k)
+        free = plan_branches(block, before, x0, conf, block == mask, cfg, live)
+        q = int(torch.randint(k + shift, 80, (1,), generator=gen))
+        fixed = plan_branches(block, before, x0, conf, block == mask, cfg, live, rows=q)
+        p_own, _ = plan_drafts(DraftBudget(ridge, cfg.max_draft_positions), live, k + shift, (block == mask).sum(1))
+        bound = positions_bound(DraftBudget(ridge, cfg.max_draft_positions), live, k + shift, k)
+        assert fixed.family.shape[1] == bound >= int(p_own.max())
+        nf = free.family.shape[0]
+        for r in range(b):
+            n = int(free.layout.num_rows[r])
+            assert fixed.layout.tokens.shape[1] == q
+            if n > q:
+                cut += 1
+                assert not fixed.valid[r].any() and int(fixed.layout.num_rows[r]) == k + shift
+                continue
+            assert torch.equal(fixed.valid[r, :nf], free.valid[r]) and not fixed.valid[r, nf:].any()
+            assert int(fixed.layout.num_rows[r]) == n
+            for a, c in ((fixed.layout.tokens, free.layout.tokens), (fixed.layout.offset, free.layout.offset)):
+                assert torch.equal(a[r, :n], c[r, :n])
+            assert torch.equal(fixed.layout.attn[r, :n, :n], free.layout.attn[r, :n, :n])
+            assert not fixed.layout.attn[r, n:].any() and not fixed.layout.attn[r, :, n:].any()
+            assert (fixed.layout.branch[r, n:] == -1).all()
+            assert torch.equal(fixed.layout.pred_row[r, :nf + 1], free.layout.pred_row[r])
+            assert torch.equal(fixed.layout.pred_row[r, nf + 1:], fixed.layout.pred_row[r, :1].expand(-1, k)
+                               .expand(fixed.layout.pred_row.shape[1] - nf - 1, -1))  # invalid: the base's rows
+    assert cut > 0  # some requests had no room

@@ -28,10 +28,11 @@ def test_the_step_width_is_the_batch_share_of_the_draft_budget(shift):
 
 
 def test_plans_fit_the_next_step(monkeypatch):
-    """The sampler plans with the share of this step's batch: every plan's rows fit the width
-    the scheduler gives the next step, at any batch (``JumpPlan.plan_many`` drops a plan that
-    would not, so none may be dropped for that reason)."""
+    """The sampler plans with the share of this step's batch: every plan is laid out in the width
+    the scheduler gives the next step, at any batch, and its drafts' rows fit it (a plan whose
+    drafts would not fit loses them: none may lose them for that reason)."""
     from vllm_odb.engine.requests import JumpPlan
+    from vllm_odb.policies.step import plan_branches
 
     cfg = DecodeConfig(jump=True, block_length=16, ridge_rows=96, threshold=1.0)
     g = torch.Generator().manual_seed(0)
@@ -42,10 +43,11 @@ def test_plans_fit_the_next_step(monkeypatch):
         conf = torch.rand(batch, 16, generator=g)
         width = step_width(cfg, 0, batch)
         plans = JumpPlan.plan_many(block, block[:, :0], x0, conf, 99, cfg, batch, width)
-        wide = JumpPlan.plan_many(block, block[:, :0], x0, conf, 99, cfg, batch, 10 ** 6)
-        assert [p is None for p in plans] == [p is None for p in wide]
-        assert all(p is None or p.num_rows <= width for p in plans)
-        assert batch > 96 // 32 or any(p is not None for p in plans)  # drafts while there is room
+        free = plan_branches(block, block[:, :0], x0, conf, block == 99, cfg, batch)  # rows as they come
+        for i, p in enumerate(plans):
+            assert int(free.layout.num_rows[i]) <= width
+            assert p is None or (p.num_rows == width and 16 + int(p.drafts) == int(free.layout.num_rows[i]))
+        assert batch > 96 // 32 or any(p is not None and int(p.drafts) for p in plans)  # drafts while there is room
 
 
 @pytest.fixture
@@ -119,11 +121,10 @@ def test_the_model_state_lays_out_rows_of_any_step_width(monkeypatch):
         table.add(slot, f"r{slot}", list(range(10 + slot)), None, sp)
     block = torch.randint(0, 50, (1, 16), generator=torch.Generator().manual_seed(1))
     block[:, 4:] = 99
-    plan = JumpPlan.plan_many(block, block[:, :0], torch.randint(0, 50, (1, 16)), torch.rand(1, 16), 99, cfg, 2,
-                              step_width(cfg, 0, 2))[0]
-    assert plan is not None and 16 < plan.num_rows <= step_width(cfg, 0, 2)
-    table.get(1).plan = plan
     k = step_width(cfg, 0, 3)  # the step's slots: 32 each; row 2 cut short to 10
+    plan = JumpPlan.plan_many(block, block[:, :0], torch.randint(0, 50, (1, 16)), torch.rand(1, 16), 99, cfg, 3, k)[0]
+    assert plan is not None and plan.num_rows == k and 0 < int(plan.drafts) <= k - 16
+    table.get(1).plan = plan
     counts = np.array([k, k, 10])
     state = object.__new__(ms.ODBModelState)
     state.table, state.shift, state.device, state.draft_kernel = table, 0, "cpu", False
@@ -163,7 +164,7 @@ def test_the_model_state_lays_out_rows_of_any_step_width(monkeypatch):
     wrapper.batches = ["the graph batch"]
     state._branch_rows(batch, slots)
     p = state.draft_buffers.rows
-    assert p.n_draft.tolist() == [plan.num_rows - 16, 0, 0] and wrapper.batches == ["the graph batch"]
+    assert p.n_draft.tolist() == [int(plan.drafts), 0, 0] and wrapper.batches == ["the graph batch"]
     assert p.q0[0] == table.get(1).start and p.ends[0] == table.get(1).keys
     assert torch.equal(p.block_tables[0], state.paged.block_tables[1].int())
     assert p.rows[0, :plan.num_rows - 16].tolist() == list(range(k + 16, k + plan.num_rows))

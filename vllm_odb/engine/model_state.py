@@ -297,9 +297,9 @@ class BranchBatch:
 
     blk: torch.Tensor | None  # [R, L] kernel block of key position l of request r (padding: any valid one)
     off: torch.Tensor | None  # [R, L] offset in that block
-    rows: torch.Tensor  # [R, D] batch row of each draft row (padding: a real row, output discarded)
+    rows: torch.Tensor  # [R, D] batch row of each draft slot (a request with fewer repeats its last)
     mask: torch.Tensor | None  # [R, 1, D, L + D] bool: draft row d may read key l (cache keys, then draft keys)
-    src: tuple[torch.Tensor, torch.Tensor]  # ([n], [n]): (r, d) of each real draft row
+    src: tuple[torch.Tensor, torch.Tensor]  # ([n], [n]): (r, d) of each draft slot (real or padding)
     dst: torch.Tensor  # [n] its batch row
     bias: torch.Tensor | None = None  # ``mask`` as SDPA's additive mask, made by the step's first layer
     kernel: DraftRows | None = None  # the Triton route's inputs (engine/draft_attention.py), when selected
@@ -315,8 +315,10 @@ class BranchBatch:
     def build(cls, rows: list[BranchRows], block_tables: torch.Tensor, kbs: int, device,
               kernel: bool) -> list["BranchBatch"]:
         """The step's draft rows, for every layer: ``rows``, the planned requests, and
-        ``block_tables`` [R, blocks] their block-table rows, in the same order. Plans without draft
-        rows are left out. ``kernel``: lay them out for the Triton route (the engine asks
+        ``block_tables`` [R, blocks] their block-table rows, in the same order. Each plan's rows
+        past its window are draft slots (its real draft rows first, then padding: how many are
+        real is on the device only, and padding rows attend to the cache alone, their outputs
+        unused). ``kernel``: lay them out for the Triton route (the engine asks
         ``draft_attention.kernel_selected`` once, at start-up), else for the SDPA route, in chunks
         whose padded key gather stays under ``_SDPA_KEYS`` key positions (the old per-request loop
         gathered one request at a time; vLLM's memory profile does not see this path)."""
@@ -326,6 +328,14 @@ class BranchBatch:
         if len(keep) < len(rows):
             block_tables = block_tables[to_device(keep, block_tables.device)]
         planned = [rows[i] for i in keep]
+        windows = sorted({r.plan.window for r in planned})
+        if len(windows) > 1:  # one batch per window (an engine has one; tests mix them)
+            out = []
+            for w in windows:
+                mine = [i for i, r in enumerate(planned) if r.plan.window == w]
+                out += cls.build([planned[i] for i in mine], block_tables[to_device(mine, block_tables.device)],
+                                 kbs, device, kernel)
+            return out
         if kernel:
             return [cls._laid_out(planned, block_tables, kbs, device, True)]
         chunks, a = [], 0
@@ -341,51 +351,51 @@ class BranchBatch:
     @classmethod
     def _laid_out(cls, planned: list[BranchRows], block_tables: torch.Tensor, kbs: int, device,
                   kernel: bool) -> "BranchBatch":
-        """One batch of planned requests (each with draft rows). Host values go over in one pinned
-        copy (no sync)."""
-        n_draft = [r.plan.num_rows - r.plan.window for r in planned]
-        big_d = max(n_draft)
+        """One batch of planned requests (each with draft slots, one window). Host values go over in
+        one pinned copy, the plans' masks in one stack: no sync."""
+        w = planned[0].plan.window
+        slots = np.array([r.plan.num_rows - w for r in planned])  # draft slots: real rows, then padding
+        big_d = int(slots.max())
         # L + D a multiple of 8 (padding keys masked out): SDPA's fused kernels take the mask then
         big_l = -(-(max(r.end for r in planned) + big_d) // 8) * 8 - big_d
-        firsts = np.array([r.first + r.plan.window for r in planned])
+        firsts = np.array([r.first + w for r in planned])
         d = np.arange(big_d)
-        row_idx = firsts[:, None] + np.minimum(d[None], np.array(n_draft)[:, None] - 1)
-        real = d[None] < np.array(n_draft)[:, None]
-        src_r, src_d = np.nonzero(real)
+        row_idx = firsts[:, None] + np.minimum(d[None], slots[:, None] - 1)
+        src_r, src_d = np.nonzero(d[None] < slots[:, None])
         n, k = len(planned) * big_d, len(src_r)
         host = to_device(np.concatenate([row_idx.reshape(-1), src_r, src_d, row_idx[src_r, src_d],
-                                         [r.end for r in planned]]), device)
-        rows_g, src_r, src_d, dst_g, ends = host.split([n, k, k, k, len(planned)])
-        if kernel:
-            return cls(None, None, rows_g.view(len(planned), big_d), None, (src_r, src_d), dst_g,
-                       kernel=_draft_rows(planned, block_tables, rows_g.view(len(planned), big_d), big_d, device))
+                                         [r.end for r in planned], [r.q0 for r in planned]]), device)
+        rows_g, src_r, src_d, dst_g, ends, q0 = host.split([n, k, k, k, len(planned), len(planned)])
+        attn = _stacked_masks(planned, w + big_d)  # [R, w + D, w + D]
+        drafts = torch.stack([r.plan.drafts for r in planned]).to(torch.int32)  # [R] real draft rows
+        if kernel:  # (the kernel computes the real rows only)
+            i32 = {"dtype": torch.int32}
+            kernel_rows = DraftRows(block_tables, rows_g.view(len(planned), big_d), drafts, ends.to(**i32),
+                                    q0.to(**i32), torch.full_like(drafts, w), attn[:, w:, :w].to(torch.int8),
+                                    attn[:, w:, w:].to(torch.int8), big_d)
+            return cls(None, None, rows_g.view(len(planned), big_d), None, (src_r, src_d), dst_g, kernel=kernel_rows)
         pos = torch.arange(big_l, device=device)[None]
         inside = pos < ends[:, None]  # [R, L]
         p = torch.where(inside, pos, 0)
         blk = block_tables.long().gather(1, p // kbs)
-        mask = torch.zeros((len(planned), big_d, big_l + big_d), dtype=torch.bool, device=device)
-        mask[:, :, :big_l] = inside[:, None]
-        for i, r in enumerate(planned):  # the layout's mask over the window keys and the draft keys
-            w, q = r.plan.window, r.plan.num_rows
-            mask[i, :q - w, r.q0:r.q0 + w] = r.plan.attn[w:, :w]
-            mask[i, :q - w, big_l:big_l + q - w] = r.plan.attn[w:, w:]
+        # the layout's mask over the window keys (in place of "every cached key") and the draft keys;
+        # a padding row reads every cached key (never none: its output, unused, stays finite, since
+        # its key and value are among the draft keys every row of the request masks)
+        cache = inside[:, None].expand(-1, big_d, -1).clone()
+        window_keys = (q0[:, None] + torch.arange(w, device=device)[None])[:, None].expand(-1, big_d, -1)
+        padding = torch.arange(big_d, device=device)[None] >= drafts[:, None]  # [R, D]
+        cache.scatter_(2, window_keys, attn[:, w:, :w] | padding[:, :, None])
+        mask = torch.cat([cache, attn[:, w:, w:]], 2)
         return cls(blk, p % kbs, rows_g.view(len(planned), big_d), mask[:, None], (src_r, src_d), dst_g)
 
 
-def _draft_rows(planned: list[BranchRows], block_tables: torch.Tensor, rows: torch.Tensor, big_d: int,
-                device) -> DraftRows:
-    """The Triton route's per-step inputs: the layout's mask in two parts (window keys, draft keys)."""
-    wmax = max(r.plan.window for r in planned)
-    ints = to_device(np.ascontiguousarray(np.array([[r.plan.num_rows - r.plan.window, r.end, r.q0, r.plan.window]
-                                                   for r in planned]).T),
-                     device, torch.int32)
-    mask_w = torch.zeros((len(planned), big_d, wmax), dtype=torch.int8, device=device)
-    mask_d = torch.zeros((len(planned), big_d, big_d), dtype=torch.int8, device=device)
-    for i, r in enumerate(planned):
-        w, q = r.plan.window, r.plan.num_rows
-        mask_w[i, :q - w, :w] = r.plan.attn[w:, :w]
-        mask_d[i, :q - w, :q - w] = r.plan.attn[w:, w:]
-    return DraftRows(block_tables, rows, ints[0], ints[1], ints[2], ints[3], mask_w, mask_d, big_d)
+def _stacked_masks(planned: list[BranchRows], q: int) -> torch.Tensor:
+    """[R, q, q] the plans' row masks (``JumpPlan.attn``), each padded to ``q`` rows with rows that
+    attend to no new row."""
+    masks = [r.plan.attn for r in planned]
+    if any(m.shape[0] != q for m in masks):  # plans laid out for different step widths
+        masks = [F.pad(m, (0, q - m.shape[0], 0, q - m.shape[0])) for m in masks]
+    return torch.stack(masks)
 
 
 class BranchAttention:
@@ -572,9 +582,9 @@ class ODBModelState(DefaultModelState):
         """Jump-share engines: the dual cache's sequence lengths, and each decode row's positions
         and KV slots. A row's scheduled slots follow the batch (``knobs.step_width``); row i of a
         request's canvas sits at ``start - shift + offset[i]``: base rows at their window offset
-        (written to the cache), planned draft rows at their layout offset and padding rows at the
-        window start (neither written: slot -1). Planned requests go to the draft rows' attention
-        (``BranchAttention``)."""
+        (written to the cache), a plan's other rows (its drafts, then its padding) at their layout
+        offset and rows past the plan at the window start (none of them written: slot -1).
+        Planned requests go to the draft rows' attention (``BranchAttention``)."""
         fit_plans(input_batch, self.table)
         rows = decode_rows(input_batch, self.table)
         if len(rows) == 0:

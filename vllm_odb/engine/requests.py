@@ -46,53 +46,49 @@ log = logging.getLogger(__name__)
 @dataclass
 class JumpPlan:
     """One request's branches for its next decode step (``policies.step.plan_branches`` for a
-    batch of one) and the query rows they take in its canvas (all on the request's device): the
-    first ``window`` rows are the base branch (the block; Dream: from the position before it),
-    then the drafts' rows; the rest of the canvas is padding."""
+    batch of one, laid out in a fixed number of rows) and the query rows they take in its canvas
+    (all on the request's device, nothing read back): the first ``window`` rows are the base
+    branch (the block; Dream: from the position before it), then the valid drafts' rows, then
+    padding up to ``num_rows``. A plan whose drafts are all invalid (too few masks, no room) is
+    its base branch alone: the step a plan-less request takes."""
 
     branches: Branches  # blocks, drafted positions and tokens, family (batch of one)
-    tokens: torch.Tensor  # [Q] ids of the real rows (base window first)
+    tokens: torch.Tensor  # [Q] ids of the rows (base window first)
     offsets: torch.Tensor  # [Q] window offset of each row (position = block start - shift + offset)
     attn: torch.Tensor  # [Q, Q] bool, row q may attend to new row k (policies.jump.branch_layout)
     pred_row: torch.Tensor  # [1 + D, K] the row whose logits predict block slot t in each branch
+    drafts: torch.Tensor  # [] real draft rows (after the window; on the device)
     window: int  # base rows
-    num_rows: int  # Q
+    num_rows: int  # Q: the rows it lays out, padding included (a host number)
 
     @classmethod
     def plan(cls, block: torch.Tensor, before: torch.Tensor, x0: torch.Tensor, conf: torch.Tensor, mask_id: int,
-             cfg: DecodeConfig, num_live: int, max_rows: int) -> "JumpPlan | None":
+             cfg: DecodeConfig, num_live: int, rows: int) -> "JumpPlan | None":
         """The branches of the next step of ``block`` [K] (``before`` [shift]: the tokens before
-        it; ``x0``/``conf`` [K]: the adopted branch's predictions), or None when the draft budget
-        of ``num_live`` requests leaves no draft."""
-        return cls.plan_many(block[None], before[None], x0[None], conf[None], mask_id, cfg, num_live, max_rows)[0]
+        it; ``x0``/``conf`` [K]: the adopted branch's predictions) in ``rows`` query rows, or None
+        when the draft budget of ``num_live`` requests leaves no block a draft."""
+        return cls.plan_many(block[None], before[None], x0[None], conf[None], mask_id, cfg, num_live, rows)[0]
 
     @classmethod
     def plan_many(cls, block: torch.Tensor, before: torch.Tensor, x0: torch.Tensor, conf: torch.Tensor, mask_id: int,
-                  cfg: DecodeConfig, num_live: int, max_rows: int) -> list["JumpPlan | None"]:
+                  cfg: DecodeConfig, num_live: int, rows: int) -> list["JumpPlan | None"]:
         """``plan`` for G requests of one knob set at once (``block`` [G, K], ``before`` [G, shift],
-        ``x0``/``conf`` [G, K]): one ``plan_branches`` call and one host read of the rows each
-        takes. Each plan is what ``plan`` gives its request alone. The batch drafts the most
-        positions any request may (p); a request allowed fewer (p_own) has its drafts past p_own
-        marked invalid, and those get no rows. The draft family of p begins with the family of
-        p_own, in the same order (``policies.jump.draft_family``), and the top-p drafted positions
-        begin with the top-p_own. So its valid drafts, their rows, their order and the acceptance
-        among them are its own. A request left no draft gets None, as alone."""
+        ``x0``/``conf`` [G, K]): one ``plan_branches`` call, no device read. Each plan decides as
+        ``plan_branches`` would for its request alone (see there: the family is the largest the
+        budget allows, the drafts past the request's own count invalid)."""
         masked = block == mask_id
-        br = plan_branches(block, before, x0, conf, masked, cfg, num_live, drafts_only=True)
+        br = plan_branches(block, before, x0, conf, masked, cfg, num_live, drafts_only=True, rows=rows)
         if br is None:
             return [None] * block.shape[0]
         lay, window = br.layout, block.shape[1] + before.shape[1]
+        drafts = lay.num_rows - window
         plans: list[JumpPlan | None] = []
-        for g, q in enumerate(lay.num_rows.tolist()):  # the budget is below the canvas width by construction
-            if q > max_rows or q == window:
-                plans.append(None)
-                continue
+        for g in range(block.shape[0]):
             one = slice(g, g + 1)
             sub = Branches(br.blocks[one], br.positions[one], br.drafted[one], br.family, br.valid[one],
-                           BranchLayout(lay.tokens[one, :q], lay.offset[one, :q], lay.branch[one, :q],
-                                        lay.attn[one, :q, :q], lay.pred_row[one], lay.num_rows[one]))
-            plans.append(cls(sub, lay.tokens[g, :q], lay.offset[g, :q], lay.attn[g, :q, :q], lay.pred_row[g],
-                             window, q))
+                           BranchLayout(lay.tokens[one], lay.offset[one], lay.branch[one], lay.attn[one],
+                                        lay.pred_row[one], lay.num_rows[one]))
+            plans.append(cls(sub, lay.tokens[g], lay.offset[g], lay.attn[g], lay.pred_row[g], drafts[g], window, rows))
         return plans
 
 
@@ -176,11 +172,11 @@ class ODBRequest:
 
     def forwarded(self, decided: bool, accepted: int) -> None:
         """A decode step ran on the block (it decided if the block had masks; ``accepted``:
-        drafted tokens adopted); its plan is spent."""
+        drafted tokens adopted). Its plan was replaced when the step decided (the sampler plans
+        the next step then, on the device, before this is known)."""
         self.stepped()
         self.stats["forwards" if decided else "idle_forwards"] += 1
         self.stats["drafts_accepted"] += accepted
-        self.plan = None
 
     def stops(self, has_end: bool) -> bool:
         """Decoding ends after this block: it completes an end marker with ``early_stop`` (or a
@@ -195,6 +191,7 @@ class ODBRequest:
             self.stats["tokens"] += self.cfg.block_length
         self.start += self.cfg.block_length
         self.block_step = 0
+        self.plan = None  # planned for the block that went out; the refresh plans the next one
         return not (self.finished or self.start >= self.end or stop)
 
 

@@ -8,12 +8,13 @@ each forward. One step, top to bottom (``_step``; the reference loop's order, po
     decode   each decode request's block logits (Dream: from the position before each slot)
              -> policies.step.block_step (decide, a trace's forced counts, commit) -> new block;
              a request with a jump-share plan: every branch's rows -> policies.step.branch_step
-             (decide per branch, accept) -> the adopted branch's block. The outcome (which blocks
-             completed; policies.step.block_ends: which completed an end marker) goes to the host
-             behind the step's kernels (``Outcome``), and is settled at the next step
+             (decide per branch, accept) -> the adopted branch's block; jump-share then plans
+             the next step's branches from it (policies.step.plan_branches), on the device, in
+             the rows the next step gives each request. The outcome (which blocks completed;
+             policies.step.block_ends: which completed an end marker) goes to the host behind the
+             step's kernels (``Outcome``), and is settled at the next step
     advance  per request, its state machine (engine/requests.py), on the settled outcome:
-             not complete -> the block goes back as the next step's draft slots (num_sampled 0);
-                             jump-share plans the next step's branches (policies.step.plan_branches)
+             not complete -> the block goes back as the next step's draft slots (num_sampled 0)
              complete     -> it goes out (num_sampled = block); the request is done if its canvas
                              is, or (early_stop) the block completed an end marker; else its next
                              block starts with a refresh
@@ -26,10 +27,11 @@ each forward. One step, top to bottom (``_step``; the reference loop's order, po
 Overlap (the default; ``VLLM_ODB_OVERLAP=0`` turns it off) is what keeps the GPU busy: the host
 never waits for a forward, so vLLM schedules and prepares the next step while this one runs. Its
 price: a completed block goes out one step later, and its request's forward in that step is idle
-(counted in ``idle_forwards``, not in NFE); tokens and NFE are unchanged. A jump-share engine
-plans each step from the outcome of the one before it, so it settles in the step itself (the
-step's host sync), as every engine does with overlap off; once the batch is large enough that its
-share of the draft budget is the window (``knobs.step_width``: no draft fits), it overlaps too.
+(counted in ``idle_forwards``, not in NFE); tokens and NFE are unchanged. Jump-share overlaps too:
+its plans never wait for an outcome. Each is laid out in the fixed number of rows the next step
+gives its request, with the largest draft family the budget allows and the drafts past the
+block's own count invalid (a block with fewer than two masks, or complete, plans its base branch
+alone), so the host needs nothing of the step to lay it out (``JumpPlan``).
 
 A block that the refresh step already completes is committed on the next step. A finished
 request (canvas done, or an end marker with ``early_stop``) commits EOS blocks until vLLM's stop
@@ -49,8 +51,8 @@ injects such failures for the tests.
 
 Logits are read in tiles over requests (``_TILE_BYTES`` of fp32 work each), so the sampler never
 holds more than a bounded slice of [requests x block, vocab] in fp32 at once. With overlap a
-decode step has no host sync; ALP adds one per step with refreshes (after the refresh forward),
-and jump-share one per step plus a few per planned request (the layout's row count).
+decode step has no host sync, jump-share's included; ALP adds one per step with refreshes (after
+the refresh forward).
 
 Benchmarks attach through hooks that are None when serving: a request's ``forcing`` (a trace,
 policies/forcing.py) at the three forced decisions, and the step ``observer``
@@ -291,24 +293,22 @@ class ODBSampler:
         refresh: list[tuple[int, int]] = []  # (slot, batch row): a refresh starts their next block
         settled: set[int] = set()  # slots whose last step completed their block: no decision this step
         if self._pending:  # overlap: the last step's outcome, read while this step's forward runs
-            refresh += self._settle(self._read_pending(rows), rows, out, settled)
+            refresh += self._settle(self._read_pending(rows), rows, out, settled, late=True)
         dec = [r for r in rows.decode
                if int(rows.slots[r]) not in settled and table.get(int(rows.slots[r])).error is None]
         slots = [int(rows.slots[r]) for r in dec]
         decoded = [table.get(s) for s in slots]
-        # Jump-share plans the next step from this one's outcome, unless the batch's share of the
-        # draft budget is the window (no draft fits): then it overlaps too.
-        overlap = self.overlap and (not table.engine.jump or self.next_width <= table.window)
         if decoded:
             masked, step, unusable = self._decode(logits, input_batch.cu_num_logits_np, dec, slots, decoded)
             flags = self._flags(slots, decoded, masked, step, unusable)
-            if overlap:  # read at the next step (_read_pending): no host sync now
+            # jump-share: the next step's branches from this one's, on the device, before its outcome
+            # is known (a block this step completes plans no draft, and goes out before its plan runs)
+            self._plan_decoded(slots, decoded, step)
+            if self.overlap:  # read at the next step (_read_pending): no host sync now
                 self._pending.append(Outcome.later(slots, decoded, flags))
-                for q in decoded:  # a plan this step decoded is spent (the next step's rows are the window)
-                    q.plan = None
             else:  # the step's host sync
                 refresh += self._settle([(s, q, f) for s, q, f in zip(slots, decoded, flags.tolist())], rows, out,
-                                        settled, step)
+                                        settled)
             _checkpoint("decode")
         out.reject(rows)
         refresh += rows.prefilled(input_batch, table)
@@ -384,25 +384,22 @@ class ODBSampler:
         return ready
 
     def _settle(self, outcomes: list[tuple[int, ODBRequest, list]], rows: StepRows, out: StepOutput, settled: set[int],
-                step: Step | None = None) -> list[tuple[int, int]]:
+                late: bool = False) -> list[tuple[int, int]]:
         """Each decode request after its step (engine/requests.py; ``outcomes``: (slot, request, its
         row of ``_flags``) on the host), then the completed blocks go out in this step's rows:
-        read in the step itself, or (overlap) in the next one. Returns (slot, row) of the requests
-        whose next block starts with a refresh; adds the slots whose blocks went out to
-        ``settled``. ``step``: the decisions just made (read in the step itself), which jump-share
-        plans from."""
+        read in the step itself, or (``late``: overlap) in the next one. Returns (slot, row) of the
+        requests whose next block starts with a refresh; adds the slots whose blocks went out to
+        ``settled``."""
         table = self.table
         row_of = {int(rows.slots[r]): int(r) for r in rows.decode}
-        late = step is None
         complete = [(slot, q) for slot, q, f in outcomes if f[0] and q.error is None and not f[5]]
         blocks = None
         if complete:  # the completed blocks, read before the requests move on to their next block
             idx = to_device([s for s, _ in complete], self.device)
             blocks = table.tokens[idx[:, None], table.block_cols([q for _, q in complete])]
         at = {s: i for i, (s, _) in enumerate(complete)}
-        live = sum(1 for _, q, f in outcomes if not q.finished and not f[0] and not f[5])
-        refresh, emit, plans = [], [], []
-        for i, (slot, q, f) in enumerate(outcomes):
+        refresh, emit = [], []
+        for slot, q, f in outcomes:
             if q.error is not None:  # failed in its decode step
                 continue
             if f[5] and not q.finished:  # (a finished request's logits are not read)
@@ -417,10 +414,6 @@ class ODBSampler:
                     emit.append(slot)
                 if again:
                     refresh.append((slot, row_of[slot]))
-                elif step is not None and self._plans_next(q, f):
-                    plans.append((i, slot, q, f[3]))
-        if step is not None:
-            self._plans(plans, step, live)
         if emit:
             out.emit([row_of[s] for s in emit], blocks[to_device([at[s] for s in emit], self.device)])
         return refresh
@@ -446,12 +439,22 @@ class ODBSampler:
         return True, False
 
     @staticmethod
-    def _plans_next(q: ODBRequest, flags: list) -> bool:
-        """Jump-share plans a request's next step when its block goes on (greedy only, as in the
-        reference loop, and with at least two masks left: a draft needs one to leave undecided)."""
-        complete, masks_left = flags[0], flags[3]
-        return (q.cfg.jump and not complete and not q.finished and q.error is None and q.cfg.temperature == 0
-                and masks_left >= 2)
+    def _plans_next(q: ODBRequest) -> bool:
+        """Jump-share plans a request's next step (greedy only, as in the reference loop). Whether
+        its block goes on, and with how many masks, is on the device: a block with fewer than two
+        masks left (a draft needs one to leave undecided) gets a plan of its base branch alone."""
+        return q.cfg.jump and not q.finished and q.error is None and q.cfg.temperature == 0
+
+    def _plan_decoded(self, slots: list[int], reqs: list[ODBRequest], step: Step) -> None:
+        """After a decode step: each request's plan is spent; jump-share plans the next step of
+        those that plan (``_plans_next``) from the branch just adopted (row i of ``step``)."""
+        jobs = []
+        for i, (slot, q) in enumerate(zip(slots, reqs)):
+            q.plan = None
+            if self._plans_next(q):
+                jobs.append((i, slot, q))
+        if jobs:
+            self._plans(jobs, step)
 
     @contextmanager
     def _own_part(self, slot: int, q: ODBRequest):
@@ -506,15 +509,10 @@ class ODBSampler:
         steps = [self._refresh_chunk(jobs[a:b], reqs[a:b])
                  for a, b in token_chunks([q.keys for q in reqs], self.refresh_budget)]
         new, x0, conf = (torch.cat(t) for t in zip(*((s.block, s.x0, s.conf) for s in steps)))
-        jumping = [i for i, q in enumerate(reqs) if q.cfg.jump]
-        # plan the first jump-share step of the block from the refresh's predictions (when a draft
-        # fits the batch's share: else no plan, and no host read)
-        if jumping and self.next_width > table.window:
-            left = (new == table.mask_id).sum(1).tolist()
-            live = sum(1 for n in left if n)
-            self._plans([(i, jobs[i][0], reqs[i], left[i]) for i in jumping
-                         if reqs[i].error is None and reqs[i].cfg.temperature == 0 and left[i] >= 2],
-                        Step(new, x0, conf), live)
+        # plan the first jump-share step of the block from the refresh's predictions (on the device)
+        planned = [(i, jobs[i][0], q) for i, q in enumerate(reqs) if self._plans_next(q)]
+        if planned:
+            self._plans(planned, Step(new, x0, conf))
 
     def _refresh_chunk(self, jobs: list[tuple[int, int]], reqs: list[ODBRequest]) -> Step:
         """One side forward over ``jobs``; ALP; their first step. Returns it ([jobs, block])."""
@@ -644,18 +642,18 @@ class ODBSampler:
         else:
             step.block[i], step.x0[i], step.conf[i], step.accepted[i] = s.block, s.x0, s.conf, s.accepted
 
-    def _plans(self, jobs: list[tuple[int, int, ODBRequest, int]], step: Step, live: int) -> None:
+    def _plans(self, jobs: list[tuple[int, int, ODBRequest]], step: Step) -> None:
         """Jump-share: the branches of each job's next step (row ``i`` of ``step``, request ``q``
-        in ``slot``, ``masks_left`` in its block), from the branch it just adopted; greedy only,
-        as in the reference loop. One ``JumpPlan.plan_many`` per knob set (each request gets the
-        plan it would get alone; see there). Should a group raise, its requests are planned one at
-        a time, each in its own part of the step."""
+        in ``slot``), from the branch it just adopted, in the rows the next step gives each
+        request (``next_width``), with no device read. One ``JumpPlan.plan_many`` per knob set.
+        Should a group raise, its requests are planned one at a time, each in its own part of the
+        step."""
         if self.next_width <= self.table.window:  # the batch's share is the window: no draft fits
             return
         groups: dict = defaultdict(list)
         for job in jobs:
             groups[job[2].cfg.step_knobs].append(job)
-        self._in_groups(groups.values(), lambda m: self._plan_group(step, live, m), lambda job: (job[1], job[2]))
+        self._in_groups(groups.values(), lambda m: self._plan_group(step, m), lambda job: (job[1], job[2]))
 
     def _in_groups(self, groups, run: Callable[[list], None], owner: Callable[[Any], tuple[int, ODBRequest]]) -> None:
         """``run`` each group of requests at once. Should a group raise, its members run one at a
@@ -672,27 +670,26 @@ class ODBSampler:
                 with self._own_part(*owner(m)):
                     run([m])
 
-    def _plan_group(self, step: Step, live: int, members: list[tuple[int, int, ODBRequest, int]]) -> None:
+    def _plan_group(self, step: Step, members: list[tuple[int, int, ODBRequest]]) -> None:
         table, shift = self.table, self.shift
         if len(members) == 1:  # views of the request's rows
-            i, slot, q, _ = members[0]
+            i, slot, q = members[0]
             block, x0, conf = step.block[i][None], step.x0[i][None], step.conf[i][None]
             before = table.tokens[slot, q.start - shift:q.start][None]
         else:
             idx = to_device([i for i, *_ in members], self.device)
             slots = to_device([slot for _, slot, *_ in members], self.device)
-            starts = to_device([q.start - shift for _, _, q, _ in members], self.device)
+            starts = to_device([q.start - shift for _, _, q in members], self.device)
             block, x0, conf = step.block[idx], step.x0[idx], step.conf[idx]
             before = table.tokens[slots[:, None], starts[:, None] + table.arange(shift)[None]]  # [G, shift]
-        # The draft budget is shared by this step's batch (its live requests, or all the requests
-        # scheduled, whichever is more): the share knobs.step_width gave the next step's rows. A
-        # request's own ridge_rows above the engine's would plan past them: the engine's bounds it.
+        # The draft budget is shared by this step's batch (the requests scheduled): the share
+        # knobs.step_width gave the next step's rows. A request's own ridge_rows above the engine's
+        # would plan past them: the engine's bounds it.
         cfg = members[0][2].cfg
         if cfg.ridge_rows > table.engine.ridge_rows:
             cfg = cfg.replace(ridge_rows=table.engine.ridge_rows)
-        plans = JumpPlan.plan_many(block, before, x0, conf, table.mask_id, cfg, max(1, live, self.batch),
-                                   self.next_width)
-        for (_, _, q, _), plan in zip(members, plans):
+        plans = JumpPlan.plan_many(block, before, x0, conf, table.mask_id, cfg, self.batch, self.next_width)
+        for (_, _, q), plan in zip(members, plans):
             q.plan = plan
 
     def _block_ends(self, reqs: list[ODBRequest], slots: list[int], blocks: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
 import torch
 
 
@@ -43,7 +44,7 @@ def _per_row(value, device) -> float | torch.Tensor:
     """A rule's parameter: a number stays a number (a host-to-device copy would wait for the GPU
     to drain, policies/host.py), a [B] tensor becomes [B, 1], a [B, N] tensor stays."""
     if isinstance(value, numbers.Real):  # rounded to fp32: the comparison is the fp32 one
-        return torch.tensor(float(value), dtype=torch.float32).item()
+        return float(np.float32(value))  # (on the host: no tensor, nothing for a step to read back)
     t = torch.as_tensor(value, dtype=torch.float32).to(device)
     return t.view(-1, 1) if t.dim() == 1 else t
 

@@ -109,6 +109,18 @@ def plan_drafts(budget: DraftBudget, num_requests: int, window: int, masked: tor
     return torch.where(use_shared, p_shared, p_full), use_shared
 
 
+@lru_cache(maxsize=None)
+def _positions_bound(ridge_rows: int, max_positions: int, num_requests: int, window: int, block: int) -> int:
+    p, _ = plan_drafts(DraftBudget(ridge_rows, max_positions), num_requests, window, torch.arange(block + 1))
+    return int(p.max())
+
+
+def positions_bound(budget: DraftBudget, num_requests: int, window: int, block: int) -> int:
+    """The most positions ``plan_drafts`` lets any request draft, whatever its block's masks (0 to
+    ``block``): a host number, so a plan's shapes are known without reading the device."""
+    return _positions_bound(budget.ridge_rows, budget.max_positions, num_requests, window, block)
+
+
 def build_drafts(x0: torch.Tensor, conf: torch.Tensor, masked: torch.Tensor, p: int):
     """Top-p masked positions by confidence and their predicted tokens.
     Returns positions [B, p] (block-relative) and tokens [B, p]; rows with fewer than p masked
@@ -161,8 +173,34 @@ def branch_blocks(block: torch.Tensor, positions: torch.Tensor, tokens: torch.Te
     return out
 
 
+def _own_rows(draft_valid: torch.Tensor, shared: torch.Tensor, base_masked: torch.Tensor, shift: int) -> torch.Tensor:
+    """[B, 1 + D, W] whether each branch has a query row at window offset w (``branch_layout``)."""
+    b, k = base_masked.shape
+    w = k + shift
+    # Window offsets a draft needs in the shared layout: masked positions and (shift) the one before.
+    need = torch.zeros((b, w), dtype=torch.bool, device=base_masked.device)
+    need[:, shift:] = base_masked
+    if shift:
+        need[:, :k] |= base_masked
+    own = torch.ones((b, 1 + draft_valid.shape[1], w), dtype=torch.bool, device=base_masked.device)
+    own[:, 1:] = draft_valid[:, :, None] & torch.where(shared[:, None, None], need[:, None], True)
+    return own
+
+
+def fitting_drafts(draft_valid: torch.Tensor, shared: torch.Tensor, base_masked: torch.Tensor, shift: int,
+                   rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``draft_valid`` [B, D] with every draft of a request whose layout would take more than
+    ``rows`` query rows made invalid: that request's step is a plain one (its base branch alone).
+    Returns it and the rows each branch then has (``branch_layout``'s ``own``)."""
+    own = _own_rows(draft_valid, shared, base_masked, shift)
+    fits = own.sum((1, 2)) <= rows
+    own[:, 1:] &= fits[:, None, None]
+    return draft_valid & fits[:, None], own
+
+
 def branch_layout(window_tokens: torch.Tensor, draft_valid: torch.Tensor, shared: torch.Tensor,
-                  base_masked: torch.Tensor, shift: int) -> BranchLayout:
+                  base_masked: torch.Tensor, shift: int, rows: int | None = None,
+                  own: torch.Tensor | None = None) -> BranchLayout:
     """Lay out the base branch and D drafts as query rows.
 
     ``window_tokens`` [B, 1 + D, W]: each branch's tokens over the query window (W = K + shift
@@ -172,17 +210,17 @@ def branch_layout(window_tokens: torch.Tensor, draft_valid: torch.Tensor, shared
     the block is masked (and, with Dream's shift, at the position before each masked one, whose
     logits predict it); for the other positions it reads the base branch's rows. The base always
     has W rows and sees only itself. Rows are then compacted so each request keeps its real rows
-    first; padding rows see nothing new (the caller lets them see the prefix)."""
+    first; padding rows see nothing new (the caller lets them see the prefix).
+
+    ``rows``: lay out exactly that many rows per request (padding after the real ones), so the
+    shapes are known on the host and nothing is read from the device; every request's real rows
+    must fit (``fitting_drafts``, whose ``own`` may be passed). None: the longest request's real
+    rows (one device read)."""
     b, nb, w = window_tokens.shape
     k = w - shift
     dev = window_tokens.device
-    # Window offsets a draft needs in the shared layout: masked positions and (shift) the one before.
-    need = torch.zeros((b, w), dtype=torch.bool, device=dev)
-    need[:, shift:] = base_masked
-    if shift:
-        need[:, :k] |= base_masked
-    own = torch.ones((b, nb, w), dtype=torch.bool, device=dev)
-    own[:, 1:] = draft_valid[:, :, None] & torch.where(shared[:, None, None], need[:, None], True)
+    if own is None:
+        own = _own_rows(draft_valid, shared, base_masked, shift)
     branch_id = torch.arange(nb, device=dev)[None, :, None].expand(b, nb, w)
     offs = torch.arange(w, device=dev)[None, None].expand(b, nb, w)
     flat_own = own.reshape(b, -1)
@@ -202,7 +240,9 @@ def branch_layout(window_tokens: torch.Tensor, draft_valid: torch.Tensor, shared
     # Compaction: real rows first, in order.
     order = (~flat_own).to(torch.int8).argsort(dim=1, stable=True)
     num_rows = flat_own.sum(1)
-    q = int(num_rows.max())
+    q = int(num_rows.max()) if rows is None else rows
+    if q > order.shape[1]:  # more rows than all branches have: padding past them repeats the last
+        order = torch.cat([order, order[:, -1:].expand(-1, q - order.shape[1])], 1)
     order = order[:, :q]
     tokens = flat_tok.gather(1, order)
     offset = flat_off.gather(1, order)
@@ -214,7 +254,8 @@ def branch_layout(window_tokens: torch.Tensor, draft_valid: torch.Tensor, shared
     # (window offset t holds position t - shift), else the base row at that offset.
     inverse = torch.full((b, nb * w), -1, dtype=torch.long, device=dev)
     # Padding rows (requests with fewer real rows than the longest) map to nothing.
-    inverse.scatter_(1, order, torch.where(real, torch.arange(q, device=dev)[None], -1))
+    u = min(q, nb * w)  # (columns past all branches' rows repeat one: they are padding)
+    inverse.scatter_(1, order[:, :u], torch.where(real, torch.arange(q, device=dev)[None], -1)[:, :u])
     inv = inverse.view(b, nb, w)[:, :, :k]
     base_rows = inv[:, :1].expand(-1, nb, -1)
     pred_row = torch.where(inv >= 0, inv, base_rows)
@@ -270,16 +311,16 @@ def accept(commit: torch.Tensor, x0: torch.Tensor, positions: torch.Tensor, toke
     # sent over once per family and device.
     levels, size, subset, need = _chain_tensors(_family_rows(family), dev)
     valid = torch.cat([torch.ones((b, 1), dtype=torch.bool, device=dev), draft_valid], 1)
-    # step[b, src, target]: this forward verified every position target fills beyond src, and src
-    # is a strict subset of target.
-    step = (v[:, :, None, :] | ~need[None]).all(3) & subset[None]
-    reach = torch.zeros((b, nb), dtype=torch.bool, device=dev)
-    reach[:, 0] = True
-    # Settle states by size, each size at once: a target is reached from a reached strict subset
-    # (always smaller, so settled before it) through a verified step.
-    for targets in levels:
-        got = (reach[:, :, None] & step[:, :, targets]).any(1) & valid[:, targets]
-        reach = reach.index_copy(1, targets, got)
+    # step[b, src, target]: this forward verified every position target fills beyond src, src is a
+    # strict subset of target, and target is a valid state.
+    step = (v[:, :, None, :] | ~need[None]).all(3) & subset[None] & valid[:, None, :]
+    # Reachable from the base: the transitive closure of the steps, by boolean squaring (with the
+    # identity): a chain takes at most one step per state size (``levels``), and each squaring
+    # doubles the chains covered ([B, nb, nb, nb] bools a squaring: nb <= 2 * max_positions).
+    closure = step | torch.eye(nb, dtype=torch.bool, device=dev)
+    for _ in range(max(0, len(levels) - 1).bit_length()):
+        closure = (closure[:, :, :, None] & closure[:, None, :, :]).any(2)
+    reach = closure[:, 0]
     # Furthest reachable state; family order breaks ties.
     score = torch.where(reach, size[None].expand(b, -1) * nb + (nb - torch.arange(nb, device=dev))[None], -1)
     return score.argmax(1)

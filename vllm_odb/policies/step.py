@@ -34,7 +34,9 @@ from vllm_odb.policies.jump import (
     branch_layout,
     build_drafts,
     draft_family,
+    fitting_drafts,
     plan_drafts,
+    positions_bound,
 )
 from vllm_odb.policies.length import Marker, Markers, predict_length, row_marker_hits
 
@@ -89,7 +91,8 @@ def block_step(logits: torch.Tensor, block: torch.Tensor, masked: torch.Tensor, 
 
 
 def plan_branches(block: torch.Tensor, before: torch.Tensor, x0: torch.Tensor, conf: torch.Tensor,
-                  masked: torch.Tensor, cfg: DecodeConfig, num_live: int, drafts_only: bool = False) -> Branches | None:
+                  masked: torch.Tensor, cfg: DecodeConfig, num_live: int, drafts_only: bool = False,
+                  rows: int | None = None) -> Branches | None:
     """Jump-share: the branches of the next step of each block (policies/jump.py's rules in order).
 
     ``block`` [B, K] and its ``masked`` positions; ``before`` [B, shift]: the tokens before the
@@ -97,11 +100,20 @@ def plan_branches(block: torch.Tensor, before: torch.Tensor, x0: torch.Tensor, c
     adopted last; ``num_live``: requests decoding in the batch (they share ``cfg.ridge_rows``).
     Each request drafts as many positions as its share of the budget allows (``valid`` masks the
     drafts of requests allowed fewer than the most); with none, the step is a plain one (with
-    ``drafts_only``: None, and nothing else is planned)."""
+    ``drafts_only``: None, and nothing else is planned).
+
+    ``rows`` (the engine): every request's layout takes exactly ``rows`` query rows, and nothing is
+    read from the device. The family is then the largest any block could draft
+    (``positions_bound``), with the drafts past each request's own count invalid; a request whose
+    drafts would take more rows has none (``fitting_drafts``). Its decisions are those of the plan
+    without ``rows``: the family of p begins with the family of any smaller p, in the same order,
+    and the top-p drafted positions begin with the top of any smaller count. None (the reference):
+    the family of the most positions any request drafts (a device read)."""
     shift = before.shape[1]
+    window_rows = block.shape[1] + shift
     budget = DraftBudget(cfg.ridge_rows, cfg.max_draft_positions)
-    p_row, shared = plan_drafts(budget, num_live, block.shape[1] + shift, masked.sum(1))
-    p = int(p_row.max())
+    p_row, shared = plan_drafts(budget, num_live, window_rows, masked.sum(1))
+    p = int(p_row.max()) if rows is None else positions_bound(budget, num_live, window_rows, block.shape[1])
     if p == 0 and drafts_only:
         return None
     family = draft_family(p, device=block.device)
@@ -109,9 +121,13 @@ def plan_branches(block: torch.Tensor, before: torch.Tensor, x0: torch.Tensor, c
     positions, drafted = positions[:, :p], drafted[:, :p]
     too_far = torch.arange(p, device=block.device)[None, None] >= p_row[:, None, None]
     valid = ~(family[None] & too_far).any(2)
+    own = None
+    if rows is not None:
+        valid, own = fitting_drafts(valid, shared, masked, shift, rows)
     blocks = branch_blocks(block, positions, drafted, family)  # [B, 1 + D, K]
     window = torch.cat([before[:, None].expand(-1, blocks.shape[1], -1), blocks], 2) if shift else blocks
-    return Branches(blocks, positions, drafted, family, valid, branch_layout(window, valid, shared, masked, shift))
+    return Branches(blocks, positions, drafted, family, valid,
+                    branch_layout(window, valid, shared, masked, shift, rows, own))
 
 
 def branch_step(logits: torch.Tensor, branches: Branches, active: torch.Tensor, cfg: DecodeConfig, mask_id: int,
