@@ -528,11 +528,11 @@ def test_a_failing_batched_group_runs_its_requests_one_at_a_time(monkeypatch):
             raise RuntimeError("batched planning")
         return real_plan(cls, block, *a, **k)
 
-    def branch_step(logits, *a, **k):
-        if logits.shape[0] > 1:
+    def branch_step(logits, branches, *a, **k):
+        if branches.blocks.shape[0] > 1:
             raised.append("step")
             raise RuntimeError("batched step")
-        return real_step(logits, *a, **k)
+        return real_step(logits, branches, *a, **k)
 
     monkeypatch.setattr(JumpPlan, "plan_many", classmethod(plan_many))
     monkeypatch.setattr(sampler, "branch_step", branch_step)

@@ -867,3 +867,35 @@ def test_plans_in_fixed_rows_decide_as_plans_laid_out_as_they_come(shift):
             assert torch.equal(fixed.layout.pred_row[r, nf + 1:], fixed.layout.pred_row[r, :1].expand(-1, k)
                                .expand(fixed.layout.pred_row.shape[1] - nf - 1, -1))  # invalid: the base's rows
     assert cut > 0  # some requests had no room
+
+
+@pytest.mark.parametrize("rule", ["threshold", "factor"])
+def test_a_branch_step_from_row_predictions_decides_as_one_from_logits(rule):
+    """The engine predicts each query row once and gathers the predictions through ``pred_row``
+    (``branch_step(preds=...)``); the reference decides on each branch's gathered logits. Same
+    blocks, predictions, confidences and adopted drafts; sampling is refused there."""
+    from vllm_odb.policies.confidence import drop_token, predict
+    from vllm_odb.policies.step import branch_step, plan_branches
+
+    gen = torch.Generator().manual_seed(3)
+    b, k, vocab, mask, q = 4, 8, 40, 39, 64
+    cfg = DecodeConfig(rule=rule, cache="dual", jump=True, ridge_rows=64, block_length=k, gen_length=4 * k,
+                       threshold=0.5, factor=1.0)
+    block = torch.where(torch.rand(b, k, generator=gen) < 0.8, mask, torch.randint(0, 30, (b, k), generator=gen))
+    x0, conf = torch.randint(0, 30, (b, k), generator=gen), torch.rand(b, k, generator=gen)
+    br = plan_branches(block, block[:, :0], x0, conf, block == mask, cfg, 1, rows=q)
+    assert br.valid.any()
+    rows = torch.randn(b, q, vocab, generator=gen)
+    rows.scatter_(2, x0[:, None, :].expand(b, q, k)[:, :, :1], 6.0)  # confident rows, some drafts verified
+    nb = br.blocks.shape[1]
+    pred = br.layout.pred_row.reshape(b, -1)
+    logits = rows.gather(1, pred[:, :, None].expand(-1, -1, vocab)).view(b, nb, k, vocab)
+    active = (block == mask).any(1)
+    want = branch_step(logits, br, active, cfg, mask)
+    px0, pconf = predict(drop_token(rows, mask), cfg.confidence)
+    preds = tuple(t.gather(1, pred).view(b, nb, k) for t in (px0, pconf))
+    got = branch_step(None, br, active, cfg, mask, preds=preds)
+    for x, y in ((got.block, want.block), (got.x0, want.x0), (got.conf, want.conf), (got.accepted, want.accepted)):
+        assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="greedy"):
+        branch_step(None, br, active, cfg.replace(temperature=0.5), mask, preds=preds)

@@ -77,6 +77,7 @@ from vllm_odb.engine import CHECK, check, faults, step_observer
 from vllm_odb.engine.requests import JumpPlan, ODBRequest, RequestTable, decode_rows
 from vllm_odb.policies.adaptive import moving_thresholds, streaming_threshold
 from vllm_odb.policies.forcing import forced_counts, forced_ends, forced_lengths
+from vllm_odb.policies.confidence import drop_token, predict
 from vllm_odb.policies.host import to_device
 from vllm_odb.policies.jump import Branches
 from vllm_odb.policies.length import canvas_predictions
@@ -605,38 +606,45 @@ class ODBSampler:
             if q.plan is not None and not q.finished:
                 # Streaming's dynamic threshold reads each request's own suffix: alone
                 key = ("alone", i) if q.cfg.threshold_alpha else (q.cfg.step_knobs, q.plan.branches.family.shape,
-                                                                  q.forcing is not None)
+                                                                  q.plan.num_rows, q.forcing is not None)
                 groups[key].append(i)
         self._in_groups(groups.values(), lambda m: self._branch_group(logits, firsts, slots, reqs, masked, step, m),
                         lambda i: (slots[i], reqs[i]))
 
     def _branch_group(self, logits: torch.Tensor, firsts: list[int], slots: list[int], reqs: list[ODBRequest],
                       masked: torch.Tensor, step: Step, members: list[int]) -> None:
-        """One ``branch_step`` on requests ``members`` (one knob set and family): each branch's
-        logits are rows ``first + pred_row`` of its request."""
+        """One ``branch_step`` on requests ``members`` (one knob set, family and plan width): each
+        query row of a plan is predicted once (greedy: argmax and confidence), and branch b's slot t
+        takes row ``pred_row[b, t]``'s (a shared-layout draft reads the base's rows where it has
+        none), so the vocabulary-wide work is the plan's rows, not branches x block."""
         qs = [reqs[i] for i in members]
         plans = [q.plan for q in qs]
         nb, blk = plans[0].branches.blocks.shape[1:]
+        q = plans[0].num_rows
         if len(qs) == 1:
             i, branches = members[0], plans[0].branches
-            rows = firsts[i] + plans[0].pred_row.reshape(-1)
+            lg = logits[firsts[i]:firsts[i] + q]  # the request's rows: a view
+            pred = plans[0].pred_row[None]
             active = masked[i].any()[None]
         else:
             i = to_device(members, masked.device)
-            rows = (to_device([firsts[j] for j in members], masked.device)[:, None, None]
-                    + torch.stack([p.pred_row for p in plans])).reshape(-1)
+            rows = to_device([firsts[j] for j in members], masked.device)[:, None] + self.table.arange(q)[None]
+            lg = logits[rows.reshape(-1)]
+            pred = torch.stack([p.pred_row for p in plans])
             b = [p.branches for p in plans]
             branches = Branches(torch.cat([x.blocks for x in b]), torch.cat([x.positions for x in b]),
                                 torch.cat([x.drafted for x in b]), b[0].family, torch.cat([x.valid for x in b]), None)
             active = masked[i].any(1)
-        lg = logits[rows].view(len(qs), nb, blk, -1)
+        x0, conf = predict(drop_token(lg, self.table.mask_id), qs[0].cfg.confidence)
+        at = pred.reshape(len(qs), -1)
+        preds = tuple(t.view(len(qs), q).gather(1, at).view(len(qs), nb, blk) for t in (x0, conf))
         suffix = None
         if qs[0].cfg.threshold_alpha:  # (alone) Streaming's dynamic threshold per branch: its block + the suffix
             sfx = self.table.tokens[slots[members[0]], qs[0].suffix_cols()][None]
             suffix = (sfx, torch.ones_like(sfx, dtype=torch.bool))
-        forced = forced_counts([q.forcing for q in qs], [q.block_index for q in qs], [q.block_step for q in qs],
+        forced = forced_counts([r.forcing for r in qs], [r.block_index for r in qs], [r.block_step for r in qs],
                                lg.device)
-        s = branch_step(lg, branches, active, qs[0].cfg, self.table.mask_id, suffix, forced)
+        s = branch_step(None, branches, active, qs[0].cfg, self.table.mask_id, suffix, forced, preds)
         if len(qs) == 1:
             step.block[i], step.x0[i], step.conf[i], step.accepted[i] = s.block[0], s.x0[0], s.conf[0], s.accepted[0]
         else:

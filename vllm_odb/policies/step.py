@@ -56,6 +56,12 @@ def decide(
     ``threshold`` ([B] or [B, N], from ``policies.adaptive``) replaces ``cfg.threshold`` of the
     threshold rule; rule='adaptive' requires it (APD's per-position thresholds)."""
     x0, conf = predict(drop_token(logits, mask_id), cfg.confidence, cfg.temperature, generator)
+    return x0, conf, commit_rule(conf, masked, cfg, quota, threshold)
+
+
+def commit_rule(conf: torch.Tensor, masked: torch.Tensor, cfg: DecodeConfig, quota: torch.Tensor | None = None,
+                threshold: torch.Tensor | None = None) -> torch.Tensor:
+    """``decide``'s commit mask [B, N] from the confidences ``conf`` [B, N] (its arguments)."""
     if cfg.rule == "quota":
         if quota is None:
             raise ValueError("rule='quota' needs a per-row quota")
@@ -66,7 +72,7 @@ def decide(
         commit = commit_threshold(conf, masked, cfg.threshold if threshold is None else threshold)
     else:
         commit = commit_factor(conf, masked, cfg.factor)
-    return x0, conf, commit
+    return commit
 
 
 @dataclass
@@ -130,27 +136,37 @@ def plan_branches(block: torch.Tensor, before: torch.Tensor, x0: torch.Tensor, c
                     branch_layout(window, valid, shared, masked, shift, rows, own))
 
 
-def branch_step(logits: torch.Tensor, branches: Branches, active: torch.Tensor, cfg: DecodeConfig, mask_id: int,
-                suffix: tuple[torch.Tensor, torch.Tensor] | None = None,
-                forced: torch.Tensor | None = None) -> Step:
+def branch_step(logits: torch.Tensor | None, branches: Branches, active: torch.Tensor, cfg: DecodeConfig,
+                mask_id: int, suffix: tuple[torch.Tensor, torch.Tensor] | None = None,
+                forced: torch.Tensor | None = None,
+                preds: tuple[torch.Tensor, torch.Tensor] | None = None) -> Step:
     """One jump-share step: ``decide`` on every branch from ``logits`` [B, 1 + D, K, V] (each
     branch's rows, ``layout.pred_row``), then adopt the furthest verified draft
-    (``policies.jump.accept``) with its own commits. ``active`` [B]: blocks that still decide.
+    (``policies.jump.accept``) with its own commits. ``preds`` (x0, conf) [B, 1 + D, K]: the
+    predictions instead of the logits (greedy: the engine predicts each query row once, and
+    gathers them through ``pred_row``; ``logits`` None). ``active`` [B]: blocks that still decide.
     ``suffix`` (tokens, valid) [B, S]: the canvas after the block that the step sees, for
     Streaming-dLLM's dynamic threshold per branch (its own block plus the suffix). ``forced`` [B]
     (every row forced): the recorded count commits on the base branch, which is adopted."""
-    b, nb, k, _ = logits.shape
     blocks = branches.blocks
+    b, nb, k = blocks.shape
     masked = (blocks == mask_id) & active[:, None, None]
     threshold = None
     if suffix is not None:
         sfx, sfx_valid = (t[:, None].expand(-1, nb, -1) for t in suffix)
         threshold = streaming_threshold(cfg, torch.cat([blocks, sfx], 2),
                                         torch.cat([torch.ones_like(masked), sfx_valid], 2), mask_id)
-    x0, conf, commit = decide(logits.reshape(b * nb, k, -1), masked.view(b * nb, k), cfg, mask_id,
-                              threshold=None if threshold is None else threshold.reshape(-1))
+    threshold = None if threshold is None else threshold.reshape(-1)
+    if preds is None:
+        x0, conf, commit = decide(logits.reshape(b * nb, k, -1), masked.view(b * nb, k), cfg, mask_id,
+                                  threshold=threshold)
+    else:
+        if cfg.temperature > 0:
+            raise ValueError("branch_step: predictions made once per row are greedy (temperature 0)")
+        x0, conf = (t.reshape(b * nb, k) for t in preds)
+        commit = commit_rule(conf, masked.view(b * nb, k), cfg, threshold=threshold)
     x0, conf, commit = (t.view(b, nb, k) for t in (x0, conf, commit))
-    choice = torch.zeros(b, dtype=torch.long, device=logits.device)
+    choice = torch.zeros(b, dtype=torch.long, device=blocks.device)
     if forced is not None:
         commit[:, 0] = force_commits(commit[:, 0], conf[:, 0], masked[:, 0], forced)
     elif branches.family.shape[0]:
