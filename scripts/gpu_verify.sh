@@ -12,6 +12,7 @@
 #   PART=overlap ...                             # parity, GPU tests, jump-share at 4 requests, a soak, faults
 #       (SKIP_SIX=1 and SKIP_SOAK=1 leave out the parity checks and the soak and faults)
 #   PART=next ...                                # session 8's unrun changes: paged refresh, FULL-graph jump steps
+#   PART=plans ...                               # session 9: jump-share's device-side plans (+ FULL graphs, paged refresh)
 #   PART=eco ...                                 # lm-eval, examples, reliability but soaks (carry .whl)
 #   PART=all ...                                 # one call: soak x2 (llada default, dream odb), faults, fuzz,
 #       and the GPU tests but test_gpu_reliability.py (carry .whl)
@@ -20,7 +21,7 @@ set -uo pipefail
 source /root/vllm-env.sh
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/vllm-site . >/dev/null 2>&1 \
   || { echo "project install failed"; exit 1; }
-PART=${PART:?PART=1, 2, all, parity, overlap, next, eco or fixes}
+PART=${PART:?PART=1, 2, all, parity, overlap, next, plans, eco or fixes}
 OUT=${OUT:-/tmp/out}; R="$OUT/verify-$PART"; mkdir -p "$R"
 export VLLM_ODB_BENCH_KV_GIB=${VLLM_ODB_BENCH_KV_GIB:-2}
 LIMIT=${LIMIT:-540}   # seconds every lane must end within (the call's limit is 600)
@@ -133,6 +134,21 @@ next)  # session 8's changes, not yet run on a GPU: the refresh on vLLM's forwar
     --n 4 --block-length 16 --gen-length 128 --threshold 1.0 --method odb --select speculative --ridge-rows 128 \
     --gpu-memory 0.2 --out "$R/parity-dream-eager-n4-check.json"
   wait ;;
+plans)  # session 9: jump-share plans laid out on the device at the step width (the default route now),
+  # then with session 8's FULL graphs and paged refresh on top; the GPU kernel tests of the new layout
+  lane pytest-branches "${pt[@]}" tests/test_engine_branches.py
+  lane pytest-odb "${pt[@]}" tests/test_gpu_vllm.py -k "odb_matches or paged_refresh or serve_speculative"
+  odb=(--block-length 16 --gen-length 128 --threshold 1.0 --method odb --select speculative --gpu-memory 0.12)
+  full=(env VLLM_ODB_JUMP_GRAPHS=full VLLM_ODB_DRAFT_ATTENTION=triton)
+  for f in llada dream; do
+    lane jump-$f "${bench[@]}" vllm-parity --model $M/tiny-$f --mode graphs --n 8 "${odb[@]}" --ridge-rows 64 \
+      --out "$R/jump-$f.json"
+    lane jump-$f-n4 "${bench[@]}" vllm-parity --model $M/tiny-$f --mode graphs --n 4 "${odb[@]}" --ridge-rows 128 \
+      --out "$R/jump-$f-n4.json"
+    lane jump-full-paged-$f "${full[@]}" VLLM_ODB_REFRESH=paged "${bench[@]}" vllm-parity --model $M/tiny-$f \
+      --mode graphs --n 8 "${odb[@]}" --ridge-rows 64 --out "$R/jump-full-paged-$f.json"
+  done
+  wait ;;
 eco)  # the ecosystem checks alone (#23): lm-eval against the server and in-process, the examples, and
   # the reliability tests but the soaks (the fuzz's good request); light enough to share the GPU
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /root/lm-site .whl/*.whl \
@@ -146,7 +162,7 @@ fixes)  # the two runs that found bugs, after their fixes (eager: they start fas
   lane faults-llada-odb "${bench[@]}" server-faults --model $M/tiny-llada --speculative --eager --phases requests \
     --port 8807 --out "$R/faults-llada-odb.json"
   wait ;;
-*) echo "PART=$PART: give 1, 2, all, parity, overlap, next, eco or fixes"; exit 2 ;;
+*) echo "PART=$PART: give 1, 2, all, parity, overlap, next, plans, eco or fixes"; exit 2 ;;
 esac
 sort "$R/rc.txt"
 for f in "$R"/*.log; do case $f in *.server.log) continue ;; esac; echo "== $f"; grep -vE "^(INFO|DEBUG|\(EngineCore)" "$f" | tail -n 6; done
