@@ -210,12 +210,13 @@ def test_hook_jump_share_engine(cpu_vllm, fmt):  # noqa: F811 (the fixture)
 
 @pytest.mark.parametrize("fmt", ["llada", "dream"])
 @pytest.mark.parametrize("dtype,route,full", [("bfloat16", "full", True), ("float32", "full", False),
-                                              ("bfloat16", "piecewise", False), ("bfloat16", None, False)])
+                                              ("bfloat16", "piecewise", False), ("bfloat16", None, True),
+                                              ("float32", None, False)])
 def test_hook_jump_share_graphs_follow_the_knob_and_the_draft_route(cpu_vllm, monkeypatch, fmt, dtype, route,  # noqa: F811
                                                                    full):
     """VLLM_ODB_JUMP_GRAPHS=full captures a jump-share engine's steps in FULL graphs of any batch,
     sized for its widest step, where the draft rows take the Triton kernel (a half-precision model);
-    piecewise (the default) and an fp32 model (the SDPA route, which cannot be captured) keep the
+    it is the default. piecewise and an fp32 model (the SDPA route, which cannot be captured) keep the
     attention outside the graphs."""
     pytest.importorskip("triton")
     from vllm.config.compilation import CUDAGraphMode

@@ -14,7 +14,7 @@ from vllm_odb.engine import model_state
 from vllm_odb.engine.model_state import CacheRefresh, PagedCache, PagedRefresh, refresh_route
 
 
-@pytest.mark.parametrize("value,route", [(None, "dense"), ("", "dense"), ("dense", "dense"), ("paged", "paged"),
+@pytest.mark.parametrize("value,route", [(None, "paged"), ("", "paged"), ("dense", "dense"), ("paged", "paged"),
                                          (" Paged ", "paged")])
 def test_the_route_comes_from_the_environment(monkeypatch, value, route):
     if value is None:
@@ -130,12 +130,20 @@ def test_the_paged_route_lays_the_sequences_out_as_non_causal_metadata(monkeypat
     assert seen["batches_inside"] == [[], []] and [w.batches for w in wrappers] == [["planned"], ["planned"]]
 
 
-def test_the_paged_route_refuses_more_than_one_cache_group():
+def test_the_paged_route_refuses_more_than_one_cache_group_when_asked_for(monkeypatch):
+    """Asked for by name, the paged route refuses a cache it does not run; as the default, the dense
+    route serves that engine instead."""
     paged = PagedCache(block_tables=_tables(), kernel_block_size=4)
-    route = PagedRefresh(None, None, paged, [])
     two = types.SimpleNamespace(kv_cache_groups=[object(), object()])
+    monkeypatch.setenv("VLLM_ODB_REFRESH", "paged")
     with pytest.raises(RuntimeError, match="VLLM_ODB_REFRESH=paged runs one KV-cache group; this engine has 2"):
-        route.bind("groups", two)
+        PagedRefresh(None, None, paged, []).bind("groups", two)
+    monkeypatch.delenv("VLLM_ODB_REFRESH")
+    route = PagedRefresh(None, None, paged, [])
+    route.bind("groups", two)
+    assert route.unsupported and not route.ready
+    route.bind("groups", types.SimpleNamespace(kv_cache_groups=[object()]))  # never bound later
+    assert not route.ready
 
 
 def test_the_paged_route_keeps_refresh_chunks_within_the_compiled_range(monkeypatch):

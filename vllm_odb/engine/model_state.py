@@ -32,10 +32,10 @@ sampler may commit 0..width of them per step. What this file adds, in the order 
   of ours. Its cost is a gather of the request's keys and values per layer (prompt + canvas) and
   one masked SDPA call per planned request. FlexAttention would need a block mask per step over
   paged keys and a compile per shape; a kernel of ours is what would replace the SDPA gather if
-  the speed benchmarks say it matters. By default the attention op runs outside CUDA graphs
-  (PIECEWISE) and everything else in the layer stays graphed; with ``VLLM_ODB_JUMP_GRAPHS=full`` and
-  the Triton kernel the whole step is captured in FULL graphs, the kernel's inputs in fixed buffers
-  (``DraftBuffers``, filled by ``_branch_rows``);
+  the speed benchmarks say it matters. With the Triton kernel (bf16/fp16) the whole step is
+  captured in FULL graphs by default (``VLLM_ODB_JUMP_GRAPHS``), the kernel's inputs in fixed buffers
+  (``DraftBuffers``, filled by ``_branch_rows``); on the SDPA route (or ``piecewise``) the attention
+  op runs outside CUDA graphs (PIECEWISE) and everything else in the layer stays graphed;
 - the Fast-dLLM cache refresh (``CacheRefresh``), which the sampler runs at every block start: one
   full forward over prompt + committed tokens + the whole masked canvas rewrites the KV of every
   position (the committed prefix now sees the tokens decoded since, and the masked suffix gets the
@@ -56,9 +56,9 @@ sampler may commit 0..width of them per step. What this file adds, in the order 
   forward runs all layers on one rank). The side forward is ``DiffusionLMModel.refresh_forward``:
   the model's own layers with ``DenseAttend`` in place of paged attention, which writes each
   layer's keys and values into the request's paged-cache slots with the attention backend's own
-  cache-update op, then attends each sequence bidirectionally with SDPA. ``VLLM_ODB_REFRESH=paged``
-  runs the compiled forward instead, with the backend's attention over the paged cache
-  (``PagedRefresh``);
+  cache-update op, then attends each sequence bidirectionally with SDPA: ``VLLM_ODB_REFRESH=dense``.
+  The default, ``paged``, runs the compiled forward instead, with the backend's attention over the
+  paged cache (``PagedRefresh``);
 - the request table (per-request knobs and canvases) and the sampler that decodes
   (``custom_sampler``), handed the table, the refresh and the draft-token buffer.
 
@@ -68,6 +68,7 @@ All per-step writes go to persistent buffers (the runner's positions and slot ma
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -87,6 +88,8 @@ from vllm_odb.engine.metrics import RequestCounters
 from vllm_odb.engine.requests import JumpPlan, RequestTable, decode_rows, fit_plans
 from vllm_odb.policies import DecodeConfig
 from vllm_odb.policies.host import to_device
+
+log = logging.getLogger(__name__)
 
 
 def kv_slots(block_table_row: torch.Tensor, positions: torch.Tensor, kernel_block_size: int) -> torch.Tensor:
@@ -147,15 +150,16 @@ class DenseAttend:
         return out
 
 
-# VLLM_ODB_REFRESH=paged: the refresh forward runs on vLLM's own path (``PagedRefresh``); dense (the
-# default until the GPU parity runs pass with it): the eager layers with SDPA (``DenseAttend``).
+# VLLM_ODB_REFRESH: paged (the default: token parity on the H200 in session 9, and 1.2-1.4x odb-alp's
+# throughput with FULL jump graphs) runs the refresh forward on vLLM's own path (``PagedRefresh``);
+# dense: the eager layers with SDPA (``DenseAttend``).
 REFRESH_ENV = "VLLM_ODB_REFRESH"
 REFRESH_ROUTES = ("dense", "paged")
 
 
 def refresh_route() -> str:
     """The refresh forward's route from ``VLLM_ODB_REFRESH`` (an unknown value names the variable)."""
-    route = os.environ.get(REFRESH_ENV, "").strip().lower() or "dense"
+    route = os.environ.get(REFRESH_ENV, "").strip().lower() or "paged"
     if route not in REFRESH_ROUTES:
         raise ValueError(f"{REFRESH_ENV}={route!r}: give one of {', '.join(REFRESH_ROUTES)}")
     return route
@@ -179,11 +183,18 @@ class PagedRefresh:
         self.attn_groups = None
         self.kv_cache_config = None
 
+    unsupported = False  # the engine's cache layout is not the one this route runs: the dense route serves
+
     def bind(self, attn_groups, kv_cache_config) -> None:
-        if self.attn_groups is None:
+        if self.attn_groups is None and not self.unsupported:
             if len(kv_cache_config.kv_cache_groups) != 1:
-                raise RuntimeError(f"{REFRESH_ENV}=paged runs one KV-cache group; this engine has "
-                                   f"{len(kv_cache_config.kv_cache_groups)}")
+                if os.environ.get(REFRESH_ENV, "").strip():
+                    raise RuntimeError(f"{REFRESH_ENV}=paged runs one KV-cache group; this engine has "
+                                       f"{len(kv_cache_config.kv_cache_groups)}")
+                log.warning("vllm-odb: %d KV-cache groups: the refresh runs on the dense route",
+                            len(kv_cache_config.kv_cache_groups))
+                self.unsupported = True
+                return
             self.attn_groups, self.kv_cache_config = attn_groups, kv_cache_config
 
     @property
