@@ -189,6 +189,26 @@ if triton is not None:
                      mask=m_ok[:, None] & c_ok[None])
 
 
+TILES_ENV = "VLLM_ODB_DRAFT_TILES"
+
+
+def draft_tiles(max_draft: int) -> tuple[int, int]:
+    """The kernel's (BLOCK_M, BLOCK_N): draft rows and keys a program takes at a time. Each program
+    streams all of its request's keys, so wider row tiles read them fewer times but leave fewer
+    programs to fill the GPU (at batch 1: heads x row tiles). ``VLLM_ODB_DRAFT_TILES=m,n`` overrides
+    them (benchmarks: scripts/gpu_draft_tiles.py)."""
+    override = os.environ.get(TILES_ENV, "").strip()
+    if override:
+        try:
+            m, n = (int(x) for x in override.split(","))
+        except ValueError:
+            m = n = 0
+        if m not in (16, 32, 64, 128) or n not in (16, 32, 64, 128):
+            raise ValueError(f"{TILES_ENV}={override!r}: give 'm,n', each of 16, 32, 64 or 128")
+        return m, n
+    return (16 if max_draft <= 16 else 64), 32
+
+
 def draft_rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                          out: torch.Tensor, d: DraftRows, scale: float, kernel_block_size: int) -> None:
     """Write the draft rows' attention into ``out`` [T, H * dim] (one launch). ``query`` [T, H, dim],
@@ -199,7 +219,7 @@ def draft_rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     if kv_cache.stride(3) != 1 or query.stride(2) != 1 or key.stride(2) != 1 or value.stride(2) != 1 \
             or out.stride(1) != 1:
         raise ValueError("draft_rows_attention: the head dimension must be contiguous")
-    block_m = 16 if d.max_draft <= 16 else 64  # each program reads all the request's keys: fewer, wider ones
+    block_m, block_n = draft_tiles(d.max_draft)
     grid = (d.rows.shape[0], heads, triton.cdiv(max(d.max_draft, 1), block_m))
     _draft_rows_kernel[grid](
         query, key, value, kv_cache, out,
@@ -209,6 +229,6 @@ def draft_rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         d.block_tables.stride(0), d.rows.stride(0), d.mask_w.stride(0), d.mask_w.stride(1),
         d.mask_d.stride(0), d.mask_d.stride(1),
         scale, kernel_block_size, heads // kv_heads, dim,
-        IEEE=query.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=32,
+        IEEE=query.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
         HEAD_D=max(16, triton.next_power_of_2(dim)),
     )

@@ -1,0 +1,103 @@
+"""Jump-share's draft-row kernel (engine/draft_attention.py) at LLaDA-8B shapes, per tile size.
+
+At batch 1 the kernel runs heads x row tiles programs (32 x 3 with 64-row tiles), each streaming all
+of the request's keys: too few to fill an H200. This times one step's 32 layers of the kernel for
+each (BLOCK_M, BLOCK_N) in ``VLLM_ODB_DRAFT_TILES``'s range, on the batch shapes a jump-share engine
+plans at the H200's 178-row budget, checks every tile size against the SDPA route on the real draft
+rows, and writes the table to $OUT/draft_tiles.json.
+
+    source /root/vllm-env.sh && python3 scripts/gpu_draft_tiles.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import types
+
+import torch
+
+sys.path.insert(0, os.getcwd())
+
+from vllm_odb.engine import draft_attention  # noqa: E402
+from vllm_odb.engine.model_state import BranchAttention, BranchBatch, BranchRows, PagedCache  # noqa: E402
+from vllm_odb.engine.requests import JumpPlan  # noqa: E402
+from vllm_odb.policies import DecodeConfig  # noqa: E402
+
+MASK, HEADS, DIM, KBS, BLOCKS, LAYERS = 99, 32, 128, 16, 2048, 32
+TILES = [(16, 32), (16, 64), (32, 32), (32, 64), (64, 32), (64, 64)]
+
+
+def plans(batch: int, masked: float, seed: int) -> list[JumpPlan]:
+    """``batch`` requests' plans at the H200's budget (178 rows shared), blocks of 32."""
+    cfg = DecodeConfig(gen_length=1024, block_length=32, jump=True, rule="threshold", cache="dual", ridge_rows=178)
+    width = max(32, 178 // batch)
+    out = []
+    for i in range(batch):
+        g = torch.Generator().manual_seed(seed + i)
+        block = torch.where(torch.rand(32, generator=g) < masked, MASK, 5).cuda()
+        block[:2] = MASK
+        out.append(JumpPlan.plan(block, torch.zeros(0, dtype=torch.long, device="cuda"),
+                                 torch.randint(0, 50, (32,), generator=g).cuda(), torch.rand(32, generator=g).cuda(),
+                                 MASK, cfg, batch, width))
+    return out
+
+
+def case(name: str, batch: int, masked: float, end: int) -> dict:
+    torch.manual_seed(0)
+    ps = plans(batch, masked, seed=batch * 10)
+    firsts, row = [], 0
+    for p in ps:
+        firsts.append(row)
+        row += p.num_rows
+    rows = [BranchRows(first=f, plan=p, q0=end - 200, end=end) for f, p in zip(firsts, ps)]
+    query = torch.randn(row, HEADS * DIM, device="cuda", dtype=torch.bfloat16)
+    key = torch.randn(row, HEADS * DIM, device="cuda", dtype=torch.bfloat16)
+    value = torch.randn(row, HEADS * DIM, device="cuda", dtype=torch.bfloat16)
+    cache = torch.randn(BLOCKS, HEADS, KBS, 2 * DIM, device="cuda", dtype=torch.bfloat16)
+    tables = torch.stack([torch.randperm(BLOCKS, device="cuda")[:128] for _ in ps]).int()
+    layer = types.SimpleNamespace(num_heads=HEADS, num_kv_heads=HEADS, head_size=DIM,
+                                  impl=types.SimpleNamespace(scale=DIM ** -0.5))
+    drafts = [int(p.drafts) for p in ps]
+    real = torch.zeros(row, dtype=torch.bool, device="cuda")
+    for f, p, d in zip(firsts, ps, drafts):
+        real[f + p.window:f + p.window + d] = True
+
+    def run(kernel: bool) -> tuple[torch.Tensor, float]:
+        wrapper = BranchAttention(lambda *a, **k: None, PagedCache(kernel_block_size=KBS))
+        wrapper.batches = BranchBatch.build(rows, tables, KBS, "cuda", kernel=kernel)
+        out = torch.zeros(row, HEADS * DIM, device="cuda", dtype=torch.bfloat16)
+        wrapper(layer, query, key, value, cache, object(), out)  # compile, warm
+        torch.cuda.synchronize()
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(LAYERS):
+            wrapper(layer, query, key, value, cache, object(), out)
+        stop.record()
+        torch.cuda.synchronize()
+        return out, start.elapsed_time(stop)
+
+    want, sdpa_ms = run(False)
+    res = {"case": name, "requests": batch, "keys": end, "draft_rows": drafts, "sdpa_ms": round(sdpa_ms, 3), "tiles": {}}
+    for m, n in TILES:
+        os.environ[draft_attention.TILES_ENV] = f"{m},{n}"
+        got, ms = run(True)
+        err = float((got[real].float() - want[real].float()).abs().max())
+        res["tiles"][f"{m},{n}"] = {"ms": round(ms, 3), "max_abs_err": round(err, 4)}
+    os.environ.pop(draft_attention.TILES_ENV, None)
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def main() -> None:
+    out = os.environ.get("OUT", "/tmp/out")
+    os.makedirs(out, exist_ok=True)
+    rows = [case("batch 1, 700 keys", 1, 0.5, 700), case("batch 1, 1300 keys", 1, 0.5, 1300),
+            case("batch 3, 700 keys", 3, 0.5, 700), case("batch 1, 1300 keys, few masks", 1, 0.25, 1300)]
+    with open(os.path.join(out, "draft_tiles.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(0), "layers": LAYERS, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
