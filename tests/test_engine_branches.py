@@ -643,3 +643,18 @@ def test_the_kernel_over_fixed_buffers_replays_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert out.abs().sum() == 0
+
+
+def test_the_kernels_tiles_default_and_follow_the_variable(monkeypatch):
+    """``draft_tiles``: 16 x 32 for a few draft rows, 32 x 64 otherwise (measured, BENCHMARKS.md);
+    ``VLLM_ODB_DRAFT_TILES=m,n`` overrides them, and a bad value is refused by name."""
+    from vllm_odb.engine.draft_attention import TILES_ENV, draft_tiles
+
+    monkeypatch.delenv(TILES_ENV, raising=False)
+    assert draft_tiles(16) == (16, 32) and draft_tiles(146) == (32, 64)
+    monkeypatch.setenv(TILES_ENV, "64,32")
+    assert draft_tiles(146) == (64, 32)
+    for bad in ("64", "8,32", "a,b"):
+        monkeypatch.setenv(TILES_ENV, bad)
+        with pytest.raises(ValueError, match="VLLM_ODB_DRAFT_TILES"):
+            draft_tiles(146)

@@ -196,7 +196,9 @@ def draft_tiles(max_draft: int) -> tuple[int, int]:
     """The kernel's (BLOCK_M, BLOCK_N): draft rows and keys a program takes at a time. Each program
     streams all of its request's keys, so wider row tiles read them fewer times but leave fewer
     programs to fill the GPU (at batch 1: heads x row tiles). ``VLLM_ODB_DRAFT_TILES=m,n`` overrides
-    them (benchmarks: scripts/gpu_draft_tiles.py)."""
+    them (benchmarks: scripts/gpu_draft_tiles.py). Measured on the H200 at LLaDA-8B shapes (BENCHMARKS.md,
+    "Session 9"): 32 x 64 took 1-20% less than the 64 x 32 used before in all four cases, and was the
+    fastest in two of them."""
     override = os.environ.get(TILES_ENV, "").strip()
     if override:
         try:
@@ -206,7 +208,7 @@ def draft_tiles(max_draft: int) -> tuple[int, int]:
         if m not in (16, 32, 64, 128) or n not in (16, 32, 64, 128):
             raise ValueError(f"{TILES_ENV}={override!r}: give 'm,n', each of 16, 32, 64 or 128")
         return m, n
-    return (16 if max_draft <= 16 else 64), 32
+    return (16, 32) if max_draft <= 16 else (32, 64)
 
 
 def draft_rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
