@@ -899,3 +899,12 @@ def test_a_branch_step_from_row_predictions_decides_as_one_from_logits(rule):
         assert torch.equal(x, y)
     with pytest.raises(ValueError, match="greedy"):
         branch_step(None, br, active, cfg.replace(temperature=0.5), mask, preds=preds)
+
+
+def test_fixed_rows_must_hold_the_base_window():
+    from vllm_odb.policies.step import plan_branches
+
+    cfg = DecodeConfig(rule="threshold", cache="dual", jump=True, ridge_rows=64, block_length=8, gen_length=32)
+    block = torch.full((1, 8), 5)
+    with pytest.raises(ValueError, match="7 rows cannot hold the base window of 9"):
+        plan_branches(block, block[:, :1], block, torch.rand(1, 8), block == 5, cfg, 1, rows=7)

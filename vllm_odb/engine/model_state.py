@@ -390,8 +390,9 @@ class BranchBatch:
         p = torch.where(inside, pos, 0)
         blk = block_tables.long().gather(1, p // kbs)
         # the layout's mask over the window keys (in place of "every cached key") and the draft keys;
-        # a padding row reads every cached key (never none: its output, unused, stays finite, since
-        # its key and value are among the draft keys every row of the request masks)
+        # a padding row reads every cached key, so it never reads none and its output (unused) stays
+        # finite: its key and value are among the draft keys the real rows mask, and a NaN there
+        # would still reach them through the product with a zero weight
         cache = inside[:, None].expand(-1, big_d, -1).clone()
         window_keys = (q0[:, None] + torch.arange(w, device=device)[None])[:, None].expand(-1, big_d, -1)
         padding = torch.arange(big_d, device=device)[None] >= drafts[:, None]  # [R, D]

@@ -172,8 +172,9 @@ class ODBRequest:
 
     def forwarded(self, decided: bool, accepted: int) -> None:
         """A decode step ran on the block (it decided if the block had masks; ``accepted``:
-        drafted tokens adopted). Its plan was replaced when the step decided (the sampler plans
-        the next step then, on the device, before this is known)."""
+        drafted tokens adopted). Its plan was already cleared or replaced when the step's
+        decisions were made (the sampler plans the next step then, on the device, before this is
+        known): this never touches it."""
         self.stepped()
         self.stats["forwards" if decided else "idle_forwards"] += 1
         self.stats["drafts_accepted"] += accepted

@@ -50,7 +50,9 @@ core dies, and the server's ``/health`` answers 503. ``VLLM_ODB_DEBUG_FAULTS`` (
 injects such failures for the tests.
 
 Logits are read in tiles over requests (``_TILE_BYTES`` of fp32 work each), so the sampler never
-holds more than a bounded slice of [requests x block, vocab] in fp32 at once. With overlap a
+holds more than a bounded slice of [requests x block, vocab] in fp32 at once; jump-share's
+planned rows are predicted untiled, at most the draft budget's rows a step (Dream:
+``2 * ridge_rows - window``). With overlap a
 decode step has no host sync, jump-share's included; ALP adds one per step with refreshes (after
 the refresh forward).
 

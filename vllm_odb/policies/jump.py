@@ -253,7 +253,7 @@ def branch_layout(window_tokens: torch.Tensor, draft_valid: torch.Tensor, shared
     # Where each branch's prediction for block position t comes from: its own row at offset t
     # (window offset t holds position t - shift), else the base row at that offset.
     inverse = torch.full((b, nb * w), -1, dtype=torch.long, device=dev)
-    # Padding rows (requests with fewer real rows than the longest) map to nothing.
+    # Padding rows (past a request's real rows, up to the longest or to ``rows``) map to nothing.
     u = min(q, nb * w)  # (columns past all branches' rows repeat one: they are padding)
     inverse.scatter_(1, order[:, :u], torch.where(real, torch.arange(q, device=dev)[None], -1)[:, :u])
     inv = inverse.view(b, nb, w)[:, :, :k]

@@ -111,12 +111,16 @@ def plan_branches(block: torch.Tensor, before: torch.Tensor, x0: torch.Tensor, c
     ``rows`` (the engine): every request's layout takes exactly ``rows`` query rows, and nothing is
     read from the device. The family is then the largest any block could draft
     (``positions_bound``), with the drafts past each request's own count invalid; a request whose
-    drafts would take more rows has none (``fitting_drafts``). Its decisions are those of the plan
-    without ``rows``: the family of p begins with the family of any smaller p, in the same order,
-    and the top-p drafted positions begin with the top of any smaller count. None (the reference):
-    the family of the most positions any request drafts (a device read)."""
+    drafts would take more rows has none (``fitting_drafts``; Dream's shared layout can need more
+    rows than its share). Where its drafts fit, its decisions are those of the plan without
+    ``rows``: the family of p begins with the family of any smaller p, in the same order, and the
+    top-p drafted positions begin with the top of any smaller count. ``rows`` must hold the base
+    window. None (the reference): the family of the most positions any request drafts (a device
+    read)."""
     shift = before.shape[1]
     window_rows = block.shape[1] + shift
+    if rows is not None and rows < window_rows:
+        raise ValueError(f"plan_branches: {rows} rows cannot hold the base window of {window_rows}")
     budget = DraftBudget(cfg.ridge_rows, cfg.max_draft_positions)
     p_row, shared = plan_drafts(budget, num_live, window_rows, masked.sum(1))
     p = int(p_row.max()) if rows is None else positions_bound(budget, num_live, window_rows, block.shape[1])
