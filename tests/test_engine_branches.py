@@ -224,7 +224,7 @@ def test_kernel_route_inner_gqa_and_long_keys():
     Triton route equals the SDPA route on the real draft rows."""
     torch.manual_seed(3)
     heads, kv_heads, dim, kbs, blocks = 4, 2, 12, 4, 40
-    plans = [_plan(0, ridge_rows=64), _plan(1, ridge_rows=14, masked=(1, 0, 1, 1))]
+    plans = [_plan(1, ridge_rows=64), _plan(1, ridge_rows=14, masked=(1, 0, 1, 1))]
     ends, q0s, firsts, row = [70, 45], [60, 30], [], 1
     for p in plans:
         firsts.append(row)
@@ -658,3 +658,11 @@ def test_the_kernels_tiles_default_and_follow_the_variable(monkeypatch):
         monkeypatch.setenv(TILES_ENV, bad)
         with pytest.raises(ValueError, match="VLLM_ODB_DRAFT_TILES"):
             draft_tiles(146)
+
+
+def test_plans_of_different_windows_are_refused():
+    """One step's planned requests share the engine's window; a mix is a bug, refused by name."""
+    rows = [BranchRows(first=0, plan=_plan(0), q0=5, end=40), BranchRows(first=40, plan=_plan(1), q0=5, end=40)]
+    for kernel in (False, True):
+        with pytest.raises(ValueError, match="windows differ"):
+            BranchBatch.build(rows, torch.zeros(2, 6, dtype=torch.long), KBS, "cpu", kernel=kernel)

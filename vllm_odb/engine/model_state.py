@@ -339,14 +339,8 @@ class BranchBatch:
         if len(keep) < len(rows):
             block_tables = block_tables[to_device(keep, block_tables.device)]
         planned = [rows[i] for i in keep]
-        windows = sorted({r.plan.window for r in planned})
-        if len(windows) > 1:  # one batch per window (an engine has one; tests mix them)
-            out = []
-            for w in windows:
-                mine = [i for i, r in enumerate(planned) if r.plan.window == w]
-                out += cls.build([planned[i] for i in mine], block_tables[to_device(mine, block_tables.device)],
-                                 kbs, device, kernel)
-            return out
+        if len({r.plan.window for r in planned}) > 1:
+            raise ValueError("BranchBatch: the planned requests' windows differ (an engine has one)")
         if kernel:
             return [cls._laid_out(planned, block_tables, kbs, device, True)]
         chunks, a = [], 0

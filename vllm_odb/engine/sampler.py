@@ -52,9 +52,8 @@ injects such failures for the tests.
 Logits are read in tiles over requests (``_TILE_BYTES`` of fp32 work each), so the sampler never
 holds more than a bounded slice of [requests x block, vocab] in fp32 at once; jump-share's
 planned rows are predicted untiled, at most the draft budget's rows a step (Dream:
-``2 * ridge_rows - window``). With overlap a
-decode step has no host sync, jump-share's included; ALP adds one per step with refreshes (after
-the refresh forward).
+``2 * ridge_rows - window``). With overlap a decode step has no host sync, jump-share's included;
+ALP adds one per step with refreshes (after the refresh forward).
 
 Benchmarks attach through hooks that are None when serving: a request's ``forcing`` (a trace,
 policies/forcing.py) at the three forced decisions, and the step ``observer``
@@ -78,8 +77,8 @@ from vllm.v1.worker.gpu.sample.output import SamplerOutput
 from vllm_odb.engine import CHECK, check, faults, step_observer
 from vllm_odb.engine.requests import JumpPlan, ODBRequest, RequestTable, decode_rows
 from vllm_odb.policies.adaptive import moving_thresholds, streaming_threshold
-from vllm_odb.policies.forcing import forced_counts, forced_ends, forced_lengths
 from vllm_odb.policies.confidence import drop_token, predict
+from vllm_odb.policies.forcing import forced_counts, forced_ends, forced_lengths
 from vllm_odb.policies.host import to_device
 from vllm_odb.policies.jump import Branches
 from vllm_odb.policies.length import canvas_predictions
