@@ -1,10 +1,12 @@
-"""Jump-share's draft-row kernel (engine/draft_attention.py) at LLaDA-8B shapes, per tile size.
+"""Jump-share's draft-row kernel (engine/draft_attention.py) at LLaDA-8B shapes, per tile size,
+warps and key splits.
 
-At batch 1 the kernel runs heads x row tiles programs (32 x 3 with 64-row tiles), each streaming all
-of the request's keys: too few to fill an H200. This times one step's 32 layers of the kernel for
-each (BLOCK_M, BLOCK_N) in ``VLLM_ODB_DRAFT_TILES``'s range, on the batch shapes a jump-share engine
-plans at the H200's 178-row budget, checks every tile size against the SDPA route on the real draft
-rows, and writes the table to $OUT/draft_tiles.json.
+At batch 1 the kernel runs heads x row tiles programs (32 x 5 with 32-row tiles), each streaming all
+of the request's keys: too few to fill an H200, hence the key splits (``VLLM_ODB_DRAFT_SPLITS``). This
+times one step's 32 layers of the kernel, captured in a CUDA graph as the engine runs it (so Python's
+launch cost is not timed), for each configuration in ``CONFIGS``, on the batch shapes a jump-share
+engine plans at the H200's 178-row budget; checks every one against the SDPA route on the real
+draft rows, and writes the table to $OUT/draft_tiles.json.
 
     source /root/vllm-env.sh && python3 scripts/gpu_draft_tiles.py
 """
@@ -26,7 +28,10 @@ from vllm_odb.engine.requests import JumpPlan  # noqa: E402
 from vllm_odb.policies import DecodeConfig  # noqa: E402
 
 MASK, HEADS, DIM, KBS, BLOCKS, LAYERS = 99, 32, 128, 16, 2048, 32
-TILES = [(16, 32), (16, 64), (32, 32), (32, 64), (64, 32), (64, 64)]
+# (VLLM_ODB_DRAFT_TILES, VLLM_ODB_DRAFT_SPLITS): "" is the default
+CONFIGS = [("32,64", "1"), ("32,64", "2"), ("32,64", "4"), ("32,64", "8"), ("32,64,8", "4"), ("64,64", "4"),
+           ("64,64", "8"), ("16,64", "4"), ("32,32", "8"), ("", "")]
+REPLAYS = 20
 
 
 def plans(batch: int, masked: float, seed: int) -> list[JumpPlan]:
@@ -68,24 +73,81 @@ def case(name: str, batch: int, masked: float, end: int) -> dict:
         wrapper = BranchAttention(lambda *a, **k: None, PagedCache(kernel_block_size=KBS))
         wrapper.batches = BranchBatch.build(rows, tables, KBS, "cuda", kernel=kernel)
         out = torch.zeros(row, HEADS * DIM, device="cuda", dtype=torch.bfloat16)
-        wrapper(layer, query, key, value, cache, object(), out)  # compile, warm
+
+        def step():
+            for _ in range(LAYERS):
+                wrapper(layer, query, key, value, cache, object(), out)
+
+        step()  # compile, warm
+        torch.cuda.synchronize()
+        if not kernel:  # the reference rows only (SDPA's route is not what is timed)
+            return out, float("nan")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        graph.replay()
         torch.cuda.synchronize()
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(LAYERS):
-            wrapper(layer, query, key, value, cache, object(), out)
+        for _ in range(REPLAYS):
+            graph.replay()
         stop.record()
         torch.cuda.synchronize()
-        return out, start.elapsed_time(stop)
+        return out, start.elapsed_time(stop) / REPLAYS
 
     want, sdpa_ms = run(False)
-    res = {"case": name, "requests": batch, "keys": end, "draft_rows": drafts, "sdpa_ms": round(sdpa_ms, 3), "tiles": {}}
-    for m, n in TILES:
-        os.environ[draft_attention.TILES_ENV] = f"{m},{n}"
+    res = {"case": name, "requests": batch, "keys": end, "draft_rows": drafts, "sdpa_ms": round(sdpa_ms, 3),
+           "configs": {}}
+    for tiles, splits in CONFIGS:
+        for env, val in ((draft_attention.TILES_ENV, tiles), (draft_attention.SPLITS_ENV, splits)):
+            if val:
+                os.environ[env] = val
+            else:
+                os.environ.pop(env, None)
         got, ms = run(True)
         err = float((got[real].float() - want[real].float()).abs().max())
-        res["tiles"][f"{m},{n}"] = {"ms": round(ms, 3), "max_abs_err": round(err, 4)}
-    os.environ.pop(draft_attention.TILES_ENV, None)
+        res["configs"][f"tiles={tiles or 'default'} splits={splits or 'default'}"] = {
+            "ms": round(ms, 3), "max_abs_err": round(err, 4)}
+    for env in (draft_attention.TILES_ENV, draft_attention.SPLITS_ENV):
+        os.environ.pop(env, None)
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def buffers_case(name: str, tokens: int, batch: int, end: int) -> dict:
+    """The FULL-graph launch: ``DraftBuffers`` of a 64-request engine (window 32, 146 draft rows),
+    the kernel over the tiles a step of ``tokens`` rows can need (``tiles_bound``); ``batch`` planned
+    requests' layout filled in (0: a step with no plan, as at batch 8 and up), 32 layers replayed."""
+    torch.manual_seed(0)
+    buffers = draft_attention.DraftBuffers(64, 146, 32, 128, "cuda")
+    query, key, value = (torch.randn(tokens, HEADS, DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    cache = torch.randn(BLOCKS, HEADS, KBS, 2 * DIM, device="cuda", dtype=torch.bfloat16)
+    out = torch.zeros(tokens, HEADS * DIM, device="cuda", dtype=torch.bfloat16)
+    if batch:
+        ps = plans(batch, 0.5, seed=7)
+        firsts = list(range(0, batch * ps[0].num_rows, ps[0].num_rows))
+        rows = [BranchRows(first=f, plan=p, q0=end - 200, end=end) for f, p in zip(firsts, ps)]
+        tables = torch.stack([torch.randperm(BLOCKS, device="cuda")[:128] for _ in ps]).int()
+        buffers.fill(BranchBatch.build(rows, tables, KBS, "cuda", kernel=True)[0].kernel)
+
+    def step():
+        for _ in range(LAYERS):
+            draft_attention.draft_rows_attention(query, key, value, cache, out, buffers.rows, DIM ** -0.5, KBS)
+
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(REPLAYS):
+        graph.replay()
+    stop.record()
+    torch.cuda.synchronize()
+    res = {"case": name, "tokens": tokens, "requests": batch, "keys": end,
+           "tiles": draft_attention.tiles_bound(tokens, 32, buffers.rows.block_m),
+           "ms": round(start.elapsed_time(stop) / REPLAYS, 3)}
     print(json.dumps(res), flush=True)
     return res
 
@@ -95,8 +157,13 @@ def main() -> None:
     os.makedirs(out, exist_ok=True)
     rows = [case("batch 1, 700 keys", 1, 0.5, 700), case("batch 1, 1300 keys", 1, 0.5, 1300),
             case("batch 3, 700 keys", 3, 0.5, 700), case("batch 1, 1300 keys, few masks", 1, 0.25, 1300)]
+    graphs = [buffers_case("FULL graph, batch 1 (175 rows)", 175, 1, 1300),
+              buffers_case("FULL graph, batch 3 (177 rows)", 177, 3, 1300),
+              buffers_case("FULL graph, no plan (256 rows)", 256, 0, 1300),
+              buffers_case("FULL graph, no plan (2048 rows)", 2048, 0, 1300)]
     with open(os.path.join(out, "draft_tiles.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(0), "layers": LAYERS, "rows": rows}, f, indent=1)
+        json.dump({"device": torch.cuda.get_device_name(0), "layers": LAYERS, "rows": rows, "graphs": graphs}, f,
+                  indent=1)
 
 
 if __name__ == "__main__":

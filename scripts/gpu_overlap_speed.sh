@@ -7,18 +7,20 @@
 #       on the CPU in session 8 at ridge_rows 178; session 7 ran the v3 ones), LLaDA-8B, gen 1024:
 #       METHODS (default fast-dllm,odb-alp,odb) at BATCHES (default 1,8,64), with VLLM_ODB_OVERLAP=${OVERLAP:-1};
 #       ENGINE_ARGS (a JSON object) goes to the engines, e.g. '{"attention_backend": "FLASH_ATTN"}'
-#   PART=attn OUT=$OUT bash scripts/gpu_overlap_speed.sh     # the plain step's profile with vLLM's FlashAttention
-#       backend (bf16) against the Triton one it replaces (the 1.3 ms of attention a batch-1 step spends)
+#   PART=attn OUT=$OUT bash scripts/gpu_overlap_speed.sh     # the plain step's profile at gen 1024 with vLLM's
+#       FlashAttention backend (FA3, bf16) against the Triton one it replaces, refreshes included
 #   PART=refresh OUT=$OUT bash scripts/gpu_overlap_speed.sh  # the plain step's profile (its refresh steps too) with
 #       the refresh forward's two routes, VLLM_ODB_REFRESH=dense and paged (engine/model_state.py)
 #   PART=jump OUT=$OUT bash scripts/gpu_overlap_speed.sh     # jump-share's step profile with its attention outside
 #       the CUDA graphs (VLLM_ODB_JUMP_GRAPHS=piecewise) and captured whole (full)
+#   PART=kernel OUT=$OUT bash scripts/gpu_overlap_speed.sh   # the draft-row kernel's tiles, warps and key splits
+#       (scripts/gpu_draft_tiles.py, in CUDA graphs), then jump-share's step profile with the defaults
 # TAG names a run's folder and tarball (overlap-$PART-$TAG), e.g. TAG=paged VLLM_ODB_REFRESH=paged PART=speed.
 set -uo pipefail
 source /root/vllm-env.sh
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/vllm-site . >/dev/null 2>&1 \
   || { echo "project install failed"; exit 1; }
-PART=${PART:?PART=profile, speed, attn, refresh or jump}
+PART=${PART:?PART=profile, speed, attn, refresh, jump or kernel}
 OUT=${OUT:-/tmp/out}; P=$PART${TAG:+-$TAG}; R="$OUT/overlap-$P"; mkdir -p "$R"
 note() { echo "$1 rc=$2" | tee -a "$R/rc.txt"; }
 prof() {  # name, timeout, VAR=value... --, profile-decode-step's arguments: $R/profile-<name>.{json,log}
@@ -41,13 +43,24 @@ speed)
     --out "$R/speed-overlap$o.json" > "$R/speed-overlap$o.log" 2>&1
   note "speed-overlap$o" $?
   tail -n 25 "$R/speed-overlap$o.log" ;;
-attn)
-  for b in TRITON_ATTN FLASH_ATTN; do prof "$b" 200 -- --engine-args "{\"attention_backend\": \"$b\"}"; done ;;
+attn)  # at gen 1024 (refreshes of ~1.5k tokens). The staged vLLM lacks FA4's CuTe DSL (cutlass), which vLLM
+  # picks for a diffusion model on Hopper once the file below exists: hidden, FLASH_ATTN runs FA3.
+  cute=/root/vllm-site/vllm/vllm_flash_attn/cute/interface.py
+  [[ -f $cute ]] && mv "$cute" "$cute.off"
+  for b in TRITON_ATTN FLASH_ATTN; do
+    prof "$b" 240 -- --gen-length 1024 --engine-args "{\"attention_backend\": \"$b\"}"
+  done
+  [[ -f $cute.off ]] && mv "$cute.off" "$cute" ;;
 refresh)
   for r in dense paged; do prof "refresh-$r" 200 VLLM_ODB_REFRESH=$r -- --gen-length 1024 --steps 70; done ;;
 jump)
   for g in piecewise full; do prof "jump-$g" 250 VLLM_ODB_JUMP_GRAPHS=$g -- --speculative; done ;;
-*) echo "PART=$PART: give profile, speed, attn, refresh or jump"; exit 2 ;;
+kernel)
+  OUT="$R" timeout 240 python3 scripts/gpu_draft_tiles.py > "$R/draft-tiles.log" 2>&1
+  note draft-tiles $?
+  grep -v WARNING "$R/draft-tiles.log" | tail -n 12 | cut -c1-900
+  prof jump 250 -- --speculative ;;
+*) echo "PART=$PART: give profile, speed, attn, refresh, jump or kernel"; exit 2 ;;
 esac
 sort "$R/rc.txt"
 tar -czf "$OUT/overlap-$P.tgz" -C "$OUT" "overlap-$P" && rm -rf "$R"

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -190,9 +191,13 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="run by test_the_kernel_route_under_the_triton_interpreter")
-@pytest.mark.parametrize("shift", [0, 1])
-def test_kernel_route_inner(shift):
-    """The Triton route on the same cases: one request of each mask kind, then three in one launch."""
+@pytest.mark.parametrize("shift, splits", [(0, "1"), (1, "4")])
+def test_kernel_route_inner(shift, splits, monkeypatch):
+    """The Triton route on the same cases: one request of each mask kind, then three in one launch;
+    in one program per row tile, and with the keys split in four (partials, then the merge)."""
+    from vllm_odb.engine.draft_attention import SPLITS_ENV
+
+    monkeypatch.setenv(SPLITS_ENV, splits)
     for masked, ridge_rows in [((1, 1, 1, 1), 64), ((1, 0, 1, 1), 64), ((1, 0, 1, 1), 14), ((1, 0, 0, 1), 8)]:
         r = _request(shift, masked, ridge_rows, prompt=6, seed=1)
         out, firsts = _run([r], gap=3, triton_route=True)
@@ -202,26 +207,34 @@ def test_kernel_route_inner(shift):
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="run by test_the_kernel_route_under_the_triton_interpreter")
-def test_kernel_route_inner_in_fixed_buffers():
+def test_kernel_route_inner_in_fixed_buffers(monkeypatch):
     """The launch a FULL CUDA graph captures: the step's layout copied into buffers of fixed size
     (more requests, rows, window and blocks than it needs, the last step's layout left behind) and
-    the kernel over all of them: the same rows as the step's own launch, no other row written."""
-    from vllm_odb.engine.draft_attention import DraftBuffers
+    the kernel over the tiles a step of its rows can need: the same rows as the step's own launch,
+    no other row written. Keys split in two."""
+    from vllm_odb.engine.draft_attention import SPLITS_ENV, DraftBuffers
 
-    buffers = DraftBuffers(capacity=6, max_draft=40, window=9, blocks=10, device="cpu")
-    for shift in (1, 0):  # the shift-1 layout first: the shift-0 one must not read what it left
-        reqs = [_request(shift, m, rr, prompt=p, seed=i) for i, (m, rr, p) in
-                enumerate([((1, 1, 1, 1), 64, 6), ((1, 0, 0, 1), 8, 11), ((1, 0, 1, 1), 14, 3)])]
+    monkeypatch.setenv(SPLITS_ENV, "2")
+
+    buffers = DraftBuffers(capacity=6, max_draft=40, window=5, blocks=10, device="cpu")
+    cases = [((1, 1, 1, 1), 64, 6), ((1, 0, 0, 1), 8, 11), ((1, 0, 1, 1), 14, 3)]
+    for n, seed in ((3, 0), (2, 5)):  # three requests, then two others: they must not read what it left
+        reqs = [_request(1, m, rr, prompt=p, seed=seed + i) for i, (m, rr, p) in enumerate(cases[:n])]
         want, _ = _run(reqs, triton_route=True)
         got, _ = _run(reqs, triton_route=True, buffers=buffers)
         torch.testing.assert_close(got, want)
-        assert int((buffers.rows.n_draft > 0).sum()) == 3
+        assert int((buffers.rows.n_draft > 0).sum()) == n
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="run by test_the_kernel_route_under_the_triton_interpreter")
-def test_kernel_route_inner_gqa_and_long_keys():
+@pytest.mark.parametrize("splits", ["1", "8"])
+def test_kernel_route_inner_gqa_and_long_keys(splits, monkeypatch):
     """Grouped KV heads (Dream), keys spanning several key tiles, a head dim below the tile: the
-    Triton route equals the SDPA route on the real draft rows."""
+    Triton route equals the SDPA route on the real draft rows, keys split or not (eight splits of
+    70 keys: empty ones too)."""
+    from vllm_odb.engine.draft_attention import SPLITS_ENV
+
+    monkeypatch.setenv(SPLITS_ENV, splits)
     torch.manual_seed(3)
     heads, kv_heads, dim, kbs, blocks = 4, 2, 12, 4, 40
     plans = [_plan(1, ridge_rows=64), _plan(1, ridge_rows=14, masked=(1, 0, 1, 1))]
@@ -256,14 +269,15 @@ def test_the_kernel_route_under_the_triton_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
                           "kernel_route_inner or left_out"], env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0 and "6 passed" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
+    assert res.returncode == 0 and "7 passed" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
 
 
 def test_fixed_buffers_take_each_steps_layout_and_refuse_a_bigger_one():
     """``DraftBuffers.fill``: a step's layout lands in the first slots, the slots past it have no
-    draft rows (a request that had drafts last step is not attended again), and a layout the
-    buffers cannot hold is refused by name, never cut."""
-    from vllm_odb.engine.draft_attention import DraftBuffers, DraftRows
+    draft rows (a request that had drafts last step is not attended again), its row tiles come
+    first and the rest are unused, and a layout the buffers cannot hold (or of another window:
+    the captured tile bound counts on it) is refused by name, never cut."""
+    from vllm_odb.engine.draft_attention import DraftBuffers, DraftRows, tile_map
 
     def layout(r, dd, w, b, seed):
         g = torch.Generator().manual_seed(seed)
@@ -271,10 +285,11 @@ def test_fixed_buffers_take_each_steps_layout_and_refuse_a_bigger_one():
         return DraftRows(torch.randint(0, 50, (r, b), generator=g, dtype=torch.int32),
                          torch.randint(0, 90, (r, dd), generator=g), ints[0], ints[1], ints[2], ints[3],
                          torch.randint(0, 2, (r, dd, w), generator=g, dtype=torch.int8),
-                         torch.randint(0, 2, (r, dd, dd), generator=g, dtype=torch.int8), dd)
+                         torch.randint(0, 2, (r, dd, dd), generator=g, dtype=torch.int8), dd,
+                         slots=np.full(r, dd))
 
     buffers = DraftBuffers(capacity=4, max_draft=12, window=5, blocks=7, device="cpu")
-    for r, dd, w, b in [(3, 12, 5, 7), (1, 4, 3, 6)]:
+    for r, dd, w, b in [(3, 12, 5, 7), (1, 4, 5, 6)]:
         d = layout(r, dd, w, b, seed=r)
         buffers.fill(d)
         p = buffers.rows
@@ -284,9 +299,14 @@ def test_fixed_buffers_take_each_steps_layout_and_refuse_a_bigger_one():
         assert torch.equal(p.block_tables[:r, :b], d.block_tables) and torch.equal(p.rows[:r, :dd], d.rows)
         assert torch.equal(p.mask_w[:r, :dd, :w], d.mask_w) and torch.equal(p.mask_d[:r, :dd, :dd], d.mask_d)
         assert p.max_draft == 12 and p.rows.shape == (4, 12)
-    for too_big in [(5, 4, 3, 6), (1, 13, 3, 6), (1, 4, 6, 6), (1, 4, 3, 8)]:
+        tiles = p.tiles.tolist()  # every request's row tiles in the buffers' tile size, then unused ones
+        assert tiles[:r * -(-dd // p.block_m)] == tile_map(np.full(r, dd), p.block_m).tolist()
+        assert all(t == [-1, -1] for t in tiles[r * -(-dd // p.block_m):])
+    for too_big in [(5, 4, 5, 6), (1, 13, 5, 6), (1, 4, 6, 6), (1, 4, 5, 8)]:
         with pytest.raises(RuntimeError, match="outgrow the captured buffers"):
             buffers.fill(layout(*too_big, seed=0))
+    with pytest.raises(RuntimeError, match="window .3 rows. is not the captured buffers' .5."):
+        buffers.fill(layout(1, 4, 3, 6, seed=0))
     buffers.clear()
     assert buffers.rows.n_draft.eq(0).all()
 
@@ -666,3 +686,46 @@ def test_plans_of_different_windows_are_refused():
     for kernel in (False, True):
         with pytest.raises(ValueError, match="windows differ"):
             BranchBatch.build(rows, torch.zeros(2, 6, dtype=torch.long), KBS, "cpu", kernel=kernel)
+
+
+def test_row_tiles_cover_each_requests_slots_and_stay_under_the_bound():
+    """``tile_map``: every draft slot of every request in exactly one tile, tiles request by request;
+    ``tiles_bound``: no layout of a step of T rows (each planned request its window and at least one
+    draft row among them) needs more tiles than a FULL graph of T rows launches."""
+    from vllm_odb.engine.draft_attention import tile_map, tiles_bound
+
+    assert tile_map([5, 0, 3], 4).tolist() == [[0, 0], [0, 4], [2, 0]]
+    assert tile_map([], 4).shape == (0, 2)
+    g = np.random.default_rng(0)
+    for _ in range(2000):
+        w, bm = int(g.integers(1, 40)), int(g.choice([16, 32, 64]))
+        slots = g.integers(1, 200, size=int(g.integers(1, 12)))
+        tokens = int((w + slots).sum() + g.integers(0, 50))
+        tiles = tile_map(slots, bm)
+        covered = [(r, f + i) for r, f in tiles for i in range(bm) if f + i < slots[r]]
+        assert covered == [(r, m) for r in range(len(slots)) for m in range(slots[r])]
+        assert len(tiles) <= tiles_bound(tokens, w, bm)
+    assert tiles_bound(175, 32, 32) == 5 and tiles_bound(32, 32, 32) == 0
+
+
+def test_key_splits_fill_the_gpu_then_stop(monkeypatch):
+    """``draft_splits``: a power of two up to eight while the row tiles x heads leave SMs idle, one
+    from four programs per SM on; ``VLLM_ODB_DRAFT_SPLITS`` sets it, a bad value refused by name;
+    ``VLLM_ODB_DRAFT_TILES``' third value sets the warps."""
+    from vllm_odb.engine.draft_attention import SPLITS_ENV, TILES_ENV, draft_splits, draft_warps
+
+    monkeypatch.delenv(SPLITS_ENV, raising=False)
+    monkeypatch.delenv(TILES_ENV, raising=False)
+    assert [draft_splits(p, "cpu") for p in (1, 9, 17, 30, 64, 1000)] == [8, 8, 4, 2, 1, 1]  # 16 "SMs" off CUDA
+    monkeypatch.setenv(SPLITS_ENV, "3")
+    assert draft_splits(1000, "cpu") == 3
+    for bad in ("0", "17", "two"):
+        monkeypatch.setenv(SPLITS_ENV, bad)
+        with pytest.raises(ValueError, match="VLLM_ODB_DRAFT_SPLITS"):
+            draft_splits(10, "cpu")
+    assert draft_warps() == 4
+    monkeypatch.setenv(TILES_ENV, "32,64,8")
+    assert draft_warps() == 8
+    monkeypatch.setenv(TILES_ENV, "32,64,3")
+    with pytest.raises(ValueError, match="VLLM_ODB_DRAFT_TILES"):
+        draft_warps()

@@ -83,7 +83,8 @@ from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
 from vllm_odb.checkpoint import special_tokens
 from vllm_odb.engine import CHECK, REFRESH_MARK, check, kv_release
-from vllm_odb.engine.draft_attention import DraftBuffers, DraftRows, draft_rows_attention, kernel_selected
+from vllm_odb.engine.draft_attention import (DraftBuffers, DraftRows, draft_rows_attention, draft_tiles,
+                                             kernel_selected, tile_map)
 from vllm_odb.engine.metrics import RequestCounters
 from vllm_odb.engine.requests import JumpPlan, RequestTable, decode_rows, fit_plans
 from vllm_odb.policies import DecodeConfig
@@ -368,16 +369,20 @@ class BranchBatch:
         row_idx = firsts[:, None] + np.minimum(d[None], slots[:, None] - 1)
         src_r, src_d = np.nonzero(d[None] < slots[:, None])
         n, k = len(planned) * big_d, len(src_r)
+        block_m = draft_tiles(big_d)[0] if kernel else 0
+        tiles = tile_map(slots, block_m).reshape(-1) if kernel else np.zeros(0, dtype=np.int64)
         host = to_device(np.concatenate([row_idx.reshape(-1), src_r, src_d, row_idx[src_r, src_d],
-                                         [r.end for r in planned], [r.q0 for r in planned]]), device)
-        rows_g, src_r, src_d, dst_g, ends, q0 = host.split([n, k, k, k, len(planned), len(planned)])
+                                         [r.end for r in planned], [r.q0 for r in planned], tiles]), device)
+        rows_g, src_r, src_d, dst_g, ends, q0, tiles_g = host.split([n, k, k, k, len(planned), len(planned),
+                                                                      len(tiles)])
         attn = _stacked_masks(planned, w + big_d)  # [R, w + D, w + D]
         drafts = torch.stack([r.plan.drafts for r in planned]).to(torch.int32)  # [R] real draft rows
         if kernel:  # (the kernel computes the real rows only)
             i32 = {"dtype": torch.int32}
             kernel_rows = DraftRows(block_tables, rows_g.view(len(planned), big_d), drafts, ends.to(**i32),
                                     q0.to(**i32), torch.full_like(drafts, w), attn[:, w:, :w].to(torch.int8),
-                                    attn[:, w:, w:].to(torch.int8), big_d)
+                                    attn[:, w:, w:].to(torch.int8), big_d, slots=slots,
+                                    tiles=tiles_g.view(-1, 2).to(**i32), block_m=block_m)
             return cls(None, None, rows_g.view(len(planned), big_d), None, (src_r, src_d), dst_g, kernel=kernel_rows)
         pos = torch.arange(big_l, device=device)[None]
         inside = pos < ends[:, None]  # [R, L]
