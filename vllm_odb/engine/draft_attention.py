@@ -2,10 +2,13 @@
 over its keys in vLLM's paged cache and the draft rows' own keys of this step, under the branch
 layout's mask (engine/model_state.py ``BranchAttention`` says which keys a draft row reads).
 
-One Triton program takes ``BLOCK_M`` draft rows of one request and one head. It streams the
-request's keys ``[0, end)`` from the paged cache through its block table, then the draft rows'
-own keys from this step's key/value rows, with an online softmax in fp32; nothing is gathered or
-materialised on the side (``BranchBatch``'s SDPA route copies every key of the sequence per layer).
+One Triton program takes a tile of ``BLOCK_M`` draft rows of one request (``tile_map``), one head
+and one key split (``draft_splits``). Without splits it streams the request's keys ``[0, end)``
+from the paged cache through its block table, then the draft rows' own keys from this step's
+key/value rows, with an online softmax in fp32. With ``s`` splits, each of ``s`` programs streams
+a range of the cache's keys and one more takes the draft keys. Each writes fp32 partials, and
+``_merge_kernel`` joins them. Nothing is gathered or materialised on the side (``BranchBatch``'s
+SDPA route copies every key of the sequence per layer).
 The mask has two parts, both from ``JumpPlan.attn``: over the base window ``[q0, q0 + window)``
 (``mask_w``) and over the draft keys (``mask_d``); every other key below ``end`` is visible.
 
@@ -20,6 +23,7 @@ at LLaDA-8B shapes in bf16.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -342,6 +346,12 @@ _PROGRAMS_PER_SM = 4
 _MAX_SPLITS = 8
 
 
+@functools.lru_cache(maxsize=None)
+def _sms(device: torch.device) -> int:
+    """SMs of a CUDA device (16 elsewhere: Triton's interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 16
+
+
 def draft_splits(programs: int, device) -> int:
     """Key splits of the kernel's launch: the cache's keys of each row tile are cut into this many
     ranges, each its own program, plus one program for the draft keys, and ``_merge_kernel`` joins
@@ -354,9 +364,7 @@ def draft_splits(programs: int, device) -> int:
         if not override.isdigit() or not 1 <= int(override) <= 16:
             raise ValueError(f"{SPLITS_ENV}={override!r}: give a whole number of 1 to 16")
         return int(override)
-    dev = torch.device(device)
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 16
-    want = max(1, min(_MAX_SPLITS, -(-_PROGRAMS_PER_SM * sms // max(1, programs))))
+    want = max(1, min(_MAX_SPLITS, -(-_PROGRAMS_PER_SM * _sms(torch.device(device)) // max(1, programs))))
     return 1 << (want.bit_length() - 1)  # a power of two: few compiled variants
 
 
