@@ -34,6 +34,22 @@ CONFIGS = [("32,64", "1"), ("32,64", "2"), ("32,64", "4"), ("32,64", "8"), ("32,
 REPLAYS = 20
 
 
+def graph_ms(step) -> float:
+    """``step`` (already compiled and warm) captured in a CUDA graph: ms a replay, over REPLAYS."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(REPLAYS):
+        graph.replay()
+    stop.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(stop) / REPLAYS
+
+
 def plans(batch: int, masked: float, seed: int) -> list[JumpPlan]:
     """``batch`` requests' plans at the H200's budget (178 rows shared), blocks of 32."""
     cfg = DecodeConfig(gen_length=1024, block_length=32, jump=True, rule="threshold", cache="dual", ridge_rows=178)
@@ -82,18 +98,7 @@ def case(name: str, batch: int, masked: float, end: int) -> dict:
         torch.cuda.synchronize()
         if not kernel:  # the reference rows only (SDPA's route is not what is timed)
             return out, float("nan")
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        graph.replay()
-        torch.cuda.synchronize()
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(REPLAYS):
-            graph.replay()
-        stop.record()
-        torch.cuda.synchronize()
-        return out, start.elapsed_time(stop) / REPLAYS
+        return out, graph_ms(step)
 
     want, sdpa_ms = run(False)
     res = {"case": name, "requests": batch, "keys": end, "draft_rows": drafts, "sdpa_ms": round(sdpa_ms, 3),
@@ -134,20 +139,10 @@ def buffers_case(name: str, tokens: int, batch: int, end: int) -> dict:
         for _ in range(LAYERS):
             draft_attention.draft_rows_attention(query, key, value, cache, out, buffers.rows, DIM ** -0.5, KBS)
 
-    step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(REPLAYS):
-        graph.replay()
-    stop.record()
+    step()  # compile, warm
     torch.cuda.synchronize()
     res = {"case": name, "tokens": tokens, "requests": batch, "keys": end,
-           "tiles": draft_attention.tiles_bound(tokens, 32, buffers.rows.block_m),
-           "ms": round(start.elapsed_time(stop) / REPLAYS, 3)}
+           "tiles": draft_attention.tiles_bound(tokens, 32, buffers.rows.block_m), "ms": round(graph_ms(step), 3)}
     print(json.dumps(res), flush=True)
     return res
 
