@@ -210,13 +210,14 @@ def test_kernel_route_inner(shift, splits, monkeypatch):
 def test_kernel_route_inner_in_fixed_buffers(monkeypatch):
     """The launch a FULL CUDA graph captures: the step's layout copied into buffers of fixed size
     (more requests, rows, window and blocks than it needs, the last step's layout left behind) and
-    the kernel over the tiles a step of its rows can need: the same rows as the step's own launch,
-    no other row written. Keys split in two."""
+    the kernel over the tiles a step of its rows can need (fewer than the buffers hold): the same
+    rows as the step's own launch, no other row written. Keys split in two."""
     from vllm_odb.engine.draft_attention import SPLITS_ENV, DraftBuffers
 
     monkeypatch.setenv(SPLITS_ENV, "2")
 
-    buffers = DraftBuffers(capacity=6, max_draft=40, window=5, blocks=10, device="cpu")
+    buffers = DraftBuffers(capacity=20, max_draft=40, window=5, blocks=10, device="cpu")
+    assert buffers.rows.tiles.shape[0] == 40 > 12  # the launch is cut to the bound of the step's rows
     cases = [((1, 1, 1, 1), 64, 6), ((1, 0, 0, 1), 8, 11), ((1, 0, 1, 1), 14, 3)]
     for n, seed in ((3, 0), (2, 5)):  # three requests, then two others: they must not read what it left
         reqs = [_request(1, m, rr, prompt=p, seed=seed + i) for i, (m, rr, p) in enumerate(cases[:n])]
@@ -729,3 +730,16 @@ def test_key_splits_fill_the_gpu_then_stop(monkeypatch):
     monkeypatch.setenv(TILES_ENV, "32,64,3")
     with pytest.raises(ValueError, match="VLLM_ODB_DRAFT_TILES"):
         draft_warps()
+
+
+def test_a_layout_without_row_tiles_is_refused_by_name():
+    """A ``DraftRows`` built without its row tiles (only ``BranchBatch.build(kernel=True)`` and
+    ``DraftBuffers`` make them) is refused before any launch, not met by an AttributeError."""
+    from vllm_odb.engine.draft_attention import DraftRows, draft_rows_attention
+
+    z = torch.zeros(1, dtype=torch.int32)
+    d = DraftRows(torch.zeros(1, 4, dtype=torch.int32), torch.zeros(1, 4, dtype=torch.long), z, z, z, z,
+                  torch.zeros(1, 4, 4, dtype=torch.int8), torch.zeros(1, 4, 4, dtype=torch.int8), 4)
+    q = torch.zeros(8, H, D)
+    with pytest.raises(ValueError, match="no row tiles"):
+        draft_rows_attention(q, q, q, torch.zeros(NUM_BLOCKS, H, KBS, 2 * D), torch.zeros(8, H * D), d, 1.0, KBS)

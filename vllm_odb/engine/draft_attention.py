@@ -263,7 +263,7 @@ if triton is not None:
                 else:
                     m_i, l_i, acc = _draft_keys(q, m, m_ok, c, c_ok, nd, kh, k_ptr, v_ptr, rows_r, md_r, sk_t, sk_h,
                                                 sv_t, sv_h, s_md_m, scale, m_i, l_i, acc, IEEE, BLOCK_N)
-                at = ((t * BLOCK_M + i) * heads + h) * (SPLITS + 1) + s
+                at = ((t * BLOCK_M + i).to(tl.int64) * heads + h) * (SPLITS + 1) + s  # int64: scratch may be big
                 tl.store(ml_ptr + 2 * at, m_i, mask=m_ok)
                 tl.store(ml_ptr + 2 * at + 1, l_i, mask=m_ok)
                 tl.store(part_ptr + at[:, None] * HEAD_D + c[None], acc, mask=m_ok[:, None])
@@ -281,7 +281,7 @@ if triton is not None:
             i = tl.arange(0, BLOCK_M)
             m_ok = m0 + i < nd
             c = tl.arange(0, HEAD_D)
-            first = ((t * BLOCK_M + i) * heads + h) * (SPLITS + 1)
+            first = ((t * BLOCK_M + i).to(tl.int64) * heads + h) * (SPLITS + 1)
             top = tl.full((BLOCK_M,), float("-inf"), tl.float32)
             for s in tl.static_range(SPLITS + 1):
                 top = tl.maximum(top, tl.load(ml_ptr + 2 * (first + s), mask=m_ok, other=float("-inf")))
@@ -380,6 +380,9 @@ def draft_rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     if kv_cache.stride(3) != 1 or query.stride(2) != 1 or key.stride(2) != 1 or value.stride(2) != 1 \
             or out.stride(1) != 1:
         raise ValueError("draft_rows_attention: the head dimension must be contiguous")
+    if d.tiles is None or d.block_m <= 0:
+        raise ValueError("draft_rows_attention: the layout has no row tiles (build it with BranchBatch.build(..., "
+                         "kernel=True) or DraftBuffers)")
     block_m, block_n = d.block_m, draft_tiles(d.max_draft)[1]
     tiles = d.tiles.shape[0]
     if d.graph_window:
