@@ -7,8 +7,8 @@
 #       on the CPU in session 8 at ridge_rows 178; session 7 ran the v3 ones), LLaDA-8B, gen 1024:
 #       METHODS (default fast-dllm,odb-alp,odb) at BATCHES (default 1,8,64), with VLLM_ODB_OVERLAP=${OVERLAP:-1};
 #       ENGINE_ARGS (a JSON object) goes to the engines, e.g. '{"attention_backend": "FLASH_ATTN"}'
-#   PART=attn OUT=$OUT bash scripts/gpu_overlap_speed.sh     # the plain step's profile at gen 1024 with vLLM's
-#       FlashAttention backend (FA3, bf16) against the Triton one it replaces, refreshes included
+#   PART=attn OUT=$OUT bash scripts/gpu_overlap_speed.sh     # the plain step's profile at gen 1024 on the default
+#       backend (FA3 on Hopper), FA4 asked for, and Triton, refreshes included; then jump-share's step
 #   PART=refresh OUT=$OUT bash scripts/gpu_overlap_speed.sh  # the plain step's profile (its refresh steps too) with
 #       the refresh forward's two routes, VLLM_ODB_REFRESH=dense and paged (engine/model_state.py)
 #   PART=jump OUT=$OUT bash scripts/gpu_overlap_speed.sh     # jump-share's step profile with its attention outside
@@ -43,14 +43,18 @@ speed)
     --out "$R/speed-overlap$o.json" > "$R/speed-overlap$o.log" 2>&1
   note "speed-overlap$o" $?
   tail -n 25 "$R/speed-overlap$o.log" ;;
-attn)  # at gen 1024 (refreshes of ~1.5k tokens). The staged vLLM lacks FA4's CuTe DSL (cutlass), which vLLM
-  # picks for a diffusion model on Hopper once the file below exists: hidden, FLASH_ATTN runs FA3.
-  cute=/root/vllm-site/vllm/vllm_flash_attn/cute/interface.py
-  [[ -f $cute ]] && mv "$cute" "$cute.off"
-  for b in TRITON_ATTN FLASH_ATTN; do
-    prof "$b" 240 -- --gen-length 1024 --engine-args "{\"attention_backend\": \"$b\"}"
-  done
-  [[ -f $cute.off ]] && mv "$cute.off" "$cute" ;;
+attn)  # at gen 1024 (refreshes of ~1.5k tokens): ATTN_RUNS of name=engine-args, default the plugin's own
+  # backend (FA3 on Hopper for bf16), FA4 asked for (staged with scripts/stage_fa4_parts.sh: its
+  # start-up compiles CuTe-DSL kernels), Triton, and jump-share's step on the default; each bounded
+  # by ATTN_TIMEOUT seconds
+  runs=${ATTN_RUNS:-"fa3={} fa4={\"attention_config\":{\"flash_attn_version\":4}} triton={\"attention_backend\":\"TRITON_ATTN\"} jump-fa3=jump"}
+  for r in $runs; do
+    name=${r%%=*}; args=${r#*=}
+    if [[ $args == jump ]]; then prof "$name" "${ATTN_TIMEOUT:-170}" -- --gen-length 1024 --speculative
+    else prof "$name" "${ATTN_TIMEOUT:-170}" -- --gen-length 1024 --engine-args "$args"; fi
+    grep -hoE "(FlashAttention [^\"]{0,60}|vllm-odb: (attention backend|FlashAttention)[^\"]{0,60})" \
+      "$R/profile-$name.log" | sort -u | head -4
+  done ;;
 refresh)
   for r in dense paged; do prof "refresh-$r" 200 VLLM_ODB_REFRESH=$r -- --gen-length 1024 --steps 70; done ;;
 jump)

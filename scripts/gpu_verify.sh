@@ -13,6 +13,7 @@
 #       (SKIP_SIX=1 and SKIP_SOAK=1 leave out the parity checks and the soak and faults)
 #   PART=next ...                                # session 8's unrun changes: paged refresh, FULL-graph jump steps
 #   PART=plans ...                               # session 9: jump-share's device-side plans (+ FULL graphs, paged refresh)
+#   PART=fa ...                                  # FlashAttention as the default: bf16 agreement, FA vs Triton
 #   PART=eco ...                                 # lm-eval, examples, reliability but soaks (carry .whl)
 #   PART=all ...                                 # one call: soak x2 (llada default, dream odb), faults, fuzz,
 #       and the GPU tests but test_gpu_reliability.py (carry .whl)
@@ -21,7 +22,7 @@ set -uo pipefail
 source /root/vllm-env.sh
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/vllm-site . >/dev/null 2>&1 \
   || { echo "project install failed"; exit 1; }
-PART=${PART:?PART=1, 2, all, parity, overlap, next, plans, eco or fixes}
+PART=${PART:?PART=1, 2, all, parity, overlap, next, plans, fa, eco or fixes}
 OUT=${OUT:-/tmp/out}; R="$OUT/verify-$PART"; mkdir -p "$R"
 export VLLM_ODB_BENCH_KV_GIB=${VLLM_ODB_BENCH_KV_GIB:-2}
 LIMIT=${LIMIT:-540}   # seconds every lane must end within (the call's limit is 600)
@@ -149,6 +150,31 @@ plans)  # session 9: jump-share plans laid out on the device at the step width (
       --mode graphs --n 8 "${odb[@]}" --ridge-rows 64 --out "$R/jump-full-paged-$f.json"
   done
   wait ;;
+fa)  # FlashAttention as the default (bf16/fp16 on Hopper, FA3 pinned: models/hook.py, patches/fa3_hopper.py).
+  # The tiny checkpoints in bf16 on the default backend and on Triton, fast-dllm (eager) and odb (CUDA
+  # graphs, FULL on the draft kernel), each against the reference loop in bf16: agreement, not parity
+  # (bf16 rounds differently in every kernel; the fp32 parity lanes run Triton as before). Then FA4
+  # asked for (the pin must let it through), and the defaults server (bf16 checkpoint: FA3 now).
+  lane pytest-defaults "${pt[@]}" tests/test_gpu_vllm.py -k defaults
+  bf=(--dtype bfloat16 --gen-length 128 --block-length 16)
+  odb=(--threshold 1.0 --method odb --select speculative --ridge-rows 64)
+  for f in llada dream; do
+    for b in default TRITON_ATTN; do
+      ab=(); [[ $b == default ]] || ab=(--attention-backend $b)
+      lane agree-$f-fast-$b "${bench[@]}" vllm-parity --model $M/tiny-$f --mode eager --n 16 "${bf[@]}" "${ab[@]}" \
+        --out "$R/agree-$f-fast-$b.json"
+      lane agree-$f-odb-$b "${bench[@]}" vllm-parity --model $M/tiny-$f --mode graphs --n 8 "${bf[@]}" "${odb[@]}" \
+        "${ab[@]}" --out "$R/agree-$f-odb-$b.json"
+    done
+  done
+  lane agree-llada-fast-fa4 "${bench[@]}" vllm-parity --model $M/tiny-llada --mode eager --n 16 "${bf[@]}" \
+    --flash-attn-version 4 --out "$R/agree-llada-fast-fa4.json"
+  wait
+  for f in "$R"/agree-*.json; do python3 -c "import json,sys; s=json.load(open(sys.argv[1]))['summary']; \
+print(sys.argv[1].split('/')[-1], 'alone', s['alone_match'], 'batched', s['batched_match'], 'of', s['n'], \
+'prefix', s['alone_prefix_share'], s['batched_prefix_share'], 'nfe', s['nfe'])" "$f"; done
+  grep -hoE "(FlashAttention [^\"]{0,80}|Using [A-Z_]+ (attention )?backend[^\"]{0,40}|vllm-odb: (attention backend|FlashAttention)[^\"]{0,60})" \
+    "$R"/*.log | sort | uniq -c | head -20 ;;
 eco)  # the ecosystem checks alone (#23): lm-eval against the server and in-process, the examples, and
   # the reliability tests but the soaks (the fuzz's good request); light enough to share the GPU
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /root/lm-site .whl/*.whl \
@@ -162,7 +188,7 @@ fixes)  # the two runs that found bugs, after their fixes (eager: they start fas
   lane faults-llada-odb "${bench[@]}" server-faults --model $M/tiny-llada --speculative --eager --phases requests \
     --port 8807 --out "$R/faults-llada-odb.json"
   wait ;;
-*) echo "PART=$PART: give 1, 2, all, parity, overlap, next, plans, eco or fixes"; exit 2 ;;
+*) echo "PART=$PART: give 1, 2, all, parity, overlap, next, plans, fa, eco or fixes"; exit 2 ;;
 esac
 sort "$R/rc.txt"
 for f in "$R"/*.log; do case $f in *.server.log) continue ;; esac; echo "== $f"; grep -vE "^(INFO|DEBUG|\(EngineCore)" "$f" | tail -n 6; done

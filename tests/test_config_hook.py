@@ -112,6 +112,103 @@ def test_hook_attention(engine_vc):
     assert vc.attention_config.use_non_causal
 
 
+def test_hook_no_flash_attn_pin_off_hopper(engine_vc):
+    _, vc = engine_vc
+    assert vc.attention_config.flash_attn_version is None
+
+
+@pytest.mark.parametrize("dtype, cache, cap, fa, want", [
+    ("bfloat16", "auto", (9, 0), True, "FLASH_ATTN"),
+    ("float16", "bfloat16", (9, 0), True, "FLASH_ATTN"),
+    ("float32", "auto", (9, 0), True, "TRITON_ATTN"),      # no fp32 FlashAttention: the parity dtype
+    ("bfloat16", "fp8", (9, 0), True, "TRITON_ATTN"),      # a quantized cache: not measured
+    ("bfloat16", "auto", (8, 0), True, "TRITON_ATTN"),     # FA2: uniform-batch graphs only
+    ("bfloat16", "auto", (10, 0), True, "TRITON_ATTN"),    # FA4: not measured
+    ("bfloat16", "auto", (9, 0), False, "TRITON_ATTN"),    # FlashAttention does not import
+    ("bfloat16", "auto", None, True, "TRITON_ATTN"),       # not CUDA
+])
+def test_default_attention_backend(dtype, cache, cap, fa, want):
+    import torch
+
+    from vllm_odb.models.hook import default_attention_backend
+
+    assert default_attention_backend(getattr(torch, dtype), cache, cap, fa) == want
+
+
+def _hopper(mp, fa=True):
+    import vllm_odb.models.hook as hook
+
+    mp.setattr(hook, "_cuda_capability", lambda: (9, 0))
+    mp.setattr(hook, "_flash_attn_available", lambda: fa)
+
+
+@pytest.mark.parametrize("fmt", ["llada", "dream"])
+def test_hook_flash_attn_pinned_to_fa3_on_hopper(fmt):
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    with pytest.MonkeyPatch.context() as mp:
+        _cpu_shims(mp)
+        _hopper(mp)
+        vc = _create(fmt, dtype="bfloat16")
+        fp32 = _create(fmt)
+        asked4 = _create(fmt, dtype="bfloat16", attention_config={"flash_attn_version": 4})
+        triton = _create(fmt, dtype="bfloat16", attention_backend="TRITON_ATTN")
+    assert (vc.attention_config.backend, vc.attention_config.flash_attn_version) == (AttentionBackendEnum.FLASH_ATTN, 3)
+    assert (fp32.attention_config.backend, fp32.attention_config.flash_attn_version) == \
+        (AttentionBackendEnum.TRITON_ATTN, None)
+    assert (asked4.attention_config.backend, asked4.attention_config.flash_attn_version) == \
+        (AttentionBackendEnum.FLASH_ATTN, 4)
+    assert (triton.attention_config.backend, triton.attention_config.flash_attn_version) == \
+        (AttentionBackendEnum.TRITON_ATTN, None)
+
+
+@pytest.mark.parametrize("pinned, head, other_model, want", [
+    (3, 128, False, 3),     # our model, the hook's pin: FA3 kept
+    (4, 128, False, 4),     # the user asked for FA4
+    (None, 128, False, 4),  # no pin: vLLM's answer
+    (3, 512, False, 4),     # FA3 cannot run the head size: vLLM's upgrade stands
+    (3, 128, True, 4),      # another model: vLLM's answer
+])
+def test_fa3_patch_keeps_the_pin(pinned, head, other_model, want):
+    from vllm.config import set_current_vllm_config
+    from vllm.platforms.interface import DeviceCapability
+    from vllm.v1.attention.backends import fa_utils
+
+    from vllm_odb.patches import fa3_hopper
+
+    calls = []
+
+    def vllm_answer(requires_alibi=False, head_size=None, head_size_v=None, has_sinks=False):
+        calls.append(head_size)
+        return 4
+
+    patched = fa3_hopper.wrap(vllm_answer)
+    with pytest.MonkeyPatch.context() as mp:
+        _cpu_shims(mp)
+        vc = _create("llada", attention_config={"flash_attn_version": pinned} if pinned else {})
+        if other_model:
+            mp.setattr(vc.model_config.hf_config, "odb_engine", None)
+        import vllm.platforms as platforms
+
+        mp.setattr(platforms.current_platform, "get_device_capability", lambda *a, **k: DeviceCapability(9, 0))
+        mp.setattr(fa_utils, "is_fa_version_supported", lambda v: True)
+        with set_current_vllm_config(vc):
+            got = patched(head_size=head)
+        assert patched() == 4  # no current config (an import-time call): vLLM's answer
+    assert got == want and calls[0] == head
+
+
+def test_fa3_patch_leaves_other_answers():
+    from vllm_odb.patches import fa3_hopper
+
+    assert fa3_hopper.wrap(lambda **kw: 3)(head_size=128) == 3
+    assert fa3_hopper.wrap(lambda **kw: None)() is None
+    assert not fa3_hopper.keeps_fa3(4, 10, 3, True)   # Blackwell: FA4 is vLLM's first choice there
+    assert not fa3_hopper.keeps_fa3(4, 9, 3, False)   # FA3 not built
+    assert not fa3_hopper.keeps_fa3(4, 9, 3, True, 128, 64, has_sinks=True)
+    assert fa3_hopper.keeps_fa3(4, 9, 3, True, 128, 128, has_sinks=True)
+
+
 def test_hook_no_prefix_caching_no_chunked_prefill(engine_vc):
     _, vc = engine_vc
     assert not vc.cache_config.enable_prefix_caching

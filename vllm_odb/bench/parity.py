@@ -50,6 +50,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="Streaming-dLLM's suffix pruning (suffix_window) on top of --method")
     ap.add_argument("--select", choices=("additional", "speculative"), default="additional",
                     help="how the engine is told the method")
+    ap.add_argument("--attention-backend", default=None,
+                    help="vLLM attention backend (default: the plugin's: FLASH_ATTN for bf16/fp16 on Hopper, "
+                         "else TRITON_ATTN)")
+    ap.add_argument("--flash-attn-version", type=int, choices=(3, 4), default=None,
+                    help="pin FlashAttention's version (attention_config.flash_attn_version)")
     ap.add_argument("--out")
 
 
@@ -63,6 +68,7 @@ def main(args: argparse.Namespace) -> int:
     rows, counted, seconds = _vllm(args, prompts, end_ids)
     summary = {
         "model": args.model, "mode": args.mode, "dtype": args.dtype, "n": args.n, "tp": args.tp,
+        "attention_backend": args.attention_backend or "default", "flash_attn_version": args.flash_attn_version,
         "method": args.method, "select": args.select, **_streaming(args),
         "nfe": {"reference": ref["nfe"], "vllm": counted["forwards"], "vllm_idle_forwards": counted["idle_forwards"]},
         "canvas": {"reference": ref["canvas"], "vllm": counted["canvas_predicted"]},
@@ -75,6 +81,10 @@ def main(args: argparse.Namespace) -> int:
         row.update(ref=r, alone_match=row["alone"] == r, batched_match=row["batched"] == r)
         summary["alone_match"] += row["alone_match"]
         summary["batched_match"] += row["batched_match"]
+    # where a response leaves the reference (bf16 runs differ in rounding, so a flip of two close
+    # confidences can change the rest of a response): the share of reference tokens before it
+    summary["alone_prefix_share"] = prefix_share([x["alone"] for x in rows], ref["responses"])
+    summary["batched_prefix_share"] = prefix_share([x["batched"] for x in rows], ref["responses"])
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"summary": summary, "rows": rows}, f, indent=1)
@@ -88,6 +98,19 @@ def main(args: argparse.Namespace) -> int:
             if not (x["alone_match"] and x["batched_match"]):
                 print("MISMATCH", json.dumps(x))
     return 0 if ok else 1
+
+
+def prefix_share(got: list[list[int]], ref: list[list[int]]) -> float:
+    """The reference's tokens that each response repeats before its first difference, over all of
+    the reference's tokens (1.0: every response equals its reference)."""
+    total = sum(max(len(r), 1) for r in ref)
+    same = 0
+    for g, r in zip(got, ref):
+        n = 0
+        while n < min(len(g), len(r)) and g[n] == r[n]:
+            n += 1
+        same += n if (r or g) else 1
+    return round(same / total, 4)
 
 
 def _reference(args, cfg):
@@ -124,7 +147,10 @@ def _vllm(args, prompts, end_ids):
     t0 = time.time()
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=512, **memory_kwargs(args.gpu_memory),
               max_num_seqs=max(16, args.n), enforce_eager=args.mode == "eager", seed=0,
-              tensor_parallel_size=args.tp, disable_custom_all_reduce=args.tp > 1, **engine_method(args))
+              tensor_parallel_size=args.tp, disable_custom_all_reduce=args.tp > 1, **engine_method(args),
+              **({"attention_backend": args.attention_backend} if args.attention_backend else {}),
+              **({"attention_config": {"flash_attn_version": args.flash_attn_version}}
+                 if args.flash_attn_version else {}))
     seconds = {"vllm_init": round(time.time() - t0, 2)}
     sp = SamplingParams(temperature=0.0, max_tokens=args.gen_length)
 

@@ -11,9 +11,10 @@ engine knobs (``--additional-config '{"odb": {...}}'``) into vLLM settings:
   runs outside the graphs); a step's canvas follows the batch
   (``knobs.step_width``, set in the scheduler by patches/scheduler_lookahead.py), so the engine
   takes as many requests as a plain one (without async scheduling: at most ``ridge_rows // window``);
-- bidirectional paged attention: ``use_non_causal`` and, unless the user chose one, the Triton
-  backend (it runs fp32 and bf16 non-causal attention over the paged cache with CUDA graphs;
-  FlashInfer cannot run non-causal decode batches and is refused);
+- bidirectional paged attention: ``use_non_causal`` and, unless the user chose one, FlashAttention
+  for bf16/fp16 on Hopper, else the Triton backend (it also runs fp32, the parity checks' dtype);
+  on Hopper FlashAttention is pinned to FA3 unless the user names a version (patches/fa3_hopper.py);
+  FlashInfer cannot run non-causal decode batches and is refused;
 - no prefix caching and no chunked prefill (bidirectional KV depends on later tokens), with a
   token budget that holds a whole prompt;
 - CUDA-graph capture sizes that cover ``max_num_seqs`` canvases;
@@ -63,6 +64,42 @@ def _checks_weights(path: str, load_format: str) -> bool:
     return load_format == "safetensors" or not torch_only
 
 
+def default_attention_backend(dtype, cache_dtype: str, capability: tuple[int, int] | None,
+                              flash_attn: bool) -> str:
+    """The attention backend a user who names none gets: vLLM's FlashAttention 3 (pinned by the hook;
+    patches/fa3_hopper.py keeps the pin from vLLM's FA4 upgrade) for bf16/fp16 weights and KV cache on Hopper (SM90), where it was
+    measured: on the H200 it took the plain decode step from 2.1x to 1.5x the weight floor and a
+    refresh's attention from 19 ms to 3 ms (BENCHMARKS.md, session 10). Elsewhere the Triton backend:
+    other GPUs run FA2 (whose CUDA graphs vLLM limits to uniform batches, which jump-share's steps
+    are not) or FA4, neither measured here; and fp32, the dtype of the token-parity checks against
+    the reference, has no FlashAttention kernels."""
+    import torch
+
+    half = dtype in (torch.bfloat16, torch.float16)
+    cache_half = cache_dtype in ("auto", "bfloat16", "float16")
+    if half and cache_half and flash_attn and capability is not None and capability[0] == 9:
+        return "FLASH_ATTN"
+    return "TRITON_ATTN"
+
+
+def _cuda_capability() -> tuple[int, int] | None:
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda():
+        return None
+    cap = current_platform.get_device_capability()
+    return None if cap is None else (cap.major, cap.minor)
+
+
+def _flash_attn_available() -> bool:
+    """vLLM's own FlashAttention build imports and runs FA3 here."""
+    try:
+        from vllm.vllm_flash_attn.flash_attn_interface import is_fa_version_supported
+    except ImportError:
+        return False
+    return is_fa_version_supported(3)
+
+
 def verify_and_update(vllm_config) -> None:
     from vllm.config.diffusion import DiffusionConfig
     from vllm.config.scheduler import SchedulerConfig
@@ -92,10 +129,19 @@ def verify_and_update(vllm_config) -> None:
     attention = vllm_config.attention_config
     if attention.backend == AttentionBackendEnum.FLASHINFER:
         raise ValueError("attention_backend=FLASHINFER cannot run LLaDA/Dream's bidirectional decode "
-                         "steps; use TRITON_ATTN (the default here) or FLASH_ATTN")
+                         "steps; use FLASH_ATTN (the default for bf16/fp16 on Hopper) or TRITON_ATTN")
     attention.use_non_causal = True
+    capability = _cuda_capability()
     if attention.backend is None:
-        attention.backend = AttentionBackendEnum.TRITON_ATTN
+        attention.backend = AttentionBackendEnum[default_attention_backend(
+            model_config.dtype, vllm_config.cache_config.cache_dtype, capability, _flash_attn_available())]
+        log.info("vllm-odb: attention backend %s (choose another with --attention-backend)",
+                 attention.backend.name)
+    if attention.backend == AttentionBackendEnum.FLASH_ATTN and attention.flash_attn_version is None \
+            and capability is not None and capability[0] == 9:
+        # FA3 on Hopper: vLLM would upgrade a diffusion model to FA4 for DiffusionGemma's per-sequence
+        # causal mask, which ours do not use; patches/fa3_hopper.py makes vLLM keep this pin.
+        attention.flash_attn_version = 3
 
     if vllm_config.cache_config.enable_prefix_caching:
         log.info("vllm-odb: prefix caching is off for diffusion LMs (bidirectional KV)")

@@ -32,6 +32,7 @@ def apply_all() -> list[str]:
     check_vllm_version()
     from vllm_odb.patches import (
         diffusion_params,
+        fa3_hopper,
         request_body,
         request_errors,
         runner_block_tables,
@@ -42,7 +43,7 @@ def apply_all() -> list[str]:
     )
 
     for module in (diffusion_params, request_body, scheduler_lookahead, request_errors, stream_errors,
-                   runner_block_tables, speculative_odb, warmup_ids):
+                   runner_block_tables, speculative_odb, warmup_ids, fa3_hopper):
         if module.NAME not in _applied:
             module.apply()
             _applied.add(module.NAME)
