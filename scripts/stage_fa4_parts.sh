@@ -3,14 +3,12 @@
 # vLLM 0.26 requires nvidia-cutlass-dsl[cu13] and quack-kernels, so a user's install has FA4, and
 # vLLM upgrades FLASH_ATTN from FA3 to FA4 for a diffusion model on Hopper (our patch
 # vllm_odb/patches/fa3_hopper.py keeps FA3 unless FA4 is asked for). ../shared/gpu/stage-vllm.sh --fa4
-# restages everything (and empties .gpu/); this adds two parts, .gpu/f0 and .gpu/f1, instead.
+# restages everything (and empties .gpu/, checkpoints kept there included); this adds parts .gpu/f0, f1, ... instead.
 # The FA4 wheels' own needs (cuda-bindings, nvdisasm, the DLPack extension) travel too and are
 # installed on the device only where the image lacks them.
 #   bash scripts/stage_fa4_parts.sh
-# Device calls, between the base set's last copy and its install (same batch of calls):
-#   carry [".gpu/f0"]  command: mkdir -p /root/stage/fa4 && cp .gpu/f0/* /root/stage/fa4/
-#   carry [".gpu/f1"]  command: cp .gpu/f1/* /root/stage/fa4/
-#   then, after the base install.sh:  bash /root/stage/fa4/install-fa4.sh
+# It prints the device calls: between the base set's last copy and its install (same batch of calls),
+# one copy per part, then bash /root/stage/fa4/install-fa4.sh after the base install.sh.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 cache="${GPU_WHEEL_CACHE:-$HOME/.cache/gpu-wheels}"
@@ -32,10 +30,12 @@ done
 cp "$extra"/*.whl "$tmp/w/needs/"
 tar -cf "$tmp/fa4.tar" -C "$tmp/w" .
 sum=$(sha256sum "$tmp/fa4.tar" | cut -d' ' -f1)
-rm -rf .gpu/f0 .gpu/f1 && mkdir -p .gpu/f0 .gpu/f1
-split -b 55M -d -a 1 "$tmp/fa4.tar" "$tmp/fa4.tar."
-mv "$tmp/fa4.tar.0" .gpu/f0/; mv "$tmp/fa4.tar.1" .gpu/f1/
-[[ ! -e $tmp/fa4.tar.2 ]] || { echo "FA4 set is larger than two parts" >&2; exit 1; }
+# A call carries the tracked tree (~33 MiB) plus its carry within 64 MiB: parts of 26 MiB, as the
+# base set's (a 55 MiB part was refused: "the working tree is larger than 64 MiB").
+rm -rf .gpu/f[0-9]*
+split -b 26M -d -a 1 "$tmp/fa4.tar" "$tmp/fa4.tar."
+n=0
+for part in "$tmp"/fa4.tar.*; do mkdir -p ".gpu/f$n"; mv "$part" ".gpu/f$n/"; n=$((n + 1)); done
 cat > .gpu/f0/install-fa4.sh <<INSTALL
 #!/usr/bin/env bash
 # Install FA4 (CuTe DSL) into /root/fa4-site after the base set (its needs only where the image lacks
@@ -62,4 +62,8 @@ fi
 INSTALL
 chmod +x .gpu/f0/install-fa4.sh
 rm -rf "$tmp"
-du -sh .gpu/f0 .gpu/f1
+du -sh .gpu/f[0-9]*
+echo "calls (after the base set's last copy, before its install):"
+echo "  carry [\".gpu/f0\"]  command: mkdir -p /root/stage/fa4 && cp .gpu/f0/* /root/stage/fa4/"
+for ((i = 1; i < n; i++)); do echo "  carry [\".gpu/f$i\"]  command: cp .gpu/f$i/* /root/stage/fa4/"; done
+echo "  then, after the base install.sh:  bash /root/stage/fa4/install-fa4.sh"

@@ -162,6 +162,20 @@ def test_hook_flash_attn_pinned_to_fa3_on_hopper(fmt):
         (AttentionBackendEnum.TRITON_ATTN, None)
 
 
+def test_hook_refuses_fa4_without_its_dsl():
+    """A pin at 4 where FA4's CuTe DSL does not import is refused by name at configuration (vLLM
+    would take it and fail inside the engine at the first forward)."""
+    import vllm_odb.models.hook as hook
+
+    with pytest.MonkeyPatch.context() as mp:
+        _cpu_shims(mp)
+        _hopper(mp)
+        mp.setattr(hook, "_fa4_available", lambda: False)
+        with pytest.raises(ValueError, match="flash_attn_version=4 needs"):
+            _create("llada", dtype="bfloat16", attention_config={"flash_attn_version": 4})
+        _create("llada", dtype="bfloat16")  # the default pins 3: no DSL needed
+
+
 @pytest.mark.parametrize("pinned, head, other_model, want", [
     (3, 128, False, 3),     # our model, the hook's pin: FA3 kept
     (4, 128, False, 4),     # the user asked for FA4

@@ -89,6 +89,7 @@ def test_cache_modes_agree_when_each_block_is_decided_at_its_refresh(ckpt):
     assert outs[0].nfe == [2] * len(prompts)
 
 
+@pytest.mark.slow  # an accuracy check over three decodes of a suite (~15 s a format)
 def test_cached_steps_differ_from_uncached_only_by_cache_staleness(ckpt):
     """Multi-step blocks (threshold 1.0): the three cache modes still answer correctly."""
     suite = make_suite(9, 6)

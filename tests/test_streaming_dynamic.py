@@ -458,6 +458,7 @@ def test_odb_streaming_without_draft_room_is_streaming_on_the_dual_cache(ckpt):
     assert a.tokens == b.tokens and a.nfe == b.nfe
 
 
+@pytest.mark.slow  # an accuracy check over three decodes of a suite (~15 s a format)
 def test_new_methods_answer_and_save_forwards(ckpt):
     """On a held-out subset the new methods keep Fast-dLLM's answers (within one prompt), and at
     threshold 1.0 the dynamic threshold and APD cut its forwards."""

@@ -69,6 +69,7 @@ def main(args: argparse.Namespace) -> int:
     summary = {
         "model": args.model, "mode": args.mode, "dtype": args.dtype, "n": args.n, "tp": args.tp,
         "attention_backend": args.attention_backend or "default", "flash_attn_version": args.flash_attn_version,
+        "counts_required": args.dtype == "float32",
         "method": args.method, "select": args.select, **_streaming(args),
         "nfe": {"reference": ref["nfe"], "vllm": counted["forwards"], "vllm_idle_forwards": counted["idle_forwards"]},
         "canvas": {"reference": ref["canvas"], "vllm": counted["canvas_predicted"]},
@@ -89,15 +90,27 @@ def main(args: argparse.Namespace) -> int:
         with open(args.out, "w") as f:
             json.dump({"summary": summary, "rows": rows}, f, indent=1)
     print(json.dumps(summary))
-    # Jump-share's draft budget is shared by the live batch (ridge_rows // requests), so a batched
-    # engine drafts fewer positions than a request alone: batched tokens are reported, not required.
-    ok = (summary["alone_match"] == args.n and (cfg.jump or summary["batched_match"] == args.n)
-          and all(v["reference"] == v["vllm"] for v in (summary["nfe"], summary["canvas"], summary["drafts_accepted"])))
+    ok = verdict(summary, args.n, cfg.jump)
     if not ok:
         for x in rows:
             if not (x["alone_match"] and x["batched_match"]):
                 print("MISMATCH", json.dumps(x))
     return 0 if ok else 1
+
+
+def verdict(summary: dict, n: int, jump: bool) -> bool:
+    """Whether a parity run passes. Every prompt alone must equal the reference; batched too, but
+    on jump-share, whose draft budget is shared by the live batch (ridge_rows // requests), so a
+    batched engine drafts fewer positions than a request alone: there batched tokens are reported,
+    not required. In fp32 the engine and the reference decide alike, forward for forward, so NFE,
+    canvas and accepted drafts must match. In bf16 the kernels round differently and a confidence at
+    the threshold can flip, moving a commit or a draft's acceptance by a forward: the counts are
+    reported, not required (``counts_required``)."""
+    counts_equal = all(summary[k]["reference"] == summary[k]["vllm"] for k in ("nfe", "canvas", "drafts_accepted"))
+    if not counts_equal and not summary["counts_required"]:
+        print(f"note: NFE / canvas / drafts differ from the reference in {summary['dtype']} (reported, not required)")
+    return (summary["alone_match"] == n and (jump or summary["batched_match"] == n)
+            and (counts_equal or not summary["counts_required"]))
 
 
 def prefix_share(got: list[list[int]], ref: list[list[int]]) -> float:

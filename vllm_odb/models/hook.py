@@ -100,6 +100,14 @@ def _flash_attn_available() -> bool:
     return is_fa_version_supported(3)
 
 
+def _fa4_available() -> bool:
+    """FA4's CuTe-DSL package imports (vLLM reports FA4 supported without it, then fails at the
+    first forward)."""
+    import importlib.util
+
+    return importlib.util.find_spec("cutlass") is not None
+
+
 def verify_and_update(vllm_config) -> None:
     from vllm.config.diffusion import DiffusionConfig
     from vllm.config.scheduler import SchedulerConfig
@@ -137,6 +145,12 @@ def verify_and_update(vllm_config) -> None:
             model_config.dtype, vllm_config.cache_config.cache_dtype, capability, _flash_attn_available())]
         log.info("vllm-odb: attention backend %s (choose another with --attention-backend)",
                  attention.backend.name)
+    if attention.backend == AttentionBackendEnum.FLASH_ATTN and attention.flash_attn_version == 4 \
+            and not _fa4_available():
+        # vLLM takes the pin and fails at the first forward, inside the engine, on the missing module
+        raise ValueError("attention_config.flash_attn_version=4 needs FlashAttention 4's CuTe DSL (the "
+                         "nvidia-cutlass-dsl package, which vLLM 0.26 requires), and it does not import here: "
+                         "install it, or leave flash_attn_version out (FlashAttention 3 on Hopper)")
     if attention.backend == AttentionBackendEnum.FLASH_ATTN and attention.flash_attn_version is None \
             and capability is not None and capability[0] == 9:
         # FA3 on Hopper: vLLM would upgrade a diffusion model to FA4 for DiffusionGemma's per-sequence
