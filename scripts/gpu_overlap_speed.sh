@@ -17,6 +17,16 @@
 #       (scripts/gpu_draft_tiles.py, in CUDA graphs), then jump-share's step profile with the defaults
 # TAG names a run's folder and tarball (overlap-$PART-$TAG), e.g. TAG=paged VLLM_ODB_REFRESH=paged PART=speed.
 set -uo pipefail
+# Timed work needs a quiet GPU: a background training run (scripts/train_tiny.sh BACKGROUND=1, in
+# $TRAIN_WORK) holds ~24 GB and the SMs. Wait up to TRAIN_WAIT seconds (default 0) for it to end,
+# then refuse (session 11 lost its speed and profile calls to engines that could not start beside one).
+TRAIN_WORK=${TRAIN_WORK:-/tmp/tiny-train}
+for _ in $(seq 1 $(( ${TRAIN_WAIT:-0} / 5 ))); do [[ -d $TRAIN_WORK/code && ! -f $TRAIN_WORK/done ]] || break; sleep 5; done
+if [[ -d $TRAIN_WORK/code && ! -f $TRAIN_WORK/done ]]; then
+  echo "a training run is still going in $TRAIN_WORK (no $TRAIN_WORK/done): timed work needs a quiet GPU;" \
+       "collect and stop it first (PHASE=collect STOP=1 bash scripts/train_tiny.sh) or give TRAIN_WAIT=seconds"
+  exit 3
+fi
 source /root/vllm-env.sh
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/vllm-site . >/dev/null 2>&1 \
   || { echo "project install failed"; exit 1; }
@@ -46,12 +56,12 @@ speed)
 attn)  # at gen 1024 (refreshes of ~1.5k tokens): ATTN_RUNS of name=engine-args, default the plugin's own
   # backend (FA3 on Hopper for bf16), FA4 asked for (staged with scripts/stage_fa4_parts.sh: its
   # start-up compiles CuTe-DSL kernels), Triton, and jump-share's step on the default; each bounded
-  # by ATTN_TIMEOUT seconds
+  # by ATTN_TIMEOUT seconds (4 x 140 s fits a 600 s call; runs are split on spaces: no spaces in the JSON)
   runs=${ATTN_RUNS:-"fa3={} fa4={\"attention_config\":{\"flash_attn_version\":4}} triton={\"attention_backend\":\"TRITON_ATTN\"} jump-fa3=jump"}
   for r in $runs; do
     name=${r%%=*}; args=${r#*=}
-    if [[ $args == jump ]]; then prof "$name" "${ATTN_TIMEOUT:-170}" -- --gen-length 1024 --speculative
-    else prof "$name" "${ATTN_TIMEOUT:-170}" -- --gen-length 1024 --engine-args "$args"; fi
+    if [[ $args == jump ]]; then prof "$name" "${ATTN_TIMEOUT:-140}" -- --gen-length 1024 --speculative
+    else prof "$name" "${ATTN_TIMEOUT:-140}" -- --gen-length 1024 --engine-args "$args"; fi
     grep -hoE "(FlashAttention [^\"]{0,60}|vllm-odb: (attention backend|FlashAttention)[^\"]{0,60})" \
       "$R/profile-$name.log" | sort -u | head -4
   done ;;

@@ -155,7 +155,7 @@ fa)  # FlashAttention as the default (bf16/fp16 on Hopper, FA3 pinned: models/ho
   # graphs, FULL on the draft kernel), each against the reference loop in bf16: agreement, not parity
   # (bf16 rounds differently in every kernel; the fp32 parity lanes run Triton as before). Then FA4
   # asked for (the pin must let it through), and the defaults server (bf16 checkpoint: FA3 now).
-  lane pytest-defaults "${pt[@]}" tests/test_gpu_vllm.py -k defaults
+  LIMIT=$((LIMIT - 130))  # keep 130 s for the defaults server below, alone (it takes 90% of the GPU)
   bf=(--dtype bfloat16 --gen-length 128 --block-length 16)
   odb=(--threshold 1.0 --method odb --select speculative --ridge-rows 64)
   for f in llada dream; do
@@ -169,6 +169,9 @@ fa)  # FlashAttention as the default (bf16/fp16 on Hopper, FA3 pinned: models/ho
   done
   lane agree-llada-fast-fa4 "${bench[@]}" vllm-parity --model $M/tiny-llada --mode eager --n 16 "${bf[@]}" \
     --flash-attn-version 4 --out "$R/agree-llada-fast-fa4.json"
+  wait
+  LIMIT=$((LIMIT + 130))
+  lane pytest-defaults "${pt[@]}" tests/test_gpu_vllm.py -k defaults
   wait
   for f in "$R"/agree-*.json; do python3 -c "import json,sys; s=json.load(open(sys.argv[1]))['summary']; \
 print(sys.argv[1].split('/')[-1], 'alone', s['alone_match'], 'batched', s['batched_match'], 'of', s['n'], \

@@ -18,16 +18,22 @@ plats+=(--platform manylinux2014_x86_64)
 dl() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${plats[@]}" -d "$1" "${@:2}" 2> >(grep -v 'is ignored' >&2); }
 dl "$cache" -r ../shared/gpu/wheels-fa4.txt
-dl "$extra" cuda-bindings nvidia-cuda-nvdisasm torch-c-dlpack-ext
+NEEDS=(cuda-bindings==13.5.0 nvidia-cuda-nvdisasm==13.5.37 torch-c-dlpack-ext==0.1.5)  # pinned: one wheel each
+dl "$extra" "${NEEDS[@]}"
 tmp=$(mktemp -d)
 mkdir "$tmp/w" "$tmp/w/needs"
 grep -v '^#' ../shared/gpu/wheels-fa4.txt | while IFS='=' read -r name _ ver; do
   [[ -z $name ]] && continue
-  f=$(ls "$cache" | grep -i "^$(echo "$name" | tr '-' '_')-${ver}-" | head -1)
+  f=$(ls "$cache" | grep -i "^$(echo "$name" | tr '-' '_')-${ver}-" | head -1 || true)
   [[ -n $f ]] || { echo "missing wheel for $name==$ver" >&2; exit 1; }
   cp "$cache/$f" "$tmp/w/"
 done
-cp "$extra"/*.whl "$tmp/w/needs/"
+for need in "${NEEDS[@]}"; do
+  name=${need%%==*}; ver=${need#*==}
+  f=$(ls "$extra" | grep -i "^$(echo "$name" | tr '-' '_')-${ver}-" | head -1 || true)
+  [[ -n $f ]] || { echo "missing wheel for $need" >&2; exit 1; }
+  cp "$extra/$f" "$tmp/w/needs/"
+done
 tar -cf "$tmp/fa4.tar" -C "$tmp/w" .
 sum=$(sha256sum "$tmp/fa4.tar" | cut -d' ' -f1)
 # A call carries the tracked tree (~33 MiB) plus its carry within 64 MiB: parts of 26 MiB, as the
@@ -39,7 +45,7 @@ for part in "$tmp"/fa4.tar.*; do mkdir -p ".gpu/f$n"; mv "$part" ".gpu/f$n/"; n=
 cat > .gpu/f0/install-fa4.sh <<INSTALL
 #!/usr/bin/env bash
 # Install FA4 (CuTe DSL) into /root/fa4-site after the base set (its needs only where the image lacks
-# them), and put it on vllm-env.sh's path only if vLLM then reports FA4 supported: a broken FA4 set
+# them), and put it on vllm-env.sh's path only if FA4's interface then imports: a broken FA4 set
 # must not take the base set down with it.
 set -euo pipefail
 cd /root/stage/fa4
@@ -53,7 +59,9 @@ pip_in w/*.whl
 python3 -c "import cuda.bindings" 2>/dev/null || pip_in w/needs/cuda_bindings-*.whl
 python3 -c "import nvidia.cuda_nvdisasm" 2>/dev/null || pip_in w/needs/nvidia_cuda_nvdisasm-*.whl
 python3 -c "import torch_c_dlpack_ext" 2>/dev/null || pip_in w/needs/torch_c_dlpack_ext-*.whl
-check='from vllm.vllm_flash_attn.flash_attn_interface import is_fa_version_supported as s, fa_version_unsupported_reason as r; print("FA4 supported:", s(4), r(4) or ""); raise SystemExit(0 if s(4) else 1)'
+# vLLM's is_fa_version_supported(4) only looks for cute/interface.py: import FA4's interface itself
+# (cutlass, its DSL and quack with it)
+check='import vllm.vllm_flash_attn.cute.interface; from vllm.vllm_flash_attn.flash_attn_interface import is_fa_version_supported as s; print("FA4 imports; supported:", s(4)); raise SystemExit(0 if s(4) else 1)'
 if PYTHONPATH=\$PYTHONPATH:\$site timeout 120 python3 -c "\$check"; then
   echo 'export PYTHONPATH=\$PYTHONPATH:/root/fa4-site' >> /root/vllm-env.sh; echo "FA4 on the path"
 else

@@ -19,7 +19,8 @@
 # A run longer than one device call: BACKGROUND=1 starts this script detached (setsid: it outlives
 # the call while the machine stays warm, i.e. while further calls follow within its idle limit)
 # and returns at once; PHASE=collect later waits for it (at most WAIT seconds) and packs its tars
-# into $OUT. Continue earlier checkpoints from carried tars with INIT_TARS=DIR (each tar holds
+# into $OUT (STOP=1: a run still going is stopped after its partial checkpoints are packed, so that
+# timed work can follow on a quiet GPU). Continue earlier checkpoints from carried tars with INIT_TARS=DIR (each tar holds
 # tiny-FMT/, as PHASE=train packs them):
 #   INIT_TARS=.gpu/ckpt-v3 BACKGROUND=1 PHASE=train QUICK_EVAL=1 MAXMIN=20 \
 #     TRAIN_ARGS="--lr 5e-4 --task-weights chain=3,tally=2 --save-every 3" bash scripts/train_tiny.sh
@@ -42,6 +43,7 @@ if [[ ${BACKGROUND:-0} != 0 ]]; then  # a private copy of the code: later calls 
   rm -f "$WORK/done"
   BACKGROUND=0 INIT_TARS= WORK="$WORK" OUT="$WORK/out" setsid nohup bash -c 'bash scripts/train_tiny.sh; echo $? > "$0/done"' "$WORK" \
     > "$WORK/run.out" 2>&1 < /dev/null &
+  echo $! > "$WORK/pid"  # setsid: the run's process group (PHASE=collect STOP=1 ends it)
   echo "started in the background; log $WORK/run.out; collect with PHASE=collect"
   exit 0
 fi
@@ -54,6 +56,12 @@ if [[ $PHASE == collect ]]; then  # the finished run's tars, or (still running) 
   else
     echo "still running: packing its partial checkpoints"
     for d in "$WORK"/tiny-*/; do [[ -d $d ]] && tar -cf "$OUT/partial-$(basename "$d").tar" -C "$WORK" "$(basename "$d")"; done
+    if [[ ${STOP:-0} != 0 && -f $WORK/pid ]]; then  # free the GPU for timed work that follows
+      g=$(cat "$WORK/pid"); kill -- -"$g" 2>/dev/null || true; sleep 3
+      kill -0 -- -"$g" 2>/dev/null && { kill -KILL -- -"$g" 2>/dev/null || true; sleep 2; }
+      if kill -0 -- -"$g" 2>/dev/null; then echo "could not stop the run (process group $g)" >&2; exit 1; fi
+      echo stopped > "$WORK/done"; echo "stopped the run"
+    fi
   fi
   exit 0
 fi

@@ -146,9 +146,12 @@ def _hopper(mp, fa=True):
 def test_hook_flash_attn_pinned_to_fa3_on_hopper(fmt):
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
+    import vllm_odb.models.hook as hook
+
     with pytest.MonkeyPatch.context() as mp:
         _cpu_shims(mp)
         _hopper(mp)
+        mp.setattr(hook, "_fa4_available", lambda: True)  # whatever this machine has installed
         vc = _create(fmt, dtype="bfloat16")
         fp32 = _create(fmt)
         asked4 = _create(fmt, dtype="bfloat16", attention_config={"flash_attn_version": 4})
@@ -210,6 +213,51 @@ def test_fa3_patch_keeps_the_pin(pinned, head, other_model, want):
             got = patched(head_size=head)
         assert patched() == 4  # no current config (an import-time call): vLLM's answer
     assert got == want and calls[0] == head
+
+
+def test_fa3_patch_installs_where_flash_attn_is_bound():
+    """``apply`` wraps ``fa_utils.get_flash_attn_version`` and the name ``flash_attn.py`` bound at its
+    import (on CUDA; elsewhere there is nothing to pin and it leaves vLLM alone)."""
+    import vllm.platforms as platforms
+    from vllm.v1.attention.backends import fa_utils, flash_attn
+
+    from vllm_odb.patches import fa3_hopper
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fa_utils, "get_flash_attn_version", fa_utils.get_flash_attn_version)  # restored after
+        mp.setattr(flash_attn, "get_flash_attn_version", flash_attn.get_flash_attn_version)
+        original = fa_utils.get_flash_attn_version
+        mp.setattr(platforms.current_platform, "is_cuda", lambda: False)
+        fa3_hopper.apply()
+        assert fa_utils.get_flash_attn_version is original
+        mp.setattr(platforms.current_platform, "is_cuda", lambda: True)
+        fa3_hopper.apply()
+        assert getattr(fa_utils.get_flash_attn_version, "_odb_patched", False)
+        assert fa_utils.get_flash_attn_version.__wrapped__ is original
+        assert flash_attn.get_flash_attn_version is fa_utils.get_flash_attn_version
+
+
+def test_fa3_patch_asks_the_model_for_a_missing_head_size():
+    """Calls without a head size (graph support, AOT schedule) answer as the impl's call with the
+    model's head size does: a head over 256 keeps vLLM's FA4."""
+    from vllm.config import set_current_vllm_config
+    from vllm.platforms.interface import DeviceCapability
+    from vllm.v1.attention.backends import fa_utils
+
+    from vllm_odb.patches import fa3_hopper
+
+    patched = fa3_hopper.wrap(lambda **kw: 4)
+    with pytest.MonkeyPatch.context() as mp:
+        _cpu_shims(mp)
+        vc = _create("llada", attention_config={"flash_attn_version": 3})
+        import vllm.platforms as platforms
+
+        mp.setattr(platforms.current_platform, "get_device_capability", lambda *a, **k: DeviceCapability(9, 0))
+        mp.setattr(fa_utils, "is_fa_version_supported", lambda v: True)
+        with set_current_vllm_config(vc):
+            assert patched() == 3  # the tiny model's head size, 64
+            mp.setattr(vc.model_config, "get_head_size", lambda: 512)
+            assert patched() == 4
 
 
 def test_fa3_patch_leaves_other_answers():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -41,3 +42,28 @@ def test_background_training_continues_carried_tars_and_is_collected(tmp_path):
         with tarfile.open(tmp_path / "out" / f"tiny-{fmt}.tar") as t:
             log = json.load(t.extractfile(f"tiny-{fmt}/training_log.json"))
         assert log["args"]["init"] == str(init / f"tiny-{fmt}")  # continued the carried checkpoint
+
+
+@pytest.mark.slow
+def test_collect_stops_a_run_and_timed_work_waits_for_a_quiet_gpu(tmp_path):
+    """PHASE=collect STOP=1 packs a run's partial checkpoints and ends it; before that, the timed GPU
+    scripts refuse to start beside it (session 11 lost its speed calls to engines that could not
+    start beside a training run)."""
+    work = tmp_path / "w"
+    env = {"PHASE": "train", "WORK": str(work), "MAXMIN": "5", "TRAIN_ARGS": TINY + " --save-every 0.02",
+           "BACKGROUND": "1"}
+    assert _script(env, timeout=120).returncode == 0
+    pid = int((work / "pid").read_text())
+    try:
+        timed = subprocess.run(["bash", "scripts/gpu_overlap_speed.sh"], cwd=REPO, capture_output=True, text=True,
+                               env={**os.environ, "PART": "speed", "TRAIN_WORK": str(work)}, timeout=60)
+        assert timed.returncode == 3 and "quiet GPU" in timed.stdout
+        got = _script({"PHASE": "collect", "WORK": str(work), "WAIT": "20", "STOP": "1",
+                       "OUT": str(tmp_path / "out")})
+        assert "stopped the run" in got.stdout, got.stdout[-2000:] + got.stderr[-2000:]
+        assert (work / "done").read_text().strip() == "stopped"
+    finally:
+        try:  # never leave a training run behind a failed assertion
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

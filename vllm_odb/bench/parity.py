@@ -66,10 +66,11 @@ def main(args: argparse.Namespace) -> int:
                                   threshold=args.threshold, ridge_rows=args.ridge_rows, **_streaming(args))
     prompts, ref, end_ids = _reference(args, cfg)
     rows, counted, seconds = _vllm(args, prompts, end_ids)
+    resolved = seconds.pop("attention")  # the engine's attention config (backend, FA version pin)
     summary = {
         "model": args.model, "mode": args.mode, "dtype": args.dtype, "n": args.n, "tp": args.tp,
         "attention_backend": args.attention_backend or "default", "flash_attn_version": args.flash_attn_version,
-        "counts_required": args.dtype == "float32",
+        "attention_resolved": resolved, "counts_required": getattr(torch, args.dtype) is torch.float32,
         "method": args.method, "select": args.select, **_streaming(args),
         "nfe": {"reference": ref["nfe"], "vllm": counted["forwards"], "vllm_idle_forwards": counted["idle_forwards"]},
         "canvas": {"reference": ref["canvas"], "vllm": counted["canvas_predicted"]},
@@ -115,7 +116,8 @@ def verdict(summary: dict, n: int, jump: bool) -> bool:
 
 def prefix_share(got: list[list[int]], ref: list[list[int]]) -> float:
     """The reference's tokens that each response repeats before its first difference, over all of
-    the reference's tokens (1.0: every response equals its reference)."""
+    the reference's tokens (1.0: every response begins with its reference; a response that runs on
+    past its reference's end also scores 1.0, so ``alone_match``/``batched_match`` say equality)."""
     total = sum(max(len(r), 1) for r in ref)
     same = 0
     for g, r in zip(got, ref):
@@ -165,6 +167,9 @@ def _vllm(args, prompts, end_ids):
               **({"attention_config": {"flash_attn_version": args.flash_attn_version}}
                  if args.flash_attn_version else {}))
     seconds = {"vllm_init": round(time.time() - t0, 2)}
+    ac = llm.llm_engine.vllm_config.attention_config  # as the config hook resolved it (popped by main)
+    seconds["attention"] = {"backend": ac.backend.name if ac.backend is not None else None,
+                            "flash_attn_version": ac.flash_attn_version}
     sp = SamplingParams(temperature=0.0, max_tokens=args.gen_length)
 
     def cut(ids):

@@ -101,11 +101,13 @@ def _flash_attn_available() -> bool:
 
 
 def _fa4_available() -> bool:
-    """FA4's CuTe-DSL package imports (vLLM reports FA4 supported without it, then fails at the
-    first forward)."""
-    import importlib.util
-
-    return importlib.util.find_spec("cutlass") is not None
+    """FA4's interface imports, and with it its CuTe DSL (``cutlass``) and ``quack``: vLLM reports FA4
+    supported whenever the interface file exists, then fails at the first forward."""
+    try:
+        import vllm.vllm_flash_attn.cute.interface  # noqa: F401
+    except Exception:  # ImportError, or a DSL that fails while loading its CUDA bindings
+        return False
+    return True
 
 
 def verify_and_update(vllm_config) -> None:
@@ -152,7 +154,7 @@ def verify_and_update(vllm_config) -> None:
                          "nvidia-cutlass-dsl package, which vLLM 0.26 requires), and it does not import here: "
                          "install it, or leave flash_attn_version out (FlashAttention 3 on Hopper)")
     if attention.backend == AttentionBackendEnum.FLASH_ATTN and attention.flash_attn_version is None \
-            and capability is not None and capability[0] == 9:
+            and capability is not None and capability[0] == 9 and _flash_attn_available():
         # FA3 on Hopper: vLLM would upgrade a diffusion model to FA4 for DiffusionGemma's per-sequence
         # causal mask, which ours do not use; patches/fa3_hopper.py makes vLLM keep this pin.
         attention.flash_attn_version = 3

@@ -2,16 +2,19 @@
 vllm/v1/attention/backends/fa_utils.py, 0.26.0, and its name in ``flash_attn.py``).
 
 vLLM upgrades FlashAttention from version 3 to 4 on SM90 for every diffusion model
-(``ModelConfig.is_diffusion``) whenever FA4's CuTe-DSL kernels import, which they do on a normal
-install (vLLM 0.26 requires ``nvidia-cutlass-dsl``), even when ``attention_config.flash_attn_version``
-pins 3. The reason it gives is DiffusionGemma's per-sequence causal mask ("dynamic_causal"), which
+(``ModelConfig.is_diffusion``) whenever FA4's interface file is present (vLLM's wheel ships it; its
+CuTe DSL, ``nvidia-cutlass-dsl``, is a vLLM 0.26 requirement), even when
+``attention_config.flash_attn_version`` pins 3 (vLLM still logs its "upgrading FlashAttention 3 -> 4"
+line before this wrapper answers 3). The reason it gives is DiffusionGemma's per-sequence causal mask ("dynamic_causal"), which
 only FA4 runs. LLaDA and Dream attend non-causally on every step (a plain ``causal=False``), which
 FA3 runs; FA3 is what was measured against the Triton backend (BENCHMARKS.md), and FA4 compiles its
 kernels with the CuTe DSL at start-up. So the config hook (models/hook.py) pins 3 on Hopper where
 the user names no version, and for our models this wrapper keeps that pin: when vLLM answers 4 on
 SM90 with the pin at 3, FA3 supported and no other upgrade reason (head size up to 256, no sinks
 with a different value head size), it answers 3. ``--attention-config '{"flash_attn_version": 4}'``
-still gets FA4. Every other model, device and request gets vLLM's answer.
+still gets FA4. Every other model, device and request gets vLLM's answer. One difference from the
+upstream diff (patches/11-...): with ``VLLM_BATCH_INVARIANT=1`` vLLM turns its FA4 answer into FA2,
+which this wrapper passes through (FA2 on Hopper), where the diff would keep FA3.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ def wrap(get_flash_attn_version):
         from vllm.v1.attention.backends.fa_utils import is_fa_version_supported
 
         capability = current_platform.get_device_capability()
+        if head_size is None:  # calls without one (graph support, AOT schedule) must agree with the impl's
+            head_size = config.model_config.get_head_size()
         if keeps_fa3(version, capability.major if capability is not None else None,
                      config.attention_config.flash_attn_version, is_fa_version_supported(3),
                      head_size, head_size_v, has_sinks):
@@ -72,9 +77,16 @@ def wrap(get_flash_attn_version):
 def apply() -> None:
     import sys
 
-    from vllm.v1.attention.backends import fa_utils
+    from vllm.platforms import current_platform
 
     from vllm_odb.patches import install
+
+    if not current_platform.is_cuda():
+        return  # no FlashAttention to pin (and no reason to load its extensions)
+    try:
+        from vllm.v1.attention.backends import fa_utils
+    except ImportError:  # a build without vLLM's FlashAttention: nothing to keep
+        return
 
     install(fa_utils, "get_flash_attn_version", wrap)
     # flash_attn.py binds the name at its import: patch that binding too where it is already loaded
