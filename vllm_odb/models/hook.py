@@ -69,10 +69,10 @@ def default_attention_backend(dtype, cache_dtype: str, capability: tuple[int, in
     """The attention backend a user who names none gets: vLLM's FlashAttention 3 (pinned by the hook;
     patches/fa3_hopper.py keeps the pin from vLLM's FA4 upgrade) for bf16/fp16 weights and KV cache
     on Hopper (SM90), where it was measured: on the H200 it took the plain decode step from 2.1x to
-    1.5x the weight floor and a refresh's attention from 19 ms to 3 ms (BENCHMARKS.md, session 10). Elsewhere the Triton backend:
-    other GPUs run FA2 (whose CUDA graphs vLLM limits to uniform batches, which jump-share's steps
-    are not) or FA4, neither measured here; and fp32, the dtype of the token-parity checks against
-    the reference, has no FlashAttention kernels."""
+    1.5x the weight floor and a refresh's attention from 19 ms to 3 ms (BENCHMARKS.md, session 10).
+    Elsewhere the Triton backend: other GPUs run FA2 (whose CUDA graphs vLLM limits to uniform
+    batches, which jump-share's steps are not) or FA4, neither measured here; and fp32, the dtype of
+    the token-parity checks against the reference, has no FlashAttention kernels."""
     import torch
 
     half = dtype in (torch.bfloat16, torch.float16)

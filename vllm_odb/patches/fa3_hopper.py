@@ -1,20 +1,21 @@
 """Patch: an FA3 pin kept on Hopper for our models (``get_flash_attn_version``,
 vllm/v1/attention/backends/fa_utils.py, 0.26.0, and its name in ``flash_attn.py``).
 
-vLLM upgrades FlashAttention from version 3 to 4 on SM90 for every diffusion model
-(``ModelConfig.is_diffusion``) whenever FA4's interface file is present (vLLM's wheel ships it; its
-CuTe DSL, ``nvidia-cutlass-dsl``, is a vLLM 0.26 requirement), even when
-``attention_config.flash_attn_version`` pins 3 (vLLM still logs its "upgrading FlashAttention
-3 -> 4" line before this wrapper answers 3). The reason it gives is DiffusionGemma's per-sequence
-causal mask ("dynamic_causal"), which only FA4 runs. LLaDA and Dream attend non-causally on every
-step (a plain ``causal=False``), which FA3 runs; FA3 is what was measured against the Triton backend (BENCHMARKS.md), and FA4 compiles its
-kernels with the CuTe DSL at start-up. So the config hook (models/hook.py) pins 3 on Hopper where
-the user names no version, and for our models this wrapper keeps that pin: when vLLM answers 4 on
-SM90 with the pin at 3, FA3 supported and no other upgrade reason (head size up to 256, no sinks
-with a different value head size), it answers 3. ``--attention-config '{"flash_attn_version": 4}'``
-still gets FA4. Every other model, device and request gets vLLM's answer. One difference from the
-upstream diff (patches/11-...): with ``VLLM_BATCH_INVARIANT=1`` vLLM turns its FA4 answer into FA2,
-which this wrapper passes through (FA2 on Hopper), where the diff would keep FA3.
+vLLM upgrades FlashAttention from version 3 to 4 on SM90 for every diffusion model (``ModelConfig.is_diffusion``)
+whenever FA4's interface file is present (vLLM's wheel ships it; its CuTe DSL,
+``nvidia-cutlass-dsl``, is a vLLM 0.26 requirement), even when
+``attention_config.flash_attn_version`` pins 3 (vLLM still logs its "upgrading FlashAttention 3 ->
+4" line before this wrapper answers 3). The reason it gives is DiffusionGemma's per-sequence causal
+mask ("dynamic_causal"), which only FA4 runs. LLaDA and Dream attend non-causally on every step (a
+plain ``causal=False``), which FA3 runs; FA3 is what was measured against the Triton backend
+(BENCHMARKS.md), and FA4 compiles its kernels with the CuTe DSL at start-up. So the config hook
+(models/hook.py) pins 3 on Hopper where the user names no version, and for our models this wrapper
+keeps that pin: when vLLM answers 4 on SM90 with the pin at 3, FA3 supported and no other upgrade
+reason (head size up to 256, no sinks with a different value head size), it answers 3.
+``--attention-config '{"flash_attn_version": 4}'`` still gets FA4. Every other model, device and
+request gets vLLM's answer. One difference from the upstream diff (patches/11-...): with
+``VLLM_BATCH_INVARIANT=1`` vLLM turns its FA4 answer into FA2, which this wrapper passes through
+(FA2 on Hopper), where the diff would keep FA3.
 """
 
 from __future__ import annotations
