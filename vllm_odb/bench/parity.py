@@ -65,8 +65,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = DecodeConfig.for_method(args.method, gen_length=args.gen_length, block_length=args.block_length,
                                   threshold=args.threshold, ridge_rows=args.ridge_rows, **_streaming(args))
     prompts, ref, end_ids = _reference(args, cfg)
-    rows, counted, seconds = _vllm(args, prompts, end_ids)
-    resolved = seconds.pop("attention")  # the engine's attention config (backend, FA version pin)
+    rows, counted, seconds, resolved = _vllm(args, prompts, end_ids)
     summary = {
         "model": args.model, "mode": args.mode, "dtype": args.dtype, "n": args.n, "tp": args.tp,
         "attention_backend": args.attention_backend or "default", "flash_attn_version": args.flash_attn_version,
@@ -153,7 +152,7 @@ def _reference(args, cfg):
 
 def _vllm(args, prompts, end_ids):
     """vLLM on every prompt alone, then all in one batch: each row's responses, the engine's
-    counters over the alone runs, and the times."""
+    counters over the alone runs, the times, and the engine's attention backend and FA pin."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -167,9 +166,9 @@ def _vllm(args, prompts, end_ids):
               **({"attention_config": {"flash_attn_version": args.flash_attn_version}}
                  if args.flash_attn_version else {}))
     seconds = {"vllm_init": round(time.time() - t0, 2)}
-    ac = llm.llm_engine.vllm_config.attention_config  # as the config hook resolved it (popped by main)
-    seconds["attention"] = {"backend": ac.backend.name if ac.backend is not None else None,
-                            "flash_attn_version": ac.flash_attn_version}
+    ac = llm.llm_engine.vllm_config.attention_config  # as the config hook resolved it
+    resolved = {"backend": ac.backend.name if ac.backend is not None else None,
+                "flash_attn_version": ac.flash_attn_version}
     sp = SamplingParams(temperature=0.0, max_tokens=args.gen_length)
 
     def cut(ids):
@@ -190,7 +189,7 @@ def _vllm(args, prompts, end_ids):
     seconds["vllm_batch"] = round(time.time() - t0, 2)
     rows = [{"i": i, "prompt_len": len(p), "alone": cut(a), "batched": cut(b)}
             for i, (p, a, b) in enumerate(zip(prompts, alone, batched))]
-    return rows, {k: after[k] - before[k] for k in after}, seconds
+    return rows, {k: after[k] - before[k] for k in after}, seconds, resolved
 
 
 def _streaming(args) -> dict:
