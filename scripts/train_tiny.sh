@@ -25,6 +25,9 @@
 #   INIT_TARS=.gpu/ckpt-v3 BACKGROUND=1 PHASE=train QUICK_EVAL=1 MAXMIN=20 \
 #     TRAIN_ARGS="--lr 5e-4 --task-weights chain=3,tally=2 --save-every 3" bash scripts/train_tiny.sh
 #   ... other calls ...;  PHASE=collect WAIT=580 OUT=$OUT bash scripts/train_tiny.sh
+# Checkpoints outlive the session only in git: `bash scripts/ckpt_history.sh save vN DIR` keeps the
+# collected tars in history (out of the tree the device carries), `restore vN DIR` brings them back
+# as INIT_TARS for the next continuation.
 set -euo pipefail
 OUT=${OUT:-out}; WORK=${WORK:-/tmp/tiny-train}; MAXMIN=${MAXMIN:-6.8}; PHASE=${PHASE:-all}
 if [[ -n ${INIT_TARS:-} ]]; then  # final (tiny-FMT.tar) or partial (partial-tiny-FMT.tar) checkpoints
