@@ -9,6 +9,9 @@
 #       ENGINE_ARGS (a JSON object) goes to the engines, e.g. '{"attention_backend": "FLASH_ATTN"}'
 #   PART=attn OUT=$OUT bash scripts/gpu_overlap_speed.sh     # the plain step's profile at gen 1024 on the default
 #       backend (FA3 on Hopper), FA4 asked for, and Triton, refreshes included; then jump-share's step
+#   PART=batch OUT=$OUT bash scripts/gpu_overlap_speed.sh    # the decode step at BATCH (default 8) requests, gen 1024,
+#       on a plain engine and on a jump-share one (whose share of the draft budget is then below the window:
+#       no drafts, so its step should cost the plain one's; session 10 measured odb 0.88x odb-alp at batch 8)
 #   PART=refresh OUT=$OUT bash scripts/gpu_overlap_speed.sh  # the plain step's profile (its refresh steps too) with
 #       the refresh forward's two routes, VLLM_ODB_REFRESH=dense and paged (engine/model_state.py)
 #   PART=jump OUT=$OUT bash scripts/gpu_overlap_speed.sh     # jump-share's step profile with its attention outside
@@ -30,7 +33,7 @@ fi
 source /root/vllm-env.sh
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/vllm-site . >/dev/null 2>&1 \
   || { echo "project install failed"; exit 1; }
-PART=${PART:?PART=profile, speed, attn, refresh, jump or kernel}
+PART=${PART:?PART=profile, speed, attn, batch, refresh, jump or kernel}
 OUT=${OUT:-/tmp/out}; P=$PART${TAG:+-$TAG}; R="$OUT/overlap-$P"; mkdir -p "$R"
 note() { echo "$1 rc=$2" | tee -a "$R/rc.txt"; }
 prof() {  # name, timeout, VAR=value... --, profile-decode-step's arguments: $R/profile-<name>.{json,log}
@@ -65,6 +68,10 @@ attn)  # at gen 1024 (refreshes of ~1.5k tokens): ATTN_RUNS of name=engine-args,
     grep -hoE "(FlashAttention [^\"]{0,60}|vllm-odb: (attention backend|FlashAttention)[^\"]{0,60})" \
       "$R/profile-$name.log" | sort -u | head -4
   done ;;
+batch)
+  b=${BATCH:-8}
+  prof "plain-b$b" 200 -- --gen-length 1024 --batch "$b" --steps 40
+  prof "jump-b$b" 200 -- --gen-length 1024 --batch "$b" --steps 40 --speculative ;;
 refresh)
   for r in dense paged; do prof "refresh-$r" 200 VLLM_ODB_REFRESH=$r -- --gen-length 1024 --steps 70; done ;;
 jump)
@@ -74,7 +81,7 @@ kernel)
   note draft-tiles $?
   grep -v WARNING "$R/draft-tiles.log" | tail -n 12 | cut -c1-900
   prof jump 250 -- --speculative ;;
-*) echo "PART=$PART: give profile, speed, attn, refresh, jump or kernel"; exit 2 ;;
+*) echo "PART=$PART: give profile, speed, attn, batch, refresh, jump or kernel"; exit 2 ;;
 esac
 sort "$R/rc.txt"
 tar -czf "$OUT/overlap-$P.tgz" -C "$OUT" "overlap-$P" && rm -rf "$R"

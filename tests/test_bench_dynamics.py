@@ -57,9 +57,17 @@ def test_method_names_take_a_threshold():
     got = dynamics.parse_methods("fast-dllm,odb@1.0,vanilla", 0.9, 64, 32)
     assert [n for n, _ in got] == ["fast-dllm", "odb@1.0", "vanilla"]
     assert got[0][1].threshold == 0.9 and got[1][1].threshold == 1.0 and got[1][1].jump
-    for bad, msg in (("nope", "unknown method"), ("odb@x", "threshold")):
+    for bad, msg in (("nope", "unknown method"), ("odb@x", "threshold"), ("odb/rx", "draft budget"),
+                     ("fast-dllm/r96", "drafts nothing")):
         with pytest.raises(ValueError, match=msg):
             dynamics.parse_methods(bad, 0.9, 64, 32)
+
+
+def test_jump_methods_take_a_draft_budget():
+    got = dict(dynamics.parse_methods("odb,odb/r96,odb@1.0/r128", 0.9, 64, 32))
+    assert got["odb"].ridge_rows == DecodeConfig().ridge_rows
+    assert (got["odb/r96"].ridge_rows, got["odb/r96"].threshold) == (96, 0.9)
+    assert (got["odb@1.0/r128"].ridge_rows, got["odb@1.0/r128"].threshold) == (128, 1.0)
 
 
 def test_suite_registry_reads_the_training_log(tmp_path):

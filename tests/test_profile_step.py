@@ -78,30 +78,39 @@ def test_a_profile_without_kernels_is_refused_by_name(prof):
         prof._summary(steps, [1.0], 3.5)
 
 
-def test_the_profiled_steps_always_have_a_request(prof, monkeypatch):
-    """``_engine``'s step function adds a request whenever the last one has finished, so a jump-share
-    engine that finishes its request early still profiles decode steps."""
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_profiled_steps_always_have_batch_requests(prof, monkeypatch, batch):
+    """``_engine``'s step function adds a request whenever one has finished, so a jump-share engine
+    that finishes its requests early still profiles decode steps of ``--batch`` requests."""
     import types
 
     class Engine:
         def __init__(self):
-            self.live, self.added, self.steps = 0, [], 0
+            self.left, self.added, self.steps, self.widths = {}, [], 0, []
 
         def has_unfinished_requests(self):
-            return self.live > 0
+            return bool(self.left)
 
         def add_request(self, rid, prompt, sp):
             self.added.append(rid)
-            self.live = 3  # finishes after three steps
+            self.left[rid] = 3  # finishes after three steps
 
         def step(self):
             self.steps += 1
-            self.live -= 1
+            self.widths.append(len(self.left))
+            outs = []
+            for rid in list(self.left):
+                self.left[rid] -= 1
+                outs.append(types.SimpleNamespace(request_id=rid, finished=self.left[rid] == 0))
+                if self.left[rid] == 0:
+                    del self.left[rid]
+            return outs
 
     engine = Engine()
 
     class LLM:
         def __init__(self, **kw):
+            assert kw["max_num_seqs"] >= batch
             self.llm_engine = engine
 
         def generate(self, *a, **k):
@@ -112,13 +121,14 @@ def test_the_profiled_steps_always_have_a_request(prof, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "vllm.inputs",
                         types.SimpleNamespace(TokensPrompt=lambda **k: k))
     args = types.SimpleNamespace(model="llada-8b", speculative=True, prompt_len=8, gen_length=16, block_length=8,
-                                 skip=7, engine_args={})
+                                 skip=7, engine_args={}, batch=batch)
     spec = types.SimpleNamespace(mask_token_id=100)
     got, step = prof._engine(args, spec)
-    assert got is engine and engine.steps == 7 and len(engine.added) == 3
+    assert got is engine and engine.steps == 7 and len(engine.added) == 3 * batch
     for _ in range(5):
         step()
-    assert engine.steps == 12 and len(engine.added) == 4 and len(set(engine.added)) == 4
+    assert engine.steps == 12 and len(engine.added) == 4 * batch and len(set(engine.added)) == 4 * batch
+    assert engine.widths == [batch] * 12
 
 
 def test_engine_args_reach_the_profiled_engine_as_json(prof):
@@ -133,3 +143,13 @@ def test_engine_args_reach_the_profiled_engine_as_json(prof):
     assert ap.parse_args(["--model", "llada-8b", "--out", "x"]).engine_args == {}
     with pytest.raises(SystemExit):
         ap.parse_args(["--model", "llada-8b", "--out", "x", "--engine-args", "[1]"])
+
+
+def test_batch_below_one_is_refused_by_name(prof):
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    prof.add_arguments(ap)
+    args = ap.parse_args(["--model", "llada-8b", "--out", "x.json", "--batch", "0"])
+    with pytest.raises(SystemExit, match="--batch 0"):
+        prof.main(args)

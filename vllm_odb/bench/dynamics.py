@@ -19,7 +19,9 @@ reference engine and reports, from the recorded traces:
 - jump-share (``jump`` methods, decoded alone: the draft budget of a request alone): drafted tokens
   accepted per forward.
 
-Methods are names of ``vllm_odb.policies.METHODS``, optionally ``@threshold`` (``odb@1.0``).
+Methods are names of ``vllm_odb.policies.METHODS``, optionally ``@threshold`` (``odb@1.0``) and,
+for a jump-share method, ``/rROWS``: its draft budget in query rows (``odb/r96``, ``odb@1.0/r128``;
+default ``DecodeConfig.ridge_rows``), so one run compares what fewer draft rows cost in forwards.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def parse_methods(text: str, threshold: float, gen: int, block: int) -> list[tuple[str, DecodeConfig]]:
     out = []
     for item in (m.strip() for m in text.split(",") if m.strip()):
-        name, _, thr = item.partition("@")
+        spec, _, rows = item.partition("/r")
+        name, _, thr = spec.partition("@")
         if name not in METHODS:
             raise ValueError(f"--methods: unknown method {name!r}; choose from {sorted(METHODS)}")
         try:
@@ -63,6 +66,12 @@ def parse_methods(text: str, threshold: float, gen: int, block: int) -> list[tup
         knobs = {"gen_length": gen, "block_length": block}
         if METHODS[name].get("rule") != "quota":
             knobs["threshold"] = t
+        if rows:
+            if not rows.isdigit():
+                raise ValueError(f"--methods: {item!r}: the part after /r is a draft budget in query rows")
+            if not DecodeConfig.for_method(name).jump:
+                raise ValueError(f"--methods: {item!r}: /r sets a jump-share method's draft budget; {name} drafts nothing")
+            knobs["ridge_rows"] = int(rows)
         out.append((item, DecodeConfig.for_method(name, **knobs)))
     return out
 

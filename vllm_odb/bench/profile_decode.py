@@ -1,5 +1,5 @@
 """``python -m vllm_odb.bench profile-decode-step``: where a batch-1 decode step of the vLLM engine
-spends its time (issue #8's per-step profile).
+spends its time (issue #8's per-step profile); ``--batch N`` keeps N requests in every step.
 
     python -m vllm_odb.bench profile-decode-step --model llada-8b --out profile-llada.json
 
@@ -100,6 +100,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--gen-length", type=int, default=256)
     ap.add_argument("--block-length", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=1,
+                    help="requests kept in every step (a finished one is replaced at once)")
     ap.add_argument("--skip", type=int, default=40, help="engine steps before profiling")
     ap.add_argument("--steps", type=int, default=24, help="engine steps profiled")
     ap.add_argument("--speculative", action="store_true",
@@ -116,6 +118,8 @@ def _engine_args(text: str) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.batch < 1:
+        raise SystemExit(f"profile-decode-step: --batch {args.batch}: give at least 1 request")
     faulthandler.dump_traceback_later(560, exit=True)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm_odb.bench.ceilings import measure
@@ -129,7 +133,8 @@ def main(args: argparse.Namespace) -> int:
     plain, res, python_host = _profile_steps(engine, step, args)
     floor_ms = weight_bytes(spec) / (ceilings["copy_bandwidth_gbs"] * 1e9) * 1e3
     summary = _summary(res, plain, floor_ms)
-    out = {"model": args.model, "engine": "jump-share" if args.speculative else "plain", "engine_args": args.engine_args,
+    out = {"model": args.model, "engine": "jump-share" if args.speculative else "plain", "batch": args.batch,
+           "engine_args": args.engine_args,
            "weights": "random (load_format=dummy)", "prompt_len": args.prompt_len, "gen_length": args.gen_length, "block_length": args.block_length, "ceilings": ceilings,
            "when": time.strftime("%Y-%m-%d %H:%M:%S"), "summary": summary, **res, "python_host_cprofile": python_host}
     print(json.dumps(summary))
@@ -152,7 +157,7 @@ def _engine(args, spec):
     llm = LLM(model=path, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               # the jump-share canvas reaches past the block (its draft rows, up to ridge_rows)
               max_model_len=args.prompt_len + args.gen_length + (1024 if args.speculative else 64),
-              gpu_memory_utilization=0.85, max_num_seqs=8, seed=0,
+              gpu_memory_utilization=0.85, max_num_seqs=max(8, args.batch), seed=0,
               additional_config={"odb": {"block_length": args.block_length, "gen_length": args.gen_length}},
               **{**jump, **args.engine_args})
     engine = llm.llm_engine
@@ -162,13 +167,19 @@ def _engine(args, spec):
     llm.generate([TokensPrompt(prompt_token_ids=prompt)], sp, use_tqdm=False)  # warm this shape
     added = iter(range(1 << 30))
 
+    live: set[str] = set()
+
     def step() -> None:
-        """One engine step, with a request in it: jump-share can finish a random-weight request in
-        fewer steps than ``--skip`` (its drafts are accepted wholesale), so a finished one is
-        replaced by the next (its first steps are refreshes, which the summary leaves out)."""
-        if not engine.has_unfinished_requests():
-            engine.add_request(f"profiled-{next(added)}", TokensPrompt(prompt_token_ids=prompt), sp)
-        engine.step()
+        """One engine step with ``--batch`` requests in it: jump-share can finish a random-weight
+        request in fewer steps than ``--skip`` (its drafts are accepted wholesale), so a finished
+        one is replaced by the next (its first steps are refreshes, which the summary leaves out)."""
+        while len(live) < args.batch:
+            rid = f"profiled-{next(added)}"
+            engine.add_request(rid, TokensPrompt(prompt_token_ids=prompt), sp)
+            live.add(rid)
+        for out in engine.step():
+            if out.finished:
+                live.discard(out.request_id)
 
     for _ in range(args.skip):
         step()
