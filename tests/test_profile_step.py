@@ -153,3 +153,14 @@ def test_batch_below_one_is_refused_by_name(prof):
     args = ap.parse_args(["--model", "llada-8b", "--out", "x.json", "--batch", "0"])
     with pytest.raises(SystemExit, match="--batch 0"):
         prof.main(args)
+
+
+def test_decode_steps_are_the_steps_near_the_median_kernel_count(prof):
+    """Overlapped steps' kernel counts spread by a few percent (483-513 on the H200): every step
+    within 15% of the median of the steps without a refresh counts, not only the most common count
+    (which kept 2 steps of 24); a step far off (a block's first plan, a refresh) does not."""
+    steps = [{"kernels": k, "wall_ms": 5.0, "gpu_busy_ms": 4.0, "matmul_ms": 3.0, "attention_ms": 0.5,
+              "other_ms": 0.5, "idle_before_ms": 0.0, "idle_between_ms": 0.3, "idle_after_ms": 0.0,
+              "refresh": k == 794} for k in (794, 200, 676, 483, 496, 499, 494, 504, 486, 501, 502)]
+    summary = prof._summary({"steps": steps}, [5.0], 3.5)
+    assert summary["decode_steps"] == 8 and summary["refresh_steps"] == 1
