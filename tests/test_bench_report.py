@@ -351,3 +351,17 @@ def test_bad_traces_file_is_a_clear_error(tmp_path, capsys):
     bad = _write(tmp_path, {"rows": []}, "traces.json")
     assert bench_main(["report", str(_write(tmp_path, _data())), "--traces", str(bad)]) == 2
     assert "not a traces file" in capsys.readouterr().err
+
+
+def test_wall_split_section_for_rows_that_carry_it(tmp_path):
+    """Rows with ``bench speed``'s step split get a section of their wall time by kind of step;
+    older rows (without it) get none."""
+    data = _data()
+    assert "Where the wall went" not in report.build_markdown(report.load_results(_write(tmp_path, data)), "r")
+    data["rows"][0].update({"steps_per_request": 80.5, "decode_s_per_request": 0.35, "decode_steps_per_request": 63,
+                            "refresh_step_s_per_request": 0.19, "refresh_step_steps_per_request": 6.5,
+                            "idle_s_per_request": 0.03, "idle_steps_per_request": 6,
+                            "untimed_s_per_request": 0.11})
+    md = report.build_markdown(report.load_results(_write(tmp_path, data, "split.json")), "r")
+    part = md.split("## Where the wall went")[1].split("## Goals")[0]
+    assert "| 80.5 | 350.0 ms / 63 | 190.0 ms / 6.5 | 30.0 ms / 6 | 110.0 ms |" in part

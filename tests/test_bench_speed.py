@@ -146,3 +146,25 @@ def test_a_jump_row_where_no_draft_fits_replays_its_plain_twin():
     assert method == "odb" and "overstated" in note
     assert replay_method("odb-alp", 1024, 64, args, 0, traces, "vllm") == ("odb-alp", "")
     assert replay_method("odb", 1024, 8, args, 1, traces, "vllm")[0] == "odb-alp"  # Dream: 2*22-33 < 33
+
+
+def test_step_split_says_which_steps_the_wall_went_to(tmp_path):
+    """Per request: decode steps, steps with a refresh, steps that did neither, and the wall no step
+    covers (the step after a request ended has no previous step: untimed)."""
+    import json
+
+    from vllm_odb.bench.speed import step_split
+
+    lines = [{"step_s": None, "decode_reqs": 0, "refresh_reqs": 1},
+             {"step_s": 0.005, "decode_reqs": 1, "refresh_reqs": 0},
+             {"step_s": 0.005, "decode_reqs": 1, "refresh_reqs": 0},
+             {"step_s": 0.030, "decode_reqs": 1, "refresh_reqs": 1},
+             {"step_s": 0.004, "decode_reqs": 0, "refresh_reqs": 0}]
+    path = tmp_path / "steps.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    got = step_split(str(path), 2, 0.1)
+    assert got["steps_per_request"] == 2.5
+    assert got["decode_s_per_request"] == 0.005 and got["decode_steps_per_request"] == 1.0
+    assert got["refresh_step_s_per_request"] == 0.015 and got["refresh_step_steps_per_request"] == 0.5
+    assert got["idle_s_per_request"] == 0.002 and got["idle_steps_per_request"] == 0.5
+    assert got["untimed_s_per_request"] == 0.028

@@ -358,6 +358,24 @@ def roofline_targets(rows: list[dict], roofs: dict[int, Roofline], model: str) -
     return lines
 
 
+SPLIT = (("decode", "decode steps"), ("refresh_step", "steps with a refresh"), ("idle", "idle steps"))
+
+
+def wall_split(rows: list[dict]) -> list[str]:
+    """The rows' wall time per request by kind of engine step (``bench speed``'s ``step_split``,
+    vLLM rows recorded since session 12): where the time beyond the roofline sits."""
+    have = [r for r in rows if "steps_per_request" in r]
+    if not have:
+        return []
+    body = []
+    for r in have:
+        cells = [f"{1e3 * r[f'{k}_s_per_request']:.1f} ms / {r[f'{k}_steps_per_request']:g}" for k, _ in SPLIT]
+        body.append([r["model"], _engine_label(r), r["method"], r["gen_length"], r["batch"],
+                     f"{r['steps_per_request']:g}", *cells, f"{1e3 * r['untimed_s_per_request']:.1f} ms"])
+    return ["", "## Where the wall went, per request (engine steps by kind: time / count)", "",
+            *_table(["model", "engine", "method", "gen", "batch", "steps", *(h for _, h in SPLIT), "no step"], body)]
+
+
 def _cell(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -401,6 +419,8 @@ def build_markdown(data: dict, title: str, plots: list[str] | None = None, skipp
         lines += ["", *notes] if notes else []
     else:
         lines.append("No rows.")
+
+    lines += wall_split(order)
 
     lines += ["", "## Goals", ""]
     models = full_size_models(rows)

@@ -498,6 +498,7 @@ def run_vllm(args, methods, gens, batches, emit) -> None:
                 row["note"] = "; ".join(notes)
             steps: list[dict] = []
             row.update(_step_profile(profile, spec, b, m, g, steps, args, jump, llm))
+            row.update(step_split(profile, n_req, wall))
             emit(row, steps)
         del llm
         torch.cuda.empty_cache()
@@ -508,6 +509,28 @@ def _response_len(ids: list[int], end_ids: set[int]) -> int:
         if t in end_ids:
             return i
     return len(ids)
+
+
+def step_split(path: str, requests: int, wall: float) -> dict:
+    """Where a row's wall time went, per request, from the engine's step profile: steps that
+    decoded (``decode_s``), steps that ran a refresh (``refresh_step_s``, the decode beside it
+    included), steps that did neither (``idle_s``: e.g. a block that overlap sends out one step
+    late, or a step of prompts only), and the time no step covers (``untimed_s``: request start and
+    end, the gap before a step whose previous one is unknown). Counts of steps beside them. The
+    roofline counts forwards; this says which steps the rest of the wall is in."""
+    with open(path) as f:
+        prof = [json.loads(line) for line in f if line.strip()]
+    n = max(1, requests)
+    timed = [s for s in prof if s["step_s"] is not None]
+    kinds = {"decode": [s for s in timed if s["decode_reqs"] and not s["refresh_reqs"]],
+             "refresh_step": [s for s in timed if s["refresh_reqs"]],
+             "idle": [s for s in timed if not s["decode_reqs"] and not s["refresh_reqs"]]}
+    out = {"steps_per_request": round(len(prof) / n, 2)}
+    for k, steps in kinds.items():
+        out[f"{k}_s_per_request"] = round(sum(s["step_s"] for s in steps) / n, 4)
+        out[f"{k}_steps_per_request"] = round(len(steps) / n, 2)
+    out["untimed_s_per_request"] = round(max(0.0, wall - sum(s["step_s"] for s in timed)) / n, 4)
+    return out
 
 
 def _step_profile(path, spec, batch, method, gen, steps_out, args, jump, llm) -> dict:
