@@ -344,6 +344,49 @@ def test_overlap_reads_a_step_outcome_at_the_next_step():
     assert torch.equal(got[False], got[True])
 
 
+@pytest.mark.parametrize("mode", ["1", "always"])
+def test_a_step_that_must_complete_its_block_is_read_in_the_step(mode, monkeypatch):
+    """Overlap's one exception: a request whose block had one mask left after its last settled
+    step completes it in this step (a step commits a token at least), so this step's outcome is
+    read now. The block goes out and the refresh runs in this step, and no idle forward follows:
+    deferred, the next step would run the completed block again. ``VLLM_ODB_OVERLAP=always``
+    defers it as before. Tokens are the same either way."""
+    monkeypatch.setenv("VLLM_ODB_OVERLAP", mode)
+    cfg = DecodeConfig(gen_length=32, block_length=8)
+    engine = Engine(cfg, overlap=True)
+    req = engine.add(0, "a", [1, 2, 3, 4])
+    engine.decode({0: window(8, {r: (3, 0.99) for r in range(7)})})  # seven commit, one mask left
+    assert engine.sampler._pending and req.masks_left is None  # not read yet
+    out = engine.decode({0: window(8)})  # reads the last step (one left), then commits the last mask
+    if mode == "1":
+        assert not engine.sampler._pending and req.masks_left is None  # a new block: unknown again
+        assert int(out.num_sampled[0]) == 8 and req.start == 12 and len(engine.forwards) == 1
+    else:
+        assert engine.sampler._pending and req.masks_left == 1 and int(out.num_sampled[0]) == 0
+        out = engine.decode({0: window(8)})  # the idle forward
+        assert int(out.num_sampled[0]) == 8 and req.start == 12 and len(engine.forwards) == 1
+    assert req.stats["idle_forwards"] == (0 if mode == "1" else 1) and req.stats["forwards"] == 3
+    assert torch.equal(engine.table.tokens[0, 4:12], torch.full((8,), 3))
+
+
+def test_a_batch_is_read_in_the_step_only_when_every_block_must_complete():
+    """At batch 2, one request with a mask left and one with more: the step defers as usual (a
+    sync would stall both for one request's idle rows, nearly free in a batch)."""
+    cfg = DecodeConfig(gen_length=32, block_length=8)
+    engine = Engine(cfg, overlap=True)
+    a = engine.add(0, "a", [1, 2, 3, 4])
+    b = engine.add(1, "b", [1, 2, 3])
+    engine.decode({0: window(8, {r: (3, 0.99) for r in range(7)}), 1: window(8)})
+    engine.decode({0: window(8), 1: window(8)})
+    assert (a.masks_left, b.masks_left) == (1, 7) and engine.sampler._pending
+
+
+def test_overlap_variable_values_are_checked(monkeypatch):
+    monkeypatch.setenv("VLLM_ODB_OVERLAP", "sometimes")
+    with pytest.raises(ValueError, match="VLLM_ODB_OVERLAP='sometimes'"):
+        Engine(DecodeConfig(gen_length=32, block_length=8), overlap=True)
+
+
 def test_overlap_keeps_an_outcome_until_its_request_has_a_row():
     """A block completed, then the scheduler cut the request's next window short: that row can
     carry no block, so it rejects every slot and the outcome waits; the block goes out at the

@@ -108,6 +108,9 @@ class ODBRequest:
     error: str | None = None  # why its step failed (RequestTable.fail); it then ends with an error
     fault: faults.Fault | None = None  # debug fault injection (engine/faults.py); None when serving
     block_step: int = 0  # forwards taken in the current block
+    # Masks left in the current block after its last settled decode step (the host's view: under
+    # overlap one step late); None at a block's start. With one left, the next step completes it.
+    masks_left: int | None = None
     thresholds: BlockThresholds | None = None  # APD / dynamic thresholds of the current block
     # Per-request counters, named as in engine/metrics.py (forwards = NFE).
     stats: dict = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
@@ -192,6 +195,7 @@ class ODBRequest:
             self.stats["tokens"] += self.cfg.block_length
         self.start += self.cfg.block_length
         self.block_step = 0
+        self.masks_left = None
         self.plan = None  # planned for the block that went out; the refresh plans the next one
         return not (self.finished or self.start >= self.end or stop)
 

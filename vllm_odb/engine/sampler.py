@@ -27,7 +27,10 @@ each forward. One step, top to bottom (``_step``; the reference loop's order, po
 Overlap (the default; ``VLLM_ODB_OVERLAP=0`` turns it off) is what keeps the GPU busy: the host
 never waits for a forward, so vLLM schedules and prepares the next step while this one runs. Its
 price: a completed block goes out one step later, and its request's forward in that step is idle
-(counted in ``idle_forwards``, not in NFE); tokens and NFE are unchanged. Jump-share overlaps too:
+(counted in ``idle_forwards``, not in NFE); tokens and NFE are unchanged. Except where the step
+must complete the block of every request it decodes (each had one mask left after its last
+settled step; about three blocks in four at real dynamics end so): that step is read in the step,
+and its refreshes run at once (``VLLM_ODB_OVERLAP=always`` defers those too). Jump-share overlaps too:
 its plans never wait for an outcome. Each is laid out in the fixed number of rows the next step
 gives its request, with the largest draft family the budget allows and the drafts past the
 block's own count invalid (a block with fewer than two masks, or complete, plans its base branch
@@ -91,8 +94,11 @@ _ALP_ROWS = 256  # canvas rows projected to the vocabulary at once for length pr
 # VLLM_ODB_REFRESH_TOKENS=n: refresh side forwards of up to n tokens instead of the runner's token
 # budget (debugging: past the budget, a side forward may need memory vLLM's profile did not leave).
 _REFRESH_TOKENS_ENV = "VLLM_ODB_REFRESH_TOKENS"
-# VLLM_ODB_OVERLAP=0: read each decode step's outcome in the step itself (a host sync per step).
+# VLLM_ODB_OVERLAP=0: read each decode step's outcome in the step itself (a host sync per step);
+# "always": read every outcome at the next step, also of a step that must complete every block it
+# decodes (the default reads those in the step: module doc).
 OVERLAP_ENV = "VLLM_ODB_OVERLAP"
+OVERLAP_VALUES = ("1", "0", "always")
 
 
 @dataclass
@@ -257,7 +263,11 @@ class ODBSampler:
         # host never waits for a forward and prepares the next step while it runs. A completed block
         # then goes out one step later; its request's forward in that step is idle. Jump-share plans
         # a step from the outcome of the one before it: it reads it at once while drafts fit.
-        self.overlap = os.environ.get(OVERLAP_ENV, "1") != "0"
+        overlap = os.environ.get(OVERLAP_ENV, "1").strip().lower() or "1"
+        if overlap not in OVERLAP_VALUES:
+            raise ValueError(f"{OVERLAP_ENV}={overlap!r}: give 1 (the default), 0 or always")
+        self.overlap = overlap != "0"
+        self.overlap_last = overlap == "always"  # defer a step that must complete its blocks, too
         self._pending: list[Outcome] = []
 
     # ---- the runner's sampler surface -------------------------------------------------------
@@ -306,7 +316,8 @@ class ODBSampler:
             # jump-share: the next step's branches from this one's, on the device, before its outcome
             # is known (a block this step completes plans no draft, and goes out before its plan runs)
             self._plan_decoded(slots, decoded, step)
-            if self.overlap:  # read at the next step (_read_pending): no host sync now
+            if self.overlap and (self.overlap_last or not self._completes_every_block(decoded)):
+                # read at the next step (_read_pending): no host sync now
                 self._pending.append(Outcome.later(slots, decoded, flags))
             else:  # the step's host sync
                 refresh += self._settle([(s, q, f) for s, q, f in zip(slots, decoded, flags.tolist())], rows, out,
@@ -330,6 +341,15 @@ class ODBSampler:
             self.observer.step_ended(StepReport(input_batch, decoded, [table.get(s) for s, _ in refresh],
                                                 table.ends != ends or (table.idle() and not self._pending)))
         return out.result()
+
+    @staticmethod
+    def _completes_every_block(reqs: list[ODBRequest]) -> bool:
+        """Whether this step must complete the block of every request it decoded: each had one mask
+        left after its last settled step, and a step commits at least one token. Such a step is
+        read in the step (a host sync): deferred, every request's forward in the next step would
+        run its completed block again, idle (a whole forward at batch 1); read now, its refreshes
+        run in this step. A wrong guess (a policy that may commit nothing) costs the sync only."""
+        return bool(reqs) and all(q.masks_left == 1 for q in reqs)
 
     def _decode(self, logits, cu: np.ndarray, dec_rows: list[int], slot_list: list[int], reqs: list[ODBRequest]):
         """Decode: one policy step on every decode request's block (request ``slot_list[i]`` in
@@ -431,6 +451,7 @@ class ODBSampler:
         if idle:
             q.stats["idle_forwards"] += 1
         q.forwarded(bool(decided), accepted)
+        q.masks_left = int(masks_left)
         if not complete:
             return False, False
         if q.complete_block(q.stops(bool(has_end))):
