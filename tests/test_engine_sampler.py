@@ -369,6 +369,23 @@ def test_a_step_that_must_complete_its_block_is_read_in_the_step(mode, monkeypat
     assert torch.equal(engine.table.tokens[0, 4:12], torch.full((8,), 3))
 
 
+def test_which_steps_are_expected_to_complete_their_blocks():
+    """One mask left completes a block in any step; two do under jump-share (its draft fills one).
+    A block whose count is unknown (its first step after a refresh) or a batch with one request
+    further off is not expected to complete."""
+    import types
+
+    from vllm_odb.engine.sampler import ODBSampler
+
+    def q(left, jump=False):
+        return types.SimpleNamespace(masks_left=left, cfg=types.SimpleNamespace(jump=jump))
+
+    expect = ODBSampler._completes_every_block
+    assert expect([q(1)]) and expect([q(1), q(1)]) and expect([q(2, jump=True)]) and expect([q(1), q(2, True)])
+    assert not expect([q(2)]) and not expect([q(3, jump=True)]) and not expect([q(None)]) and not expect([])
+    assert not expect([q(1), q(4)])
+
+
 def test_a_batch_is_read_in_the_step_only_when_every_block_must_complete():
     """At batch 2, one request with a mask left and one with more: the step defers as usual (a
     sync would stall both for one request's idle rows, nearly free in a batch)."""
