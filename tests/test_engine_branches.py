@@ -672,7 +672,7 @@ def test_the_kernels_tiles_default_and_follow_the_variable(monkeypatch):
     from vllm_odb.engine.draft_attention import TILES_ENV, draft_tiles
 
     monkeypatch.delenv(TILES_ENV, raising=False)
-    assert draft_tiles(16) == (16, 32) and draft_tiles(146) == (32, 64)
+    assert draft_tiles(16) == (16, 64) and draft_tiles(146) == (32, 64)
     monkeypatch.setenv(TILES_ENV, "64,32")
     assert draft_tiles(146) == (64, 32)
     for bad in ("64", "8,32", "a,b"):

@@ -327,11 +327,12 @@ def draft_tiles(max_draft: int) -> tuple[int, int]:
     row tiles, times the key splits of ``draft_splits``). ``VLLM_ODB_DRAFT_TILES=m,n[,warps]``
     overrides them (benchmarks: scripts/gpu_draft_tiles.py). Measured on the H200 at LLaDA-8B shapes
     (BENCHMARKS.md, "Session 9"): 32 x 64 took 1-20% less than the 64 x 32 used before in all four
-    cases, and was the fastest in two of them."""
+    cases, and was the fastest in two of them. For a few draft rows a request, 16 x 64 (in CUDA
+    graphs, "Session 10": 0.69 ms against 1.02 ms for 16 x 32 at 3 requests of 16 drafts)."""
     knob = _tiles_knob()
     if knob is not None:
         return knob[0], knob[1]
-    return (16, 32) if max_draft <= 16 else (32, 64)
+    return (16, 64) if max_draft <= 16 else (32, 64)
 
 
 def draft_warps() -> int:
