@@ -17,18 +17,21 @@
 # Continue a restored version on the device (carry OUT, one format per call if both pass 64 MiB):
 #   INIT_TARS=OUT BACKGROUND=1 PHASE=train ... bash scripts/train_tiny.sh
 set -euo pipefail
+abs() { [[ $1 = /* ]] && echo "$1" || echo "$PWD/$1"; }  # DIR and OUT as given, before the cd
+[[ $# -ge 3 ]] && set -- "$1" "$2" "$(abs "$3")"
 cd "$(git rev-parse --show-toplevel)"
 RECORD=benchmarks/results/dynamics/checkpoint-history.txt
-GIT=(git -c user.name="${GIT_AUTHOR_NAME:-vllm-odb}" -c user.email="${GIT_AUTHOR_EMAIL:-dev@vllm-odb.invalid}")
+GIT=(git -c user.name="$(git config user.name || echo vllm-odb)" -c user.email="$(git config user.email || echo dev@vllm-odb.invalid)")
 die() { echo "ckpt_history: $*" >&2; exit 2; }
 valid_version() { [[ $1 =~ ^[A-Za-z0-9._-]+$ ]] || die "VERSION '$1': letters, digits, '.', '_' and '-' only"; }
+recorded() { [[ -f $RECORD ]] && awk -v v="$1" '$1 == v' "$RECORD" | tail -n 1; }  # the version's line, exactly
 
 case ${1:-} in
 save)
   [[ $# -eq 3 ]] || die "usage: save VERSION DIR"
   version=$2; src=$3; valid_version "$version"
   [[ -d $src ]] || die "DIR '$src' is not a folder"
-  grep -q "^$version " "$RECORD" 2>/dev/null && die "version $version is already in $RECORD"
+  [[ -z $(recorded "$version") ]] || die "version $version is already in $RECORD"
   [[ -z $(git status --porcelain) ]] || die "the working tree has changes: commit or stash them first"
   dest=checkpoints/in-training/$version
   tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
@@ -54,17 +57,20 @@ save)
 restore)
   [[ $# -eq 3 ]] || die "usage: restore VERSION OUT"
   version=$2; out=$3; valid_version "$version"
-  line=$(grep "^$version " "$RECORD" 2>/dev/null | tail -n 1) || true
+  line=$(recorded "$version") || true
   [[ -n $line ]] || die "version $version is not in $RECORD (bash scripts/ckpt_history.sh list)"
   read -r _ sha path _ <<< "$line"
   git cat-file -e "$sha^{commit}" 2>/dev/null || die "commit $sha of $version is not in this clone (a shallow clone? git fetch --unshallow)"
   tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
   git archive "$sha" "$path" | tar -x -C "$tmp"
   mkdir -p "$out"
+  compgen -G "$out/*tiny-*.tar" > /dev/null && die "OUT '$out' already holds checkpoint tars: give an empty folder"
   for d in "$tmp/$path"/tiny-*/; do
     tar -cf "$out/$(basename "$d").tar" -C "$tmp/$path" "$(basename "$d")"
     echo "restored $out/$(basename "$d").tar"
-  done ;;
+  done
+  [[ -e $out/tiny-llada.tar && -e $out/tiny-dream.tar ]] || \
+    echo "ckpt_history: $version holds one format only; train_tiny.sh trains both (train the other from scratch)" >&2 ;;
 list)
   [[ -f $RECORD ]] && cat "$RECORD" || echo "no checkpoints kept yet ($RECORD)" ;;
 *) die "give save VERSION DIR, restore VERSION OUT or list" ;;

@@ -27,12 +27,14 @@
 #   ... other calls ...;  PHASE=collect WAIT=580 OUT=$OUT bash scripts/train_tiny.sh
 # Checkpoints outlive the session only in git: `bash scripts/ckpt_history.sh save vN DIR` keeps the
 # collected tars in history (out of the tree the device carries), `restore vN DIR` brings them back
-# as INIT_TARS for the next continuation. The tree (~32 MiB) and both tars (~15 MiB each) pass the
-# 64 MiB a call carries together, so they travel one per call, into a folder the machine keeps:
-#   bash scripts/ckpt_history.sh restore vN .gpu/init; mkdir .gpu/init-l .gpu/init-d
+# as INIT_TARS for the next continuation. The tree (~32 MiB) and both tars (~15 MiB each) leave no
+# room in the 64 MiB a call carries, so they travel one per call, into a folder the machine keeps
+# while warm (check both tars are there before training: a released machine loses the first):
+#   bash scripts/ckpt_history.sh restore vN .gpu/init; mkdir -p .gpu/init-l .gpu/init-d
 #   mv .gpu/init/tiny-llada.tar .gpu/init-l/; mv .gpu/init/tiny-dream.tar .gpu/init-d/
 #   call (carry .gpu/init-l): mkdir -p /tmp/init-tars && cp .gpu/init-l/* /tmp/init-tars/
-#   call (carry .gpu/init-d): cp .gpu/init-d/* /tmp/init-tars/ && INIT_TARS=/tmp/init-tars BACKGROUND=1 PHASE=train ...
+#   call (carry .gpu/init-d): cp .gpu/init-d/* /tmp/init-tars/ && ls /tmp/init-tars/tiny-{llada,dream}.tar \
+#     && INIT_TARS=/tmp/init-tars BACKGROUND=1 PHASE=train ...
 set -euo pipefail
 OUT=${OUT:-out}; WORK=${WORK:-/tmp/tiny-train}; MAXMIN=${MAXMIN:-6.8}; PHASE=${PHASE:-all}
 if [[ -n ${INIT_TARS:-} ]]; then  # final (tiny-FMT.tar) or partial (partial-tiny-FMT.tar) checkpoints

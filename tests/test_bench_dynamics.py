@@ -57,7 +57,7 @@ def test_method_names_take_a_threshold():
     got = dynamics.parse_methods("fast-dllm,odb@1.0,vanilla", 0.9, 64, 32)
     assert [n for n, _ in got] == ["fast-dllm", "odb@1.0", "vanilla"]
     assert got[0][1].threshold == 0.9 and got[1][1].threshold == 1.0 and got[1][1].jump
-    for bad, msg in (("nope", "unknown method"), ("odb@x", "threshold"), ("odb/rx", "draft budget"),
+    for bad, msg in (("nope", "unknown method"), ("odb@x", "threshold"), ("odb/rx", "draft budget"), ("odb/r", "draft budget"),
                      ("fast-dllm/r96", "drafts nothing")):
         with pytest.raises(ValueError, match=msg):
             dynamics.parse_methods(bad, 0.9, 64, 32)

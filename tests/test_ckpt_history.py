@@ -84,3 +84,28 @@ def test_refusals_name_what_is_wrong(repo, tmp_path):
     _checkpoint(tmp_path / "c", "llada", b"\x03")
     res = _run(repo, "save", "v2", str(tmp_path / "c"))
     assert res.returncode == 2 and "working tree has changes" in res.stderr
+
+
+def test_paths_are_taken_from_where_it_runs_and_versions_match_exactly(repo, tmp_path):
+    """DIR and OUT relative to the caller's folder (not the repository's top); a version with a dot
+    matches itself only; a restore into a folder that holds tars already is refused."""
+    sub = repo / "sub"  # (an empty folder: git does not see it)
+    sub.mkdir()
+    _checkpoint(tmp_path / "ck", "llada", b"\x05" * 10)
+
+    def run(*args):
+        return subprocess.run(["bash", "../scripts/ckpt_history.sh", *args], cwd=sub, capture_output=True, text=True)
+
+    for version, payload in (("v1.0", b"\x05"), ("v1x0", b"\x06")):
+        (tmp_path / "ck" / "tiny-llada" / "model.safetensors").write_bytes(payload * 10)
+        res = run("save", version, "../../ck")
+        assert res.returncode == 0, res.stderr
+    res = run("restore", "v1.0", "../../out")
+    assert res.returncode == 0, res.stderr
+    assert "one format only" in res.stderr
+    with tarfile.open(tmp_path / "out" / "tiny-llada.tar") as t:
+        assert t.extractfile("tiny-llada/model.safetensors").read() == b"\x05" * 10  # v1.0's, not v1x0's
+    res = run("save", "v1.0", "../../ck")
+    assert res.returncode == 2 and "already in" in res.stderr
+    res = run("restore", "v1x0", "../../out")
+    assert res.returncode == 2 and "already holds checkpoint tars" in res.stderr

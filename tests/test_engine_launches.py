@@ -125,8 +125,8 @@ def test_a_jump_share_decode_step_reads_nothing_back(monkeypatch):
     real_read, real_tolist = sampler_mod.Outcome.read, torch.Tensor.tolist
     real_certain = sampler_mod.ODBSampler._completes_every_block
 
-    def completes(reqs):
-        certain[-1] = real_certain(reqs)
+    def completes(reqs, drafted=frozenset()):
+        certain[-1] = real_certain(reqs, drafted)
         return certain[-1]
 
     monkeypatch.setattr(sampler_mod.ODBSampler, "_completes_every_block", staticmethod(completes))

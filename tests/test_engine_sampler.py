@@ -370,20 +370,36 @@ def test_a_step_that_must_complete_its_block_is_read_in_the_step(mode, monkeypat
 
 
 def test_which_steps_are_expected_to_complete_their_blocks():
-    """One mask left completes a block in any step; two do under jump-share (its draft fills one).
-    A block whose count is unknown (its first step after a refresh) or a batch with one request
+    """One mask left completes a block in any step; two do in a step with drafts (its draft fills
+    one), not in a jump-share step without (temperature > 0, or no room in the batch's share). A
+    block whose count is unknown (its first step after a refresh) or a batch with one request
     further off is not expected to complete."""
     import types
 
     from vllm_odb.engine.sampler import ODBSampler
 
-    def q(left, jump=False):
-        return types.SimpleNamespace(masks_left=left, cfg=types.SimpleNamespace(jump=jump))
+    def q(left):
+        return types.SimpleNamespace(masks_left=left)
 
-    expect = ODBSampler._completes_every_block
-    assert expect([q(1)]) and expect([q(1), q(1)]) and expect([q(2, jump=True)]) and expect([q(1), q(2, True)])
-    assert not expect([q(2)]) and not expect([q(3, jump=True)]) and not expect([q(None)]) and not expect([])
-    assert not expect([q(1), q(4)])
+    def expect(reqs, drafted=()):
+        return ODBSampler._completes_every_block(reqs, {id(r) for r in drafted})
+
+    one, two, three = q(1), q(2), q(3)
+    assert expect([one]) and expect([one, q(1)]) and expect([two], [two]) and expect([one, two], [two])
+    assert not expect([two]) and not expect([three], [three]) and not expect([q(None)]) and not expect([])
+    assert not expect([one, q(4)]) and not expect([one, two], [one])  # two left, no draft this step
+
+
+def test_a_jump_share_step_with_two_masks_and_a_draft_is_read_in_the_step():
+    """Alone (drafts fit), a jump-share block with two masks left: its next step carries a draft
+    filling one of them, so that step is read in the step (no outcome waits)."""
+    cfg = DecodeConfig(gen_length=32, block_length=8, jump=True, ridge_rows=16)
+    engine = Engine(cfg, overlap=True)
+    a = engine.add(0, "a", [1, 2, 3, 4])
+    engine.decode({0: window(8, {r: (3, 0.99) for r in range(6)})})  # six commit, two left
+    assert engine.sampler._pending and a.plan is not None and a.plan.num_rows > a.plan.window
+    engine.decode({0: window(a.plan.num_rows)})
+    assert a.masks_left in (None, 1) and not engine.sampler._pending
 
 
 def test_a_batch_is_read_in_the_step_only_when_every_block_must_complete():

@@ -66,7 +66,7 @@ def parse_methods(text: str, threshold: float, gen: int, block: int) -> list[tup
         knobs = {"gen_length": gen, "block_length": block}
         if METHODS[name].get("rule") != "quota":
             knobs["threshold"] = t
-        if rows:
+        if "/r" in item:
             if not rows.isdigit():
                 raise ValueError(f"--methods: {item!r}: the part after /r is a draft budget in query rows")
             if not DecodeConfig.for_method(name).jump:

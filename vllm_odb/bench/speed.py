@@ -514,10 +514,12 @@ def _response_len(ids: list[int], end_ids: set[int]) -> int:
 def step_split(path: str, requests: int, wall: float) -> dict:
     """Where a row's wall time went, per request, from the engine's step profile: steps that
     decoded (``decode_s``), steps that ran a refresh (``refresh_step_s``, the decode beside it
-    included), steps that did neither (``idle_s``: e.g. a block that overlap sends out one step
-    late, or a step of prompts only), and the time no step covers (``untimed_s``: request start and
-    end, the gap before a step whose previous one is unknown). Counts of steps beside them. The
-    roofline counts forwards; this says which steps the rest of the wall is in."""
+    included, and overlap's idle forward before a refresh: that request is settled, not decoded),
+    steps that did neither (``idle_s``: e.g. a last block that overlap sends out one step late, or
+    a step of prompts only), and the time no step covers (``untimed_s``: request start and end, the
+    gap before a step whose previous one is unknown). Counts of steps beside them (the untimed
+    steps are in ``steps_per_request`` only). The roofline counts forwards; this says which steps
+    the rest of the wall is in."""
     with open(path) as f:
         prof = [json.loads(line) for line in f if line.strip()]
     n = max(1, requests)

@@ -29,9 +29,10 @@ never waits for a forward, so vLLM schedules and prepares the next step while th
 price: a completed block goes out one step later, and its request's forward in that step is idle
 (counted in ``idle_forwards``, not in NFE); tokens and NFE are unchanged. Except where the step
 is expected to complete the block of every request it decodes (each had one mask left after its
-last settled step, or two under jump-share; about three blocks in four at real dynamics end so):
-that step is read in the step, and its refreshes run at once (``VLLM_ODB_OVERLAP=always`` defers
-those too). Jump-share overlaps too:
+last settled step, or two in a step with drafts; about three blocks in four at real dynamics end
+so): that step is read in the step, and its refreshes run at once (``VLLM_ODB_OVERLAP=always``
+defers those too). Tokens stay the same either way; so does NFE, but for jump-share in a batch,
+whose steps' draft shares follow the batch's timing. Jump-share overlaps too:
 its plans never wait for an outcome. Each is laid out in the fixed number of rows the next step
 gives its request, with the largest draft family the budget allows and the drafts past the
 block's own count invalid (a block with fewer than two masks, or complete, plans its base branch
@@ -262,8 +263,9 @@ class ODBSampler:
         self.batch, self.next_width = 1, self.width
         # Overlap (the default): a decode step's outcome is read on the host at the next step, so the
         # host never waits for a forward and prepares the next step while it runs. A completed block
-        # then goes out one step later; its request's forward in that step is idle. Jump-share plans
-        # a step from the outcome of the one before it: it reads it at once while drafts fit.
+        # then goes out one step later; its request's forward in that step is idle, except after a
+        # step expected to complete every block it decoded (_completes_every_block): read in the step.
+        # Jump-share overlaps too: its plans are laid out on the device, without the step's outcome.
         overlap = os.environ.get(OVERLAP_ENV, "1").strip().lower() or "1"
         if overlap not in OVERLAP_VALUES:
             raise ValueError(f"{OVERLAP_ENV}={overlap!r}: give 1 (the default), 0 or always")
@@ -312,12 +314,15 @@ class ODBSampler:
         slots = [int(rows.slots[r]) for r in dec]
         decoded = [table.get(s) for s in slots]
         if decoded:
+            # requests whose step carries drafts (their plan's rows past the window: host numbers),
+            # read before _plan_decoded replaces the plans with the next step's
+            drafted = {id(q) for q in decoded if q.plan is not None and q.plan.num_rows > q.plan.window}
             masked, step, unusable = self._decode(logits, input_batch.cu_num_logits_np, dec, slots, decoded)
             flags = self._flags(slots, decoded, masked, step, unusable)
             # jump-share: the next step's branches from this one's, on the device, before its outcome
             # is known (a block this step completes plans no draft, and goes out before its plan runs)
             self._plan_decoded(slots, decoded, step)
-            if self.overlap and (self.overlap_last or not self._completes_every_block(decoded)):
+            if self.overlap and (self.overlap_last or not self._completes_every_block(decoded, drafted)):
                 # read at the next step (_read_pending): no host sync now
                 self._pending.append(Outcome.later(slots, decoded, flags))
             else:  # the step's host sync
@@ -344,15 +349,15 @@ class ODBSampler:
         return out.result()
 
     @staticmethod
-    def _completes_every_block(reqs: list[ODBRequest]) -> bool:
+    def _completes_every_block(reqs: list[ODBRequest], drafted: set[int] = frozenset()) -> bool:
         """Whether this step is expected to complete the block of every request it decoded: each had
-        one mask left after its last settled step (a step commits at least one token), or two under
-        jump-share (its draft fills one: 74% of such steps completed their block on the v6 traces,
-        against 2% of plain steps). Such a step is read in the step (a host sync): deferred, every
-        request's forward in the next step would run its completed block again, idle (a whole
-        forward at batch 1); read now, its refreshes run in this step. A wrong guess costs the sync
-        only."""
-        return bool(reqs) and all(q.masks_left is not None and q.masks_left <= (2 if q.cfg.jump else 1)
+        one mask left after its last settled step (a step commits a token at least), or two where
+        its step carried drafts (``drafted``: ids of those requests; the draft fills one: 74% of such
+        jump-share steps completed their block on the v6 traces, against 2% of plain steps). Such a
+        step is read in the step (a host sync): deferred, every request's forward in the next step
+        would run its completed block again, idle (a whole forward at batch 1); read now, its
+        refreshes run in this step. A wrong guess costs the sync only."""
+        return bool(reqs) and all(q.masks_left is not None and q.masks_left <= (2 if id(q) in drafted else 1)
                                   for q in reqs)
 
     def _decode(self, logits, cu: np.ndarray, dec_rows: list[int], slot_list: list[int], reqs: list[ODBRequest]):
