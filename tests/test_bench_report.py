@@ -116,7 +116,8 @@ def test_batch1_ratios_use_the_requests_both_rows_ran(tmp_path):
 
 def test_rows_table_sorted_and_sparse(tmp_path):
     md = report.build_markdown(report.load_results(_write(tmp_path, _data())), "results.json")
-    table = [line for line in md.split("## Goals")[0].splitlines() if line.startswith("| ") and "---" not in line]
+    rows_part = md.split("## Rows")[1].split("\n## ")[0]  # (the sections after it have tables too)
+    table = [line for line in rows_part.splitlines() if line.startswith("| ") and "---" not in line]
     assert table[0].startswith("| model | replay | engine | method | gen | batch | tok/s | p50 s | p90 s | NFE |")
     keys = [(c[0], int(c[4]), int(c[5]), c[2], c[3]) for c in (line.strip("| ").split(" | ") for line in table[1:])]
     assert keys == sorted(keys) and len(keys) == 10
@@ -365,3 +366,21 @@ def test_wall_split_section_for_rows_that_carry_it(tmp_path):
     md = report.build_markdown(report.load_results(_write(tmp_path, data, "split.json")), "r")
     part = md.split("## Where the wall went")[1].split("## Goals")[0]
     assert "| 80.5 | 350.0 ms / 63 | 190.0 ms / 6.5 | 30.0 ms / 6 | 110.0 ms |" in part
+
+
+def test_step_efficiency_and_the_refresh_target(tmp_path):
+    """Each kind of step against its roofline (medians), refreshes against the bf16 peak, and the
+    refresh target over single-request refreshes of 1-2k tokens."""
+    data = _data()
+    data["meta"]["ceilings"] = {"bf16_matmul_tflops": 100.0, "copy_bandwidth_gbs": 1000.0}
+    flops = 1.5e12  # 15 ms at the peak
+    data["steps"] = [_step("refresh", 1, 1500, ms, flops, 1e9) for ms in (20.0, 25.0, 30.0)]
+    data["steps"].append(_step("decode", 1, 32, 4.0, 1e10, 2e9))  # roofline 2 ms: 50%
+    md = report.build_markdown(report.load_results(_write(tmp_path, data)), "r")
+    part = md.split("## Step efficiency")[1].split("## Goals")[0]
+    assert "| llada-8b | vllm | odb | decode | 1 | 32 | 1 | 4.00 | 2.00 | 50% | - |" in part
+    assert "| llada-8b | vllm | odb | refresh | 1 | 1500 | 3 | 25.00 | 15.00 | 60% | 60% |" in part
+    assert "median 60% over 3 refreshes" in part and ": not met." in part
+    data["steps"] = data["steps"][:1]  # 20 ms: 75% of the peak
+    md = report.build_markdown(report.load_results(_write(tmp_path, data, "met.json")), "r")
+    assert "median 75% over 1 refreshes" in md and ": met." in md

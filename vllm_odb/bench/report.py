@@ -7,7 +7,10 @@ per-step profile) to ``--out-dir``. A plot whose data is missing is skipped with
 
 Every row shows its roofline (bench/roofline.py: its forwards at the run's measured ceilings) as
 ms per request, wall time ÷ roofline time and tok/s ÷ roofline tok/s, and the goals section flags
-the roofline targets (batch 1 within 1.4x, 64 concurrent at 80%). Rows written before ``speed``
+the roofline targets (batch 1 within 1.4x, 64 concurrent at 80%). Rows that carry ``step_split``
+get where their wall went by kind of step; the sampled steps get a "Step efficiency" section (each
+kind against its roofline, refreshes against the bf16 peak, and the refresh target: 1-2k tokens at
+70% of the peak). Rows written before ``speed``
 recorded ``roofline_s`` show n/a, or, with ``--traces FILE`` (the traces they replayed), the
 roofline computed here.
 """
@@ -358,6 +361,49 @@ def roofline_targets(rows: list[dict], roofs: dict[int, Roofline], model: str) -
     return lines
 
 
+REFRESH_TARGET = 0.7  # a refresh forward of REFRESH_TOKENS at least this share of the bf16 peak
+REFRESH_TOKENS = (1000, 2000)
+
+
+def step_efficiency(steps: list[dict], meta: dict) -> list[str]:
+    """Per model, engine, method and kind of step (the speed run's sampled step profile): the median
+    step time, the median roofline and the median of each step's share of its roofline; for refreshes the share of
+    the measured bf16 peak too, and the refresh target (a forward of 1-2k tokens at 70% of the peak)
+    over the refreshes of one request of that size."""
+    ceil = meta.get("ceilings") or {}
+    peak, bw = ceil.get("bf16_matmul_tflops"), ceil.get("copy_bandwidth_gbs")
+    if not steps or not peak or not bw:
+        return []
+    groups: dict = defaultdict(list)
+    for st in steps:
+        groups[(st["model"], st["engine"], st.get("method", "-"), st["kind"], st["batch"])].append(st)
+
+    def med(xs):
+        xs = sorted(xs)
+        return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+    body, sized = [], []
+    for (model, engine, method, kind, batch), group in sorted(groups.items()):
+        roofs = [max(g["flops"] / (peak * 1e12), g["bytes"] / (bw * 1e9)) * 1e3 for g in group]
+        share = med([r / g["ms"] for r, g in zip(roofs, group)])  # each step's, then the median
+        of_peak = med([g["flops"] / (g["ms"] * 1e-3) / (peak * 1e12) for g in group])
+        body.append([model, engine, method, kind, batch, f"{med([g['query_tokens'] for g in group]):.0f}", len(group),
+                     f"{med([g['ms'] for g in group]):.2f}", f"{med(roofs):.2f}", f"{share:.0%}",
+                     f"{of_peak:.0%}" if kind == "refresh" else "-"])
+        if kind == "refresh" and batch == 1:
+            sized += [(model, method, g) for g in group if REFRESH_TOKENS[0] <= g["query_tokens"] <= REFRESH_TOKENS[1]]
+    lines = ["", "## Step efficiency (the sampled step profile: medians)", "",
+             *_table(["model", "engine", "method", "kind", "batch", "query tokens", "steps", "ms", "roofline ms",
+                      "% roofline", "% bf16 peak"], body)]
+    if sized:
+        share = med([g["flops"] / (g["ms"] * 1e-3) / (peak * 1e12) for _, _, g in sized])
+        status = "met" if share >= REFRESH_TARGET else "not met"
+        lines += ["", f"Refresh target: a refresh forward of {REFRESH_TOKENS[0]}-{REFRESH_TOKENS[1]} tokens (one "
+                  f"request) at >= {REFRESH_TARGET:.0%} of the bf16 peak: median {share:.0%} over {len(sized)} "
+                  f"refreshes ({', '.join(sorted({f'{m} {meth}' for m, meth, _ in sized}))}): {status}."]
+    return lines
+
+
 SPLIT = (("decode", "decode steps"), ("refresh_step", "steps with a refresh"), ("idle", "idle steps"))
 
 
@@ -421,6 +467,7 @@ def build_markdown(data: dict, title: str, plots: list[str] | None = None, skipp
         lines.append("No rows.")
 
     lines += wall_split(order)
+    lines += step_efficiency(data.get("steps") or [], meta)
 
     lines += ["", "## Goals", ""]
     models = full_size_models(rows)
