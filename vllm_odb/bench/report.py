@@ -374,17 +374,16 @@ def step_efficiency(steps: list[dict], meta: dict) -> list[str]:
     peak, bw = ceil.get("bf16_matmul_tflops"), ceil.get("copy_bandwidth_gbs")
     if not steps or not peak or not bw:
         return []
+    from statistics import median as med
+
+    from vllm_odb.bench.roofline import forward_seconds
+
     groups: dict = defaultdict(list)
     for st in steps:
         groups[(st["model"], st["engine"], st.get("method", "-"), st["kind"], st["batch"])].append(st)
-
-    def med(xs):
-        xs = sorted(xs)
-        return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
-
     body, sized = [], []
     for (model, engine, method, kind, batch), group in sorted(groups.items()):
-        roofs = [max(g["flops"] / (peak * 1e12), g["bytes"] / (bw * 1e9)) * 1e3 for g in group]
+        roofs = [forward_seconds(g["flops"], g["bytes"], peak, bw) * 1e3 for g in group]
         share = med([r / g["ms"] for r, g in zip(roofs, group)])  # each step's, then the median
         of_peak = med([g["flops"] / (g["ms"] * 1e-3) / (peak * 1e12) for g in group])
         body.append([model, engine, method, kind, batch, f"{med([g['query_tokens'] for g in group]):.0f}", len(group),
