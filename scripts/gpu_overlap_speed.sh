@@ -16,6 +16,8 @@
 #       the refresh forward's two routes, VLLM_ODB_REFRESH=dense and paged (engine/model_state.py)
 #   PART=jump OUT=$OUT bash scripts/gpu_overlap_speed.sh     # jump-share's step profile with its attention outside
 #       the CUDA graphs (VLLM_ODB_JUMP_GRAPHS=piecewise) and captured whole (full)
+#   PART=alp OUT=$OUT bash scripts/gpu_overlap_speed.sh      # the plain step's profile replaying TRACES at gen 1024,
+#       batch ${BATCH:-1}: fast-dllm, then odb-alp (its refresh steps: ALP's canvas predictions, the cut, the release)
 #   PART=kernel OUT=$OUT bash scripts/gpu_overlap_speed.sh   # the draft-row kernel's tiles, warps and key splits
 #       (scripts/gpu_draft_tiles.py, in CUDA graphs), then jump-share's step profile with the defaults
 # TAG names a run's folder and tarball (overlap-$PART-$TAG), e.g. TAG=paged VLLM_ODB_REFRESH=paged PART=speed.
@@ -33,7 +35,7 @@ fi
 source /root/vllm-env.sh
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/vllm-site . >/dev/null 2>&1 \
   || { echo "project install failed"; exit 1; }
-PART=${PART:?PART=profile, speed, attn, batch, refresh, jump or kernel}
+PART=${PART:?PART=profile, speed, attn, batch, alp, refresh, jump or kernel}
 OUT=${OUT:-/tmp/out}; P=$PART${TAG:+-$TAG}; R="$OUT/overlap-$P"; mkdir -p "$R"
 note() { echo "$1 rc=$2" | tee -a "$R/rc.txt"; }
 prof() {  # name, timeout, VAR=value... --, profile-decode-step's arguments: $R/profile-<name>.{json,log}
@@ -72,6 +74,12 @@ batch)
   b=${BATCH:-8}
   prof "plain-b$b" 200 -- --gen-length 1024 --batch "$b" --steps 40
   prof "jump-b$b" 200 -- --gen-length 1024 --batch "$b" --steps 40 --speculative ;;
+alp)
+  b=${BATCH:-1}
+  for m in fast-dllm odb-alp; do
+    prof "$m-b$b" 200 -- --gen-length 1024 --batch "$b" --skip 10 --steps ${STEPS:-140} --method $m \
+      --traces ${TRACES:-benchmarks/results/dynamics/worked-v6-traces-llada.json}
+  done ;;
 refresh)
   for r in dense paged; do prof "refresh-$r" 200 VLLM_ODB_REFRESH=$r -- --gen-length 1024 --steps 70; done ;;
 jump)
@@ -81,7 +89,7 @@ kernel)
   note draft-tiles $?
   grep -v WARNING "$R/draft-tiles.log" | tail -n 12 | cut -c1-900
   prof jump 250 -- --speculative ;;
-*) echo "PART=$PART: give profile, speed, attn, batch, refresh, jump or kernel"; exit 2 ;;
+*) echo "PART=$PART: give profile, speed, attn, batch, alp, refresh, jump or kernel"; exit 2 ;;
 esac
 sort "$R/rc.txt"
 tar -czf "$OUT/overlap-$P.tgz" -C "$OUT" "overlap-$P" && rm -rf "$R"

@@ -68,6 +68,10 @@ def test_steps_with_the_refresh_range_are_the_refresh_steps(prof):
     summary = prof._summary(res, [0.1] * 4, 0.005)
     assert summary["decode_steps"] == 3 and summary["refresh_steps"] == 1
     assert summary["refresh_kernels_p50"] == 3 and summary["refresh_matmul_ms_p50"] == pytest.approx(0.07)
+    # the refresh steps' own kernels and gaps (what an ALP refresh spends beyond the forward)
+    assert res["refresh_top_kernels_ms"] == [{"name": "nvjet_gemm", "ms_total": 0.07}]
+    assert summary["refresh_idle_before_ms_p50"] == pytest.approx(0.005)
+    assert summary["refresh_idle_between_ms_p50"] == pytest.approx(0.017)
 
 
 def test_a_profile_without_kernels_is_refused_by_name(prof):
@@ -121,7 +125,7 @@ def test_the_profiled_steps_always_have_batch_requests(prof, monkeypatch, batch)
     monkeypatch.setitem(__import__("sys").modules, "vllm.inputs",
                         types.SimpleNamespace(TokensPrompt=lambda **k: k))
     args = types.SimpleNamespace(model="llada-8b", speculative=True, prompt_len=8, gen_length=16, block_length=8,
-                                 skip=7, engine_args={}, batch=batch)
+                                 skip=7, engine_args={}, batch=batch, method=None, traces=None)
     spec = types.SimpleNamespace(mask_token_id=100)
     got, step = prof._engine(args, spec)
     assert got is engine and engine.steps == 7 and len(engine.added) == 3 * batch
@@ -129,6 +133,53 @@ def test_the_profiled_steps_always_have_batch_requests(prof, monkeypatch, batch)
         step()
     assert engine.steps == 12 and len(engine.added) == 4 * batch and len(set(engine.added)) == 4 * batch
     assert engine.widths == [batch] * 12
+
+
+def _fake_vllm(monkeypatch, made: list):
+    import types
+
+    class LLM:
+        def __init__(self, **kw):
+            made.append(kw)
+            # every request ends in the step after it was added
+            self.llm_engine = types.SimpleNamespace(add_request=lambda *a: made.append(a), step=lambda: [
+                types.SimpleNamespace(request_id=a[0], finished=True) for a in made[-1:] if isinstance(a, tuple)])
+
+        def generate(self, *a, **k):
+            return []
+
+    monkeypatch.setitem(__import__("sys").modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=lambda **k: k))
+    monkeypatch.setitem(__import__("sys").modules, "vllm.inputs", types.SimpleNamespace(TokensPrompt=lambda **k: k))
+
+
+def test_traces_replay_their_requests_with_the_method_named(prof, monkeypatch, tmp_path):
+    """``--traces`` profiles replayed requests (bench speed's format): each request names
+    ``--method`` and carries its trace's replay, prompts of the traced lengths, so refreshes and
+    ALP's cuts happen as traced; a missing method or gen length is refused by name."""
+    import json
+    import types
+
+    replay = [{"r": 1}, {"r": 2}]
+    (tmp_path / "t.json").write_text(json.dumps({"traces": {"odb-alp|64|vllm": [
+        {"prompt_len": 5, "response_tokens": 9, "replay": replay[0]},
+        {"prompt_len": 7, "response_tokens": 3, "replay": replay[1]}]}}))
+    made: list = []
+    _fake_vllm(monkeypatch, made)
+    spec = types.SimpleNamespace(mask_token_id=100, eos_token_id=99)
+    args = types.SimpleNamespace(model="llada-8b", speculative=False, prompt_len=8, gen_length=64, block_length=8,
+                                 skip=3, engine_args={}, batch=1, method="odb-alp", traces=str(tmp_path / "t.json"))
+    prof._engine(args, spec)
+    added = [a for a in made if isinstance(a, tuple)]
+    assert [len(a[1]["prompt_token_ids"]) for a in added] == [5, 7, 5]
+    assert [a[2]["extra_args"] for a in added] == [{"method": "odb-alp", "replay": r} for r in replay + replay[:1]]
+    assert all(a[2]["stop_token_ids"] == [99] for a in added)
+    assert made[0]["max_model_len"] == 7 + 64 + 64
+    args.method = "fast-dllm"
+    with pytest.raises(SystemExit, match="no 'fast-dllm|64|vllm'"):
+        prof._engine(args, spec)
+    args.method, args.traces = "odb", None
+    with pytest.raises(SystemExit, match="--method odb needs --speculative"):
+        prof._engine(args, spec)
 
 
 def test_engine_args_reach_the_profiled_engine_as_json(prof):

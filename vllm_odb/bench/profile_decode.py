@@ -66,18 +66,22 @@ def analyse(trace: dict, step_marks: list[tuple[float, float]]) -> dict:
            and not str(e.get("name", "")).startswith("engine_step_")]
     refreshes = [e["ts"] for e in trace.get("traceEvents", []) if e.get("ph") == "X"
                  and e.get("name") == REFRESH_MARK]
-    steps, names, host = [], {}, {}
+    steps = []
+    names, host = {}, {}  # every step's kernels and host ops
+    names_r, host_r = {}, {}  # the steps with a refresh: theirs alone
     for s0, s1 in step_marks:
         inside = [e for e in gpu if s0 <= e["ts"] < s1]
+        refresh = any(s0 <= t < s1 for t in refreshes)
         for e in cpu:  # host ops that start inside the step, inclusive time (nested ops count twice)
             if s0 <= e["ts"] < s1:
-                host[e["name"][:90]] = host.get(e["name"][:90], 0.0) + e["dur"] / 1e3
+                for d in (host, host_r) if refresh else (host,):
+                    d[e["name"][:90]] = d.get(e["name"][:90], 0.0) + e["dur"] / 1e3
         kinds = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
         for e in inside:
             k = kind_of(e["name"]) if e["cat"] == "kernel" else "other"
             kinds[k] += e["dur"] / 1e3
-            key = e["name"][:90]
-            names[key] = names.get(key, 0.0) + e["dur"] / 1e3
+            for d in (names, names_r) if refresh else (names,):
+                d[e["name"][:90]] = d.get(e["name"][:90], 0.0) + e["dur"] / 1e3
         busy = union_ms([(e["ts"], e["ts"] + e["dur"]) for e in inside])
         first = min((e["ts"] for e in inside), default=s1)
         last = max((e["ts"] + e["dur"] for e in inside), default=s1)
@@ -88,11 +92,13 @@ def analyse(trace: dict, step_marks: list[tuple[float, float]]) -> dict:
                       "idle_between_ms": round(max(0.0, (last - first) / 1e3 - busy), 3),
                       "idle_after_ms": round(max(0.0, s1 - last) / 1e3, 3),
                       "kernels": len(inside), **{f"{k}_ms": round(v, 3) for k, v in kinds.items()},
-                      "refresh": any(s0 <= t < s1 for t in refreshes)})
-    top = sorted(names.items(), key=lambda kv: -kv[1])[:20]
-    top_host = sorted(host.items(), key=lambda kv: -kv[1])[:30]
-    return {"steps": steps, "top_kernels_ms": [{"name": n, "ms_total": round(ms, 3)} for n, ms in top],
-            "top_host_ops_ms": [{"name": n, "ms_total": round(ms, 3)} for n, ms in top_host]}
+                      "refresh": refresh})
+
+    def top(d: dict, n: int) -> list[dict]:
+        return [{"name": k, "ms_total": round(ms, 3)} for k, ms in sorted(d.items(), key=lambda kv: -kv[1])[:n]]
+
+    return {"steps": steps, "top_kernels_ms": top(names, 20), "top_host_ops_ms": top(host, 30),
+            "refresh_top_kernels_ms": top(names_r, 20), "refresh_top_host_ops_ms": top(host_r, 30)}
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -106,6 +112,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--steps", type=int, default=24, help="engine steps profiled")
     ap.add_argument("--speculative", action="store_true",
                     help="profile the jump-share engine (speculative_config={'method': 'odb'}) instead of the plain one")
+    ap.add_argument("--traces", default=None,
+                    help="replay these recorded decoding traces (bench speed's --traces format) instead of "
+                         "random-weight dynamics: requests decode, refresh and cut their canvas as traced "
+                         "(--gen-length picks the traces; --prompt-len is ignored)")
+    ap.add_argument("--method", default=None, choices=("fast-dllm", "odb-alp", "odb"),
+                    help="the method each request names (default: the engine's, fast-dllm; odb needs --speculative)")
     ap.add_argument("--engine-args", default="{}", type=_engine_args,
                     help='extra vLLM engine arguments as a JSON object, e.g. \'{"attention_backend": "FLASH_ATTN"}\'')
     ap.add_argument("--out", required=True)
@@ -134,8 +146,8 @@ def main(args: argparse.Namespace) -> int:
     floor_ms = weight_bytes(spec) / (ceilings["copy_bandwidth_gbs"] * 1e9) * 1e3
     summary = _summary(res, plain, floor_ms)
     out = {"model": args.model, "engine": "jump-share" if args.speculative else "plain", "batch": args.batch,
-           "engine_args": args.engine_args,
-           "weights": "random (load_format=dummy)", "prompt_len": args.prompt_len, "gen_length": args.gen_length, "block_length": args.block_length, "ceilings": ceilings,
+           "engine_args": args.engine_args, "method": args.method or "fast-dllm", "traces": args.traces,
+           "weights": "random (load_format=dummy)", "prompt_len": None if args.traces else args.prompt_len, "gen_length": args.gen_length, "block_length": args.block_length, "ceilings": ceilings,
            "when": time.strftime("%Y-%m-%d %H:%M:%S"), "summary": summary, **res, "python_host_cprofile": python_host}
     print(json.dumps(summary))
     with open(args.out, "w") as f:
@@ -143,39 +155,65 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _engine(args, spec):
-    """The engine in this process on the random-weight config, one request added and ``--skip``
-    steps taken (after a warm-up request of the same shape)."""
+def _requests(args, spec):
+    """(prompts, sampling params) the profiled requests cycle through: one random prompt of
+    ``--prompt-len`` (random-weight dynamics), or ``--traces``' requests of ``--method`` at
+    ``--gen-length``, replayed as ``bench speed`` replays them."""
     import torch
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
+
+    method = {"method": args.method} if args.method else {}
+    if not args.traces:
+        g = torch.Generator().manual_seed(0)
+        prompt = torch.randint(0, spec.mask_token_id - 1, (args.prompt_len,), generator=g).tolist()
+        return [prompt], [SamplingParams(temperature=0.0, max_tokens=args.gen_length, ignore_eos=True,
+                                         extra_args=method or None)]
+    from vllm_odb.bench.speed import _replay_prompts, _trace_key
+
+    with open(args.traces) as f:
+        traces = json.load(f)["traces"]
+    key = _trace_key(args.method or "fast-dllm", args.gen_length, "vllm")
+    if key not in traces:
+        raise SystemExit(f"profile-decode-step: --traces {args.traces} has no {key!r} (it has {sorted(traces)})")
+    tr = traces[key]
+    params = [SamplingParams(temperature=0.0, max_tokens=args.gen_length, stop_token_ids=[spec.eos_token_id],
+                             extra_args={**method, "replay": t["replay"]}) for t in tr]
+    return _replay_prompts(tr, spec), params
+
+
+def _engine(args, spec):
+    """The engine in this process on the random-weight config, the requests of ``_requests``
+    added and ``--skip`` steps taken (after a warm-up request of the first one's shape)."""
+    from vllm import LLM
     from vllm.inputs import TokensPrompt
 
     from vllm_odb.bench.full_size import write_config_dir
 
+    if args.method == "odb" and not args.speculative:
+        raise SystemExit("profile-decode-step: --method odb needs --speculative (a jump-share engine)")
+    prompts, params = _requests(args, spec)
     path = write_config_dir(args.model, tempfile.mkdtemp(prefix=args.model))
     jump = {"speculative_config": {"method": "odb"}} if args.speculative else {}
     llm = LLM(model=path, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               # the jump-share canvas reaches past the block (its draft rows, up to ridge_rows)
-              max_model_len=args.prompt_len + args.gen_length + (1024 if args.speculative else 64),
+              max_model_len=max(map(len, prompts)) + args.gen_length + (1024 if args.speculative else 64),
               gpu_memory_utilization=0.85, max_num_seqs=max(8, args.batch), seed=0,
               additional_config={"odb": {"block_length": args.block_length, "gen_length": args.gen_length}},
               **{**jump, **args.engine_args})
     engine = llm.llm_engine
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, spec.mask_token_id - 1, (args.prompt_len,), generator=g).tolist()
-    sp = SamplingParams(temperature=0.0, max_tokens=args.gen_length, ignore_eos=True)
-    llm.generate([TokensPrompt(prompt_token_ids=prompt)], sp, use_tqdm=False)  # warm this shape
+    llm.generate([TokensPrompt(prompt_token_ids=prompts[0])], params[0], use_tqdm=False)  # warm this shape
     added = iter(range(1 << 30))
 
     live: set[str] = set()
 
     def step() -> None:
-        """One engine step with ``--batch`` requests in it: jump-share can finish a random-weight
-        request in fewer steps than ``--skip`` (its drafts are accepted wholesale), so a finished
-        one is replaced by the next (its first steps are refreshes, which the summary leaves out)."""
+        """One engine step with ``--batch`` requests in it: a finished request is replaced by the
+        next (jump-share can finish a random-weight request in fewer steps than ``--skip``; a
+        replayed one ends where its trace did), whose first steps are refreshes."""
         while len(live) < args.batch:
-            rid = f"profiled-{next(added)}"
-            engine.add_request(rid, TokensPrompt(prompt_token_ids=prompt), sp)
+            i = next(added)
+            rid = f"profiled-{i}"
+            engine.add_request(rid, TokensPrompt(prompt_token_ids=prompts[i % len(prompts)]), params[i % len(params)])
             live.add(rid)
         for out in engine.step():
             if out.finished:
@@ -263,5 +301,6 @@ def _summary(res: dict, plain: list[float], floor_ms: float) -> dict:
     summary["refresh_steps"] = len(refresh)
     if refresh:
         summary.update({f"refresh_{k}_p50": round(statistics.median(s[k] for s in refresh), 3)
-                        for k in ("wall_ms", "gpu_busy_ms", "matmul_ms", "attention_ms", "other_ms", "kernels")})
+                        for k in ("wall_ms", "gpu_busy_ms", "matmul_ms", "attention_ms", "other_ms", "kernels",
+                                  "idle_before_ms", "idle_between_ms", "idle_after_ms")})
     return summary
