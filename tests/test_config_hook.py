@@ -292,6 +292,21 @@ def test_hook_cudagraph_sizes_cover_the_batch(engine_vc):
     assert vc.compilation_config.max_cudagraph_capture_size == 64 * vc.diffusion_config.canvas_length
 
 
+def test_hook_cudagraph_sizes_cover_small_refreshes_at_a_small_batch(cpu_vllm, monkeypatch):  # noqa: F811
+    """A plain engine's graphs reach REFRESH_GRAPH_TOKENS tokens even when its batch's canvases are
+    fewer: refreshes that small replay PIECEWISE graphs (engine/model_state.py PagedRefresh)."""
+    from vllm_odb.models import hook
+
+    seen = []
+    original = hook.verify_and_update
+    monkeypatch.setattr(hook, "verify_and_update", lambda vc: original(vc) or seen.append(
+        (vc.compilation_config.max_cudagraph_capture_size, vc.scheduler_config.max_num_batched_tokens)))
+    vc = _create("llada", max_num_seqs=4)
+    size, budget = seen[-1]
+    assert 4 * vc.diffusion_config.canvas_length < hook.REFRESH_GRAPH_TOKENS
+    assert size == min(hook.REFRESH_GRAPH_TOKENS, budget) and size > 4 * vc.diffusion_config.canvas_length
+
+
 def test_hook_default_max_tokens_is_gen_length(engine_vc):
     _, vc = engine_vc
     assert vc.model_config.override_generation_config["max_new_tokens"] == 64

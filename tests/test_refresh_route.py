@@ -130,6 +130,93 @@ def test_the_paged_route_lays_the_sequences_out_as_non_causal_metadata(monkeypat
     assert seen["batches_inside"] == [[], []] and [w.batches for w in wrappers] == [["planned"], ["planned"]]
 
 
+def _graphed_config(mode_name="FULL_AND_PIECEWISE", sizes=(8, 16, 32), eager=False, pp=1):
+    from vllm.config.compilation import CUDAGraphMode
+
+    return types.SimpleNamespace(
+        compilation_config=types.SimpleNamespace(cudagraph_mode=getattr(CUDAGraphMode, mode_name),
+                                                 cudagraph_capture_sizes=list(sizes)),
+        model_config=types.SimpleNamespace(enforce_eager=eager),
+        parallel_config=types.SimpleNamespace(pipeline_parallel_size=pp))
+
+
+@pytest.mark.parametrize("mode,eager,pp,want", [("FULL_AND_PIECEWISE", False, 1, [8, 16, 32]),
+                                                ("PIECEWISE", False, 1, [8, 16, 32]),
+                                                ("FULL", False, 1, []), ("NONE", False, 1, []),
+                                                ("FULL_AND_PIECEWISE", True, 1, []),
+                                                ("FULL_AND_PIECEWISE", False, 2, [])])
+def test_refreshes_replay_the_piecewise_sizes_vllm_captures(mode, eager, pp, want):
+    """The sizes of vLLM's PIECEWISE graphs for mixed batches, or none (FULL-only or no graphs,
+    enforce_eager, another pipeline rank)."""
+    assert model_state.piecewise_sizes(_graphed_config(mode, (32, 8, 16), eager, pp)) == want
+
+
+def test_the_paged_route_replays_piecewise_graphs_from_the_runners_buffers(monkeypatch):
+    """Once vLLM has captured its graphs, a refresh of n tokens runs PIECEWISE at the next captured
+    size: its ids and positions go into the runner's input buffers (the addresses the captured
+    pieces read), padding rows at position 0 write no cache slot (-1), and the hidden states come
+    back for the n tokens. Before the capture, or past the largest size, it runs eager."""
+    import vllm.forward_context as fc
+    from vllm.config.compilation import CUDAGraphMode
+
+    seen = []
+
+    class Context:
+        def __init__(self, meta, vllm_config, **kw):
+            seen.append(kw)
+
+        def __enter__(self):
+            return None
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(model_state, "build_attn_metadata", lambda **kw: {"layer": "meta"})
+    monkeypatch.setattr(fc, "set_forward_context", Context)
+    captures = [0]
+    monkeypatch.setattr(model_state, "_capture_triggers", lambda: captures[0])
+    calls = []
+    model = lambda input_ids, positions: calls.append((input_ids, positions)) or torch.ones(input_ids.shape[0], 4)
+    kv_config = types.SimpleNamespace(kv_cache_groups=[types.SimpleNamespace(layer_names=["layer"])])
+    paged = PagedCache(block_tables=_tables(), kernel_block_size=4)
+    route = PagedRefresh(model, _graphed_config(), paged, [])
+    ids_buf = torch.full((64,), 7, dtype=torch.int32)
+    pos_buf = torch.full((64,), 5, dtype=torch.int64)
+    route.bind("groups", kv_config, types.SimpleNamespace(input_ids=ids_buf[:3], positions=pos_buf[:3]))
+    ids, pos, slots = torch.arange(9) + 40, torch.arange(9) + 2, torch.arange(100, 109)
+
+    assert route(ids, pos, slots, [(0, 9)], [1]).shape == (9, 4)  # vLLM has not captured yet: eager
+    assert seen[-1]["cudagraph_runtime_mode"] == CUDAGraphMode.NONE and seen[-1]["num_tokens"] == 9
+    assert calls[-1][0].data_ptr() != ids_buf.data_ptr()
+
+    captures[0] = 1  # the runner's capture_model ran
+    hidden = route(ids, pos, slots, [(0, 9)], [1])
+    assert hidden.shape == (9, 4)
+    kw = seen[-1]
+    assert kw["cudagraph_runtime_mode"] == CUDAGraphMode.PIECEWISE and kw["num_tokens"] == 16
+    assert kw["batch_descriptor"].num_tokens == 16
+    assert kw["slot_mapping"]["layer"].tolist() == slots.tolist() + [-1] * 7
+    got_ids, got_pos = calls[-1]
+    assert got_ids.data_ptr() == ids_buf.data_ptr() and got_pos.data_ptr() == pos_buf.data_ptr()
+    assert got_ids.shape == got_pos.shape == (16,)
+    assert ids_buf[:9].tolist() == ids.tolist() and pos_buf[:9].tolist() == pos.tolist()
+    assert pos_buf[9:16].tolist() == [0] * 7 and pos_buf[16:].tolist() == [5] * 48
+
+    big = torch.arange(40)
+    route(big, big, torch.arange(40), [(0, 40)], [1])  # past the largest size (32): eager
+    assert seen[-1]["cudagraph_runtime_mode"] == CUDAGraphMode.NONE and seen[-1]["num_tokens"] == 40
+    assert route(ids[:8], pos[:8], slots[:8], [(0, 8)], [1]).shape == (8, 4)  # exactly a size: no padding
+    assert seen[-1]["num_tokens"] == 8 and seen[-1]["slot_mapping"]["layer"].tolist() == slots[:8].tolist()
+
+
+def test_input_buffers_that_are_not_prefixes_turn_the_graphs_off():
+    kv_config = types.SimpleNamespace(kv_cache_groups=[types.SimpleNamespace(layer_names=["layer"])])
+    route = PagedRefresh(None, _graphed_config(), PagedCache(), [])
+    buf = torch.zeros(64, dtype=torch.int32)
+    route.bind("groups", kv_config, types.SimpleNamespace(input_ids=buf[4:9], positions=buf[:5].long()))
+    assert route.graph_sizes == [] and route.graph_size(8) is None
+
+
 def test_the_paged_route_refuses_more_than_one_cache_group_when_asked_for(monkeypatch):
     """Asked for by name, the paged route refuses a cache it does not run; as the default, the dense
     route serves that engine instead."""

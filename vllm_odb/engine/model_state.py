@@ -68,6 +68,7 @@ All per-step writes go to persistent buffers (the runner's positions and slot ma
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 from dataclasses import dataclass
@@ -166,15 +167,56 @@ def refresh_route() -> str:
     return route
 
 
+def piecewise_sizes(vllm_config) -> list[int]:
+    """Token counts vLLM's model runner captures PIECEWISE CUDA graphs for (its mixed batches:
+    ``cudagraph_capture_sizes`` when the mode's mixed-batch graphs are PIECEWISE and compiled,
+    not breakable), ascending; [] when it captures none (eager, FULL-only, another PP rank)."""
+    cc = getattr(vllm_config, "compilation_config", None)
+    mode = None if cc is None else cc.cudagraph_mode
+    if mode is None or mode.mixed_mode() != CUDAGraphMode.PIECEWISE or not cc.cudagraph_capture_sizes:
+        return []
+    if getattr(vllm_config.model_config, "enforce_eager", False) or vllm_config.parallel_config.pipeline_parallel_size > 1:
+        return []
+    from vllm.compilation.breakable_cudagraph import is_breakable_cudagraph_enabled
+
+    if is_breakable_cudagraph_enabled():
+        return []
+    return sorted(set(cc.cudagraph_capture_sizes))
+
+
+def _capture_triggers() -> int:
+    from vllm.compilation.counter import compilation_counter
+
+    return compilation_counter.num_gpu_runner_capture_triggers
+
+
+def _whole(view: torch.Tensor | None) -> torch.Tensor | None:
+    """The whole 1-D buffer ``view`` (a prefix of it) was cut from: the runner's input buffers
+    (None if ``view`` is not such a prefix)."""
+    if view is None or view.dim() != 1 or view.storage_offset() != 0 or not view.is_contiguous():
+        return None
+    return view.new_empty(0).set_(view.untyped_storage(), 0, (view.untyped_storage().nbytes() // view.element_size(),))
+
+
 class PagedRefresh:
     """The refresh forward on vLLM's own forward path: the compiled model (its fused norms, rotary
     and activation kernels, instead of the eager layers' native ops) with the engine's attention
     backend over the paged cache, in place of ``DenseAttend``'s per-sequence SDPA. The refresh is a
     batch of whole sequences, each attending to all of itself: query ``[0, n)`` of job j is its
     positions, its keys are the same ``n`` slots (written first by the layer's cache update), and
-    the metadata is non-causal, as every step of ours. No CUDA graph: the sizes vary every call.
-    The attention groups and cache config come from the model state's first ``prepare_attn``
-    (``bind``); before that (no step has run) the dense route serves."""
+    the metadata is non-causal, as every step of ours.
+
+    CUDA graphs: the compiled forward's pieces between attention ops replay the PIECEWISE graphs
+    vLLM captured for mixed batches (``piecewise_sizes``), padded to the next captured size, as
+    vLLM runs a prefill; attention and the cache writes stay eager between them. Launched eagerly,
+    a refresh's ~1000 kernels cost the host ~19 ms on an H100, more than the GPU needs for a
+    refresh under ~900 tokens (ALP's cut canvases: session 13's profile). A replayed piece reads
+    its inputs at the addresses of its capture, the runner's input buffers, so the refresh's ids
+    and positions are copied there (the step's own forward has been launched before them, in
+    stream order). Refreshes larger than the largest size, and any before vLLM's capture has
+    run, go eager. The attention groups, cache config and input buffers come from the model
+    state's first ``prepare_attn`` (``bind``); before that (no step has run) the dense route
+    serves."""
 
     def __init__(self, model, vllm_config, paged: PagedCache, branch_attention: list):
         self.model = model
@@ -183,10 +225,19 @@ class PagedRefresh:
         self.branch_attention = branch_attention  # jump-share's wrappers: no draft rows in a refresh
         self.attn_groups = None
         self.kv_cache_config = None
+        self.graph_sizes = piecewise_sizes(vllm_config)  # token counts with PIECEWISE graphs, ascending
+        self.input_ids = self.positions = None  # the runner's input buffers (whole), from bind
+        self._captures = _capture_triggers()  # vLLM's capture count when this engine's runner began
 
     unsupported = False  # the engine's cache layout is not the one this route runs: the dense route serves
 
-    def bind(self, attn_groups, kv_cache_config) -> None:
+    def bind(self, attn_groups, kv_cache_config, input_batch=None) -> None:
+        if self.input_ids is None and input_batch is not None and self.graph_sizes:
+            self.input_ids, self.positions = _whole(input_batch.input_ids), _whole(input_batch.positions)
+            if self.input_ids is None or self.positions is None:
+                log.warning("vllm-odb: the runner's input ids/positions are not prefixes of its buffers: "
+                            "refreshes run without CUDA graphs")
+                self.graph_sizes, self.input_ids, self.positions = [], None, None
         if self.attn_groups is None and not self.unsupported:
             if len(kv_cache_config.kv_cache_groups) != 1:
                 if os.environ.get(REFRESH_ENV, "").strip():
@@ -201,6 +252,17 @@ class PagedRefresh:
     @property
     def ready(self) -> bool:
         return self.attn_groups is not None and self.paged.block_tables is not None
+
+    def graph_size(self, n: int) -> int | None:
+        """The captured PIECEWISE size a refresh of ``n`` tokens replays (the smallest one >= n),
+        or None: eager (none that large, no input buffers seen, or vLLM has not captured yet: its
+        kernel warm-up runs before the capture, and a replay of a size not captured would
+        capture one on the spot)."""
+        if self.input_ids is None or not self.graph_sizes or n > self.graph_sizes[-1]:
+            return None
+        if _capture_triggers() <= self._captures:
+            return None
+        return self.graph_sizes[bisect.bisect_left(self.graph_sizes, n)]
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor,
                  bounds: list[tuple[int, int]], rows: list[int]) -> torch.Tensor:
@@ -227,12 +289,22 @@ class PagedRefresh:
         held = [w.batches for w in self.branch_attention]
         for w in self.branch_attention:
             w.batches = []
+        padded = self.graph_size(n)
+        mode, size = (CUDAGraphMode.NONE, n) if padded is None else (CUDAGraphMode.PIECEWISE, padded)
+        ids, pos = ids.to(torch.int32), pos.to(torch.int64)
+        if padded is not None:  # into the buffers the captured pieces read; padding rows: position 0,
+            # no cache write (slot -1), their outputs unused
+            self.input_ids[:n].copy_(ids)
+            self.positions[:n].copy_(pos)
+            ids, pos = self.input_ids[:size], self.positions[:size]
+            if size > n:
+                pos[n:].zero_()
+                slot_mappings = torch.cat([slot_mappings, slot_mappings.new_full((1, size - n), -1)], 1)
         try:
-            with set_forward_context(meta, self.vllm_config, num_tokens=n,
-                                     cudagraph_runtime_mode=CUDAGraphMode.NONE,
-                                     batch_descriptor=BatchDescriptor(num_tokens=n),
+            with set_forward_context(meta, self.vllm_config, num_tokens=size, cudagraph_runtime_mode=mode,
+                                     batch_descriptor=BatchDescriptor(num_tokens=size),
                                      slot_mapping=build_slot_mappings_by_layer(slot_mappings, self.kv_cache_config)):
-                return self.model(input_ids=ids.to(torch.int32), positions=pos.to(torch.int64))
+                return self.model(input_ids=ids, positions=pos)[:n]
         finally:
             for w, b in zip(self.branch_attention, held):
                 w.batches = b
@@ -543,7 +615,7 @@ class ODBModelState(DefaultModelState):
         if not for_capture:
             self.paged.block_tables = block_tables[0]
             if self.paged_refresh is not None:
-                self.paged_refresh.bind(attn_groups, kv_cache_config)
+                self.paged_refresh.bind(attn_groups, kv_cache_config, input_batch)
             if CHECK:
                 check.step_inputs(input_batch, self.table)
             self._calibrate(input_batch, kv_cache_config, slot_mappings)

@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 # a default from a value the user typed, so an explicit value >= 128 is cut too (as vLLM does for
 # DiffusionGemma); values below 128 are kept.
 DEFAULT_MAX_NUM_SEQS = 64
+# Refreshes up to this many tokens replay PIECEWISE CUDA graphs (a plain engine captures them at
+# least this far): launched eagerly, an 8B refresh's kernels cost the host ~19 ms on an H100, which
+# is the GPU's time for ~900 tokens (session 13's profile of ALP's cut canvases).
+REFRESH_GRAPH_TOKENS = 1024
 # Load formats whose weights the hook checks before the engine starts (a hub id is vLLM's to
 # fetch and is not checked here; "dummy" loads no weights).
 WEIGHT_CHECKED_FORMATS = ("auto", "safetensors")
@@ -215,7 +219,11 @@ def verify_and_update(vllm_config) -> None:
                       else min(sync_cap(cfg, shift), sc.max_num_seqs) * canvas)
             cc.max_cudagraph_capture_size = -(-widest // 16) * 16  # vLLM's capture sizes step by 16 past 256
     elif cc.max_cudagraph_capture_size is None:
-        cc.max_cudagraph_capture_size = sc.max_num_seqs * canvas
+        # Every decode step of the batch; and the refreshes up to REFRESH_GRAPH_TOKENS replay the
+        # PIECEWISE graphs of these sizes (engine/model_state.py PagedRefresh): smaller ones are
+        # host-bound when launched eagerly.
+        cc.max_cudagraph_capture_size = max(sc.max_num_seqs * canvas,
+                                            min(REFRESH_GRAPH_TOKENS, sc.max_num_batched_tokens))
 
     overrides = model_config.override_generation_config
     if "max_new_tokens" not in overrides:
