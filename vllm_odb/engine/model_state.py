@@ -228,6 +228,7 @@ class PagedRefresh:
         self.graph_sizes = piecewise_sizes(vllm_config)  # token counts with PIECEWISE graphs, ascending
         self.input_ids = self.positions = None  # the runner's input buffers (whole), from bind
         self._captures = _capture_triggers()  # vLLM's capture count when this engine's runner began
+        self._announced = False
 
     unsupported = False  # the engine's cache layout is not the one this route runs: the dense route serves
 
@@ -262,6 +263,9 @@ class PagedRefresh:
             return None
         if _capture_triggers() <= self._captures:
             return None
+        if not self._announced:
+            self._announced = True
+            log.info("vllm-odb: refreshes of up to %d tokens replay PIECEWISE CUDA graphs", self.graph_sizes[-1])
         return self.graph_sizes[bisect.bisect_left(self.graph_sizes, n)]
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor,

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Token parity of refreshes that replay PIECEWISE CUDA graphs (engine/model_state.py PagedRefresh):
+# fp32 tiny checkpoints, CUDA graphs on, both formats, fast-dllm and odb-alp (ALP's cut canvases),
+# alone and batched against the reference loop; four engines at once, each with a fixed KV cache.
+#   OUT=out bash scripts/gpu_refresh_graphs.sh   # $OUT/refresh-graphs-<fmt>-<method>.{json,log}, rc.txt
+set -uo pipefail
+source /root/vllm-env.sh
+python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/vllm-site . >/dev/null 2>&1 \
+  || { echo "project install failed"; exit 1; }
+OUT=${OUT:-out}; mkdir -p "$OUT"; export VLLM_ODB_BENCH_KV_GIB=${VLLM_ODB_BENCH_KV_GIB:-2}
+for fmt in llada dream; do
+  for m in fast-dllm odb-alp; do
+    name=refresh-graphs-$fmt-$m
+    ( timeout 300 python3 -m vllm_odb.bench vllm-parity --n 8 --block-length 16 --gen-length 128 --threshold 1.0 \
+        --gpu-memory 0.2 --model checkpoints/tiny-$fmt --mode graphs --method $m --out "$OUT/$name.json" \
+        > "$OUT/$name.log" 2>&1; echo "$name rc=$?" >> "$OUT/rc.txt" ) &
+  done
+done
+wait
+sort "$OUT/rc.txt"
+for f in "$OUT"/refresh-graphs-*.log; do
+  echo "== $f: $(grep -c 'replay PIECEWISE CUDA graphs' "$f") graphed-refresh notice(s)"; tail -n 3 "$f"
+done
+! grep -qv "rc=0" "$OUT/rc.txt"
