@@ -509,3 +509,27 @@ def test_overlap_counts_a_request_end_once_and_its_last_idle_forward():
     assert engine.table.ends == ends + 1
     totals = engine.table.counters.totals
     assert totals["requests"] == 1 and totals["forwards"] == 1 and totals["idle_forwards"] == 1
+
+
+def test_a_refresh_that_replayed_cuda_graphs_counts_its_tokens_as_graphed():
+    """``refresh_graph_tokens`` (metrics and bench speed's ``refresh_graphed``) counts the tokens of
+    refreshes whose forward replayed CUDA graphs (the cache refresh says so); others count only in
+    ``refresh_tokens``."""
+    cfg = DecodeConfig(gen_length=64, block_length=16)
+    engine = Engine(cfg, slots=2)
+    a = engine.add(0, "a", [1, 2, 3, 4, 5])
+    engine.prefill_done([0])
+    assert a.stats["refresh_tokens"] == 5 + 64 and a.stats["refresh_graph_tokens"] == 0
+    cache = engine.sampler.cache
+    forward = cache.forward
+
+    def graphed_forward(*args):  # as the paged route's forward does after a graph replay
+        out = forward(*args)
+        cache.graphed = True
+        return out
+
+    cache.forward = graphed_forward
+    b = engine.add(1, "b", [1, 2, 3])
+    engine.prefill_done([1])
+    assert b.stats["refresh_tokens"] == b.stats["refresh_graph_tokens"] == 3 + 64
+    assert a.stats["refresh_graph_tokens"] == 0

@@ -37,6 +37,8 @@ def _tables():
 class _Route:
     """A stand-in paged route that records its inputs."""
 
+    graphed = False
+
     def __init__(self, ready=True):
         self.ready = ready
         self.calls = []
@@ -52,6 +54,21 @@ def _refresh(route):
         refresh_forward=lambda ids, pos, attend: dense.append((ids, attend.bounds)) or torch.zeros(ids.shape[0], 4)))
     paged = PagedCache(block_tables=_tables(), kernel_block_size=4)
     return CacheRefresh(model, paged, route), dense
+
+
+def test_a_graphed_refresh_is_counted_per_request():
+    """The cache refresh says whether its route replayed graphs; each refreshed request then counts
+    its tokens in ``refresh_graph_tokens`` beside ``refresh_tokens`` (bench speed's refresh_graphed)."""
+    route = _Route()
+    refresh, _ = _refresh(route)
+    refresh.forward(torch.zeros(2, 40, dtype=torch.long), [(0, 1, 7)])
+    assert not refresh.graphed
+    route.graphed = True
+    refresh.forward(torch.zeros(2, 40, dtype=torch.long), [(0, 1, 7)])
+    assert refresh.graphed
+    refresh.paged_forward = None  # the dense route never replays graphs
+    refresh.forward(torch.zeros(2, 40, dtype=torch.long), [(0, 1, 7)])
+    assert not refresh.graphed
 
 
 def test_a_ready_paged_route_gets_the_dense_routes_sequences():
@@ -187,11 +204,12 @@ def test_the_paged_route_replays_piecewise_graphs_from_the_runners_buffers(monke
 
     assert route(ids, pos, slots, [(0, 9)], [1]).shape == (9, 4)  # vLLM has not captured yet: eager
     assert seen[-1]["cudagraph_runtime_mode"] == CUDAGraphMode.NONE and seen[-1]["num_tokens"] == 9
+    assert not route.graphed
     assert calls[-1][0].data_ptr() != ids_buf.data_ptr()
 
     captures[0] = 1  # the runner's capture_model ran
     hidden = route(ids, pos, slots, [(0, 9)], [1])
-    assert hidden.shape == (9, 4)
+    assert hidden.shape == (9, 4) and route.graphed  # (the refresh_graph_tokens metric counts it)
     kw = seen[-1]
     assert kw["cudagraph_runtime_mode"] == CUDAGraphMode.PIECEWISE and kw["num_tokens"] == 16
     assert kw["batch_descriptor"].num_tokens == 16
@@ -205,6 +223,7 @@ def test_the_paged_route_replays_piecewise_graphs_from_the_runners_buffers(monke
     big = torch.arange(40)
     route(big, big, torch.arange(40), [(0, 40)], [1])  # past the largest size (32): eager
     assert seen[-1]["cudagraph_runtime_mode"] == CUDAGraphMode.NONE and seen[-1]["num_tokens"] == 40
+    assert not route.graphed
     assert route(ids[:8], pos[:8], slots[:8], [(0, 8)], [1]).shape == (8, 4)  # exactly a size: no padding
     assert seen[-1]["num_tokens"] == 8 and seen[-1]["slot_mapping"]["layer"].tolist() == slots[:8].tolist()
 

@@ -486,6 +486,8 @@ def run_vllm(args, methods, gens, batches, emit) -> None:
                    "nfe": round(d["forwards"] / max(1, d["requests"]), 2),
                    "tokens_per_forward": round(d["tokens"] / max(1, d["forwards"]), 3),
                    "refresh_tokens": round(d["refresh_tokens"] / max(1, d["requests"]), 1),
+                   # the share of them whose forwards replayed CUDA graphs (engine/model_state.py PagedRefresh)
+                   "refresh_graphed": round(d["refresh_graph_tokens"] / max(1, d["refresh_tokens"]), 3),
                    "gpu_mem_gb": round((total - free) / 1e9, 2), "max_num_seqs": cap,
                    **_per_request(b, lat, per_req),
                    **_roofline(tr[:n_req] if full else [], spec, method_config(m, g, args), "vllm", b)}

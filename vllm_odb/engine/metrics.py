@@ -29,6 +29,7 @@ COUNTERS = {
     "tokens": "Canvas tokens decoded (whole blocks, before the response is cut at its end)",
     "refreshes": "Cache-refresh forwards (one per block)",
     "refresh_tokens": "Tokens processed by cache-refresh forwards",
+    "refresh_graph_tokens": "Of those, tokens of refresh forwards that replayed CUDA graphs",
     "idle_forwards": "Canvas forwards that decided nothing (a block completed by its refresh, or the step after "
                      "a block completed, whose outcome the sampler reads one step late: overlap)",
     "drafts_accepted": "Drafted tokens adopted by jump-share verification",

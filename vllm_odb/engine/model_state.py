@@ -229,6 +229,7 @@ class PagedRefresh:
         self.input_ids = self.positions = None  # the runner's input buffers (whole), from bind
         self._captures = _capture_triggers()  # vLLM's capture count when this engine's runner began
         self._announced = False
+        self.graphed = False  # the last call replayed graphs
 
     unsupported = False  # the engine's cache layout is not the one this route runs: the dense route serves
 
@@ -294,6 +295,7 @@ class PagedRefresh:
         for w in self.branch_attention:
             w.batches = []
         padded = self.graph_size(n)
+        self.graphed = padded is not None
         mode, size = (CUDAGraphMode.NONE, n) if padded is None else (CUDAGraphMode.PIECEWISE, padded)
         ids, pos = ids.to(torch.int32), pos.to(torch.int64)
         if padded is not None:  # into the buffers the captured pieces read; padding rows: position 0,
@@ -322,6 +324,7 @@ class CacheRefresh:
         self.model = model  # the vLLM model: refresh_forward and compute_logits
         self.paged = paged
         self.paged_forward = paged_forward  # VLLM_ODB_REFRESH=paged
+        self.graphed = False  # the last forward replayed CUDA graphs (metrics: refresh_graph_tokens)
 
     def forward(self, tokens: torch.Tensor, jobs: list[tuple]) -> tuple[torch.Tensor, list[int]]:
         """Run the refresh forward for ``jobs`` = [(slot, batch_row, length[, final])]: sequence
@@ -351,9 +354,11 @@ class CacheRefresh:
             offsets.append(offset)
             offset += n
         route = self.paged_forward
+        self.graphed = False
         with torch.profiler.record_function(REFRESH_MARK):  # the step profiler's refresh steps (bench)
             if route is not None and route.ready:
                 hidden = route(torch.cat(ids), torch.cat(pos), torch.cat(slots), bounds, rows)
+                self.graphed = route.graphed
             else:
                 hidden = self.model.model.refresh_forward(torch.cat(ids), torch.cat(pos),
                                                           DenseAttend(bounds, torch.cat(slots)))

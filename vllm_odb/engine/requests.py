@@ -154,12 +154,15 @@ class ODBRequest:
         return (self.start - self.prompt_len) // self.cfg.block_length
 
     # ---- transitions (the sampler calls these; module doc) -----------------------------------
-    def refreshed(self, mask_id: int) -> None:
+    def refreshed(self, mask_id: int, graphed: bool = False) -> None:
         """A refresh forward over the request's ``keys`` starts its block: counted as a forward
-        (it takes the block's first step); APD's per-position state starts over."""
+        (it takes the block's first step; ``graphed``: it replayed CUDA graphs); APD's
+        per-position state starts over."""
         self.stats["forwards"] += 1
         self.stats["refreshes"] += 1
         self.stats["refresh_tokens"] += self.keys
+        if graphed:
+            self.stats["refresh_graph_tokens"] += self.keys
         self.thresholds = BlockThresholds(self.cfg, mask_id) if moving_thresholds(self.cfg) else None
 
     def cut(self, gen: int) -> bool:
