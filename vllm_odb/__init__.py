@@ -46,4 +46,21 @@ def register() -> None:
         _CONFIG_REGISTRY[model_type] = getattr(configs, name)
     metrics.metrics_dir(create=True)  # the engine processes this one starts inherit it
     metrics.register_collector()  # dLLM counters on /metrics (engine/metrics.py)
+    share_vllm_logging()
     _registered = True
+
+
+def share_vllm_logging() -> None:
+    """Our modules' log records go where vLLM's go, at vLLM's level (``VLLM_LOGGING_LEVEL``):
+    vLLM configures its own ``vllm`` logger only, so ``vllm_odb``'s INFO lines (which CUDA-graph
+    mode a jump-share engine chose, that refreshes replay graphs) were dropped by the root logger's
+    WARNING level. Left alone when the application gave ``vllm_odb`` handlers of its own."""
+    import logging
+
+    ours, theirs = logging.getLogger("vllm_odb"), logging.getLogger("vllm")
+    if ours.handlers or not theirs.handlers:
+        return
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(theirs.level)
+    ours.propagate = False
