@@ -18,7 +18,11 @@ for fmt in llada dream; do
 done
 wait
 sort "$OUT/rc.txt"
-for f in "$OUT"/refresh-graphs-*.log; do
-  echo "== $f: $(grep -c 'replay PIECEWISE CUDA graphs' "$f") graphed-refresh notice(s)"; tail -n 3 "$f"
+for f in "$OUT"/refresh-graphs-*.log; do echo "== $f"; tail -n 2 "$f"; done
+# a lane passes only if its refreshes replayed graphs (the counter beside refresh_tokens)
+for f in "$OUT"/refresh-graphs-*.json; do
+  python3 -c 'import json, sys; g = json.load(open(sys.argv[1]))["summary"]["refresh_graph_tokens"]
+print(sys.argv[1], "graphed refresh tokens", g["vllm"], "of", g["of"]); sys.exit(g["vllm"] == 0)' "$f" \
+    || echo "$(basename "$f" .json) rc=no-graphed-refresh" >> "$OUT/rc.txt"
 done
 ! grep -qv "rc=0" "$OUT/rc.txt"

@@ -147,12 +147,15 @@ def test_the_paged_route_lays_the_sequences_out_as_non_causal_metadata(monkeypat
     assert seen["batches_inside"] == [[], []] and [w.batches for w in wrappers] == [["planned"], ["planned"]]
 
 
-def _graphed_config(mode_name="FULL_AND_PIECEWISE", sizes=(8, 16, 32), eager=False, pp=1):
+def _graphed_config(mode_name="FULL_AND_PIECEWISE", sizes=(8, 16, 32), eager=False, pp=1, partition=False,
+                    split_cache_write=True):
     from vllm.config.compilation import CUDAGraphMode
 
+    ops = ["vllm::unified_attention_with_output"] + (["vllm::unified_kv_cache_update"] if split_cache_write else [])
     return types.SimpleNamespace(
         compilation_config=types.SimpleNamespace(cudagraph_mode=getattr(CUDAGraphMode, mode_name),
-                                                 cudagraph_capture_sizes=list(sizes)),
+                                                 cudagraph_capture_sizes=list(sizes), splitting_ops=ops,
+                                                 use_inductor_graph_partition=partition),
         model_config=types.SimpleNamespace(enforce_eager=eager),
         parallel_config=types.SimpleNamespace(pipeline_parallel_size=pp))
 
@@ -166,6 +169,13 @@ def test_refreshes_replay_the_piecewise_sizes_vllm_captures(mode, eager, pp, wan
     """The sizes of vLLM's PIECEWISE graphs for mixed batches, or none (FULL-only or no graphs,
     enforce_eager, another pipeline rank)."""
     assert model_state.piecewise_sizes(_graphed_config(mode, (32, 8, 16), eager, pp)) == want
+
+
+@pytest.mark.parametrize("partition,split", [(True, True), (False, False)])
+def test_no_graphed_refresh_where_the_cache_write_is_captured(partition, split):
+    """With the cache write inside the captured pieces (Inductor graph partition, or splitting ops
+    without it) a replay would write through the runner's slot mapping, not the refresh's: eager."""
+    assert model_state.piecewise_sizes(_graphed_config(partition=partition, split_cache_write=split)) == []
 
 
 def test_the_paged_route_replays_piecewise_graphs_from_the_runners_buffers(monkeypatch):
@@ -197,6 +207,7 @@ def test_the_paged_route_replays_piecewise_graphs_from_the_runners_buffers(monke
     kv_config = types.SimpleNamespace(kv_cache_groups=[types.SimpleNamespace(layer_names=["layer"])])
     paged = PagedCache(block_tables=_tables(), kernel_block_size=4)
     route = PagedRefresh(model, _graphed_config(), paged, [])
+    assert route.graph_sizes == []  # read at the first bind, once vLLM has settled its graphs
     ids_buf = torch.full((64,), 7, dtype=torch.int32)
     pos_buf = torch.full((64,), 5, dtype=torch.int64)
     route.bind("groups", kv_config, types.SimpleNamespace(input_ids=ids_buf[:3], positions=pos_buf[:3]))
@@ -226,6 +237,23 @@ def test_the_paged_route_replays_piecewise_graphs_from_the_runners_buffers(monke
     assert not route.graphed
     assert route(ids[:8], pos[:8], slots[:8], [(0, 8)], [1]).shape == (8, 4)  # exactly a size: no padding
     assert seen[-1]["num_tokens"] == 8 and seen[-1]["slot_mapping"]["layer"].tolist() == slots[:8].tolist()
+
+    # a size vLLM had not captured: it captures one on the spot (whose work does not run); the
+    # refresh runs again eagerly, and graphs stay off
+    made = [0]
+    monkeypatch.setattr(model_state, "_graphs_captured", lambda: made[0])
+    model_calls = len(calls)
+
+    def capturing(input_ids, positions):
+        made[0] += 1
+        calls.append((input_ids, positions))
+        return torch.ones(input_ids.shape[0], 4)
+
+    route.model = capturing
+    assert route(ids, pos, slots, [(0, 9)], [1]).shape == (9, 4)
+    assert len(calls) == model_calls + 2 and not route.graphed and route.graph_sizes == []
+    assert [kw["cudagraph_runtime_mode"] for kw in seen[-2:]] == [CUDAGraphMode.PIECEWISE, CUDAGraphMode.NONE]
+    assert calls[-1][0].tolist() == ids.tolist() and seen[-1]["slot_mapping"]["layer"].tolist() == slots.tolist()
 
 
 def test_input_buffers_that_are_not_prefixes_turn_the_graphs_off():

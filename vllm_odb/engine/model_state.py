@@ -181,6 +181,12 @@ def piecewise_sizes(vllm_config) -> list[int]:
 
     if is_breakable_cudagraph_enabled():
         return []
+    # The cache write must run between the pieces, from the forward context's slot mapping (the
+    # refresh's slots): captured inside a piece (Inductor graph partition, or splitting ops
+    # without it), it would write through the runner's slot-mapping buffer, step N's slots.
+    if getattr(cc, "use_inductor_graph_partition", False) or \
+            "vllm::unified_kv_cache_update" not in (getattr(cc, "splitting_ops", None) or []):
+        return []
     return sorted(set(cc.cudagraph_capture_sizes))
 
 
@@ -188,6 +194,12 @@ def _capture_triggers() -> int:
     from vllm.compilation.counter import compilation_counter
 
     return compilation_counter.num_gpu_runner_capture_triggers
+
+
+def _graphs_captured() -> int:
+    from vllm.compilation.counter import compilation_counter
+
+    return compilation_counter.num_cudagraph_captured
 
 
 def _whole(view: torch.Tensor | None) -> torch.Tensor | None:
@@ -213,8 +225,9 @@ class PagedRefresh:
     refresh under ~900 tokens (ALP's cut canvases: session 13's profile). A replayed piece reads
     its inputs at the addresses of its capture, the runner's input buffers, so the refresh's ids
     and positions are copied there (the step's own forward has been launched before them, in
-    stream order). Refreshes larger than the largest size, and any before vLLM's capture has
-    run, go eager. The attention groups, cache config and input buffers come from the model
+    stream order). Refreshes larger than the largest size, and any in an engine whose capture has
+    not started (``num_gpu_runner_capture_triggers``), go eager. The hidden states a graphed
+    refresh returns live in the graph pool until the next replay: the sampler reads them at once. The attention groups, cache config and input buffers come from the model
     state's first ``prepare_attn`` (``bind``); before that (no step has run) the dense route
     serves."""
 
@@ -225,15 +238,21 @@ class PagedRefresh:
         self.branch_attention = branch_attention  # jump-share's wrappers: no draft rows in a refresh
         self.attn_groups = None
         self.kv_cache_config = None
-        self.graph_sizes = piecewise_sizes(vllm_config)  # token counts with PIECEWISE graphs, ascending
+        # token counts with PIECEWISE graphs, ascending: read at the first bind (vLLM settles its
+        # graph mode and sizes after the model state is built, when the KV cache is made)
+        self.graph_sizes: list[int] = []
         self.input_ids = self.positions = None  # the runner's input buffers (whole), from bind
         self._captures = _capture_triggers()  # vLLM's capture count when this engine's runner began
         self._announced = False
+        self._sized = False
         self.graphed = False  # the last call replayed graphs
 
     unsupported = False  # the engine's cache layout is not the one this route runs: the dense route serves
 
     def bind(self, attn_groups, kv_cache_config, input_batch=None) -> None:
+        if self.input_ids is None and input_batch is not None and not self._sized:
+            self._sized = True
+            self.graph_sizes = piecewise_sizes(self.vllm_config)
         if self.input_ids is None and input_batch is not None and self.graph_sizes:
             self.input_ids, self.positions = _whole(input_batch.input_ids), _whole(input_batch.positions)
             if self.input_ids is None or self.positions is None:
@@ -257,9 +276,9 @@ class PagedRefresh:
 
     def graph_size(self, n: int) -> int | None:
         """The captured PIECEWISE size a refresh of ``n`` tokens replays (the smallest one >= n),
-        or None: eager (none that large, no input buffers seen, or vLLM has not captured yet: its
-        kernel warm-up runs before the capture, and a replay of a size not captured would
-        capture one on the spot)."""
+        or None: eager (none that large, no input buffers seen, or vLLM's capture has not started:
+        an engine that captures nothing, or a step before ``capture_model``; a replay of a size
+        not captured would capture one on the spot)."""
         if self.input_ids is None or not self.graph_sizes or n > self.graph_sizes[-1]:
             return None
         if _capture_triggers() <= self._captures:
@@ -306,11 +325,24 @@ class PagedRefresh:
             if size > n:
                 pos[n:].zero_()
                 slot_mappings = torch.cat([slot_mappings, slot_mappings.new_full((1, size - n), -1)], 1)
+        captured = _graphs_captured()
         try:
             with set_forward_context(meta, self.vllm_config, num_tokens=size, cudagraph_runtime_mode=mode,
-                                     batch_descriptor=BatchDescriptor(num_tokens=size),
+                                     batch_descriptor=BatchDescriptor(
+                                         num_tokens=size,
+                                         has_lora=getattr(self.vllm_config, "lora_config", None) is not None),
                                      slot_mapping=build_slot_mappings_by_layer(slot_mappings, self.kv_cache_config)):
-                return self.model(input_ids=ids, positions=pos)[:n]
+                hidden = self.model(input_ids=ids, positions=pos)[:n]
+            if padded is not None and _graphs_captured() != captured:
+                # no graph of this size existed: vLLM captured one on the spot, whose work did not
+                # run. Graphs off for good; this refresh again, eagerly (it rewrites the same slots).
+                log.error("vllm-odb: a refresh of %d tokens found no captured graph of %d tokens; refreshes "
+                          "run eagerly from now on", n, size)
+                self.graph_sizes, self.graphed = [], False
+                return self(ids[:n], pos[:n], slots, bounds, rows)
+            # The hidden states (graphed: the graph pool's memory) hold until the next replay: the
+            # caller reads them at once, and nothing after the sampler reads the step's own.
+            return hidden
         finally:
             for w, b in zip(self.branch_attention, held):
                 w.batches = b

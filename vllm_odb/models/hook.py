@@ -218,7 +218,7 @@ def verify_and_update(vllm_config) -> None:
             widest = (jump_capture_tokens(cfg, shift, sc.max_num_seqs) if sc.async_scheduling is not False
                       else min(sync_cap(cfg, shift), sc.max_num_seqs) * canvas)
             cc.max_cudagraph_capture_size = -(-widest // 16) * 16  # vLLM's capture sizes step by 16 past 256
-    elif cc.max_cudagraph_capture_size is None:
+    elif cc.max_cudagraph_capture_size is None and cc.cudagraph_capture_sizes is None:
         # Every decode step of the batch; and the refreshes up to REFRESH_GRAPH_TOKENS replay the
         # PIECEWISE graphs of these sizes (engine/model_state.py PagedRefresh): smaller ones are
         # host-bound when launched eagerly.
