@@ -307,6 +307,19 @@ def test_hook_cudagraph_sizes_cover_small_refreshes_at_a_small_batch(cpu_vllm, m
     assert size == min(hook.REFRESH_GRAPH_TOKENS, budget) and size > 4 * vc.diffusion_config.canvas_length
 
 
+def test_hook_keeps_capture_sizes_the_user_gave(cpu_vllm, monkeypatch):  # noqa: F811
+    """Capture sizes given without a maximum stay the user's: the hook setting a maximum beside them
+    would make vLLM refuse the pair as inconsistent."""
+    from vllm_odb.models import hook
+
+    seen = []
+    original = hook.verify_and_update
+    monkeypatch.setattr(hook, "verify_and_update", lambda vc: original(vc) or seen.append(
+        (vc.compilation_config.max_cudagraph_capture_size, list(vc.compilation_config.cudagraph_capture_sizes or []))))
+    _create("llada", compilation_config={"cudagraph_capture_sizes": [8, 16]})
+    assert seen[-1] == (None, [8, 16])
+
+
 def test_hook_default_max_tokens_is_gen_length(engine_vc):
     _, vc = engine_vc
     assert vc.model_config.override_generation_config["max_new_tokens"] == 64

@@ -75,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
         "canvas": {"reference": ref["canvas"], "vllm": counted["canvas_predicted"]},
         "drafts_accepted": {"reference": ref["drafted"], "vllm": counted["drafts_accepted"]},
         # refresh tokens whose forwards replayed CUDA graphs (engine/model_state.py PagedRefresh)
-        "refresh_graph_tokens": {"vllm": counted.get("refresh_graph_tokens", 0), "of": counted.get("refresh_tokens", 0)},
+        "refresh_graph_tokens": {"vllm": counted["refresh_graph_tokens"], "of": counted["refresh_tokens"]},
         "gen_length": args.gen_length, "block_length": args.block_length, "threshold": args.threshold,
         "alone_match": 0, "batched_match": 0, "prompt_lens": sorted({len(p) for p in prompts}),
         "seconds": {"reference": ref["seconds"], **seconds},

@@ -175,7 +175,8 @@ def piecewise_sizes(vllm_config) -> list[int]:
     mode = None if cc is None else cc.cudagraph_mode
     if mode is None or mode.mixed_mode() != CUDAGraphMode.PIECEWISE or not cc.cudagraph_capture_sizes:
         return []
-    if getattr(vllm_config.model_config, "enforce_eager", False) or vllm_config.parallel_config.pipeline_parallel_size > 1:
+    if (getattr(vllm_config.model_config, "enforce_eager", False)
+            or vllm_config.parallel_config.pipeline_parallel_size > 1):
         return []
     from vllm.compilation.breakable_cudagraph import is_breakable_cudagraph_enabled
 
@@ -227,9 +228,9 @@ class PagedRefresh:
     and positions are copied there (the step's own forward has been launched before them, in
     stream order). Refreshes larger than the largest size, and any in an engine whose capture has
     not started (``num_gpu_runner_capture_triggers``), go eager. The hidden states a graphed
-    refresh returns live in the graph pool until the next replay: the sampler reads them at once. The attention groups, cache config and input buffers come from the model
-    state's first ``prepare_attn`` (``bind``); before that (no step has run) the dense route
-    serves."""
+    refresh returns live in the graph pool until the next replay: the sampler reads them at once.
+    The attention groups, cache config, input buffers and graph sizes come from the model state's
+    first ``prepare_attn`` (``bind``); before that (no step has run) the dense route serves."""
 
     def __init__(self, model, vllm_config, paged: PagedCache, branch_attention: list):
         self.model = model

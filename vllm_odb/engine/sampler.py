@@ -560,9 +560,8 @@ class ODBSampler:
         slots = to_device([s for s, _ in jobs], self.device)
         cols = table.block_cols(reqs)
         block = table.tokens[slots[:, None], cols]
-        graphed = getattr(self.cache, "graphed", False)
         for q in reqs:
-            q.refreshed(table.mask_id, graphed)
+            q.refreshed(table.mask_id, self.cache.graphed)
         self._cut_canvas(hidden, offsets, jobs, reqs)  # reads the canvas before this step commits
         step = self._block_steps(reqs, slots, block, block == table.mask_id,
                                  lambda idx: logits if idx is None else logits[idx], len(reqs))
