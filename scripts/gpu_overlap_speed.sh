@@ -6,7 +6,8 @@
 #   PART=speed OUT=$OUT bash scripts/gpu_overlap_speed.sh    # bench speed on TRACES (default: the v6 traces, recorded
 #       on the CPU in session 8 at ridge_rows 178; session 7 ran the v3 ones), LLaDA-8B, gen 1024:
 #       METHODS (default fast-dllm,odb-alp,odb) at BATCHES (default 1,8,64), with VLLM_ODB_OVERLAP=${OVERLAP:-1};
-#       ENGINE_ARGS (a JSON object) goes to the engines, e.g. '{"attention_backend": "FLASH_ATTN"}'
+#       ENGINE_ARGS (a JSON object) goes to the engines, e.g. '{"attention_backend": "FLASH_ATTN"}';
+#       CODE=DIR runs DIR/vllm_odb (another revision) instead of this checkout's, for an A/B on one machine
 #   PART=attn OUT=$OUT bash scripts/gpu_overlap_speed.sh     # the plain step's profile at gen 1024 on the default
 #       backend (FA3 on Hopper), FA4 asked for, and Triton, refreshes included; then jump-share's step
 #   PART=batch OUT=$OUT bash scripts/gpu_overlap_speed.sh    # the decode step at BATCH (default 8) requests, gen 1024,
@@ -51,11 +52,15 @@ profile)
   for o in 1 0; do prof "overlap$o" 170 VLLM_ODB_OVERLAP=$o --; done
   [[ -n "${SKIP_JUMP:-}" ]] || prof jump 170 -- --speculative ;;
 speed)
-  o=${OVERLAP:-1}
-  VLLM_ODB_OVERLAP=$o timeout ${SPEED_TIMEOUT:-520} python3 -m vllm_odb.bench speed --engine vllm --model llada-8b \
-    --traces ${TRACES:-benchmarks/results/dynamics/worked-v6-traces-llada.json} --methods ${METHODS:-fast-dllm,odb-alp,odb} \
-    --gen-lengths 1024 --batches ${BATCHES:-1,8,64} --requests 3 --row-seconds 20 --engine-args "${ENGINE_ARGS:-{\}}" \
-    --out "$R/speed-overlap$o.json" > "$R/speed-overlap$o.log" 2>&1
+  # CODE=DIR: run another revision's package (DIR/vllm_odb, e.g. `git archive REV vllm_odb | tar -x -C DIR`)
+  # on the same machine, for an A/B against this one; the traces stay this checkout's
+  o=${OVERLAP:-1}; tr=$(realpath "${TRACES:-benchmarks/results/dynamics/worked-v6-traces-llada.json}"); R=$(realpath "$R")
+  ( if [[ -n ${CODE:-} ]]; then cd "$CODE" || exit 1; export PYTHONPATH="$PWD:$PYTHONPATH"; fi
+    python3 -c 'import vllm_odb; print("vllm_odb from", vllm_odb.__file__)' | tee "$R/code.txt"
+    VLLM_ODB_OVERLAP=$o timeout ${SPEED_TIMEOUT:-520} python3 -m vllm_odb.bench speed --engine vllm --model llada-8b \
+      --traces "$tr" --methods ${METHODS:-fast-dllm,odb-alp,odb} \
+      --gen-lengths 1024 --batches ${BATCHES:-1,8,64} --requests 3 --row-seconds 20 --engine-args "${ENGINE_ARGS:-{\}}" \
+      --out "$R/speed-overlap$o.json" > "$R/speed-overlap$o.log" 2>&1 )
   note "speed-overlap$o" $?
   tail -n 25 "$R/speed-overlap$o.log" ;;
 attn)  # at gen 1024 (refreshes of ~1.5k tokens): ATTN_RUNS of name=engine-args, default the plugin's own

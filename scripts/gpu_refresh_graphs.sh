@@ -2,17 +2,21 @@
 # Token parity of refreshes that replay PIECEWISE CUDA graphs (engine/model_state.py PagedRefresh):
 # fp32 tiny checkpoints, CUDA graphs on, both formats, fast-dllm and odb-alp (ALP's cut canvases),
 # alone and batched against the reference loop; four engines at once, each with a fixed KV cache.
+# METHODS (default fast-dllm odb-alp) may add odb: jump-share in fp32 runs PIECEWISE graphs (its FULL
+# ones need the bf16 draft kernel), so its refreshes replay them too (ridge 64: drafts at batch 8).
 #   OUT=out bash scripts/gpu_refresh_graphs.sh   # $OUT/refresh-graphs-<fmt>-<method>.{json,log}, rc.txt
+#   METHODS="fast-dllm odb-alp odb" GPU_MEM=0.12 OUT=out bash scripts/gpu_refresh_graphs.sh   # six engines
 set -uo pipefail
 source /root/vllm-env.sh
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/vllm-site . >/dev/null 2>&1 \
   || { echo "project install failed"; exit 1; }
 OUT=${OUT:-out}; mkdir -p "$OUT"; export VLLM_ODB_BENCH_KV_GIB=${VLLM_ODB_BENCH_KV_GIB:-2}
 for fmt in llada dream; do
-  for m in fast-dllm odb-alp; do
-    name=refresh-graphs-$fmt-$m
+  for m in ${METHODS:-fast-dllm odb-alp}; do
+    name=refresh-graphs-$fmt-$m; extra=()
+    [[ $m == odb ]] && extra=(--select speculative --ridge-rows 64)
     ( timeout 300 python3 -m vllm_odb.bench vllm-parity --n 8 --block-length 16 --gen-length 128 --threshold 1.0 \
-        --gpu-memory 0.2 --model checkpoints/tiny-$fmt --mode graphs --method $m --out "$OUT/$name.json" \
+        --gpu-memory ${GPU_MEM:-0.2} --model checkpoints/tiny-$fmt --mode graphs --method $m "${extra[@]}" --out "$OUT/$name.json" \
         > "$OUT/$name.log" 2>&1; echo "$name rc=$?" >> "$OUT/rc.txt" ) &
   done
 done

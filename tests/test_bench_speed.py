@@ -168,3 +168,42 @@ def test_step_split_says_which_steps_the_wall_went_to(tmp_path):
     assert got["refresh_step_s_per_request"] == 0.015 and got["refresh_step_steps_per_request"] == 0.5
     assert got["idle_s_per_request"] == 0.002 and got["idle_steps_per_request"] == 0.5
     assert got["untimed_s_per_request"] == 0.028
+
+
+def test_step_split_counts_the_allocators_retries_and_mallocs_per_request(tmp_path):
+    """The step profiler's allocator counters (a GPU's; absent on the CPU) summed per request, in
+    all steps and in the steps with a refresh: a retry is a device sync inside a step."""
+    import json
+
+    from vllm_odb.bench.speed import step_split
+
+    lines = [{"step_s": 0.005, "decode_reqs": 1, "refresh_reqs": 0, "alloc_retries": 0, "device_mallocs": 1},
+             {"step_s": 0.030, "decode_reqs": 1, "refresh_reqs": 1, "alloc_retries": 3, "device_mallocs": 4},
+             {"step_s": 0.005, "decode_reqs": 1, "refresh_reqs": 0, "alloc_retries": 1, "device_mallocs": 0}]
+    path = tmp_path / "steps.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    got = step_split(str(path), 2, 0.1)
+    assert got["alloc_retries_per_request"] == 2.0 and got["refresh_step_alloc_retries_per_request"] == 1.5
+    assert got["device_mallocs_per_request"] == 2.5 and got["refresh_step_device_mallocs_per_request"] == 2.0
+    path.write_text("\n".join(json.dumps({k: v for k, v in x.items() if k not in ("alloc_retries", "device_mallocs")})
+                              for x in lines) + "\n")
+    assert not any("alloc" in k for k in step_split(str(path), 2, 0.1))  # a CPU profile: no such keys
+
+
+def test_step_profiler_writes_the_allocators_counts_as_deltas(tmp_path, monkeypatch):
+    """Each step's line carries the allocator counters' change since the previous step."""
+    import json
+    from types import SimpleNamespace
+
+    from vllm_odb.bench import profile
+
+    counts = iter([{"alloc_retries": 5, "device_mallocs": 10}, {"alloc_retries": 7, "device_mallocs": 10},
+                   {"alloc_retries": 7, "device_mallocs": 13}])
+    monkeypatch.setattr(profile, "allocator_counts", lambda: next(counts))
+    prof = profile.StepProfiler(str(tmp_path / "steps.jsonl"))
+    report = SimpleNamespace(input_batch=SimpleNamespace(num_tokens=32, num_reqs=1), decoded=[], refreshed=[],
+                             ending=False)
+    prof.step_ended(report)
+    prof.step_ended(SimpleNamespace(**{**vars(report), "ending": True}))
+    got = [json.loads(x) for x in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [(x["alloc_retries"], x["device_mallocs"]) for x in got] == [(2, 0), (0, 3)]

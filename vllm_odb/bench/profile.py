@@ -4,7 +4,9 @@ The sampler (engine/sampler.py) takes it as its step observer when the variable 
 engine process (``vllm_odb.engine.step_observer``): it appends one JSON line per engine step to
 ``path``, with the time since the previous step ended (``step_s``), the time of the refresh phase
 (``refresh_s``), the decode and refresh requests, the tokens the refreshes processed and the keys
-the decode rows attended, and the runner's batch (``tokens``, ``reqs``). ``bench speed`` and
+the decode rows attended, and the runner's batch (``tokens``, ``reqs``), and on a GPU the caching allocator's work in the step
+(``alloc_retries``: allocations that freed cached blocks and retried, each a device sync;
+``device_mallocs``: cudaMalloc calls; from ``torch.cuda.memory_stats``, a host read). ``bench speed`` and
 ``bench vllm-full-size`` read it (decode-only and refresh-only steps against the GPU's ceilings).
 
 On a GPU the times are the device's: CUDA events recorded in the stream where the refresh phase
@@ -42,9 +44,21 @@ class _Clock:
         return earlier.event.elapsed_time(self.event) / 1e3
 
 
+ALLOC_KEYS = {"alloc_retries": "num_alloc_retries", "device_mallocs": "num_device_alloc"}
+
+
+def allocator_counts() -> dict[str, int]:
+    """The caching allocator's cumulative counters this profiler reports per step (empty off CUDA)."""
+    if not torch.cuda.is_available():
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {k: int(stats.get(v, 0)) for k, v in ALLOC_KEYS.items()}
+
+
 class StepProfiler:
     def __init__(self, path: str):
         self.path = path
+        self._alloc = allocator_counts()
         self._last_end: _Clock | None = None
         self._refresh_start: _Clock | None = None
         self._waiting: list[tuple[dict, _Clock | None, _Clock]] = []  # lines whose events are not done yet
@@ -60,6 +74,9 @@ class StepProfiler:
                "refresh_tokens": sum(q.keys for q in report.refreshed),
                "kv_tokens": sum(q.keys for q in report.decoded),
                "tokens": int(batch.num_tokens), "reqs": int(batch.num_reqs)}
+        alloc = allocator_counts()
+        row.update({k: v - self._alloc.get(k, 0) for k, v in alloc.items()})
+        self._alloc = alloc
         self._waiting.append((row, self._refresh_start if report.refreshed else None, _Clock()))
         self._refresh_start = None
         self._write(wait=report.ending)

@@ -35,6 +35,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from vllm_odb.bench.profile import ALLOC_KEYS
 from vllm_odb.bench.replay import Replay, generate_traced
 from vllm_odb.bench.research import attention_impl, set_attention_impl
 from vllm_odb.policies import DecodeConfig
@@ -534,6 +535,13 @@ def step_split(path: str, requests: int, wall: float) -> dict:
         out[f"{k}_s_per_request"] = round(sum(s["step_s"] for s in steps) / n, 4)
         out[f"{k}_steps_per_request"] = round(len(steps) / n, 2)
     out["untimed_s_per_request"] = round(max(0.0, wall - sum(s["step_s"] for s in timed)) / n, 4)
+    # the caching allocator's retries (a device sync each) and cudaMallocs, per request, in the
+    # steps with a refresh and in all (bench/profile.py; absent off CUDA)
+    for key in ALLOC_KEYS:
+        if any(key in s for s in prof):
+            out[f"{key}_per_request"] = round(sum(s.get(key, 0) for s in prof) / n, 2)
+            out[f"refresh_step_{key}_per_request"] = round(
+                sum(s.get(key, 0) for s in prof if s["refresh_reqs"]) / n, 2)
     return out
 
 
