@@ -18,7 +18,8 @@
 #   PART=jump OUT=$OUT bash scripts/gpu_overlap_speed.sh     # jump-share's step profile with its attention outside
 #       the CUDA graphs (VLLM_ODB_JUMP_GRAPHS=piecewise) and captured whole (full)
 #   PART=alp OUT=$OUT bash scripts/gpu_overlap_speed.sh      # the plain step's profile replaying TRACES at gen 1024,
-#       batch ${BATCH:-1}: fast-dllm, then odb-alp (its refresh steps: ALP's canvas predictions, the cut, the release)
+#       batch ${BATCH:-1}: fast-dllm, then odb-alp (its refresh steps: ALP's canvas predictions, the cut, the release);
+#       METHODS="odb-alp odb" puts jump-share's engine beside it (session 14: its refresh steps ~12 ms slower)
 #   PART=kernel OUT=$OUT bash scripts/gpu_overlap_speed.sh   # the draft-row kernel's tiles, warps and key splits
 #       (scripts/gpu_draft_tiles.py, in CUDA graphs), then jump-share's step profile with the defaults
 # TAG names a run's folder and tarball (overlap-$PART-$TAG), e.g. TAG=paged VLLM_ODB_REFRESH=paged PART=speed.
@@ -81,9 +82,9 @@ batch)
   prof "jump-b$b" 200 -- --gen-length 1024 --batch "$b" --steps 40 --speculative ;;
 alp)
   b=${BATCH:-1}
-  for m in fast-dllm odb-alp; do
+  for m in ${METHODS:-fast-dllm odb-alp}; do  # odb: on a jump-share engine
     prof "$m-b$b" 200 -- --gen-length 1024 --batch "$b" --skip 10 --steps ${STEPS:-140} --method $m \
-      --traces ${TRACES:-benchmarks/results/dynamics/worked-v6-traces-llada.json}
+      --traces ${TRACES:-benchmarks/results/dynamics/worked-v6-traces-llada.json} $([[ $m == odb ]] && echo --speculative)
   done ;;
 refresh)
   for r in dense paged; do prof "refresh-$r" 200 VLLM_ODB_REFRESH=$r -- --gen-length 1024 --steps 70; done ;;
