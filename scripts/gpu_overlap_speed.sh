@@ -20,6 +20,9 @@
 #   PART=alp OUT=$OUT bash scripts/gpu_overlap_speed.sh      # the plain step's profile replaying TRACES at gen 1024,
 #       batch ${BATCH:-1}: fast-dllm, then odb-alp (its refresh steps: ALP's canvas predictions, the cut, the release);
 #       METHODS="odb-alp odb" puts jump-share's engine beside it (session 14: its refresh steps ~12 ms slower)
+#   PART=budget OUT=$OUT bash scripts/gpu_overlap_speed.sh   # odb at ridge_rows RIDGES (default 96 128 176 251), batches
+#       BATCHES (default 1,2), same traces: the step's cost against its draft rows (a replay forces the traced commits,
+#       so a budget below the traces' recording budget overstates its tokens per forward slightly)
 #   PART=kernel OUT=$OUT bash scripts/gpu_overlap_speed.sh   # the draft-row kernel's tiles, warps and key splits
 #       (scripts/gpu_draft_tiles.py, in CUDA graphs), then jump-share's step profile with the defaults
 # TAG names a run's folder and tarball (overlap-$PART-$TAG), e.g. TAG=paged VLLM_ODB_REFRESH=paged PART=speed.
@@ -37,7 +40,7 @@ fi
 source /root/vllm-env.sh
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/vllm-site . >/dev/null 2>&1 \
   || { echo "project install failed"; exit 1; }
-PART=${PART:?PART=profile, speed, attn, batch, alp, refresh, jump or kernel}
+PART=${PART:?PART=profile, speed, budget, attn, batch, alp, refresh, jump or kernel}
 OUT=${OUT:-/tmp/out}; P=$PART${TAG:+-$TAG}; R="$OUT/overlap-$P"; mkdir -p "$R"
 note() { echo "$1 rc=$2" | tee -a "$R/rc.txt"; }
 prof() {  # name, timeout, VAR=value... --, profile-decode-step's arguments: $R/profile-<name>.{json,log}
@@ -64,6 +67,19 @@ speed)
       --out "$R/speed-overlap$o.json" > "$R/speed-overlap$o.log" 2>&1 )
   note "speed-overlap$o" $?
   tail -n 25 "$R/speed-overlap$o.log" ;;
+budget)  # jump-share's step budget (ridge_rows: query rows a step, shared by the batch) at RIDGES, one engine
+  # each, on the same traces: what the draft rows cost (session 14: ~18 us a draft row at batch 1 on the H100,
+  # while the v8 checkpoints' tokens per forward level off past ~128 rows: BENCHMARKS "Session 14")
+  tr=$(realpath "${TRACES:-benchmarks/results/dynamics/worked-v6-traces-llada.json}")
+  for r in ${RIDGES:-96 128 176 251}; do
+    timeout ${SPEED_TIMEOUT:-150} python3 -m vllm_odb.bench speed --engine vllm --model llada-8b --traces "$tr" \
+      --methods odb --gen-lengths 1024 --batches ${BATCHES:-1,2} --requests 3 --row-seconds 15 --ridge-rows "$r" \
+      --out "$R/speed-ridge$r.json" > "$R/speed-ridge$r.log" 2>&1
+    note "speed-ridge$r" $?
+    grep -h '^{"method"' "$R/speed-ridge$r.log" | python3 -c 'import json, sys
+for line in sys.stdin:
+    r = json.loads(line); print(r["batch"], r["tokens_per_s"], r.get("decode_step_ms_p50"), r.get("note", ""))'
+  done ;;
 attn)  # at gen 1024 (refreshes of ~1.5k tokens): ATTN_RUNS of name=engine-args, default the plugin's own
   # backend (FA3 on Hopper for bf16), FA4 asked for (staged with scripts/stage_fa4_parts.sh: its
   # start-up compiles CuTe-DSL kernels), Triton, and jump-share's step on the default; each bounded
@@ -95,7 +111,7 @@ kernel)
   note draft-tiles $?
   grep -v WARNING "$R/draft-tiles.log" | tail -n 12 | cut -c1-900
   prof jump 250 -- --speculative ;;
-*) echo "PART=$PART: give profile, speed, attn, batch, alp, refresh, jump or kernel"; exit 2 ;;
+*) echo "PART=$PART: give profile, speed, budget, attn, batch, alp, refresh, jump or kernel"; exit 2 ;;
 esac
 sort "$R/rc.txt"
 tar -czf "$OUT/overlap-$P.tgz" -C "$OUT" "overlap-$P" && rm -rf "$R"
