@@ -365,7 +365,11 @@ def test_wall_split_section_for_rows_that_carry_it(tmp_path):
                             "untimed_s_per_request": 0.11})
     md = report.build_markdown(report.load_results(_write(tmp_path, data, "split.json")), "r")
     part = md.split("## Where the wall went")[1].split("## Goals")[0]
-    assert "| 80.5 | 350.0 ms / 63 | 190.0 ms / 6.5 | 30.0 ms / 6 | 110.0 ms |" in part
+    assert "| 80.5 | 350.0 ms / 63 | 190.0 ms / 6.5 | 30.0 ms / 6 | 110.0 ms | - | - |" in part
+    data["rows"][0].update({"refresh_graphed": 0.622, "alloc_retries_per_request": 0.0,
+                            "device_mallocs_per_request": 0.12})
+    md = report.build_markdown(report.load_results(_write(tmp_path, data, "split2.json")), "r")
+    assert "| 110.0 ms | 62% | 0 / 0.12 |" in md.split("## Where the wall went")[1]
 
 
 def test_step_efficiency_and_the_refresh_target(tmp_path):

@@ -415,10 +415,17 @@ def wall_split(rows: list[dict]) -> list[str]:
     body = []
     for r in have:
         cells = [f"{1e3 * r[f'{k}_s_per_request']:.1f} ms / {r[f'{k}_steps_per_request']:g}" for k, _ in SPLIT]
+        graphed = f"{r['refresh_graphed']:.0%}" if isinstance(r.get("refresh_graphed"), (int, float)) else "-"
+        alloc = (f"{r['alloc_retries_per_request']:g} / {r['device_mallocs_per_request']:g}"
+                 if "alloc_retries_per_request" in r and "device_mallocs_per_request" in r else "-")
         body.append([r["model"], _engine_label(r), r["method"], r["gen_length"], r["batch"],
-                     f"{r['steps_per_request']:g}", *cells, f"{1e3 * r['untimed_s_per_request']:.1f} ms"])
+                     f"{r['steps_per_request']:g}", *cells, f"{1e3 * r['untimed_s_per_request']:.1f} ms",
+                     graphed, alloc])
     return ["", "## Where the wall went, per request (engine steps by kind: time / count)", "",
-            *_table(["model", "engine", "method", "gen", "batch", "steps", *(h for _, h in SPLIT), "no step"], body)]
+            *_table(["model", "engine", "method", "gen", "batch", "steps", *(h for _, h in SPLIT), "no step",
+                     "refresh tokens graphed", "allocator retries / cudaMallocs"], body),
+            "", "Refresh tokens graphed: the share whose refresh forwards replayed CUDA graphs. Allocator: the "
+            "caching allocator's retries (a device sync each) and cudaMallocs per request (- : not recorded)."]
 
 
 def _cell(text: object) -> str:
