@@ -533,3 +533,47 @@ def test_a_refresh_that_replayed_cuda_graphs_counts_its_tokens_as_graphed():
     engine.prefill_done([1])
     assert b.stats["refresh_tokens"] == b.stats["refresh_graph_tokens"] == 3 + 64
     assert a.stats["refresh_graph_tokens"] == 0
+
+
+def _cut_order(monkeypatch, cfg: DecodeConfig, shift: int = 0) -> tuple[list[str], object]:
+    """The order of a refresh's block step, plans and ALP cut read (ODBSampler's methods), for a
+    request whose refresh confidently ends its canvas after the first block."""
+    from vllm_odb.engine import sampler as sampler_mod
+
+    calls: list[str] = []
+    for name, tag in (("_block_steps", "step"), ("_plans", "plans"), ("_apply_cuts", "cut")):
+        real = getattr(sampler_mod.ODBSampler, name)
+
+        def wrapped(self, *a, _real=real, _tag=tag, **k):
+            if _tag != "cut" or a[0]:  # an empty list of cuts reads nothing
+                calls.append(_tag)
+            return _real(self, *a, **k)
+        monkeypatch.setattr(sampler_mod.ODBSampler, name, wrapped)
+
+    def logits(ids, pos):  # every canvas position confidently EOS past the first block
+        out = torch.zeros(len(ids), VOCAB)
+        out[:, 3] = 30.0
+        out[pos >= 4 + 8 - shift, EOS] = 60.0
+        return out
+    engine = Engine(cfg, shift, refresh_logits=logits)
+    req = engine.add(0, "a", [1, 2, 3, 4])
+    engine.prefill_done([0])
+    return calls, req
+
+
+def test_alp_cut_is_read_after_the_refresh_steps_and_plans_launch(monkeypatch):
+    """One host read for the refresh's ALP cuts, after its first step and the jump-share plans are
+    launched (they read no canvas length), so their launches run behind the refresh on the GPU."""
+    cfg = DecodeConfig(gen_length=32, block_length=8, alp=True, alp_min_length=8, jump=True, ridge_rows=64)
+    calls, req = _cut_order(monkeypatch, cfg)
+    assert calls == ["step", "plans", "cut"]
+    assert req.gen < 32 and req.stats["canvas_predicted"] == req.gen  # the cut itself still lands
+
+
+def test_alp_cut_is_read_before_a_step_whose_threshold_reads_the_canvas(monkeypatch):
+    """Streaming-dLLM's dynamic threshold reads the canvas after the block (its length): the cut
+    must be on the host before the refresh's first step decides."""
+    cfg = DecodeConfig(gen_length=32, block_length=8, alp=True, alp_min_length=8, threshold_alpha=0.5)
+    calls, req = _cut_order(monkeypatch, cfg)
+    assert calls == ["cut", "step"]
+    assert req.gen < 32

@@ -58,7 +58,9 @@ Logits are read in tiles over requests (``_TILE_BYTES`` of fp32 work each), so t
 holds more than a bounded slice of [requests x block, vocab] in fp32 at once; jump-share's
 planned rows are predicted untiled, at most the draft budget's rows a step (Dream:
 ``2 * ridge_rows - window``). With overlap a decode step has no host sync, jump-share's included;
-ALP adds one per step with refreshes (after the refresh forward).
+ALP adds one per step with refreshes: its cuts are read once the refresh's first steps and the
+jump-share plans are launched, so those launches run behind the refresh on the device (before the
+first steps where Streaming's dynamic threshold or APD read the canvas length).
 
 Benchmarks attach through hooks that are None when serving: a request's ``forcing`` (a trace,
 policies/forcing.py) at the three forced decisions, and the step ``observer``
@@ -538,16 +540,24 @@ class ODBSampler:
         if not jobs:
             return
         reqs = [table.get(s) for s, _ in jobs]
-        steps = [self._refresh_chunk(jobs[a:b], reqs[a:b])
+        cuts: list[tuple[list[tuple[int, ODBRequest]], torch.Tensor]] = []  # ALP's, not read yet
+        steps = [self._refresh_chunk(jobs[a:b], reqs[a:b], cuts)
                  for a, b in token_chunks([q.keys for q in reqs], self.refresh_budget)]
         new, x0, conf = (torch.cat(t) for t in zip(*((s.block, s.x0, s.conf) for s in steps)))
         # plan the first jump-share step of the block from the refresh's predictions (on the device)
         planned = [(i, jobs[i][0], q) for i, q in enumerate(reqs) if self._plans_next(q)]
         if planned:
             self._plans(planned, Step(new, x0, conf))
+        # ALP's cuts read last: one host sync for the whole refresh, after every launch above, so the
+        # block steps' and the plans' launches run behind the refresh on the device instead of after
+        # the sync (nothing above reads a request's canvas length: _cut_canvas says which do)
+        self._apply_cuts(cuts)
 
-    def _refresh_chunk(self, jobs: list[tuple[int, int]], reqs: list[ODBRequest]) -> Step:
-        """One side forward over ``jobs``; ALP; their first step. Returns it ([jobs, block])."""
+    def _refresh_chunk(self, jobs: list[tuple[int, int]], reqs: list[ODBRequest],
+                       cuts: list[tuple[list[tuple[int, ODBRequest]], torch.Tensor]]) -> Step:
+        """One side forward over ``jobs``; ALP (its cuts appended to ``cuts`` for ``_apply_cuts``,
+        or applied at once where this step's thresholds read the canvas); their first step.
+        Returns it ([jobs, block])."""
         table, blk, shift = self.table, self.block, self.shift
         kept = [q.kept() for q in reqs]  # (stop, final): Streaming's pruned canvas, or all of it
         hidden, offsets = self.cache.forward(table.tokens, [(s, r, stop) + (() if final is None else (final,))
@@ -562,7 +572,14 @@ class ODBSampler:
         block = table.tokens[slots[:, None], cols]
         for q in reqs:
             q.refreshed(table.mask_id, self.cache.graphed)
-        self._cut_canvas(hidden, offsets, jobs, reqs)  # reads the canvas before this step commits
+        cut = self._cut_canvas(hidden, offsets, jobs, reqs)  # reads the canvas before this step commits
+        if cut is not None:
+            # Streaming's dynamic threshold and APD read the canvas after the block (q.kept()): the
+            # cut must be on the host before this step decides; else it waits for _apply_cuts
+            if any(moving_thresholds(q.cfg) for q in reqs):
+                self._apply_cuts([cut])
+            else:
+                cuts.append(cut)
         step = self._block_steps(reqs, slots, block, block == table.mask_id,
                                  lambda idx: logits if idx is None else logits[idx], len(reqs))
         for q in reqs:
@@ -745,18 +762,18 @@ class ODBSampler:
         return block_ends(tokens, markers, forced, valid=cols >= prompt[:, None])
 
     def _cut_canvas(self, hidden: torch.Tensor, offsets: list[int], jobs: list[tuple[int, int]],
-                    reqs: list[ODBRequest]) -> None:
+                    reqs: list[ODBRequest]) -> tuple[list[tuple[int, ODBRequest]], torch.Tensor] | None:
         """Adaptive length prediction (policies.step.cut_canvas) for the refreshed requests with
         ``alp``: the refresh forward predicts every still-masked canvas position; a confident end
-        marker cuts the live canvas after its block. Later steps attend only to the live canvas
-        (the dual cache's sequence length is ``prompt + gen``), later refreshes process only it,
-        and the KV blocks past it go back to vLLM's pool (``PagedCache.release``)."""
+        marker cuts the live canvas after its block. Returns ([(slot, request)], their canvas
+        lengths on the device), for ``_apply_cuts``; None when no request has ALP. Until then the
+        requests keep their canvas length on the host (``q.gen``, ``q.end``, ``q.kept()``)."""
         groups: dict = defaultdict(list)
         for i, q in enumerate(reqs):
             if q.cfg.alp:
                 groups[q.cfg.step_knobs, q.markers].append(i)
         if not groups:
-            return
+            return None
         order, cuts = [], []
         for (cfg, markers), members in groups.items():
             group = [reqs[i] for i in members]
@@ -765,11 +782,19 @@ class ODBSampler:
             forced = forced_lengths([q.forcing for q in group], [q.block_index for q in group], [q.gen for q in group],
                                     self.device)
             cuts.append(cut_canvas(x0, conf, scan, 0, gen, markers, cfg, forced))
-            order += members
-        for i, gen in zip(order, torch.cat(cuts).tolist()):  # one host sync for the step's refreshes
-            q = reqs[i]
+            order += [(jobs[i][0], reqs[i]) for i in members]
+        return order, torch.cat(cuts)
+
+    def _apply_cuts(self, cuts: list[tuple[list[tuple[int, ODBRequest]], torch.Tensor]]) -> None:
+        """ALP's cuts on the host (one sync for them all): later steps attend only to the live
+        canvas (the dual cache's sequence length is ``prompt + gen``), later refreshes process only
+        it, and the KV blocks past it go back to vLLM's pool (``PagedCache.release``)."""
+        if not cuts:
+            return
+        order = [job for jobs, _ in cuts for job in jobs]
+        for (slot, q), gen in zip(order, torch.cat([c for _, c in cuts]).tolist()):
             if q.cut(int(gen)):
-                self.cache.paged.release(q.req_id, jobs[i][0], q.end, self.width - self.block)
+                self.cache.paged.release(q.req_id, slot, q.end, self.width - self.block)
 
     def _canvas(self, hidden: torch.Tensor, offsets: list[int], slots: list[int], reqs: list[ODBRequest]):
         """ALP's inputs for ``reqs`` from their refresh rows: predictions and confidences of every
