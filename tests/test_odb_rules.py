@@ -845,7 +845,8 @@ def test_plans_in_fixed_rows_decide_as_plans_laid_out_as_they_come(shift):
         free = plan_branches(block, before, x0, conf, block == mask, cfg, live)
         q = int(torch.randint(k + shift, 80, (1,), generator=gen))
         fixed = plan_branches(block, before, x0, conf, block == mask, cfg, live, rows=q)
-        p_own, _ = plan_drafts(DraftBudget(ridge, cfg.max_draft_positions), live, k + shift, (block == mask).sum(1))
+        p_own, _ = plan_drafts(DraftBudget(ridge, cfg.max_draft_positions), live, k + shift, (block == mask).sum(1),
+                               1 + shift)
         bound = positions_bound(DraftBudget(ridge, cfg.max_draft_positions), live, k + shift, k)
         assert fixed.family.shape[1] == bound >= int(p_own.max())
         nf = free.family.shape[0]
@@ -908,3 +909,41 @@ def test_fixed_rows_must_hold_the_base_window():
     block = torch.full((1, 8), 5)
     with pytest.raises(ValueError, match="7 rows cannot hold the base window of 9"):
         plan_branches(block, block[:, :1], block, torch.rand(1, 8), block == 5, cfg, 1, rows=7)
+
+
+@pytest.mark.parametrize("window", [4, 8, 33])
+def test_plan_drafts_counts_two_rows_a_masked_position_for_shifted_logits(window):
+    """With ``rows_per_mask`` 2 (Dream: a draft's row at each masked position and the one before
+    it) the shared layout's bound is window + (2p - 1) * 2m rows: the largest p within the share."""
+    ms = list(range(0, 41))
+    for ridge, n_req in itertools.product([16, 64, 100, 158, 256, 512], [1, 2, 3, 8]):
+        share = ridge // n_req
+        p, shared = plan_drafts(DraftBudget(ridge, 8), n_req, window, L(ms), 2)
+        for m, pi, si in zip(ms, p.tolist(), shared.tolist()):
+            cap = max(0, min(m - 1, 8))
+            best_full = max(q for q in range(cap + 1) if 2 * q * window <= share)
+            best_shared = max((q for q in range(1, cap + 1) if window + (2 * q - 1) * 2 * m <= share), default=0)
+            assert (pi, si) == (max(best_full, best_shared), best_shared > best_full), (ridge, n_req, window, m)
+
+
+def test_dream_layouts_stay_within_the_draft_budget():
+    """A jump-share step's layout takes at most the request's share of ``ridge_rows`` (or the base
+    window), with Dream's shifted logits too: the budget is query rows, as the knob says. (Before
+    session 14 Dream's reached ``2 * share - window``.)"""
+    from vllm_odb.policies.step import plan_branches
+
+    g = torch.Generator().manual_seed(3)
+    mask = 99
+    for trial in range(60):
+        k, shift = (8, 16, 32)[trial % 3], trial % 2
+        b = 3
+        block = torch.randint(0, 50, (b, k), generator=g)
+        masked = torch.rand(b, k, generator=g) < torch.rand(b, 1, generator=g)
+        block[masked] = mask
+        before = torch.randint(0, 50, (b, shift), generator=g)
+        x0, conf = torch.randint(0, 50, (b, k), generator=g), torch.rand(b, k, generator=g)
+        ridge, live = int(torch.randint(k, 300, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
+        cfg = DecodeConfig(rule="threshold", cache="dual", jump=True, ridge_rows=ridge, block_length=k,
+                           gen_length=4 * k)
+        br = plan_branches(block, before, x0, conf, block == mask, cfg, live)
+        assert int(br.layout.num_rows.max()) <= max(k + shift, ridge // live), (trial, ridge, live, k, shift)

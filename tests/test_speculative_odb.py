@@ -61,7 +61,7 @@ def test_cli_shorthand_conflict_names_both_flags(cpu_vllm, capsys):  # noqa: F81
 def test_speculative_odb_becomes_the_decoding_section(cpu_vllm, fmt, spec):  # noqa: F811 (the fixture)
     vc = _create(fmt, additional_config={"odb": {"block_length": 16}}, speculative_config=spec)
     assert vc.speculative_config is None  # V2 would refuse a speculator; the canvas sets the slots
-    assert vc.num_speculative_tokens == vc.diffusion_config.canvas_length == (251 if fmt == "llada" else 485)
+    assert vc.num_speculative_tokens == vc.diffusion_config.canvas_length == 251  # ridge_rows, Dream's too
     engine = vc.model_config.hf_config.odb_engine
     assert (engine["alp"], engine["early_stop"], engine["jump"], engine["block_length"]) == (True, True, True, 16)
     assert engine["alp_threshold"] == spec.get("alp_threshold", 0.9)

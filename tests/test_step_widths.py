@@ -21,7 +21,7 @@ def test_the_step_width_is_the_batch_share_of_the_draft_budget(shift):
     assert all(window <= w <= width for w in widths)
     for b, w in enumerate(widths, 1):
         share = 186 // b
-        assert w == max(window, share if shift == 0 else 2 * share - window)
+        assert w == max(window, share)  # the share of rows, Dream's too (plan_drafts keeps layouts in it)
     assert widths[186 // window:] == [window] * (64 - 186 // window)  # the plain window from there on
     plain = DecodeConfig(block_length=32)
     assert {step_width(plain, shift, b) for b in (1, 7, 64)} == {window}

@@ -195,32 +195,28 @@ def _public(cfg: DecodeConfig) -> dict:
 
 def canvas_width(cfg: DecodeConfig, shift: int) -> int:
     """Query rows vLLM schedules per decode step (``diffusion_config.canvas_length``): the block
-    (+ Dream's shift) or, on a jump-share engine, the most rows a request alone can lay out.
-
-    ``policies.jump.plan_drafts`` budgets a shared-KV draft at one row per masked position; with
-    shifted logits (Dream) a draft also needs the row before each masked position, up to twice
-    that, so its layouts can reach ``2 * ridge_rows - window`` rows (a known overshoot of the
-    ridge budget for Dream, see BENCHMARKS.md)."""
+    (+ Dream's shift) or, on a jump-share engine, the most rows a request alone can lay out:
+    ``ridge_rows`` (``policies.jump.plan_drafts`` keeps every layout within it, Dream's shifted
+    ones included; before session 14 Dream's reached ``2 * ridge_rows - window``)."""
     window = cfg.block_length + shift
     if not cfg.jump:
         return window
-    return max(window, cfg.ridge_rows if shift == 0 else 2 * cfg.ridge_rows - window)
+    return max(window, cfg.ridge_rows)
 
 
 def step_width(cfg: DecodeConfig, shift: int, batch: int) -> int:
     """Query rows a jump-share engine gives each decode request in the step after a step of
-    ``batch`` scheduled requests: the most rows its share of the draft budget can lay out
-    (``policies.jump.plan_drafts``: share = ``ridge_rows // batch``; Dream's shifted layouts reach
-    ``2 * share - window``), at least the window, at most ``canvas_width``. Many drafts at batch 1,
-    the plain window from ``ridge_rows // window`` requests on. vLLM's scheduler takes these as its
+    ``batch`` scheduled requests: its share of the draft budget (``policies.jump.plan_drafts``:
+    share = ``ridge_rows // batch``, the most rows its layouts take), at least the window, at most
+    ``canvas_width``. Many drafts at batch 1, the plain window from ``ridge_rows // window``
+    requests on. vLLM's scheduler takes these as its
     per-batch-size draft counts (patches/scheduler_lookahead.py); the sampler plans each step with
     the same share (engine/sampler.py). A plain engine's step is always the window."""
     window = cfg.block_length + shift
     if not cfg.jump:
         return window
     share = cfg.ridge_rows // max(1, batch)
-    rows = share if shift == 0 else 2 * share - window
-    return max(window, min(canvas_width(cfg, shift), rows))
+    return max(window, min(canvas_width(cfg, shift), share))
 
 
 def sync_cap(cfg: DecodeConfig, shift: int) -> int:

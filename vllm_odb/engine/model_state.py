@@ -17,8 +17,7 @@ sampler may commit 0..width of them per step. What this file adds, in the order 
   ``[s, s + width)``; positions and KV slots are moved one back here, so the window is
   ``[s - 1, s + block)``, the same rows the reference loop queries;
 - jump-share's draft rows (``BranchAttention``): a jump-share engine schedules a wider canvas per
-  request (``knobs.canvas_width``: ``ridge_rows``, or ``2 * ridge_rows - window`` with Dream's
-  shifted logits; models/hook.py). The first ``window`` rows are the base branch, the next rows
+  request (``knobs.canvas_width``: ``ridge_rows``; models/hook.py). The first ``window`` rows are the base branch, the next rows
   the drafts the sampler planned (engine/requests.py ``JumpPlan``), the rest padding. Every row
   gets the position of its window offset; base rows write their KV to the block's slots as in a
   plain step, draft and padding rows write nothing (slot -1). The backend's kernel runs the whole

@@ -6,7 +6,7 @@ engine knobs (``--additional-config '{"odb": {...}}'``) into vLLM settings:
 - the canvas: ``diffusion_config.canvas_length = block_length + shift`` (Dream's query window
   starts one position before the block, because Dream predicts token i from position i-1), or on
   a jump-share engine the most rows one request's drafts can lay out (``knobs.canvas_width``:
-  ``ridge_rows``, Dream ``2 * ridge_rows - window``; engine/model_state.py), with FULL CUDA graphs
+  ``ridge_rows``; engine/model_state.py), with FULL CUDA graphs
   of any batch on the Triton draft kernel (PIECEWISE on the SDPA route: the draft rows' attention
   runs outside the graphs); a step's canvas follows the batch
   (``knobs.step_width``, set in the scheduler by patches/scheduler_lookahead.py), so the engine

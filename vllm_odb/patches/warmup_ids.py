@@ -3,7 +3,7 @@ vllm/v1/worker/gpu/warmup.py, 0.26.0).
 
 The V2 runner's kernel warm-up prefills dummy requests whose prompt ids are ``range(decode_query_len
 + 1)``: ids up to the decode query length, whatever the vocabulary. A jump-share engine's decode
-query is its canvas width (``ridge_rows``, 251 by default; Dream ``2 * ridge_rows - window``), so a
+query is its canvas width (``ridge_rows``, 251 by default), so a
 checkpoint with fewer token rows than that (the basic suite's tiny ones have 128) indexes past its
 embedding table and the engine dies at start-up. For our models the wrapper hands the warm-up's
 new requests ids taken modulo the vocabulary size (the warm-up times kernels: which ids it feeds

@@ -88,22 +88,25 @@ class DraftBudget:
             raise ValueError(f"max_positions={self.max_positions!r} must be an integer >= 0")
 
 
-def plan_drafts(budget: DraftBudget, num_requests: int, window: int, masked: torch.Tensor):
+def plan_drafts(budget: DraftBudget, num_requests: int, window: int, masked: torch.Tensor, rows_per_mask: int = 1):
     """Per request: drafted positions p [B] and whether to use the shared-KV layout [B].
 
     ``window``: query rows of one branch (block length, +1 for Dream's shifted logits);
     ``masked`` [B]: masked positions left in each request's block. A request's share of the
     budget is ridge_rows // num_requests. Full-block drafts cost window * 2p rows (base + 2p - 1
-    drafts); shared drafts cost window + (2p - 1) * m rows. p never exceeds m - 1 (a draft that
-    fills the whole block leaves its branch nothing to decide) nor ``max_positions``.
+    drafts); shared drafts cost at most window + (2p - 1) * m * ``rows_per_mask`` rows: a draft's
+    row at each masked position, and with Dream's shifted logits (``rows_per_mask`` 2) the row
+    before each, whose logits predict it. So every layout stays within the share. p never exceeds
+    m - 1 (a draft that fills the whole block leaves its branch nothing to decide) nor
+    ``max_positions``.
     """
     share = budget.ridge_rows // max(1, num_requests)
     m = masked.long()
     cap = (m - 1).clamp(min=0, max=budget.max_positions)
     p_full = torch.full_like(m, share // (2 * window)).clamp(max=cap)
-    # Shared: window + (2p - 1) * m <= share  ->  p <= ((share - window) // m + 1) // 2
+    # Shared: window + (2p - 1) * r * m <= share  ->  p <= ((share - window) // (r * m) + 1) // 2
     room = max(0, share - window)
-    p_shared = ((room // m.clamp(min=1)) + 1) // 2
+    p_shared = (((room // rows_per_mask) // m.clamp(min=1)) + 1) // 2  # = room // (r * m): no device op more
     p_shared = torch.where((m > 0) & (room > 0), p_shared, torch.zeros_like(m)).clamp(max=cap)
     use_shared = p_shared > p_full
     return torch.where(use_shared, p_shared, p_full), use_shared
@@ -111,7 +114,8 @@ def plan_drafts(budget: DraftBudget, num_requests: int, window: int, masked: tor
 
 @lru_cache(maxsize=None)
 def _positions_bound(ridge_rows: int, max_positions: int, num_requests: int, window: int, block: int) -> int:
-    p, _ = plan_drafts(DraftBudget(ridge_rows, max_positions), num_requests, window, torch.arange(block + 1))
+    p, _ = plan_drafts(DraftBudget(ridge_rows, max_positions), num_requests, window, torch.arange(block + 1),
+                       1 + window - block)
     return int(p.max())
 
 

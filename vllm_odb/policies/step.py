@@ -105,14 +105,15 @@ def plan_branches(block: torch.Tensor, before: torch.Tensor, x0: torch.Tensor, c
     block (Dream's query window starts there); ``x0``/``conf`` [B, K]: the predictions of the branch
     adopted last; ``num_live``: requests decoding in the batch (they share ``cfg.ridge_rows``).
     Each request drafts as many positions as its share of the budget allows (``valid`` masks the
-    drafts of requests allowed fewer than the most); with none, the step is a plain one (with
-    ``drafts_only``: None, and nothing else is planned).
+    drafts of requests allowed fewer than the most), within its share of the rows (Dream's
+    included: ``plan_drafts``); with none, the step is a plain one (with ``drafts_only``: None, and
+    nothing else is planned).
 
     ``rows`` (the engine): every request's layout takes exactly ``rows`` query rows, and nothing is
     read from the device. The family is then the largest any block could draft
     (``positions_bound``), with the drafts past each request's own count invalid; a request whose
-    drafts would take more rows has none (``fitting_drafts``; Dream's shared layout can need more
-    rows than its share). Where its drafts fit, its decisions are those of the plan without
+    drafts would take more rows has none (``fitting_drafts``: given fewer rows than its share).
+    Where its drafts fit, its decisions are those of the plan without
     ``rows``: the family of p begins with the family of any smaller p, in the same order, and the
     top-p drafted positions begin with the top of any smaller count. ``rows`` must hold the base
     window. None (the reference): the family of the most positions any request drafts (a device
@@ -122,7 +123,7 @@ def plan_branches(block: torch.Tensor, before: torch.Tensor, x0: torch.Tensor, c
     if rows is not None and rows < window_rows:
         raise ValueError(f"plan_branches: {rows} rows cannot hold the base window of {window_rows}")
     budget = DraftBudget(cfg.ridge_rows, cfg.max_draft_positions)
-    p_row, shared = plan_drafts(budget, num_live, window_rows, masked.sum(1))
+    p_row, shared = plan_drafts(budget, num_live, window_rows, masked.sum(1), 1 + shift)
     p = int(p_row.max()) if rows is None else positions_bound(budget, num_live, window_rows, block.shape[1])
     if p == 0 and drafts_only:
         return None
