@@ -72,7 +72,8 @@ budget)  # jump-share's step budget (ridge_rows: query rows a step, shared by th
   # while the v8 checkpoints' tokens per forward level off past ~128 rows: BENCHMARKS "Session 14")
   tr=$(realpath "${TRACES:-benchmarks/results/dynamics/worked-v6-traces-llada.json}")
   for r in ${RIDGES:-96 128 176 251}; do
-    timeout ${SPEED_TIMEOUT:-150} python3 -m vllm_odb.bench speed --engine vllm --model llada-8b --traces "$tr" \
+    # ~80 s an engine (start, capture, two rows): four fit one 600 s call; more RIDGES, split the call
+    timeout ${SPEED_TIMEOUT:-130} python3 -m vllm_odb.bench speed --engine vllm --model llada-8b --traces "$tr" \
       --methods odb --gen-lengths 1024 --batches ${BATCHES:-1,2} --requests 3 --row-seconds 15 --ridge-rows "$r" \
       --out "$R/speed-ridge$r.json" > "$R/speed-ridge$r.log" 2>&1
     note "speed-ridge$r" $?

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Token parity of refreshes that replay PIECEWISE CUDA graphs (engine/model_state.py PagedRefresh):
 # fp32 tiny checkpoints, CUDA graphs on, both formats, fast-dllm and odb-alp (ALP's cut canvases),
-# alone and batched against the reference loop; four engines at once, each with a fixed KV cache.
+# alone and batched against the reference loop; an engine per lane at once, each with a fixed KV cache.
 # METHODS (default fast-dllm odb-alp) may add odb: jump-share in fp32 runs PIECEWISE graphs (its FULL
-# ones need the bf16 draft kernel), so its refreshes replay them too (ridge 64: drafts at batch 8).
+# ones need the bf16 draft kernel), so its refreshes replay them too (ridge 64, the tiny vocabulary's
+# bound: drafts alone, and in the batch once 3 or fewer requests are left).
 #   OUT=out bash scripts/gpu_refresh_graphs.sh   # $OUT/refresh-graphs-<fmt>-<method>.{json,log}, rc.txt
 #   METHODS="fast-dllm odb-alp odb" GPU_MEM=0.12 OUT=out bash scripts/gpu_refresh_graphs.sh   # six engines
 set -uo pipefail

@@ -577,3 +577,40 @@ def test_alp_cut_is_read_before_a_step_whose_threshold_reads_the_canvas(monkeypa
     calls, req = _cut_order(monkeypatch, cfg)
     assert calls == ["cut", "step"]
     assert req.gen < 32
+
+
+@pytest.mark.parametrize("b_alp, chunk_tokens", [(False, 4096), (True, 4096), (False, 40), (True, 40)])
+def test_mixed_refresh_reads_the_cut_early_only_for_an_alp_request_whose_threshold_moves(monkeypatch, b_alp,
+                                                                                        chunk_tokens):
+    """Two requests refresh in one step (one side forward, or one each under a small token budget):
+    request a has ALP and the fixed threshold, b Streaming's dynamic threshold with or without ALP.
+    Only an ALP request whose threshold reads the canvas makes its chunk read the cut before its
+    step; otherwise the cuts wait for the end of the refresh phase, read once."""
+    from vllm_odb.engine import sampler as sampler_mod
+
+    calls: list[str] = []
+    for name, tag in (("_block_steps", "step"), ("_apply_cuts", "cut")):
+        real = getattr(sampler_mod.ODBSampler, name)
+
+        def wrapped(self, *a, _real=real, _tag=tag, **k):
+            if _tag != "cut" or a[0]:
+                calls.append(_tag)
+            return _real(self, *a, **k)
+        monkeypatch.setattr(sampler_mod.ODBSampler, name, wrapped)
+
+    def logits(ids, pos):
+        out = torch.zeros(len(ids), VOCAB)
+        out[:, 3] = 30.0
+        out[pos >= 4 + 8, EOS] = 60.0
+        return out
+    cfg = DecodeConfig(gen_length=32, block_length=8, alp=True, alp_min_length=8)
+    engine = Engine(cfg, 0, refresh_logits=logits, max_num_tokens=chunk_tokens)
+    a = engine.add(0, "a", [1, 2, 3, 4])
+    b = engine.add(1, "b", [1, 2, 3, 4], alp=b_alp, threshold_alpha=0.5)
+    engine.prefill_done([0, 1])
+    chunks = 2 if chunk_tokens < 72 else 1
+    if chunks == 1:
+        assert calls == (["cut", "step"] if b_alp else ["step", "cut"])
+    else:  # a's chunk defers its cut; b's reads its own first when it has ALP
+        assert calls == (["step", "cut", "step", "cut"] if b_alp else ["step", "step", "cut"])
+    assert a.gen < 32 and (b.gen < 32) == b_alp

@@ -575,7 +575,7 @@ class ODBSampler:
         if cut is not None:
             # Streaming's dynamic threshold and APD read the canvas after the block (q.kept()): the
             # cut must be on the host before this step decides; else it waits for _apply_cuts
-            if any(moving_thresholds(q.cfg) for q in reqs):
+            if any(q.cfg.alp and moving_thresholds(q.cfg) for q in reqs):  # only their own canvas moves
                 self._apply_cuts([cut])
             else:
                 cuts.append(cut)
