@@ -51,7 +51,7 @@ def allocator_counts() -> dict[str, int]:
     """The caching allocator's cumulative counters this profiler reports per step (empty off CUDA)."""
     if not torch.cuda.is_available():
         return {}
-    stats = torch.cuda.memory_stats()
+    stats = torch.cuda.memory_stats_as_nested_dict()  # the counters are top-level: no flattening
     return {k: int(stats.get(v, 0)) for k, v in ALLOC_KEYS.items()}
 
 
