@@ -12,7 +12,8 @@
 #       backend (FA3 on Hopper), FA4 asked for, and Triton, refreshes included; then jump-share's step
 #   PART=batch OUT=$OUT bash scripts/gpu_overlap_speed.sh    # the decode step at BATCH (default 8) requests, gen 1024,
 #       on a plain engine and on a jump-share one (whose share of the draft budget is then below the window:
-#       no drafts, so its step should cost the plain one's; session 10 measured odb 0.88x odb-alp at batch 8)
+#       no drafts, so its step should cost the plain one's; session 10 measured odb 0.88x odb-alp at batch 8);
+#       FA_SPLITS="4 8" adds the jump-share step with FA3's split count for graphs capped there
 #   PART=refresh OUT=$OUT bash scripts/gpu_overlap_speed.sh  # the plain step's profile (its refresh steps too) with
 #       the refresh forward's two routes, VLLM_ODB_REFRESH=dense and paged (engine/model_state.py)
 #   PART=jump OUT=$OUT bash scripts/gpu_overlap_speed.sh     # jump-share's step profile with its attention outside
@@ -96,7 +97,13 @@ attn)  # at gen 1024 (refreshes of ~1.5k tokens): ATTN_RUNS of name=engine-args,
 batch)
   b=${BATCH:-8}
   prof "plain-b$b" 200 -- --gen-length 1024 --batch "$b" --steps 40
-  prof "jump-b$b" 200 -- --gen-length 1024 --batch "$b" --steps 40 --speculative ;;
+  prof "jump-b$b" 200 -- --gen-length 1024 --batch "$b" --steps 40 --speculative
+  # FA_SPLITS="4 8": the jump-share engine's FULL graphs run FA3 at vLLM's fixed split count for
+  # graphs (flash_attn_max_num_splits_for_cuda_graph, 32); a suspect for its slower no-draft step
+  for sp in ${FA_SPLITS:-}; do
+    prof "jump-b$b-splits$sp" 200 -- --gen-length 1024 --batch "$b" --steps 40 --speculative \
+      --engine-args "{\"attention_config\":{\"flash_attn_max_num_splits_for_cuda_graph\":$sp}}"
+  done ;;
 alp)
   b=${BATCH:-1}
   for m in ${METHODS:-fast-dllm odb-alp}; do  # odb: on a jump-share engine
