@@ -237,6 +237,16 @@ def test_each_row_has_its_own_markers():
 # Draft budget: plan_drafts
 # --------------------------------------------------------------------------------------------
 
+def _random_blocks(gen, b: int, k: int, shift: int, mask: int, vocab: int):
+    """``b`` blocks of ``k`` with a random share masked, the ``shift`` tokens before each, and
+    predictions (x0, conf) over them: a jump-share plan's inputs."""
+    block = torch.randint(0, vocab, (b, k), generator=gen)
+    masked = torch.rand(b, k, generator=gen) < torch.rand(b, 1, generator=gen)
+    block[masked] = mask
+    before = torch.randint(0, vocab, (b, shift), generator=gen)
+    return block, before, torch.randint(0, vocab, (b, k), generator=gen), torch.rand(b, k, generator=gen)
+
+
 def plan(ridge, n_req, window, masked, max_positions=8):
     p, shared = plan_drafts(DraftBudget(ridge_rows=ridge, max_positions=max_positions), n_req, window, L(masked))
     return p.tolist(), shared.tolist()
@@ -833,11 +843,7 @@ def test_plans_in_fixed_rows_decide_as_plans_laid_out_as_they_come(shift):
     k, mask, cut = 8, 5, 0
     for _ in range(150):
         b = 3
-        block = torch.randint(0, 5, (b, k), generator=gen)
-        masked = torch.rand(b, k, generator=gen) < torch.rand(b, 1, generator=gen)
-        block[masked] = mask
-        before = torch.randint(0, 5, (b, shift), generator=gen)
-        x0, conf = torch.randint(0, 5, (b, k), generator=gen), torch.rand(b, k, generator=gen)
+        block, before, x0, conf = _random_blocks(gen, b, k, shift, mask, 5)
         ridge = int(torch.randint(k, 120, (1,), generator=gen))
         live = int(torch.randint(1, 4, (1,), generator=gen))
         cfg = DecodeConfig(rule="threshold", cache="dual", jump=True, ridge_rows=ridge, block_length=k,
@@ -937,11 +943,7 @@ def test_dream_layouts_stay_within_the_draft_budget():
     for trial in range(60):
         k, shift = (8, 16, 32)[trial % 3], trial % 2
         b = 3
-        block = torch.randint(0, 50, (b, k), generator=g)
-        masked = torch.rand(b, k, generator=g) < torch.rand(b, 1, generator=g)
-        block[masked] = mask
-        before = torch.randint(0, 50, (b, shift), generator=g)
-        x0, conf = torch.randint(0, 50, (b, k), generator=g), torch.rand(b, k, generator=g)
+        block, before, x0, conf = _random_blocks(g, b, k, shift, mask, 50)
         ridge, live = int(torch.randint(k, 300, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
         cfg = DecodeConfig(rule="threshold", cache="dual", jump=True, ridge_rows=ridge, block_length=k,
                            gen_length=4 * k)
