@@ -209,9 +209,9 @@ def step_width(cfg: DecodeConfig, shift: int, batch: int) -> int:
     ``batch`` scheduled requests: its share of the draft budget (``policies.jump.plan_drafts``:
     share = ``ridge_rows // batch``, the most rows its layouts take), at least the window, at most
     ``canvas_width``. Many drafts at batch 1, the plain window from ``ridge_rows // window``
-    requests on. vLLM's scheduler takes these as its
-    per-batch-size draft counts (patches/scheduler_lookahead.py); the sampler plans each step with
-    the same share (engine/sampler.py). A plain engine's step is always the window."""
+    requests on. vLLM's scheduler takes these as its per-batch-size draft counts
+    (patches/scheduler_lookahead.py); the sampler plans each step with the same share
+    (engine/sampler.py). A plain engine's step is always the window."""
     window = cfg.block_length + shift
     if not cfg.jump:
         return window

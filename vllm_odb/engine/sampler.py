@@ -56,10 +56,11 @@ injects such failures for the tests.
 
 Logits are read in tiles over requests (``_TILE_BYTES`` of fp32 work each), so the sampler never
 holds more than a bounded slice of [requests x block, vocab] in fp32 at once; jump-share's
-planned rows are predicted untiled, at most the draft budget's rows a step (``ridge_rows``). With overlap a decode step has no host sync, jump-share's included;
-ALP adds one per step with refreshes: its cuts are read once the refresh's first steps and the
-jump-share plans are launched, so those launches run behind the refresh on the device (before the
-first steps where Streaming's dynamic threshold or APD read the canvas length).
+planned rows are predicted untiled, at most the draft budget's rows a step (``ridge_rows``). With
+overlap a decode step has no host sync, jump-share's included; ALP adds one per step with
+refreshes: its cuts are read once the refresh's first steps and the jump-share plans are launched,
+so those launches run behind the refresh on the device (before the first step of an ALP request
+whose threshold reads the canvas length: Streaming's dynamic threshold, APD).
 
 Benchmarks attach through hooks that are None when serving: a request's ``forcing`` (a trace,
 policies/forcing.py) at the three forced decisions, and the step ``observer``
