@@ -113,10 +113,10 @@ def plan_branches(block: torch.Tensor, before: torch.Tensor, x0: torch.Tensor, c
     read from the device. The family is then the largest any block could draft
     (``positions_bound``), with the drafts past each request's own count invalid; a request whose
     drafts would take more rows has none (``fitting_drafts``: given fewer rows than its share).
-    Where its drafts fit, its decisions are those of the plan without ``rows``: the family of p begins with the family of any smaller p, in the same order, and the
-    top-p drafted positions begin with the top of any smaller count. ``rows`` must hold the base
-    window. None (the reference): the family of the most positions any request drafts (a device
-    read)."""
+    Where its drafts fit, its decisions are those of the plan without ``rows``: the family of p
+    begins with the family of any smaller p, in the same order, and the top-p drafted positions
+    begin with the top of any smaller count. ``rows`` must hold the base window. None (the
+    reference): the family of the most positions any request drafts (a device read)."""
     shift = before.shape[1]
     window_rows = block.shape[1] + shift
     if rows is not None and rows < window_rows:
