@@ -535,9 +535,9 @@ def test_a_refresh_that_replayed_cuda_graphs_counts_its_tokens_as_graphed():
     assert a.stats["refresh_graph_tokens"] == 0
 
 
-def _cut_order(monkeypatch, cfg: DecodeConfig, shift: int = 0) -> tuple[list[str], object]:
-    """The order of a refresh's block step, plans and ALP cut read (ODBSampler's methods), for a
-    request whose refresh confidently ends its canvas after the first block."""
+def _record_calls(monkeypatch) -> list[str]:
+    """The order in which the sampler runs a refresh's block steps, jump-share plans and ALP cut
+    reads (ODBSampler's methods; an empty list of cuts reads nothing and is not recorded)."""
     from vllm_odb.engine import sampler as sampler_mod
 
     calls: list[str] = []
@@ -545,17 +545,27 @@ def _cut_order(monkeypatch, cfg: DecodeConfig, shift: int = 0) -> tuple[list[str
         real = getattr(sampler_mod.ODBSampler, name)
 
         def wrapped(self, *a, _real=real, _tag=tag, **k):
-            if _tag != "cut" or a[0]:  # an empty list of cuts reads nothing
+            if _tag != "cut" or a[0]:
                 calls.append(_tag)
             return _real(self, *a, **k)
         monkeypatch.setattr(sampler_mod.ODBSampler, name, wrapped)
+    return calls
 
-    def logits(ids, pos):  # every canvas position confidently EOS past the first block
+
+def _ends_after_first_block(shift: int = 0):
+    """Refresh logits: every canvas position confidently EOS past the first block (prompt 4, block 8)."""
+    def logits(ids, pos):
         out = torch.zeros(len(ids), VOCAB)
         out[:, 3] = 30.0
         out[pos >= 4 + 8 - shift, EOS] = 60.0
         return out
-    engine = Engine(cfg, shift, refresh_logits=logits)
+    return logits
+
+
+def _cut_order(monkeypatch, cfg: DecodeConfig, shift: int = 0) -> tuple[list[str], object]:
+    """The calls of one request's refresh whose canvas is confidently cut after the first block."""
+    calls = _record_calls(monkeypatch)
+    engine = Engine(cfg, shift, refresh_logits=_ends_after_first_block(shift))
     req = engine.add(0, "a", [1, 2, 3, 4])
     engine.prefill_done([0])
     return calls, req
@@ -586,25 +596,9 @@ def test_mixed_refresh_reads_the_cut_early_only_for_an_alp_request_whose_thresho
     request a has ALP and the fixed threshold, b Streaming's dynamic threshold with or without ALP.
     Only an ALP request whose threshold reads the canvas makes its chunk read the cut before its
     step; otherwise the cuts wait for the end of the refresh phase, read once."""
-    from vllm_odb.engine import sampler as sampler_mod
-
-    calls: list[str] = []
-    for name, tag in (("_block_steps", "step"), ("_apply_cuts", "cut")):
-        real = getattr(sampler_mod.ODBSampler, name)
-
-        def wrapped(self, *a, _real=real, _tag=tag, **k):
-            if _tag != "cut" or a[0]:
-                calls.append(_tag)
-            return _real(self, *a, **k)
-        monkeypatch.setattr(sampler_mod.ODBSampler, name, wrapped)
-
-    def logits(ids, pos):
-        out = torch.zeros(len(ids), VOCAB)
-        out[:, 3] = 30.0
-        out[pos >= 4 + 8, EOS] = 60.0
-        return out
+    calls = _record_calls(monkeypatch)  # no jump-share here: no plans
     cfg = DecodeConfig(gen_length=32, block_length=8, alp=True, alp_min_length=8)
-    engine = Engine(cfg, 0, refresh_logits=logits, max_num_tokens=chunk_tokens)
+    engine = Engine(cfg, 0, refresh_logits=_ends_after_first_block(), max_num_tokens=chunk_tokens)
     a = engine.add(0, "a", [1, 2, 3, 4])
     b = engine.add(1, "b", [1, 2, 3, 4], alp=b_alp, threshold_alpha=0.5)
     engine.prefill_done([0, 1])
