@@ -17,7 +17,7 @@
 #   PART=refresh OUT=$OUT bash scripts/gpu_overlap_speed.sh  # the plain step's profile (its refresh steps too) with
 #       the refresh forward's two routes, VLLM_ODB_REFRESH=dense and paged (engine/model_state.py)
 #   PART=jump OUT=$OUT bash scripts/gpu_overlap_speed.sh     # jump-share's step profile with its attention outside
-#       the CUDA graphs (VLLM_ODB_JUMP_GRAPHS=piecewise) and captured whole (full)
+#       the CUDA graphs (VLLM_ODB_JUMP_GRAPHS=piecewise), FULL decode graphs per width (full) and FULL of any batch (full-any)
 #   PART=alp OUT=$OUT bash scripts/gpu_overlap_speed.sh      # the plain step's profile replaying TRACES at gen 1024,
 #       batch ${BATCH:-1}: fast-dllm, then odb-alp (its refresh steps: ALP's canvas predictions, the cut, the release);
 #       METHODS="odb-alp odb" puts jump-share's engine beside it (session 14: its refresh steps ~12 ms slower)
@@ -113,7 +113,7 @@ alp)
 refresh)
   for r in dense paged; do prof "refresh-$r" 200 VLLM_ODB_REFRESH=$r -- --gen-length 1024 --steps 70; done ;;
 jump)
-  for g in piecewise full; do prof "jump-$g" 250 VLLM_ODB_JUMP_GRAPHS=$g -- --speculative; done ;;
+  for g in piecewise full full-any; do prof "jump-$g" 250 VLLM_ODB_JUMP_GRAPHS=$g -- --speculative; done ;;
 kernel)
   OUT="$R" timeout 240 python3 scripts/gpu_draft_tiles.py > "$R/draft-tiles.log" 2>&1
   note draft-tiles $?

@@ -7,6 +7,8 @@
 # bound: drafts alone, and in the batch once 3 or fewer requests are left).
 #   OUT=out bash scripts/gpu_refresh_graphs.sh   # $OUT/refresh-graphs-<fmt>-<method>.{json,log}, rc.txt
 #   METHODS="fast-dllm odb-alp odb" GPU_MEM=0.12 OUT=out bash scripts/gpu_refresh_graphs.sh   # six engines
+#   METHODS="... odb-kernel": odb with the Triton draft kernel (VLLM_ODB_DRAFT_ATTENTION=triton), so an fp32
+#   engine runs jump-share's bf16 graph mode: FULL decode graphs per step width, PIECEWISE refreshes
 set -uo pipefail
 source /root/vllm-env.sh
 python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/vllm-site . >/dev/null 2>&1 \
@@ -14,10 +16,13 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /ro
 OUT=${OUT:-out}; mkdir -p "$OUT"; export VLLM_ODB_BENCH_KV_GIB=${VLLM_ODB_BENCH_KV_GIB:-2}
 for fmt in llada dream; do
   for m in ${METHODS:-fast-dllm odb-alp}; do
-    name=refresh-graphs-$fmt-$m; extra=()
-    [[ $m == odb ]] && extra=(--select speculative --ridge-rows 64)
-    ( timeout 300 python3 -m vllm_odb.bench vllm-parity --n 8 --block-length 16 --gen-length 128 --threshold 1.0 \
-        --gpu-memory ${GPU_MEM:-0.2} --model checkpoints/tiny-$fmt --mode graphs --method $m "${extra[@]}" --out "$OUT/$name.json" \
+    name=refresh-graphs-$fmt-$m; extra=(); env=()
+    [[ $m == odb* ]] && extra=(--select speculative --ridge-rows 64)
+    # odb-kernel: odb with the Triton draft kernel in fp32, so the engine runs its bf16 graph mode
+    # (FULL_AND_PIECEWISE: FULL decode graphs per step width, PIECEWISE refreshes)
+    [[ $m == odb-kernel ]] && env=(VLLM_ODB_DRAFT_ATTENTION=triton)
+    ( env "${env[@]}" timeout 300 python3 -m vllm_odb.bench vllm-parity --n 8 --block-length 16 --gen-length 128 --threshold 1.0 \
+        --gpu-memory ${GPU_MEM:-0.2} --model checkpoints/tiny-$fmt --mode graphs --method ${m%-kernel} "${extra[@]}" --out "$OUT/$name.json" \
         > "$OUT/$name.log" 2>&1; echo "$name rc=$?" >> "$OUT/rc.txt" ) &
   done
 done

@@ -202,7 +202,7 @@ def test_step_profiler_writes_the_allocators_counts_as_deltas(tmp_path, monkeypa
     monkeypatch.setattr(profile, "allocator_counts", lambda: next(counts))
     prof = profile.StepProfiler(str(tmp_path / "steps.jsonl"))
     report = SimpleNamespace(input_batch=SimpleNamespace(num_tokens=32, num_reqs=1), decoded=[], refreshed=[],
-                             ending=False)
+                             ending=False, refresh_tokens=0)
     prof.step_ended(report)
     prof.step_ended(SimpleNamespace(**{**vars(report), "ending": True}))
     got = [json.loads(x) for x in (tmp_path / "steps.jsonl").read_text().splitlines()]

@@ -395,15 +395,18 @@ def test_hook_jump_share_engine(cpu_vllm, fmt):  # noqa: F811 (the fixture)
 
 
 @pytest.mark.parametrize("fmt", ["llada", "dream"])
-@pytest.mark.parametrize("dtype,route,full", [("bfloat16", "full", True), ("float32", "full", False),
-                                              ("bfloat16", "piecewise", False), ("bfloat16", None, True),
-                                              ("float32", None, False)])
+@pytest.mark.parametrize("dtype,route,want", [("bfloat16", "full", "FULL_AND_PIECEWISE"), ("float32", "full", "PIECEWISE"),
+                                              ("bfloat16", "full-any", "FULL"), ("float32", "full-any", "PIECEWISE"),
+                                              ("bfloat16", "piecewise", "PIECEWISE"), ("bfloat16", None, "FULL_AND_PIECEWISE"),
+                                              ("float32", None, "PIECEWISE")])
 def test_hook_jump_share_graphs_follow_the_knob_and_the_draft_route(cpu_vllm, monkeypatch, fmt, dtype, route,  # noqa: F811
-                                                                   full):
-    """VLLM_ODB_JUMP_GRAPHS=full captures a jump-share engine's steps in FULL graphs of any batch,
-    sized for its widest step, where the draft rows take the Triton kernel (a half-precision model);
-    it is the default. piecewise and an fp32 model (the SDPA route, which cannot be captured) keep the
-    attention outside the graphs."""
+                                                                   want):
+    """Where the draft rows take the Triton kernel (a half-precision model), VLLM_ODB_JUMP_GRAPHS=full
+    (the default) runs a jump-share engine as a plain one runs, FULL_AND_PIECEWISE: FULL graphs of
+    its decode steps (one set per width: patches/cudagraph_widths.py), PIECEWISE ones for its
+    refreshes, captured up to the widest step and at least REFRESH_GRAPH_TOKENS. full-any captures
+    FULL graphs of any batch, sized for the widest step. piecewise and an fp32 model (the SDPA route,
+    which cannot be captured) keep the attention outside the graphs."""
     pytest.importorskip("triton")
     from vllm.config.compilation import CUDAGraphMode
 
@@ -428,11 +431,13 @@ def test_hook_jump_share_graphs_follow_the_knob_and_the_draft_route(cpu_vllm, mo
     monkeypatch.setattr(hook, "verify_and_update", spy)
     vc = _create(fmt, speculative_config={"method": "odb"}, dtype=dtype)
     mode, size = seen[-1]
-    assert mode == (CUDAGraphMode.FULL if full else CUDAGraphMode.PIECEWISE)
-    if full:
+    assert mode == CUDAGraphMode[want]
+    if want != "PIECEWISE":
         cfg = DecodeConfig(**vc.model_config.hf_config.odb_engine)
         most = jump_capture_tokens(cfg, SHIFT[fmt], vc.scheduler_config.max_num_seqs)
         assert most == max(64 * (16 + SHIFT[fmt]), vc.diffusion_config.canvas_length)
+        if want == "FULL_AND_PIECEWISE":
+            most = max(most, min(hook.REFRESH_GRAPH_TOKENS, vc.scheduler_config.max_num_batched_tokens))
         assert size == -(-most // 16) * 16
 
 
@@ -460,7 +465,7 @@ def test_an_unknown_jump_graph_mode_names_the_variable(monkeypatch):
     from vllm_odb.engine.knobs import jump_graphs
 
     monkeypatch.setenv("VLLM_ODB_JUMP_GRAPHS", "breakable")
-    with pytest.raises(ValueError, match="VLLM_ODB_JUMP_GRAPHS='breakable': give one of piecewise, full"):
+    with pytest.raises(ValueError, match="VLLM_ODB_JUMP_GRAPHS='breakable': give one of piecewise, full, full-any"):
         jump_graphs()
 
 

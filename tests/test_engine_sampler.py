@@ -608,3 +608,22 @@ def test_mixed_refresh_reads_the_cut_early_only_for_an_alp_request_whose_thresho
     else:  # a's chunk defers its cut; b's reads its own first when it has ALP
         assert calls == (["step", "cut", "step", "cut"] if b_alp else ["step", "step", "cut"])
     assert a.gen < 32 and (b.gen < 32) == b_alp
+
+
+@pytest.mark.parametrize("chunk_tokens", [4096, 40])
+def test_the_step_report_counts_the_refresh_tokens_run_before_alp_cuts_them(chunk_tokens):
+    """The step profiler's refresh tokens are those the refresh forwards ran (the whole canvas), not
+    the canvases ALP left by the end of the step: session 14's batch-8 refresh steps were measured
+    against the cut canvases, ~4x too few tokens."""
+    cfg = DecodeConfig(gen_length=32, block_length=8, alp=True, alp_min_length=8)
+    engine = Engine(cfg, 0, refresh_logits=_ends_after_first_block(), max_num_tokens=chunk_tokens)
+    reports = []
+    engine.sampler.observer = type("Observer", (), {"refresh_started": lambda self: None,
+                                                    "step_ended": lambda self, r: reports.append(r)})()
+    a = engine.add(0, "a", [1, 2, 3, 4])
+    b = engine.add(1, "b", [1, 2, 3])
+    engine.prefill_done([0, 1])
+    report = next(r for r in reports if r.refreshed)
+    assert report.refresh_tokens == (4 + 32) + (3 + 32)
+    assert a.gen < 32 and b.gen < 32 and sum(q.keys for q in report.refreshed) < report.refresh_tokens
+    assert [r.refresh_tokens for r in reports if not r.refreshed] == [0] * (len(reports) - 1)

@@ -71,7 +71,9 @@ class StepProfiler:
         whether a request ended: vLLM may take no further step, so every line is written now)."""
         batch = report.input_batch
         row = {"decode_reqs": len(report.decoded), "refresh_reqs": len(report.refreshed),
-               "refresh_tokens": sum(q.keys for q in report.refreshed),
+               # the tokens the refresh ran: an ALP cut later in the step shrinks q.keys (session 14's
+               # batch-8 "4x roofline" refresh steps were measured against the cut canvases)
+               "refresh_tokens": report.refresh_tokens,
                "kv_tokens": sum(q.keys for q in report.decoded),
                "tokens": int(batch.num_tokens), "reqs": int(batch.num_reqs)}
         alloc = allocator_counts()

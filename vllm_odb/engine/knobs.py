@@ -234,13 +234,18 @@ def live_gen_length(cfg: DecodeConfig, prompt_len: int, max_model_len: int, reac
     return max(0, min(cfg.gen_length, room))
 
 
-# VLLM_ODB_JUMP_GRAPHS: full (the default: token parity on the H200 in session 9, odb 1.6x faster at
-# batch 1 than piecewise) captures the steps of a jump-share engine whose draft rows take the Triton
-# kernel in FULL CUDA graphs (the kernel's inputs in fixed buffers: engine/draft_attention.py
-# ``DraftBuffers``); piecewise: attention outside the graphs, launched from Python every layer. An
-# fp32 model (the SDPA route) runs piecewise either way.
+# VLLM_ODB_JUMP_GRAPHS, for a jump-share engine whose draft rows take the Triton kernel (the kernel's
+# inputs in fixed buffers: engine/draft_attention.py ``DraftBuffers``):
+# - full (the default): vLLM's FULL_AND_PIECEWISE, as a plain engine runs. Uniform decode steps
+#   replay FULL graphs, one set per step width (``step_width`` of each batch size;
+#   patches/cudagraph_widths.py). Refreshes, prefills and mixed steps replay PIECEWISE graphs.
+# - full-any: FULL graphs of any batch (vLLM's FULL mode), the default of sessions 9-14. Its
+#   refreshes launch eagerly, because that mode captures no PIECEWISE graphs: session 14 measured
+#   ~12 ms more a refresh than the plain engine at batch 1.
+# - piecewise: attention outside the graphs, launched from Python every layer.
+# An fp32 model (the SDPA route) runs piecewise whatever this says.
 JUMP_GRAPHS_ENV = "VLLM_ODB_JUMP_GRAPHS"
-JUMP_GRAPHS = ("piecewise", "full")
+JUMP_GRAPHS = ("piecewise", "full", "full-any")
 
 
 def jump_graphs() -> str:

@@ -31,10 +31,12 @@ sampler may commit 0..width of them per step. What this file adds, in the order 
   of ours. Its cost is a gather of the request's keys and values per layer (prompt + canvas) and
   one masked SDPA call per planned request. FlexAttention would need a block mask per step over
   paged keys and a compile per shape; a kernel of ours is what would replace the SDPA gather if
-  the speed benchmarks say it matters. With the Triton kernel (bf16/fp16) the whole step is
-  captured in FULL graphs by default (``VLLM_ODB_JUMP_GRAPHS``), the kernel's inputs in fixed buffers
-  (``DraftBuffers``, filled by ``_branch_rows``); on the SDPA route (or ``piecewise``) the attention
-  op runs outside CUDA graphs (PIECEWISE) and everything else in the layer stays graphed;
+  the speed benchmarks say it matters. With the Triton kernel (bf16/fp16) a uniform decode step
+  is captured whole in FULL graphs by default (``VLLM_ODB_JUMP_GRAPHS``; one set per step width,
+  patches/cudagraph_widths.py), the kernel's inputs in fixed buffers (``DraftBuffers``, filled by
+  ``_branch_rows``), and refreshes and mixed steps replay PIECEWISE graphs with the kernel launched
+  between them; on the SDPA route (or ``piecewise``) the attention op runs outside CUDA graphs
+  (PIECEWISE) and everything else in the layer stays graphed;
 - the Fast-dLLM cache refresh (``CacheRefresh``), which the sampler runs at every block start: one
   full forward over prompt + committed tokens + the whole masked canvas rewrites the KV of every
   position (the committed prefix now sees the tokens decoded since, and the masked suffix gets the
@@ -564,7 +566,7 @@ class BranchAttention:
 
 class ODBModelState(DefaultModelState):
     num_new_sampled_tokens_per_step = 0  # diffusion: no AR bonus token
-    # Jump-share steps captured in FULL CUDA graphs (VLLM_ODB_JUMP_GRAPHS=full): the draft kernel's
+    # Jump-share steps captured in FULL CUDA graphs (VLLM_ODB_JUMP_GRAPHS full or full-any): the draft kernel's
     # inputs at fixed addresses (draft_attention.DraftBuffers), made at the first prepare_attn.
     draft_buffers: DraftBuffers | None = None
     jump_full_graphs = False

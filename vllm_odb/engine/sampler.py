@@ -241,6 +241,7 @@ class StepReport:
     decoded: list[ODBRequest]  # the decode rows' requests
     refreshed: list[ODBRequest]  # the requests whose block started with a refresh
     ending: bool = False  # a request ended its decoding, or none is decoding: vLLM may stop stepping
+    refresh_tokens: int = 0  # tokens the refresh forwards ran (before ALP cut any canvas they read)
 
 
 class ODBSampler:
@@ -260,6 +261,7 @@ class ODBSampler:
         if getattr(cache, "paged_forward", None) is not None:  # vLLM's compiled forward: its token range
             self.refresh_budget = min(self.refresh_budget, max_num_tokens)
         self.observer = step_observer()  # benchmarks' step profiler; None when serving
+        self._refresh_tokens = 0  # this step's refresh forwards (StepReport)
         # This step's scheduled requests and, from them, the rows each decode request gets next
         # step (knobs.step_width: vLLM's scheduler gives the same): the jump-share plans' room.
         self.batch, self.next_width = 1, self.width
@@ -337,6 +339,7 @@ class ODBSampler:
             _check_actions(input_batch, rows, refresh, out)
         if self.observer:
             self.observer.refresh_started()
+        self._refresh_tokens = 0
         if refresh:
             self._refresh(refresh)
             _checkpoint("refresh")
@@ -347,7 +350,8 @@ class ODBSampler:
         table.counters.flush(force=out.emitted or table.idle())  # blocks out may end requests: at once
         if self.observer:
             self.observer.step_ended(StepReport(input_batch, decoded, [table.get(s) for s, _ in refresh],
-                                                table.ends != ends or (table.idle() and not self._pending)))
+                                                table.ends != ends or (table.idle() and not self._pending),
+                                                self._refresh_tokens))
         return out.result()
 
     @staticmethod
@@ -562,6 +566,7 @@ class ODBSampler:
         kept = [q.kept() for q in reqs]  # (stop, final): Streaming's pruned canvas, or all of it
         hidden, offsets = self.cache.forward(table.tokens, [(s, r, stop) + (() if final is None else (final,))
                                                             for (s, r), (stop, final) in zip(jobs, kept)])
+        self._refresh_tokens += hidden.shape[0]  # the step observer's count (a host shape: no sync)
         first = to_device([o + q.start - shift for o, q in zip(offsets, reqs)], self.device)
         logits = self.cache.logits(hidden[(first[:, None] + self._cols[None]).reshape(-1)]).view(len(jobs), blk, -1)
         if self.table.faulty:  # debug fault injection only (engine/faults.py)

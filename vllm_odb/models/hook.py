@@ -6,9 +6,10 @@ engine knobs (``--additional-config '{"odb": {...}}'``) into vLLM settings:
 - the canvas: ``diffusion_config.canvas_length = block_length + shift`` (Dream's query window
   starts one position before the block, because Dream predicts token i from position i-1), or on
   a jump-share engine the most rows one request's drafts can lay out (``knobs.canvas_width``:
-  ``ridge_rows``; engine/model_state.py), with FULL CUDA graphs
-  of any batch on the Triton draft kernel (PIECEWISE on the SDPA route: the draft rows' attention
-  runs outside the graphs); a step's canvas follows the batch
+  ``ridge_rows``; engine/model_state.py), with FULL CUDA graphs of its decode steps (one set per
+  step width: patches/cudagraph_widths.py) and PIECEWISE ones for the rest, on the Triton draft
+  kernel (PIECEWISE only on the SDPA route: the draft rows' attention runs outside the graphs);
+  a step's canvas follows the batch
   (``knobs.step_width``, set in the scheduler by patches/scheduler_lookahead.py), so the engine
   takes as many requests as a plain one (without async scheduling: at most ``ridge_rows // window``);
 - bidirectional paged attention: ``use_non_causal`` and, unless the user chose one, FlashAttention
@@ -199,24 +200,30 @@ def verify_and_update(vllm_config) -> None:
     cc = vllm_config.compilation_config
     if cfg.jump:
         # Draft rows take an attention side path (engine/model_state.py BranchAttention): outside
-        # CUDA graphs, or (VLLM_ODB_JUMP_GRAPHS=full, on the Triton kernel) captured with the rest of
-        # the step in FULL graphs of any batch (vLLM's mixed-batch FULL graphs: a step's canvas follows
-        # the batch, so its decode steps are not of the one uniform width vLLM captures).
+        # CUDA graphs (piecewise, or the SDPA route of an fp32 model), or on the Triton kernel
+        # captured with the rest of the step. By default (VLLM_ODB_JUMP_GRAPHS=full) that is vLLM's
+        # FULL_AND_PIECEWISE, as a plain engine runs: uniform decode steps replay FULL graphs, one
+        # set per step width (patches/cudagraph_widths.py: a step's canvas follows the batch), and
+        # refreshes replay the PIECEWISE ones (PagedRefresh). full-any: FULL graphs of any batch.
         from vllm.config.compilation import CUDAGraphMode
 
         from vllm_odb.engine.draft_attention import kernel_selected
 
-        full = jump_graphs() == "full" and kernel_selected("cuda", model_config.dtype)
+        route = jump_graphs()
+        full = route != "piecewise" and kernel_selected("cuda", model_config.dtype)
         if cc.cudagraph_mode is None or cc.cudagraph_mode.has_full_cudagraphs():
-            mode = CUDAGraphMode.FULL if full else CUDAGraphMode.PIECEWISE
+            mode = (CUDAGraphMode.PIECEWISE if not full else CUDAGraphMode.FULL if route == "full-any"
+                    else CUDAGraphMode.FULL_AND_PIECEWISE)
             log.info("vllm-odb: jump-share %s; cudagraph_mode=%s", "captures its steps whole" if full
                      else "runs attention outside CUDA graphs", mode.name)
             cc.cudagraph_mode = mode
         if full and cc.max_cudagraph_capture_size is None:
-            # FULL graphs have no piecewise ones to fall back on: a step past the largest capture
-            # runs eager. Without async scheduling every request carries the whole canvas.
+            # A step past the largest capture runs eager. Without async scheduling every request
+            # carries the whole canvas. FULL_AND_PIECEWISE: refreshes up to REFRESH_GRAPH_TOKENS too.
             widest = (jump_capture_tokens(cfg, shift, sc.max_num_seqs) if sc.async_scheduling is not False
                       else min(sync_cap(cfg, shift), sc.max_num_seqs) * canvas)
+            if route == "full":
+                widest = max(widest, min(REFRESH_GRAPH_TOKENS, sc.max_num_batched_tokens))
             cc.max_cudagraph_capture_size = -(-widest // 16) * 16  # vLLM's capture sizes step by 16 past 256
     elif cc.max_cudagraph_capture_size is None and cc.cudagraph_capture_sizes is None:
         # Every decode step of the batch; and the refreshes up to REFRESH_GRAPH_TOKENS replay the

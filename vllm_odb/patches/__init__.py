@@ -31,6 +31,7 @@ def apply_all() -> list[str]:
     """Apply every patch once per process; returns the names applied so far."""
     check_vllm_version()
     from vllm_odb.patches import (
+        cudagraph_widths,
         diffusion_params,
         fa3_hopper,
         request_body,
@@ -43,7 +44,7 @@ def apply_all() -> list[str]:
     )
 
     for module in (diffusion_params, request_body, scheduler_lookahead, request_errors, stream_errors,
-                   runner_block_tables, speculative_odb, warmup_ids, fa3_hopper):
+                   runner_block_tables, speculative_odb, warmup_ids, fa3_hopper, cudagraph_widths):
         if module.NAME not in _applied:
             module.apply()
             _applied.add(module.NAME)
