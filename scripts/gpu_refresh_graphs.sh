@@ -17,7 +17,7 @@ OUT=${OUT:-out}; mkdir -p "$OUT"; export VLLM_ODB_BENCH_KV_GIB=${VLLM_ODB_BENCH_
 for fmt in llada dream; do
   for m in ${METHODS:-fast-dllm odb-alp}; do
     name=refresh-graphs-$fmt-$m; extra=(); env=()
-    [[ $m == odb* ]] && extra=(--select speculative --ridge-rows 64)
+    [[ $m == odb || $m == odb-kernel ]] && extra=(--select speculative --ridge-rows 64)
     # odb-kernel: odb with the Triton draft kernel in fp32, so the engine runs its bf16 graph mode
     # (FULL_AND_PIECEWISE: FULL decode graphs per step width, PIECEWISE refreshes)
     [[ $m == odb-kernel ]] && env=(VLLM_ODB_DRAFT_ATTENTION=triton)

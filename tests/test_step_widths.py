@@ -171,8 +171,9 @@ def test_the_model_state_lays_out_rows_of_any_step_width(monkeypatch):
 
 
 def test_the_engine_takes_its_gpus_ridge_point_unless_told(monkeypatch):
-    """``ridge_rows`` defaults to the GPU's measured ridge point (H200: 178, H100: 251), read by
-    name from vLLM's platform; an explicit knob wins; elsewhere DecodeConfig's default."""
+    """``ridge_rows`` defaults to the draft budget of a GPU we measured: its ridge point (H200: 178,
+    H100: 251), read by name from vLLM's platform, capped at ``DRAFT_BUDGET_ROWS`` (128); an
+    explicit knob wins; elsewhere DecodeConfig's default."""
     import types
 
     pytest.importorskip("vllm")
@@ -180,7 +181,7 @@ def test_the_engine_takes_its_gpus_ridge_point_unless_told(monkeypatch):
 
     from vllm_odb.engine.knobs import engine_config
 
-    for name, rows in (("NVIDIA H200", 178), ("NVIDIA H100 80GB HBM3", 251), ("NVIDIA A100-SXM4-80GB", 251),
+    for name, rows in (("NVIDIA H200", 128), ("NVIDIA H100 80GB HBM3", 128), ("NVIDIA A100-SXM4-80GB", 251),
                        ("NVIDIA GH200 480GB", 251)):
         fake = types.SimpleNamespace(is_cuda=lambda: True, get_device_name=lambda i=0, n=name: n)
         monkeypatch.setattr(vllm.platforms, "current_platform", fake)

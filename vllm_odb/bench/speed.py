@@ -431,10 +431,10 @@ def run_vllm(args, methods, gens, batches, emit) -> None:
         del ck
     profile = os.path.join(tempfile.mkdtemp(), "steps.jsonl")
     os.environ[PROFILE_ENV] = profile  # the engine's step profiler (bench/profile.py)
-    if args.ridge_rows is None:  # the engine's own default: this GPU's ridge point (engine/knobs.py)
-        from vllm_odb.engine.knobs import gpu_ridge_rows
+    if args.ridge_rows is None:  # the engine's own default on this GPU (engine/knobs.py)
+        from vllm_odb.engine.knobs import gpu_draft_budget
 
-        args.ridge_rows = gpu_ridge_rows()
+        args.ridge_rows = gpu_draft_budget()
     for jump in (False, True):
         ms = [m for m in methods if method_config(m, gens[0], args).jump == jump]
         if not ms:

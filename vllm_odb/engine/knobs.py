@@ -81,9 +81,16 @@ def _from_knobs(knobs: dict, where: str) -> DecodeConfig:
 
 # The ridge point of the GPUs we measured, in query rows (bf16 matmul FLOP/s over copy bytes/s):
 # H100 753.5 TFLOP/s / 2999 GB/s = 251 (benchmarks/results/gpu/ridge-h100.json, DecodeConfig's
-# default); H200 756-774 TFLOP/s / 4.24 TB/s = ~178 (the project's H200 measurements). An engine
-# on one of them takes its row by default; the ``ridge_rows`` knob overrides it.
+# default); H200 756-774 TFLOP/s / 4.24 TB/s = ~178 (the project's H200 measurements).
 RIDGE_ROWS_BY_GPU = (("H200", 178), ("H100", 251))  # matched as words: a GH200 is neither
+# The jump-share engine's default draft budget (``ridge_rows``) on those GPUs: at most this many
+# rows, below both ridge points. Rows below the ridge are not free on this engine: ~18 us a draft
+# row at batch 1 on the H100 (session 14's profile). Past ~128 rows the drafts add little: on the
+# CPU, 128 rows keep 95-96% of 251 rows' tokens per forward (v8 checkpoints, 30 prompts, both
+# formats). Measured on the H100 (session 15, LLaDA-8B, gen 1024, BENCHMARKS "Session 15"): odb at
+# 128 rows ran 382 tok/s at batch 1 and 874 at batch 8; at 251 rows it ran 334 and 799. The
+# ``ridge_rows`` knob overrides it; another GPU keeps DecodeConfig's default.
+DRAFT_BUDGET_ROWS = 128
 
 
 def gpu_ridge_rows() -> int | None:
@@ -100,14 +107,21 @@ def gpu_ridge_rows() -> int | None:
     return next((rows for key, rows in RIDGE_ROWS_BY_GPU if re.search(rf"\b{key}\b", name)), None)
 
 
+def gpu_draft_budget() -> int | None:
+    """The engine's default ``ridge_rows`` on this machine's GPU: its ridge point, capped at
+    ``DRAFT_BUDGET_ROWS``; None on a GPU we have not measured (DecodeConfig's default)."""
+    ridge = gpu_ridge_rows()
+    return None if ridge is None else min(ridge, DRAFT_BUDGET_ROWS)
+
+
 def engine_config(additional_config: dict | None) -> DecodeConfig:
     """The engine's default ``DecodeConfig`` from vLLM's ``additional_config`` (``ridge_rows``,
-    when not given, is this GPU's: ``gpu_ridge_rows``)."""
+    when not given, is this GPU's: ``gpu_draft_budget``)."""
     section = (additional_config or {}).get(ENGINE_SECTION, {})
     if not isinstance(section, dict):
         raise ValueError(f"additional_config.{ENGINE_SECTION} must be a JSON object, got {section!r}")
     if "ridge_rows" not in section:
-        rows = gpu_ridge_rows()
+        rows = gpu_draft_budget()
         # (a block wider than this GPU's ridge keeps the default: no draft fits either way)
         if rows is not None and rows > section.get("block_length", DecodeConfig.block_length):
             section = {**section, "ridge_rows": rows}

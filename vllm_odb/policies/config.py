@@ -91,7 +91,7 @@ class DecodeConfig:
     jump: bool = False
     # Default: the H100 ridge point measured by `bench measure-ridge` (753.5 TFLOP/s bf16 matmul /
     # 2999 GB/s copy = 251 FLOP/byte; benchmarks/results/gpu/ridge-h100.json). The vLLM engine
-    # takes its GPU's measured row when the knob is not given (engine/knobs.py gpu_ridge_rows).
+    # takes its GPU's default budget when the knob is not given (engine/knobs.py gpu_draft_budget).
     ridge_rows: int = 251
     max_draft_positions: int = 8
     # Streaming-dLLM. Suffix pruning: a block's forwards see the prompt, the decoded blocks, the
