@@ -46,6 +46,14 @@ def patched(cpu_vllm):  # noqa: F811
     cudagraph_widths.apply()
 
 
+def _jump_vc(fmt, async_scheduling=True):
+    """The tiny checkpoint's jump-share engine config (bf16: the draft kernel's graph mode), with
+    async scheduling as on a GPU (vLLM's CPU platform turns it off)."""
+    vc = _create(fmt, speculative_config={"method": "odb"}, dtype="bfloat16")
+    vc.scheduler_config.async_scheduling = async_scheduling
+    return vc
+
+
 def _widths(vc, fmt, most=64):
     from vllm_odb.engine.knobs import step_width
     from vllm_odb.policies import DecodeConfig
@@ -58,7 +66,7 @@ def _widths(vc, fmt, most=64):
 def test_every_batch_at_its_width_replays_a_full_graph(patched, fmt):
     from vllm.config.compilation import CUDAGraphMode
 
-    vc = _create(fmt, speculative_config={"method": "odb"}, dtype="bfloat16")
+    vc = _jump_vc(fmt)
     m = _manager(vc, CUDAGraphMode.FULL_AND_PIECEWISE)
     widths = _widths(vc, fmt)
     assert len(set(widths[1:])) > 2  # the canvas narrows through several widths (ridge 251, window 16)
@@ -83,7 +91,7 @@ def test_every_batch_at_its_width_replays_a_full_graph(patched, fmt):
 def test_refreshes_and_mixed_steps_replay_piecewise_graphs(patched, fmt):
     from vllm.config.compilation import CUDAGraphMode
 
-    vc = _create(fmt, speculative_config={"method": "odb"}, dtype="bfloat16")
+    vc = _jump_vc(fmt)
     m = _manager(vc, CUDAGraphMode.FULL_AND_PIECEWISE)
     assert [d.num_tokens for d in m._capture_descs[CUDAGraphMode.PIECEWISE]] == sorted(CAPTURE_SIZES, reverse=True)
     for n in (1, 9, 250, 251, 252, 700, 1024, 2048):  # a refresh of n tokens (one request: not uniform)
@@ -103,7 +111,7 @@ def test_plain_engines_and_other_modes_keep_vllms_candidates(patched):
     from vllm_odb.patches import cudagraph_widths
 
     for vc, mode in ((_create("llada", dtype="bfloat16"), CUDAGraphMode.FULL_AND_PIECEWISE),
-                     (_create("llada", speculative_config={"method": "odb"}, dtype="bfloat16"), CUDAGraphMode.FULL)):
+                     (_jump_vc("llada"), CUDAGraphMode.FULL)):
         m = _manager(vc, mode)
         assert cudagraph_widths.engine_widths(m) is None
         with pytest.MonkeyPatch.context() as mp:
@@ -113,12 +121,39 @@ def test_plain_engines_and_other_modes_keep_vllms_candidates(patched):
         assert vc.speculative_config is None  # the stand-in is gone
 
 
+@pytest.mark.parametrize("fmt", ["llada", "dream"])
+def test_without_async_scheduling_every_batch_keeps_the_whole_canvas_graphs(patched, fmt):
+    """Without async scheduling every step of a jump-share engine is the whole canvas (the scheduler
+    patch caps the batch instead): the wrapper leaves vLLM's graphs, of that width, for every batch."""
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.v1.worker.gpu.cudagraph_utils import CudaGraphManager
+
+    from vllm_odb.engine.knobs import sync_cap
+    from vllm_odb.patches import cudagraph_widths
+    from vllm_odb.policies import DecodeConfig
+
+    vc = _jump_vc(fmt, async_scheduling=False)
+    canvas = vc.diffusion_config.canvas_length
+    cap = sync_cap(DecodeConfig(**vc.model_config.hf_config.odb_engine), SHIFT[fmt])
+    assert cap > 1
+    sizes = [*CAPTURE_SIZES, *range(2064, -(-cap * canvas // 16) * 16 + 1, 16)]  # the hook's capture for it
+    m = _manager(vc, CUDAGraphMode.FULL_AND_PIECEWISE, sizes)
+    assert cudagraph_widths.engine_widths(m) is None
+    for b in range(1, cap + 1):
+        d = m.dispatch(b, b * canvas, canvas, 0)
+        assert d.cg_mode == CUDAGraphMode.FULL and d.uniform_token_count == canvas
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CudaGraphManager, "_init_candidates", CudaGraphManager._init_candidates.__wrapped__)
+        vllms = _manager(vc, CUDAGraphMode.FULL_AND_PIECEWISE, sizes)
+    assert m._candidates == vllms._candidates
+
+
 def test_the_stand_in_table_is_removed_when_vllm_raises(patched, monkeypatch):
     from vllm.config.compilation import CUDAGraphMode
 
     from vllm_odb.patches import cudagraph_widths
 
-    vc = _create("llada", speculative_config={"method": "odb"}, dtype="bfloat16")
+    vc = _jump_vc("llada")
 
     def boom(self):
         assert isinstance(self.vllm_config.speculative_config, cudagraph_widths.WidthTable)

@@ -189,6 +189,9 @@ def test_the_engine_takes_its_gpus_ridge_point_unless_told(monkeypatch):
         assert engine_config({"odb": {"method": "odb", "ridge_rows": 96}}).ridge_rows == 96
         # a block wider than the GPU's ridge keeps the default (which the block must not exceed)
         assert engine_config({"odb": {"method": "odb", "block_length": 200, "gen_length": 400}}).ridge_rows == 251
+        # a block at the budget or wider, but below the GPU's ridge: drafts up to the ridge
+        ridge = {"NVIDIA H200": 178, "NVIDIA H100 80GB HBM3": 251}.get(name, 251)
+        assert engine_config({"odb": {"method": "odb", "block_length": 160, "gen_length": 320}}).ridge_rows == ridge
     monkeypatch.setattr(vllm.platforms, "current_platform", types.SimpleNamespace(is_cuda=lambda: False))
     assert engine_config({"odb": {}}).ridge_rows == DecodeConfig().ridge_rows
 

@@ -122,8 +122,11 @@ def engine_config(additional_config: dict | None) -> DecodeConfig:
         raise ValueError(f"additional_config.{ENGINE_SECTION} must be a JSON object, got {section!r}")
     if "ridge_rows" not in section:
         rows = gpu_draft_budget()
-        # (a block wider than this GPU's ridge keeps the default: no draft fits either way)
-        if rows is not None and rows > section.get("block_length", DecodeConfig.block_length):
+        block = section.get("block_length", DecodeConfig.block_length)
+        if rows is not None and rows <= block:  # a block at the budget or wider: drafts up to the ridge
+            rows = gpu_ridge_rows()
+        # (a block wider than this GPU's ridge keeps the default: no draft fits below the ridge)
+        if rows is not None and rows > block:
             section = {**section, "ridge_rows": rows}
     for name in REQUEST_ONLY_NOT_KNOBS:
         if name in section:
@@ -250,9 +253,10 @@ def live_gen_length(cfg: DecodeConfig, prompt_len: int, max_model_len: int, reac
 
 # VLLM_ODB_JUMP_GRAPHS, for a jump-share engine whose draft rows take the Triton kernel (the kernel's
 # inputs in fixed buffers: engine/draft_attention.py ``DraftBuffers``):
-# - full (the default): vLLM's FULL_AND_PIECEWISE, as a plain engine runs. Uniform decode steps
-#   replay FULL graphs, one set per step width (``step_width`` of each batch size;
-#   patches/cudagraph_widths.py). Refreshes, prefills and mixed steps replay PIECEWISE graphs.
+# - full (the default): vLLM's FULL_AND_PIECEWISE, as a plain engine runs. Uniform steps replay
+#   FULL graphs, one set per step width (``step_width`` of each batch size, with async scheduling;
+#   patches/cudagraph_widths.py). Refreshes and mixed steps (a prompt beside decodes) replay
+#   PIECEWISE graphs, with attention and the draft kernel launched between the pieces.
 # - full-any: FULL graphs of any batch (vLLM's FULL mode), the default of sessions 9-14. Its
 #   refreshes launch eagerly, because that mode captures no PIECEWISE graphs: session 14 measured
 #   ~12 ms more a refresh than the plain engine at batch 1.

@@ -214,8 +214,9 @@ def verify_and_update(vllm_config) -> None:
         if cc.cudagraph_mode is None or cc.cudagraph_mode.has_full_cudagraphs():
             mode = (CUDAGraphMode.PIECEWISE if not full else CUDAGraphMode.FULL if route == "full-any"
                     else CUDAGraphMode.FULL_AND_PIECEWISE)
-            log.info("vllm-odb: jump-share %s; cudagraph_mode=%s", "captures its steps whole" if full
-                     else "runs attention outside CUDA graphs", mode.name)
+            log.info("vllm-odb: jump-share %s; cudagraph_mode=%s",
+                     "runs attention outside CUDA graphs" if not full else "captures its steps whole"
+                     if route == "full-any" else "captures its decode steps whole, one set per width", mode.name)
             cc.cudagraph_mode = mode
         if full and cc.max_cudagraph_capture_size is None:
             # A step past the largest capture runs eager. Without async scheduling every request

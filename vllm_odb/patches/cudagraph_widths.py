@@ -46,13 +46,18 @@ class WidthTable:
 
 def engine_widths(manager) -> list[int] | None:
     """Index B (1..``max_num_reqs``): the decode width of a batch of B on our jump-share engine
-    under a mode with separate FULL decode graphs; None otherwise (vLLM's candidates unchanged)."""
+    under a mode with separate FULL decode graphs and async scheduling; None otherwise (vLLM's
+    candidates unchanged)."""
     from vllm_odb.patches import is_odb_model
     from vllm_odb.patches.scheduler_lookahead import step_widths
 
     vc = manager.vllm_config
     mode = manager.cudagraph_mode
     if not mode or not (mode.separate_routine() and mode.decode_mode()):
+        return None
+    if not vc.scheduler_config.async_scheduling:
+        # Without async scheduling every step is the whole canvas (patches/scheduler_lookahead.py
+        # caps the batch instead): vLLM's own graphs, of that one width, are the right ones.
         return None
     if getattr(vc, "speculative_config", None) is not None:
         return None
