@@ -43,6 +43,9 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /ro
   || { echo "project install failed"; exit 1; }
 PART=${PART:?PART=profile, speed, budget, attn, batch, alp, refresh, jump or kernel}
 OUT=${OUT:-/tmp/out}; P=$PART${TAG:+-$TAG}; R="$OUT/overlap-$P"; mkdir -p "$R"
+# MODEL: the full-size config the speed parts replay at (llada-8b, or dream-7b with Dream's traces)
+MODEL=${MODEL:-llada-8b}; case $MODEL in dream*) FMT=dream ;; *) FMT=llada ;; esac
+DEFAULT_TRACES=benchmarks/results/dynamics/worked-v6-traces-$FMT.json
 note() { echo "$1 rc=$2" | tee -a "$R/rc.txt"; }
 prof() {  # name, timeout, VAR=value... --, profile-decode-step's arguments: $R/profile-<name>.{json,log}
   local name=$1 t=$2 envs=(); shift 2
@@ -59,10 +62,10 @@ profile)
 speed)
   # CODE=DIR: run another revision's package (DIR/vllm_odb, e.g. `git archive REV vllm_odb | tar -x -C DIR`)
   # on the same machine, for an A/B against this one; the traces stay this checkout's
-  o=${OVERLAP:-1}; tr=$(realpath "${TRACES:-benchmarks/results/dynamics/worked-v6-traces-llada.json}"); R=$(realpath "$R")
+  o=${OVERLAP:-1}; tr=$(realpath "${TRACES:-$DEFAULT_TRACES}"); R=$(realpath "$R")
   ( if [[ -n ${CODE:-} ]]; then cd "$CODE" || exit 1; export PYTHONPATH="$PWD:$PYTHONPATH"; fi
     python3 -c 'import vllm_odb; print("vllm_odb from", vllm_odb.__file__)' | tee "$R/code.txt"
-    VLLM_ODB_OVERLAP=$o timeout ${SPEED_TIMEOUT:-520} python3 -m vllm_odb.bench speed --engine vllm --model llada-8b \
+    VLLM_ODB_OVERLAP=$o timeout ${SPEED_TIMEOUT:-520} python3 -m vllm_odb.bench speed --engine vllm --model "$MODEL" \
       --traces "$tr" --methods ${METHODS:-fast-dllm,odb-alp,odb} \
       --gen-lengths 1024 --batches ${BATCHES:-1,8,64} --requests 3 --row-seconds 20 --engine-args "${ENGINE_ARGS:-{\}}" \
       --out "$R/speed-overlap$o.json" > "$R/speed-overlap$o.log" 2>&1 )
@@ -71,10 +74,10 @@ speed)
 budget)  # jump-share's step budget (ridge_rows: query rows a step, shared by the batch) at RIDGES, one engine
   # each, on the same traces: what the draft rows cost (session 14: ~18 us a draft row at batch 1 on the H100,
   # while the v8 checkpoints' tokens per forward level off past ~128 rows: BENCHMARKS "Session 14")
-  tr=$(realpath "${TRACES:-benchmarks/results/dynamics/worked-v6-traces-llada.json}")
+  tr=$(realpath "${TRACES:-$DEFAULT_TRACES}")
   for r in ${RIDGES:-96 128 176 251}; do
     # ~80 s an engine (start, capture, two rows): four fit one 600 s call; more RIDGES, split the call
-    timeout ${SPEED_TIMEOUT:-130} python3 -m vllm_odb.bench speed --engine vllm --model llada-8b --traces "$tr" \
+    timeout ${SPEED_TIMEOUT:-130} python3 -m vllm_odb.bench speed --engine vllm --model "$MODEL" --traces "$tr" \
       --methods odb --gen-lengths 1024 --batches ${BATCHES:-1,2} --requests 3 --row-seconds 15 --ridge-rows "$r" \
       --out "$R/speed-ridge$r.json" > "$R/speed-ridge$r.log" 2>&1
     note "speed-ridge$r" $?
