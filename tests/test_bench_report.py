@@ -58,7 +58,9 @@ def test_goals_ratios_and_status(tmp_path):
     data = report.load_results(_write(tmp_path, _data()))
     md = report.build_markdown(data, "results.json")
     llada = _goal_lines(md, "llada-8b")
-    assert len(llada) == 4 and all("| 1024 |" in line for line in llada.values())
+    # the four goals above, and odb ÷ odb-alp at each of odb's batches (no odb-alp row: not measured)
+    assert len(llada) == 7 and all("| 1024 |" in line for line in llada.values())
+    assert all("| not measured |" in llada[f"vllm odb ÷ odb-alp tok/s, batch {b}"] for b in (1, 8, 64))
     fast = llada["vllm odb ÷ reference (plain) fast-dllm tok/s, batch 1"]
     assert "| 15.0x | >= 10x | met |" in fast and "600.0 / 40.0 tok/s" in fast
     assert "| 300.0x | >= 250x | met |" in llada["vllm odb ÷ reference (plain) vanilla tok/s, batch 1"]
@@ -84,16 +86,45 @@ def test_goals_use_the_calibrated_reference_and_list_the_plain_one(tmp_path):
     data["rows"][1]["attention_impl"] = "plain"
     md = report.build_markdown(report.load_results(_write(tmp_path, data)), "results.json")
     llada = _goal_lines(md, "llada-8b")
-    assert len(llada) == 6
+    assert len(llada) == 9
     assert "| 20.0x | >= 10x | met | 600.0 / 30.0 tok/s |" in llada["vllm odb ÷ reference (research) fast-dllm tok/s, batch 1"]
     assert "| 400.0x |" in llada["vllm odb ÷ reference (research) vanilla tok/s, batch 1"]
     assert "| 15.0x |" in llada["vllm odb ÷ reference (plain) fast-dllm tok/s, batch 1"]
     assert "| 300.0x |" in llada["vllm odb ÷ reference (plain) vanilla tok/s, batch 1"]
     assert "| llada-8b | yes (tiny-llada) | reference (research) | fast-dllm | 1024 | 1 | 30.0 |" in md
-    # Goals keep their order: the calibrated pair first, the plain pair last.
+    # Goals keep their order: the calibrated pair first, the plain pair after them, then the step goals.
     names = [line.split(" | ")[2] for line in md.splitlines() if line.startswith("| llada-8b | 1024 |")]
     assert names[0] == "vllm odb ÷ reference (research) fast-dllm tok/s, batch 1"
-    assert names[-1] == "vllm odb ÷ reference (plain) vanilla tok/s, batch 1"
+    assert names[5] == "vllm odb ÷ reference (plain) vanilla tok/s, batch 1"
+    assert names[6:] == [f"vllm odb ÷ odb-alp tok/s, batch {b}" for b in (1, 8, 64)]
+
+
+def test_step_and_jump_share_goals(tmp_path):
+    """The roofline-step goals (plain decode step over the floor at batch 1, odb-alp over fast-dllm)
+    and the jump-share ones (odb over odb-alp: 1.3x at batch 1, 1.0x elsewhere), at every batch with
+    a row of either method; fast-dllm's step stands for the plain step, else odb-alp's."""
+    data = _data()
+    data["rows"] += [
+        _row("llada-8b", "vllm", "fast-dllm", 1024, 1, 300.0, decode_step_ms_p50=6.0, weight_stream_floor_ms=5.0,
+             step_over_floor=1.2),
+        _row("llada-8b", "vllm", "odb-alp", 1024, 1, 400.0, decode_step_ms_p50=6.5, weight_stream_floor_ms=5.0,
+             step_over_floor=1.3),
+        _row("llada-8b", "vllm", "odb-alp", 1024, 8, 2500.0),
+        _row("llada-8b", "vllm", "fast-dllm", 1024, 32, 3000.0),
+    ]
+    llada = _goal_lines(report.build_markdown(report.load_results(_write(tmp_path, data)), "r.json"), "llada-8b")
+    floor = llada["vllm plain decode step ÷ weight-streaming floor, batch 1"]
+    assert "| 1.20x | <= 1.25x | met |" in floor and "vllm fast-dllm: step 6.00 ms" in floor
+    assert "| 1.33x | >= 1.1x | met |" in llada["vllm odb-alp ÷ fast-dllm tok/s, batch 1"]
+    assert "| not measured |" in llada["vllm odb-alp ÷ fast-dllm tok/s, batch 8"]  # no fast-dllm row at 8
+    assert "| not measured |" in llada["vllm odb-alp ÷ fast-dllm tok/s, batch 32"]
+    assert "vllm odb-alp ÷ fast-dllm tok/s, batch 64" not in llada  # neither method ran at 64
+    assert "| 1.50x | >= 1.3x | met |" in llada["vllm odb ÷ odb-alp tok/s, batch 1"]
+    assert "| 0.96x | >= 1x | not met |" in llada["vllm odb ÷ odb-alp tok/s, batch 8"]
+    assert "vllm odb ÷ odb-alp tok/s, batch 32" not in llada
+    data["rows"] = [r for r in data["rows"] if (r["method"], r["batch"]) != ("fast-dllm", 1)]
+    llada = _goal_lines(report.build_markdown(report.load_results(_write(tmp_path, data)), "r.json"), "llada-8b")
+    assert "| 1.30x | <= 1.25x | not met |" in llada["vllm plain decode step ÷ weight-streaming floor, batch 1"]
 
 
 def test_batch1_ratios_use_the_requests_both_rows_ran(tmp_path):

@@ -227,7 +227,35 @@ def goals(rows: list[dict], model: str) -> tuple[int | None, list[Goal]]:
                                   ("reference", "fast-dllm", 1, impl)),
                 _throughput_ratio(f"vllm odb ÷ reference ({impl}) vanilla tok/s, batch 1", 250, at, odb1,
                                   ("reference", "vanilla", 1, impl))]
-    return gen, out
+    return gen, out + step_goals(at)
+
+
+PLAIN_FLOOR_TARGET = 1.25  # the roofline-step issue (#21): a plain batch-1 decode step over the weight floor
+ALP_OVER_FAST = 1.1  # #21: odb-alp over fast-dllm, every batch
+ODB_OVER_ALP = {1: 1.3}  # #22: odb over odb-alp at batch 1 (with real acceptance); 1.0 at every other batch
+
+
+def step_goals(at: list[dict]) -> list[Goal]:
+    """The roofline-step (#21) and jump-share (#22) goals among the vLLM rows ``at``: the plain decode
+    step over the weight floor at batch 1 (``fast-dllm``'s row, else ``odb-alp``'s), and at every
+    batch with a row of either method, ``odb-alp`` over ``fast-dllm`` and ``odb`` over ``odb-alp``."""
+    out = []
+    plain = [r for m in ("fast-dllm", "odb-alp") for r in at if (r["engine"], r["method"], r["batch"]) == ("vllm", m, 1)
+             and r.get("step_over_floor") is not None]
+    if plain:
+        r = plain[0]
+        out.append(Goal("vllm plain decode step ÷ weight-streaming floor, batch 1", PLAIN_FLOOR_TARGET, at_least=False,
+                        value=r["step_over_floor"],
+                        source=f"vllm {r['method']}: step {_fmt(r.get('decode_step_ms_p50'), '.2f')} ms / "
+                               f"floor {_fmt(r.get('weight_stream_floor_ms'), '.2f')} ms"))
+    batches = sorted({r["batch"] for r in at if r["engine"] == "vllm"})
+    for num, den, target in (("odb-alp", "fast-dllm", lambda b: ALP_OVER_FAST),
+                             ("odb", "odb-alp", lambda b: ODB_OVER_ALP.get(b, 1.0))):
+        for b in batches:
+            if _find(at, "vllm", num, b) or _find(at, "vllm", den, b):
+                out.append(_throughput_ratio(f"vllm {num} ÷ {den} tok/s, batch {b}", target(b), at,
+                                             ("vllm", num, b), ("vllm", den, b)))
+    return out
 
 
 def concurrency_ceiling(rows: list[dict], model: str, gen: int | None, meta: dict) -> str | None:
