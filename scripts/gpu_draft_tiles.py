@@ -5,10 +5,12 @@ At batch 1 the kernel runs heads x row tiles programs (32 x 5 with 32-row tiles)
 of the request's keys: too few to fill an H200, hence the key splits (``VLLM_ODB_DRAFT_SPLITS``). This
 times one step's 32 layers of the kernel, captured in a CUDA graph as the engine runs it (so Python's
 launch cost is not timed), for each configuration in ``CONFIGS``, on the batch shapes a jump-share
-engine plans at the H200's 178-row budget; checks every one against the SDPA route on the real
-draft rows, and writes the table to $OUT/draft_tiles.json.
+engine plans at a budget of ``RIDGE`` rows (default 128, the engine's default on the H100 and H200
+since session 15; session 10 ran 178); checks every one against the SDPA route on the real draft
+rows, and writes the table to $OUT/draft_tiles.json. A configuration is ``VLLM_ODB_DRAFT_TILES``
+(m,n[,warps[,stages]]) and ``VLLM_ODB_DRAFT_SPLITS``.
 
-    source /root/vllm-env.sh && python3 scripts/gpu_draft_tiles.py
+    source /root/vllm-env.sh && RIDGE=128 python3 scripts/gpu_draft_tiles.py
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ from vllm_odb.policies import DecodeConfig  # noqa: E402
 
 MASK, HEADS, DIM, KBS, BLOCKS, LAYERS = 99, 32, 128, 16, 2048, 32
 # (VLLM_ODB_DRAFT_TILES, VLLM_ODB_DRAFT_SPLITS): "" is the default
-CONFIGS = [("32,64", "1"), ("32,64", "2"), ("32,64", "4"), ("32,64", "8"), ("32,64,8", "4"), ("64,64", "4"),
-           ("64,64", "8"), ("16,64", "4"), ("32,32", "8"), ("", "")]
+# (session 10 on the H200: 8 warps slower everywhere; 32 x 64 with 4 splits the default; 64 x 64 best for
+# 700 keys; here also fewer, wider row tiles, which read the keys fewer times, and the loop's stages)
+CONFIGS = [("32,64", "2"), ("32,64", "4"), ("32,64", "8"), ("64,64", "4"), ("64,64", "8"), ("64,32", "8"),
+           ("128,32,8", "8"), ("16,64", "4"), ("32,64,4,2", "4"), ("32,64,4,4", "4"), ("64,64,4,2", "8"), ("", "")]
+RIDGE = int(os.environ.get("RIDGE", "128"))
 REPLAYS = 20
 
 
@@ -51,9 +56,9 @@ def graph_ms(step) -> float:
 
 
 def plans(batch: int, masked: float, seed: int) -> list[JumpPlan]:
-    """``batch`` requests' plans at the H200's budget (178 rows shared), blocks of 32."""
-    cfg = DecodeConfig(gen_length=1024, block_length=32, jump=True, rule="threshold", cache="dual", ridge_rows=178)
-    width = max(32, 178 // batch)
+    """``batch`` requests' plans at a budget of RIDGE rows shared, blocks of 32."""
+    cfg = DecodeConfig(gen_length=1024, block_length=32, jump=True, rule="threshold", cache="dual", ridge_rows=RIDGE)
+    width = max(32, RIDGE // batch)
     out = []
     for i in range(batch):
         g = torch.Generator().manual_seed(seed + i)
@@ -157,7 +162,8 @@ def main() -> None:
               buffers_case("FULL graph, no plan (256 rows)", 256, 0, 1300),
               buffers_case("FULL graph, no plan (2048 rows)", 2048, 0, 1300)]
     with open(os.path.join(out, "draft_tiles.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(0), "layers": LAYERS, "rows": rows, "graphs": graphs}, f,
+        json.dump({"device": torch.cuda.get_device_name(0), "layers": LAYERS, "ridge_rows": RIDGE, "rows": rows,
+                   "graphs": graphs}, f,
                   indent=1)
 
 

@@ -715,8 +715,8 @@ def test_row_tiles_cover_each_requests_slots_and_stay_under_the_bound():
 def test_key_splits_fill_the_gpu_then_stop(monkeypatch):
     """``draft_splits``: a power of two up to eight while the row tiles x heads leave SMs idle, one
     from four programs per SM on; ``VLLM_ODB_DRAFT_SPLITS`` sets it, a bad value refused by name;
-    ``VLLM_ODB_DRAFT_TILES``' third value sets the warps."""
-    from vllm_odb.engine.draft_attention import SPLITS_ENV, TILES_ENV, draft_splits, draft_warps
+    ``VLLM_ODB_DRAFT_TILES``' third value sets the warps, its fourth the pipelining stages."""
+    from vllm_odb.engine.draft_attention import SPLITS_ENV, TILES_ENV, draft_splits, draft_stages, draft_warps
 
     monkeypatch.delenv(SPLITS_ENV, raising=False)
     monkeypatch.delenv(TILES_ENV, raising=False)
@@ -727,12 +727,15 @@ def test_key_splits_fill_the_gpu_then_stop(monkeypatch):
         monkeypatch.setenv(SPLITS_ENV, bad)
         with pytest.raises(ValueError, match="VLLM_ODB_DRAFT_SPLITS"):
             draft_splits(10, "cpu")
-    assert draft_warps() == 4
+    assert draft_warps() == 4 and draft_stages() is None
     monkeypatch.setenv(TILES_ENV, "32,64,8")
-    assert draft_warps() == 8
-    monkeypatch.setenv(TILES_ENV, "32,64,3")
-    with pytest.raises(ValueError, match="VLLM_ODB_DRAFT_TILES"):
-        draft_warps()
+    assert draft_warps() == 8 and draft_stages() is None
+    monkeypatch.setenv(TILES_ENV, "32,64,4,2")  # the fourth value: the key loop's pipelining stages
+    assert draft_warps() == 4 and draft_stages() == 2
+    for bad in ("32,64,3", "32,64,4,0", "32,64,4,6", "32,64,4,2,1"):
+        monkeypatch.setenv(TILES_ENV, bad)
+        with pytest.raises(ValueError, match="VLLM_ODB_DRAFT_TILES"):
+            draft_warps()
 
 
 def test_a_layout_without_row_tiles_is_refused_by_name():

@@ -303,8 +303,8 @@ TILES_ENV = "VLLM_ODB_DRAFT_TILES"
 SPLITS_ENV = "VLLM_ODB_DRAFT_SPLITS"
 
 
-def _tiles_knob() -> tuple[int, int, int] | None:
-    """``VLLM_ODB_DRAFT_TILES=m,n[,warps]``, parsed and checked (None: unset)."""
+def _tiles_knob() -> tuple[int, int, int, int | None] | None:
+    """``VLLM_ODB_DRAFT_TILES=m,n[,warps[,stages]]``, parsed and checked (None: unset)."""
     override = os.environ.get(TILES_ENV, "").strip()
     if not override:
         return None
@@ -314,11 +314,13 @@ def _tiles_knob() -> tuple[int, int, int] | None:
         vals = []
     if len(vals) == 2:
         vals.append(4)
-    if len(vals) != 3 or vals[0] not in (16, 32, 64, 128) or vals[1] not in (16, 32, 64, 128) \
-            or vals[2] not in (1, 2, 4, 8):
-        raise ValueError(f"{TILES_ENV}={override!r}: give 'm,n' or 'm,n,warps', m and n each of 16, 32, 64 "
-                         f"or 128, warps of 1, 2, 4 or 8")
-    return vals[0], vals[1], vals[2]
+    if len(vals) == 3:
+        vals.append(None)
+    if len(vals) != 4 or vals[0] not in (16, 32, 64, 128) or vals[1] not in (16, 32, 64, 128) \
+            or vals[2] not in (1, 2, 4, 8) or vals[3] not in (None, 1, 2, 3, 4, 5):
+        raise ValueError(f"{TILES_ENV}={override!r}: give 'm,n', 'm,n,warps' or 'm,n,warps,stages', m and n "
+                         f"each of 16, 32, 64 or 128, warps of 1, 2, 4 or 8, stages of 1 to 5")
+    return vals[0], vals[1], vals[2], vals[3]
 
 
 def draft_tiles(max_draft: int) -> tuple[int, int]:
@@ -339,6 +341,14 @@ def draft_warps() -> int:
     """Warps a program runs (``VLLM_ODB_DRAFT_TILES``' third value; 4 by default)."""
     knob = _tiles_knob()
     return 4 if knob is None else knob[2]
+
+
+def draft_stages() -> int | None:
+    """Software-pipelining stages of the kernel's key loop (``VLLM_ODB_DRAFT_TILES``' fourth value;
+    None: Triton's default). For the GPU sweep (scripts/gpu_draft_tiles.py): at batch 1 the kernel
+    runs far from its memory bound (session 10: ~68 us a layer for ~21 MB of keys and values)."""
+    knob = _tiles_knob()
+    return None if knob is None else knob[3]
 
 
 # Programs to aim for per SM when the keys are split: the SMs take several programs each, and a key
@@ -406,7 +416,7 @@ def draft_rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         d.mask_d.stride(0), d.mask_d.stride(1),
         scale, kernel_block_size, heads // kv_heads, dim, heads,
         IEEE=query.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=head_d, SPLITS=splits,
-        num_warps=draft_warps(),
+        num_warps=draft_warps(), **({} if draft_stages() is None else {"num_stages": draft_stages()}),
     )
     if splits > 1:
         _merge_kernel[(tiles, heads)](out, part, ml, d.tiles, d.rows, d.n_draft, out.stride(0), d.rows.stride(0),
