@@ -179,7 +179,7 @@ def test_the_engine_takes_its_gpus_ridge_point_unless_told(monkeypatch):
     pytest.importorskip("vllm")
     import vllm.platforms
 
-    from vllm_odb.engine.knobs import engine_config
+    from vllm_odb.engine.knobs import engine_config, gpu_draft_budget
 
     for name, rows in (("NVIDIA H200", 128), ("NVIDIA H100 80GB HBM3", 128), ("NVIDIA A100-SXM4-80GB", 251),
                        ("NVIDIA GH200 480GB", 251)):
@@ -192,8 +192,13 @@ def test_the_engine_takes_its_gpus_ridge_point_unless_told(monkeypatch):
         # a block at the budget or wider, but below the GPU's ridge: drafts up to the ridge
         ridge = {"NVIDIA H200": 178, "NVIDIA H100 80GB HBM3": 251}.get(name, 251)
         assert engine_config({"odb": {"method": "odb", "block_length": 160, "gen_length": 320}}).ridge_rows == ridge
+        # the speed bench takes the same default through gpu_draft_budget (one rule)
+        assert gpu_draft_budget(32) == {"NVIDIA H200": 128, "NVIDIA H100 80GB HBM3": 128}.get(name)
+        assert gpu_draft_budget(160) == {"NVIDIA H200": 178, "NVIDIA H100 80GB HBM3": 251}.get(name)
+        assert gpu_draft_budget(200) == {"NVIDIA H100 80GB HBM3": 251}.get(name)
     monkeypatch.setattr(vllm.platforms, "current_platform", types.SimpleNamespace(is_cuda=lambda: False))
     assert engine_config({"odb": {}}).ridge_rows == DecodeConfig().ridge_rows
+    assert gpu_draft_budget(32) is None
 
 
 def test_rows_cut_below_their_plan_decode_their_window_and_dummy_rows_are_no_decode_rows():

@@ -434,7 +434,7 @@ def run_vllm(args, methods, gens, batches, emit) -> None:
     if args.ridge_rows is None:  # the engine's own default on this GPU (engine/knobs.py)
         from vllm_odb.engine.knobs import gpu_draft_budget
 
-        args.ridge_rows = gpu_draft_budget()
+        args.ridge_rows = gpu_draft_budget(args.block_length)
     for jump in (False, True):
         ms = [m for m in methods if method_config(m, gens[0], args).jump == jump]
         if not ms:

@@ -107,11 +107,18 @@ def gpu_ridge_rows() -> int | None:
     return next((rows for key, rows in RIDGE_ROWS_BY_GPU if re.search(rf"\b{key}\b", name)), None)
 
 
-def gpu_draft_budget() -> int | None:
-    """The engine's default ``ridge_rows`` on this machine's GPU: its ridge point, capped at
-    ``DRAFT_BUDGET_ROWS``; None on a GPU we have not measured (DecodeConfig's default)."""
+def gpu_draft_budget(block_length: int = DecodeConfig.block_length) -> int | None:
+    """The engine's default ``ridge_rows`` on this machine's GPU for blocks of ``block_length``: its
+    ridge point capped at ``DRAFT_BUDGET_ROWS``, or the ridge point itself for a block at that cap
+    or wider (drafts up to the ridge). None, for DecodeConfig's default: a GPU we have not measured,
+    or a block wider than its ridge (no draft fits below it)."""
     ridge = gpu_ridge_rows()
-    return None if ridge is None else min(ridge, DRAFT_BUDGET_ROWS)
+    if ridge is None:
+        return None
+    rows = min(ridge, DRAFT_BUDGET_ROWS)
+    if rows <= block_length:
+        rows = ridge
+    return rows if rows > block_length else None
 
 
 def engine_config(additional_config: dict | None) -> DecodeConfig:
@@ -121,12 +128,8 @@ def engine_config(additional_config: dict | None) -> DecodeConfig:
     if not isinstance(section, dict):
         raise ValueError(f"additional_config.{ENGINE_SECTION} must be a JSON object, got {section!r}")
     if "ridge_rows" not in section:
-        rows = gpu_draft_budget()
-        block = section.get("block_length", DecodeConfig.block_length)
-        if rows is not None and rows <= block:  # a block at the budget or wider: drafts up to the ridge
-            rows = gpu_ridge_rows()
-        # (a block wider than this GPU's ridge keeps the default: no draft fits below the ridge)
-        if rows is not None and rows > block:
+        rows = gpu_draft_budget(section.get("block_length", DecodeConfig.block_length))
+        if rows is not None:
             section = {**section, "ridge_rows": rows}
     for name in REQUEST_ONLY_NOT_KNOBS:
         if name in section:
