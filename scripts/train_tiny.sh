@@ -5,6 +5,11 @@
 #   PHASE=eval  OUT=out bash scripts/train_tiny.sh   # bench dynamics + bench traces of $WORK's checkpoints;
 #                                                    # $OUT/eval.tar (dynamics-*.json/.md, traces-*.json, logs)
 #   PHASE=all   ...                                  # both (longer than one device call may run)
+#   PHASE=gpus                                       # which GPUs each format would train on
+# On a machine of several GPUs (nvidia-h100-x8: the session's device minutes count the same as for
+# one) each format trains data parallel on its own half of them (torchrun; vllm_odb/tiny/parallel.py):
+# four GPUs a format take four times the examples a step (--tokens-per-batch is per GPU).
+# TRAIN_GPUS=1,2,3,4,5,6 picks them (GPU 0 left for timed work beside the training).
 #   QUICK_EVAL=1 (with PHASE=train): after training, 20 prompts of fast-dllm per format (accuracy by
 #                task, tokens per forward) in ~1 minute, so a training call reports how far it got;
 #                leave room for it (MAXMIN=7.5 in a 10-minute call)
@@ -78,10 +83,44 @@ fi
 LIMIT=${LIMIT:-100}; JUMP_LIMIT=${JUMP_LIMIT:-48}; TRACE_GENS=${TRACE_GENS:-256,1024}; EVAL_TIMEOUT=${EVAL_TIMEOUT:-480}
 mkdir -p "$OUT" "$WORK"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# GPUs: on a machine of several, each format trains on its own half of them, data parallel over its
+# share (torchrun, one process a GPU: vllm_odb/tiny/parallel.py); on one GPU both formats share it.
+# TRAIN_GPUS=1,2,3,4 picks the GPUs (say, to keep GPU 0 for timed work meanwhile); 'none': the CPU.
+if [[ -z ${TRAIN_GPUS:-} ]]; then
+  n=$(python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+  TRAIN_GPUS=$(seq -s, 0 $(( n - 1 )) 2>/dev/null); [[ $n -gt 0 ]] || TRAIN_GPUS=none
+fi
+export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0} TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}
+gpus_of() {  # the GPUs format number $1 (0 LLaDA, 1 Dream) trains on
+  [[ $TRAIN_GPUS == none ]] && { echo none; return; }
+  local all=(${TRAIN_GPUS//,/ }) half
+  if [[ ${#all[@]} -lt 2 ]]; then echo "${all[0]}"; return; fi
+  half=$(( ${#all[@]} / 2 ))
+  local mine=("${all[@]:$(( $1 * half )):$half}")
+  (IFS=,; echo "${mine[*]}")
+}
+train_one() {  # $1 format, $2 its GPUs: python3 alone on one GPU (or the CPU), torchrun on several
+  local gpus=$2 launch=(python3)
+  if [[ $gpus == *,* ]]; then
+    launch=(python3 -m torch.distributed.run --standalone --nproc-per-node "$(tr , '\n' <<< "$gpus" | wc -l)")
+  fi
+  if [[ $gpus != none ]]; then export CUDA_VISIBLE_DEVICES=$gpus; fi
+  echo "$1: GPUs $gpus" >&2
+  "${launch[@]}" -m vllm_odb.tiny.train --format "$1" --out "$WORK/tiny-$1" --steps 1000000 --max-minutes "$MAXMIN" \
+    ${INIT_DIR:+--init "$INIT_DIR/tiny-$1"} ${TRAIN_ARGS:-}
+}
+if [[ $PHASE == gpus ]]; then  # the split, without training
+  echo "llada: GPUs $(gpus_of 0)"; echo "dream: GPUs $(gpus_of 1)"; exit 0
+fi
+gpu_at() {  # the eval phase's process $1 on GPU number $1 of TRAIN_GPUS (round robin)
+  [[ $TRAIN_GPUS == none ]] && return
+  local all=(${TRAIN_GPUS//,/ }); echo "${all[$(( $1 % ${#all[@]} ))]}"
+}
 if [[ $PHASE == train || $PHASE == all ]]; then
+  i=0
   for fmt in llada dream; do
-    python3 -m vllm_odb.tiny.train --format $fmt --out "$WORK/tiny-$fmt" --steps 1000000 --max-minutes "$MAXMIN" \
-      ${INIT_DIR:+--init "$INIT_DIR/tiny-$fmt"} ${TRAIN_ARGS:-} > "$WORK/train-$fmt.log" 2>&1 &
+    ( train_one $fmt "$(gpus_of $i)" ) > "$WORK/train-$fmt.log" 2>&1 &
+    i=$(( i + 1 ))
   done
   wait
   tail -n 4 "$WORK"/train-*.log
@@ -101,12 +140,15 @@ fi
 if [[ $PHASE == eval || $PHASE == all ]]; then
   # Four processes on the one GPU (the tiny models leave it mostly idle), each bounded so the results
   # are packed inside a device call's 10 minutes.
+  # On several GPUs, each process takes its own.
+  i=0
   for fmt in llada dream; do
-    timeout "$EVAL_TIMEOUT" python3 -m vllm_odb.bench dynamics --model "$WORK/tiny-$fmt" --limit "$LIMIT" \
-      --jump-limit "$JUMP_LIMIT" --seed 0 --gen-length 512 --out "$WORK/dynamics-$fmt.json" \
+    CUDA_VISIBLE_DEVICES=$(gpu_at $i) timeout "$EVAL_TIMEOUT" python3 -m vllm_odb.bench dynamics --model "$WORK/tiny-$fmt" \
+      --limit "$LIMIT" --jump-limit "$JUMP_LIMIT" --seed 0 --gen-length 512 --out "$WORK/dynamics-$fmt.json" \
       > "$WORK/dynamics-$fmt.md" 2> "$WORK/dynamics-$fmt.log" &
-    timeout "$EVAL_TIMEOUT" python3 -m vllm_odb.bench traces --model "$WORK/tiny-$fmt" --gen-lengths "$TRACE_GENS" \
-      --out "$WORK/traces-$fmt.json" 2> "$WORK/traces-$fmt.log" &
+    CUDA_VISIBLE_DEVICES=$(gpu_at $(( i + 1 ))) timeout "$EVAL_TIMEOUT" python3 -m vllm_odb.bench traces \
+      --model "$WORK/tiny-$fmt" --gen-lengths "$TRACE_GENS" --out "$WORK/traces-$fmt.json" 2> "$WORK/traces-$fmt.log" &
+    i=$(( i + 2 ))
   done
   wait || true
   cat "$WORK"/dynamics-*.md

@@ -67,3 +67,26 @@ def test_collect_stops_a_run_and_timed_work_waits_for_a_quiet_gpu(tmp_path):
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_several_gpus_are_split_between_the_formats():
+    """Each format trains on its own half of TRAIN_GPUS (an odd one out stays idle); one GPU is
+    shared; 'none' is the CPU."""
+    for gpus, want in (("0,1,2,3,4,5,6,7", ("0,1,2,3", "4,5,6,7")), ("1,2,3,4,5,6,7", ("1,2,3", "4,5,6")),
+                       ("0,1,2", ("0", "1")), ("3", ("3", "3")), ("none", ("none", "none"))):
+        got = _script({"PHASE": "gpus", "TRAIN_GPUS": gpus}, timeout=60)
+        assert got.returncode == 0, got.stderr
+        assert got.stdout.split("\n")[:2] == [f"llada: GPUs {want[0]}", f"dream: GPUs {want[1]}"]
+
+
+@pytest.mark.slow
+def test_a_format_with_several_gpus_trains_data_parallel(tmp_path):
+    """TRAIN_GPUS of four: each format runs torchrun over two ranks (here on the CPU: the GPU ids
+    only pick devices), and its checkpoint's log says so."""
+    got = _script({"PHASE": "train", "WORK": str(tmp_path / "w"), "OUT": str(tmp_path / "tars"), "MAXMIN": "0.3",
+                   "TRAIN_GPUS": "0,1,2,3", "TRAIN_ARGS": TINY + " --steps 2"})
+    assert got.returncode == 0, got.stderr[-2000:] + got.stdout[-2000:]
+    for fmt in ("llada", "dream"):
+        log = json.loads((tmp_path / "w" / f"tiny-{fmt}" / "training_log.json").read_text())
+        assert log["world_size"] == 2 and log["steps_done"] == 2, log
+        assert "data parallel" in (tmp_path / "w" / f"train-{fmt}.log").read_text()

@@ -17,6 +17,9 @@ Seeded and deterministic up to GPU kernel nondeterminism; ``--steps`` fixes the 
 (``--max-minutes`` fits the step count to a time limit once, early, and the log records the
 result, so ``--steps N`` replays the run). On CUDA the model is compiled (``--no-compile`` runs it
 eager; a compile failure falls back to eager and says so).
+
+Started by ``torchrun`` over several GPUs, the run is data parallel (tiny/parallel.py): each rank
+draws its own batches from its own pool, the gradients are averaged, and rank 0 logs and saves.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from vllm_odb.checkpoint import ModelSpec, special_tokens
 from vllm_odb.reference.model import DiffusionLM, init_weights, save_model
 from vllm_odb.tiny.formats import FORMATS, build_tokenizer, model_config, write_generation_config
+from vllm_odb.tiny.parallel import Ranks
 from vllm_odb.tiny.worked import TASKS, make_suite
 
 SIZES = {  # hidden, layers, heads, kv heads, mlp; even head counts so TP=2 splits them
@@ -208,11 +212,11 @@ class Batches:
     prompts near the anchor get canvases near the drawn length, so every prompt also meets short
     canvases (as ALP's cuts produce)."""
 
-    def __init__(self, pool, args, special, rng: random.Random):
+    def __init__(self, pool, args, special, rng: random.Random, seed: int):
         self.pool, self.args, self.special, self.rng = pool, args, special, rng
         self.plen, self.alen = pool[1].cpu(), pool[3].cpu()
         self.fits: dict[int, torch.Tensor] = {}
-        self.gen = torch.Generator(device=args.device).manual_seed(args.seed)
+        self.gen = torch.Generator(device=args.device).manual_seed(seed)
 
     def draw(self):
         while True:
@@ -274,22 +278,42 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         tasks = task_mix(args.task_weights)
+        ranks = Ranks()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    args.device = ranks.device(args.device)
+    ranks.start(args.device)
+    try:
+        return _train(args, tasks, ranks)
+    finally:
+        ranks.stop()
+
+
+# Data parallel: how often the ranks agree on whether the time limit has passed (each agreement is a
+# host sync; a run of one process checks every step, for free).
+STOP_CHECK_EVERY = 50
+
+
+def _train(args, tasks, ranks: Ranks) -> int:
     torch.manual_seed(args.seed)
     if args.device.startswith("cuda"):
         # cuDNN attention builds a plan per shape; the flash / memory-efficient kernels do not.
         torch.backends.cuda.enable_cudnn_sdp(False)
         torch.backends.cuda.matmul.allow_tf32 = True
     tokenizer, config, spec, model = _new_model(args)
+    ranks.sync_weights(model)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{args.format}: {n_params / 1e6:.2f}M parameters on {args.device}", file=sys.stderr)
-    pool = tuple(t.to(args.device) for t in encode_pool(tokenizer, args.format, args.pool, args.seed + TRAIN_SEED_OFFSET,
+    say = (lambda *a, **k: print(*a, **k, file=sys.stderr, flush=True)) if ranks.main else (lambda *a, **k: None)
+    where = f"{args.device}" + (f", rank {ranks.rank} of {ranks.world} (data parallel)" if ranks.parallel else "")
+    print(f"{args.format}: {n_params / 1e6:.2f}M parameters on {where}", file=sys.stderr)
+    seed = ranks.rank_seed(args.seed)
+    pool = tuple(t.to(args.device) for t in encode_pool(tokenizer, args.format, args.pool, seed + TRAIN_SEED_OFFSET,
                                                         tasks=tasks))
-    batches = Batches(pool, args, special_tokens(spec, tokenizer), random.Random(args.seed))
+    batches = Batches(pool, args, special_tokens(spec, tokenizer), random.Random(seed), seed)
     step_loss = StepLoss(model, spec.logits_shift, args)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01,
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01,
                             fused=args.device.startswith("cuda"))
     warmup = min(300, args.steps // 10)
 
@@ -304,33 +328,41 @@ def main(argv=None) -> int:
 
     def record():
         return {"parameters": n_params, "steps_done": step, "stopped_early": stopped_early,
-                "seconds": round(time.time() - t0, 1), "log": log}
+                "seconds": round(time.time() - t0, 1), "world_size": ranks.world,
+                "tokens_per_step": args.tokens_per_batch * ranks.world, "log": log}
     while step < args.steps:
         if step in FIT_AT and args.max_minutes is not None:
-            _fit_steps(args, step, t0, since)
+            if ranks.main:  # rank 0's fit binds every rank
+                _fit_steps(args, step, t0, since)
+            args.steps = int(ranks.agree(args.steps, args.device))
             since = (time.time(), step)
-        if args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes:
-            stopped_early = True
-            print(f"safety stop after {step} steps ({args.max_minutes} min)", file=sys.stderr)
-            break
+        if args.max_minutes is not None and (not ranks.parallel or step % STOP_CHECK_EVERY == 0):
+            if ranks.agree(time.time() - t0 > 60 * args.max_minutes, args.device):
+                stopped_early = True
+                say(f"safety stop after {step} steps ({args.max_minutes} min)")
+                break
         batch = batches.draw()
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         loss = step_loss(batch, opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        ranks.average_grads(params)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         if step % args.log_every == 0 or step == args.steps - 1:
+            loss_sum = ranks.mean(loss_sum)  # the ranks' mean loss
             mean = loss_sum.item() / (step - log[-1]["step"] if log else 1)  # one host sync per log line
             loss_sum = None
             log.append({"step": step, "loss": round(mean, 4), "lr": lr_at(step), "s": round(time.time() - t0, 1)})
-            print(json.dumps(log[-1]), file=sys.stderr, flush=True)
+            say(json.dumps(log[-1]))
         step += 1
-        if args.save_every and time.time() - last_save > 60 * args.save_every and step < args.steps:
+        if ranks.main and args.save_every and time.time() - last_save > 60 * args.save_every and step < args.steps:
             _save(model, tokenizer, config, args, {**record(), "partial": True})
             model.train()
             last_save = time.time()
-    _save(model, tokenizer, config, args, record())
+    ranks.check_in_step(model, args.device)
+    if ranks.main:
+        _save(model, tokenizer, config, args, record())
     return 0
 
 
