@@ -27,6 +27,7 @@
 #   PART=kernel OUT=$OUT bash scripts/gpu_overlap_speed.sh   # the draft-row kernel's tiles, warps and key splits
 #       (scripts/gpu_draft_tiles.py, in CUDA graphs), then jump-share's step profile with the defaults
 # TAG names a run's folder and tarball (overlap-$PART-$TAG), e.g. TAG=paged VLLM_ODB_REFRESH=paged PART=speed.
+# On a machine of several GPUs, scripts/gpu_fanout.sh runs several parts at once, one a GPU.
 set -uo pipefail
 # Timed work needs a quiet GPU: a background training run (scripts/train_tiny.sh BACKGROUND=1, in
 # $TRAIN_WORK) holds ~24 GB and the SMs. Wait up to TRAIN_WAIT seconds (default 0) for it to end,
@@ -39,8 +40,10 @@ if [[ -d $TRAIN_WORK/code && ! -f $TRAIN_WORK/done ]]; then
   exit 3
 fi
 source /root/vllm-env.sh
-python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/vllm-site . >/dev/null 2>&1 \
-  || { echo "project install failed"; exit 1; }
+if [[ -z ${SKIP_INSTALL:-} ]]; then  # scripts/gpu_fanout.sh installs once for its parallel jobs
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/vllm-site . >/dev/null 2>&1 \
+    || { echo "project install failed"; exit 1; }
+fi
 PART=${PART:?PART=profile, speed, budget, attn, batch, alp, refresh, jump or kernel}
 OUT=${OUT:-/tmp/out}; P=$PART${TAG:+-$TAG}; R="$OUT/overlap-$P"; mkdir -p "$R"
 # MODEL: the full-size config the speed parts replay at (llada-8b, or dream-7b with Dream's traces)

@@ -90,3 +90,31 @@ def test_a_format_with_several_gpus_trains_data_parallel(tmp_path):
         log = json.loads((tmp_path / "w" / f"tiny-{fmt}" / "training_log.json").read_text())
         assert log["world_size"] == 2 and log["steps_done"] == 2, log
         assert "data parallel" in (tmp_path / "w" / f"train-{fmt}.log").read_text()
+
+
+def _fanout(jobs: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "scripts/gpu_fanout.sh"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "JOBS": jobs, "DRY": "1", **env})
+
+
+def test_fanout_runs_one_timed_part_a_gpu_and_refuses_shared_ones():
+    """scripts/gpu_fanout.sh (dry): each job on its own GPU with its own caches and tag, newlines
+    allowed between jobs; two jobs on one GPU, a job on a training GPU, a job without a PART or a
+    GPU number, and more jobs than a call brings files back are refused by name."""
+    got = _fanout("0:PART=speed METHODS=fast-dllm,odb-alp BATCHES=1,8;\n 1:PART=speed MODEL=dream-7b TAG=dream;2:PART=kernel")
+    assert got.returncode == 0, got.stderr
+    lines = got.stdout.strip().split("\n")
+    assert len(lines) == 3
+    assert "CUDA_VISIBLE_DEVICES=0 " in lines[0] and "TAG=gpu0" in lines[0] and "BATCHES=1,8" in lines[0]
+    assert "TRITON_CACHE_DIR=/tmp/fanout-gpu1/triton" in lines[1] and "TAG=dream" in lines[1] \
+        and "TAG=gpu1" not in lines[1]
+    assert "PART=kernel" in lines[2] and "TRAIN_WORK" not in lines[2]
+    beside = _fanout("3:PART=speed", TRAIN_GPUS="1,2")
+    assert beside.returncode == 0 and "TRAIN_WORK=/nonexistent" in beside.stdout  # skips the quiet-GPU wait
+    for jobs, train, msg in (("0:PART=speed;0:PART=kernel", "", "two jobs on GPU 0"),
+                             ("1:PART=speed", "1,2", "GPU 1 is training"),
+                             ("x:PART=speed", "", "does not start with a GPU number"),
+                             ("2:TAG=a", "", "names no PART"),
+                             (";".join(f"{g}:PART=speed" for g in range(9)), "", "9 jobs")):
+        bad = _fanout(jobs, TRAIN_GPUS=train)
+        assert bad.returncode == 2 and msg in bad.stderr, (jobs, bad.stderr)

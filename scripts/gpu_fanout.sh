@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Several timed parts of scripts/gpu_overlap_speed.sh at once on a machine of several GPUs
+# (nvidia-h100-x2/x4/x8): one part a GPU, each in its own process tree with its own compile caches.
+# A session's device minutes count the same for one GPU or eight, so eight parts that each take a
+# call on one GPU take one call here. After staging vLLM (../shared/gpu/README.md):
+#
+#   JOBS='0:PART=speed METHODS=fast-dllm,odb-alp,odb BATCHES=1,8;1:PART=speed BATCHES=32,64;
+#         2:PART=speed MODEL=dream-7b;3:PART=kernel' OUT=$OUT bash scripts/gpu_fanout.sh
+#
+# JOBS: ';'-separated "GPU:VAR=value VAR=value ..." (no spaces inside a value), each the settings
+# of one gpu_overlap_speed.sh run on GPU number GPU. A job's TAG defaults to gpuN, so each lands
+# in its own $OUT/overlap-PART-TAG.tgz (at most 8 jobs: a call brings back 8 files). Timings of
+# different GPUs are not divided by each other: every comparison that a ratio needs runs inside one
+# job (one GPU), as the part's METHODS do. The project is installed once, before the jobs.
+# Beside a background training run on other GPUs (scripts/train_tiny.sh BACKGROUND=1 TRAIN_GPUS=...),
+# give the same TRAIN_GPUS here: a job on one of them is refused, and the jobs skip the quiet-GPU
+# wait that guards the GPU a training run holds.
+# DRY=1 prints each job's command line and runs nothing.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+JOBS=${JOBS:?JOBS='GPU:VAR=value ...;GPU:...' (see the header)}
+IFS=";" read -ra jobs <<< "$(tr "\n" " " <<< "$JOBS")"  # newlines in JOBS: spaces
+declare -A seen=()
+busy=",${TRAIN_GPUS:-},"
+n=0; specs=()
+for j in "${jobs[@]}"; do
+  j=$(echo "$j" | xargs)  # trim spaces and newlines around a job
+  [[ -z $j ]] && continue
+  if [[ ! $j =~ ^[0-9]+: ]]; then echo "gpu_fanout: job '$j' does not start with a GPU number and ':'" >&2; exit 2; fi
+  gpu=${j%%:*}; vars=${j#*:}
+  if [[ -n ${seen[$gpu]:-} ]]; then echo "gpu_fanout: two jobs on GPU $gpu would time each other" >&2; exit 2; fi
+  if [[ $busy == *",$gpu,"* ]]; then echo "gpu_fanout: GPU $gpu is training (TRAIN_GPUS=$TRAIN_GPUS)" >&2; exit 2; fi
+  [[ " $vars" == *" PART="* ]] || { echo "gpu_fanout: job on GPU $gpu names no PART" >&2; exit 2; }
+  [[ " $vars" == *" TAG="* ]] || vars="$vars TAG=gpu$gpu"
+  seen[$gpu]=1; specs+=("$gpu|$vars"); n=$(( n + 1 ))
+done
+(( n > 0 )) || { echo "gpu_fanout: JOBS holds no job" >&2; exit 2; }
+(( n <= 8 )) || { echo "gpu_fanout: $n jobs: a call brings back 8 files, one a job" >&2; exit 2; }
+if [[ -z ${DRY:-} ]]; then
+  have=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+  for s in "${specs[@]}"; do
+    (( ${s%%|*} < have )) || { echo "gpu_fanout: GPU ${s%%|*}, but this machine has $have" >&2; exit 2; }
+  done
+  source /root/vllm-env.sh
+  python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /root/vllm-site . >/dev/null 2>&1 \
+    || { echo "project install failed"; exit 1; }
+fi
+export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0} TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}
+quiet=${TRAIN_GPUS:+/nonexistent-training-dir}  # the training runs on other GPUs
+for s in "${specs[@]}"; do
+  gpu=${s%%|*}; vars=${s#*|}; c=/tmp/fanout-gpu$gpu
+  cmd=(env CUDA_VISIBLE_DEVICES="$gpu" VLLM_CACHE_ROOT="$c/vllm" TRITON_CACHE_DIR="$c/triton"
+       TORCHINDUCTOR_CACHE_DIR="$c/inductor" SKIP_INSTALL=1 OUT="$OUT" ${quiet:+TRAIN_WORK=$quiet} $vars
+       bash scripts/gpu_overlap_speed.sh)
+  if [[ -n ${DRY:-} ]]; then echo "${cmd[*]}"; continue; fi
+  mkdir -p "$c"; "${cmd[@]}" > "$c.log" 2>&1 &
+done
+[[ -n ${DRY:-} ]] && exit 0
+wait
+for s in "${specs[@]}"; do
+  gpu=${s%%|*}; echo "== GPU $gpu: ${s#*|}"; tail -n "${TAIL:-20}" "/tmp/fanout-gpu$gpu.log" | cut -c1-400
+done
+ls "$OUT"
