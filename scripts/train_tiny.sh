@@ -125,7 +125,10 @@ if [[ $PHASE == train || $PHASE == all ]]; then
   wait
   tail -n 4 "$WORK"/train-*.log
   if [[ ${QUICK_EVAL:-0} != 0 ]]; then  # a 20-prompt fast-dllm reading (accuracy by task), bounded
-    for fmt in llada dream; do
+    i=0
+    for fmt in llada dream; do  # on the format's first training GPU (not one kept for timed work)
+      g=$(gpus_of $i); g=${g%%,*}; i=$(( i + 1 ))
+      CUDA_VISIBLE_DEVICES=$([[ $g == none ]] || echo "$g") \
       timeout "${QUICK_EVAL_TIMEOUT:-75}" python3 -m vllm_odb.bench dynamics --model "$WORK/tiny-$fmt" \
         --methods fast-dllm --limit 20 --batch-size 20 --seed 0 --gen-length 512 \
         --out "$WORK/quick-eval-$fmt.json" > "$WORK/quick-eval-$fmt.md" 2> /dev/null &
