@@ -50,6 +50,13 @@ VOCAB_ROWS = 2048  # the tokenizer has about 1770 tokens (tiny/formats.py)
 MAX_LEN = 2048
 FIT_AT = (40, 140, 600, 2000)  # steps where --max-minutes refits the step count
 TRAIN_SEED_OFFSET = 1_000_003  # training examples never come from the evaluation seeds (0..999)
+# A tight batch's rows end their answer within this many positions of the row's end (the EOS fill
+# after it), as a canvas that ALP has cut does: a block or a few after the answer's.
+TIGHT_FILL = 160
+# Tight batches by default since session 16 (runs up to v8 had none, and their logs lack the
+# argument: replay one with --tight-canvas 0). Measured on a 4k-example pool (fill_share): 47% of a
+# batch's positions in the EOS fill and 15% masked answer positions with none; 32% and 20% at 0.6.
+TIGHT_DEFAULT = 0.6
 
 
 def _suite_texts(job: tuple[int, int, tuple[str, ...] | None]) -> list[tuple[str, str]]:
@@ -180,6 +187,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--pool", type=int, default=200_000, help="examples tokenized up front")
     ap.add_argument("--pad-weight", type=float, default=0.3, help="loss weight of EOS fill positions")
+    ap.add_argument("--tight-canvas", type=float, default=TIGHT_DEFAULT, metavar="P",
+                    help="share of batches whose rows end their answer near the row's end (little EOS fill; "
+                         f"see Batches; default {TIGHT_DEFAULT}); 0: every canvas drawn as runs v1-v8 drew them")
     ap.add_argument("--max-minutes", type=float, default=None, help="fit the step count to this many minutes")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--log-every", type=int, default=200)
@@ -189,6 +199,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--save-every", type=float, default=None, metavar="MIN",
                     help="also save the checkpoint every MIN minutes (a long run leaves something if cut off)")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="run the model eager on CUDA")
+    ap.add_argument("--fill-share", type=int, default=0, metavar="N",
+                    help="train nothing: draw N batches as the run would and print where their positions go "
+                         "(EOS fill, masked answer and fill positions; fill_share) as JSON")
     return ap
 
 
@@ -206,19 +219,29 @@ def _new_model(args):
     return tokenizer, config, spec, model.to(args.device).train()
 
 
+
 class Batches:
     """Training batches from the tokenized pool. Row width = an anchor prompt's length + a canvas
     length; rows whose prompt and answer fit take the rest of the width as canvas. Rows with
     prompts near the anchor get canvases near the drawn length, so every prompt also meets short
-    canvases (as ALP's cuts produce)."""
+    canvases (as ALP's cuts produce).
+
+    With ``--tight-canvas P``, a batch is *tight* with probability P: its width is an anchor
+    example's prompt and answer rounded up to the block (plus 0-2 blocks), and its rows are the
+    examples that end within ``TIGHT_FILL`` positions of it. Drawn widths put about half of a
+    batch's positions in the EOS fill, whose loss is near zero once the model has learnt to end an
+    answer; tight batches spend those positions on answers (``fill_share`` measures it)."""
 
     def __init__(self, pool, args, special, rng: random.Random, seed: int):
         self.pool, self.args, self.special, self.rng = pool, args, special, rng
         self.plen, self.alen = pool[1].cpu(), pool[3].cpu()
         self.fits: dict[int, torch.Tensor] = {}
+        self.tight_fits: dict[int, torch.Tensor] = {}
         self.gen = torch.Generator(device=args.device).manual_seed(seed)
 
     def draw(self):
+        if getattr(self.args, "tight_canvas", 0.0) > 0 and self.rng.random() < self.args.tight_canvas:
+            return self._tight()
         while True:
             anchor = int(self.plen[self.rng.randrange(len(self.plen))])
             width = -(-(anchor + sample_canvas_length(self.rng)) // 32) * 32
@@ -227,9 +250,35 @@ class Batches:
                 fits = self.fits[width] = (self.plen + self.alen < width).nonzero().flatten().to(self.args.device)
             if len(fits):  # else a canvas shorter than every answer of this prompt length: draw again
                 break
+        return self._rows(fits, width)
+
+    def _tight(self):
+        a = self.rng.randrange(len(self.plen))
+        width = (-(-int(self.plen[a] + self.alen[a] + 1) // 32) + self.rng.randrange(3)) * 32
+        fits = self.tight_fits.get(width)
+        if fits is None:
+            total = self.plen + self.alen
+            fits = self.tight_fits[width] = ((total < width) & (total >= width - TIGHT_FILL)).nonzero().flatten() \
+                .to(self.args.device)
+        return self._rows(fits, width)  # never empty: the anchor itself fits
+
+    def _rows(self, fits, width):
         bs = max(8, self.args.tokens_per_batch // width)
         idx = fits[torch.randint(0, len(fits), (bs,), generator=self.gen, device=self.args.device)]
         return make_batch(self.pool, idx, width, self.special.eos_id, self.special.mask_id, 32, self.gen)
+
+
+def fill_share(batches: Batches, n: int = 200) -> dict[str, float]:
+    """Where ``n`` batches' positions go: the share of all positions in the EOS fill, and of masked
+    (trained) positions in answers and in the fill."""
+    pos = fill = m_answer = m_fill = 0
+    for _ in range(n):
+        _, _, masked, is_pad = batches.draw()
+        pos += masked.numel()
+        fill += int(is_pad.sum())
+        m_answer += int((masked & ~is_pad).sum())
+        m_fill += int((masked & is_pad).sum())
+    return {"fill": fill / pos, "masked_answer": m_answer / pos, "masked_fill": m_fill / pos}
 
 
 class StepLoss:
@@ -278,6 +327,8 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         tasks = task_mix(args.task_weights)
+        if not 0.0 <= args.tight_canvas <= 1.0:
+            raise ValueError(f"--tight-canvas {args.tight_canvas}: give a share of batches, 0 to 1")
         ranks = Ranks()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -311,6 +362,11 @@ def _train(args, tasks, ranks: Ranks) -> int:
     pool = tuple(t.to(args.device) for t in encode_pool(tokenizer, args.format, args.pool, seed + TRAIN_SEED_OFFSET,
                                                         tasks=tasks))
     batches = Batches(pool, args, special_tokens(spec, tokenizer), random.Random(seed), seed)
+    if args.fill_share:
+        if ranks.main:
+            print(json.dumps({"tight_canvas": args.tight_canvas, **{k: round(v, 4) for k, v in
+                                                                     fill_share(batches, args.fill_share).items()}}))
+        return 0
     step_loss = StepLoss(model, spec.logits_shift, args)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01,
