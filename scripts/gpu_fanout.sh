@@ -12,27 +12,42 @@
 # in its own $OUT/overlap-PART-TAG.tgz (at most 8 jobs: a call brings back 8 files). Timings of
 # different GPUs are not divided by each other: every comparison that a ratio needs runs inside one
 # job (one GPU), as the part's METHODS do. The project is installed once, before the jobs.
-# Beside a background training run on other GPUs (scripts/train_tiny.sh BACKGROUND=1 TRAIN_GPUS=...),
-# give the same TRAIN_GPUS here: a job on one of them is refused, and the jobs skip the quiet-GPU
-# wait that guards the GPU a training run holds.
+# Beside a background training run (scripts/train_tiny.sh BACKGROUND=1 TRAIN_GPUS=..., in $TRAIN_WORK,
+# default /tmp/tiny-train), the GPUs it trains on are read from its $TRAIN_WORK/gpus (or given as
+# TRAIN_GPUS): a job on one of them is refused, and the jobs skip the quiet-GPU wait that guards
+# the GPU a training run holds. The call's exit status is 1 if any job's was not 0.
 # DRY=1 prints each job's command line and runs nothing.
 set -uo pipefail
+set -f  # a value such as X=* stays as written
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 JOBS=${JOBS:?JOBS='GPU:VAR=value ...;GPU:...' (see the header)}
 IFS=";" read -ra jobs <<< "$(tr "\n" " " <<< "$JOBS")"  # newlines in JOBS: spaces
-declare -A seen=()
-busy=",${TRAIN_GPUS:-},"
+TRAIN_WORK=${TRAIN_WORK:-/tmp/tiny-train}
+if [[ -z ${TRAIN_GPUS:-} && -d $TRAIN_WORK/code && ! -f $TRAIN_WORK/done ]]; then  # a background run is going
+  TRAIN_GPUS=$(cat "$TRAIN_WORK/gpus" 2>/dev/null) \
+    || { echo "gpu_fanout: a training run is going in $TRAIN_WORK and names no GPUs: give TRAIN_GPUS" >&2; exit 2; }
+fi
+[[ ${TRAIN_GPUS:-} == none ]] && TRAIN_GPUS=
+declare -A seen=() tags=()
+busy=","
+for g in $(tr , " " <<< "${TRAIN_GPUS:-}"); do [[ $g =~ ^[0-9]+$ ]] && busy+="$((10#$g)),"; done
 n=0; specs=()
 for j in "${jobs[@]}"; do
-  j=$(echo "$j" | xargs)  # trim spaces and newlines around a job
+  j=${j#"${j%%[![:space:]]*}"}; j=${j%"${j##*[![:space:]]}"}  # trim spaces and newlines around a job
   [[ -z $j ]] && continue
   if [[ ! $j =~ ^[0-9]+: ]]; then echo "gpu_fanout: job '$j' does not start with a GPU number and ':'" >&2; exit 2; fi
-  gpu=${j%%:*}; vars=${j#*:}
+  gpu=$((10#${j%%:*})); vars=${j#*:}
   if [[ -n ${seen[$gpu]:-} ]]; then echo "gpu_fanout: two jobs on GPU $gpu would time each other" >&2; exit 2; fi
   if [[ $busy == *",$gpu,"* ]]; then echo "gpu_fanout: GPU $gpu is training (TRAIN_GPUS=$TRAIN_GPUS)" >&2; exit 2; fi
   [[ " $vars" == *" PART="* ]] || { echo "gpu_fanout: job on GPU $gpu names no PART" >&2; exit 2; }
   [[ " $vars" == *" TAG="* ]] || vars="$vars TAG=gpu$gpu"
-  seen[$gpu]=1; specs+=("$gpu|$vars"); n=$(( n + 1 ))
+  part=$(tr ' ' '\n' <<< " $vars" | sed -n 's/^PART=//p' | tail -n 1)
+  tag=$(tr ' ' '\n' <<< " $vars" | sed -n 's/^TAG=//p' | tail -n 1)
+  if [[ -n ${tags[$part-$tag]:-} ]]; then
+    echo "gpu_fanout: two jobs write overlap-$part-$tag (GPUs ${tags[$part-$tag]} and $gpu): give each its own TAG" >&2
+    exit 2
+  fi
+  tags[$part-$tag]=$gpu; seen[$gpu]=1; specs+=("$gpu|$vars"); n=$(( n + 1 ))
 done
 (( n > 0 )) || { echo "gpu_fanout: JOBS holds no job" >&2; exit 2; }
 (( n <= 8 )) || { echo "gpu_fanout: $n jobs: a call brings back 8 files, one a job" >&2; exit 2; }
@@ -47,6 +62,7 @@ if [[ -z ${DRY:-} ]]; then
 fi
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0} TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}
 quiet=${TRAIN_GPUS:+/nonexistent-training-dir}  # the training runs on other GPUs
+pids=()
 for s in "${specs[@]}"; do
   gpu=${s%%|*}; vars=${s#*|}; c=/tmp/fanout-gpu$gpu
   cmd=(env CUDA_VISIBLE_DEVICES="$gpu" VLLM_CACHE_ROOT="$c/vllm" TRITON_CACHE_DIR="$c/triton"
@@ -54,10 +70,13 @@ for s in "${specs[@]}"; do
        bash scripts/gpu_overlap_speed.sh)
   if [[ -n ${DRY:-} ]]; then echo "${cmd[*]}"; continue; fi
   mkdir -p "$c"; "${cmd[@]}" > "$c.log" 2>&1 &
+  pids+=($!)
 done
 [[ -n ${DRY:-} ]] && exit 0
-wait
+rc=0; k=0
 for s in "${specs[@]}"; do
-  gpu=${s%%|*}; echo "== GPU $gpu: ${s#*|}"; tail -n "${TAIL:-20}" "/tmp/fanout-gpu$gpu.log" | cut -c1-400
+  wait "${pids[$k]}"; r=$?; k=$(( k + 1 )); (( r == 0 )) || rc=1
+  gpu=${s%%|*}; echo "== GPU $gpu (rc $r): ${s#*|}"; tail -n "${TAIL:-20}" "/tmp/fanout-gpu$gpu.log" | cut -c1-400
 done
 ls "$OUT"
+exit $rc

@@ -75,18 +75,22 @@ if [[ $PHASE == collect ]]; then  # the finished run's tars, or (still running) 
       g=$(cat "$WORK/pid"); kill -- -"$g" 2>/dev/null || true; sleep 3
       kill -0 -- -"$g" 2>/dev/null && { kill -KILL -- -"$g" 2>/dev/null || true; sleep 2; }
       if kill -0 -- -"$g" 2>/dev/null; then echo "could not stop the run (process group $g)" >&2; exit 1; fi
+      # torchrun starts its workers in sessions of their own, outside the group: end them by name
+      pkill -KILL -f -- "vllm_odb.tiny.train .*--out $WORK/tiny-" 2>/dev/null || true; sleep 1
+      if pgrep -f -- "vllm_odb.tiny.train .*--out $WORK/tiny-" > /dev/null; then
+        echo "could not stop the run's training processes" >&2; exit 1
+      fi
       echo stopped > "$WORK/done"; echo "stopped the run"
     fi
   fi
   exit 0
 fi
-LIMIT=${LIMIT:-100}; JUMP_LIMIT=${JUMP_LIMIT:-48}; TRACE_GENS=${TRACE_GENS:-256,1024}; EVAL_TIMEOUT=${EVAL_TIMEOUT:-480}
-mkdir -p "$OUT" "$WORK"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # GPUs: on a machine of several, each format trains on its own half of them, data parallel over its
 # share (torchrun, one process a GPU: vllm_odb/tiny/parallel.py); on one GPU both formats share it.
 # TRAIN_GPUS=1,2,3,4 picks the GPUs (say, to keep GPU 0 for timed work meanwhile); 'none': the CPU.
-if [[ -z ${TRAIN_GPUS:-} ]]; then
+if [[ -z ${TRAIN_GPUS:-} && -n ${CUDA_VISIBLE_DEVICES+x} ]]; then  # the GPUs the caller leaves visible
+  TRAIN_GPUS=${CUDA_VISIBLE_DEVICES:-none}
+elif [[ -z ${TRAIN_GPUS:-} ]]; then
   n=$(python3 -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
   TRAIN_GPUS=$(seq -s, 0 $(( n - 1 )) 2>/dev/null); [[ $n -gt 0 ]] || TRAIN_GPUS=none
 fi
@@ -104,7 +108,7 @@ train_one() {  # $1 format, $2 its GPUs: python3 alone on one GPU (or the CPU), 
   if [[ $gpus == *,* ]]; then
     launch=(python3 -m torch.distributed.run --standalone --nproc-per-node "$(tr , '\n' <<< "$gpus" | wc -l)")
   fi
-  if [[ $gpus != none ]]; then export CUDA_VISIBLE_DEVICES=$gpus; fi
+  if [[ $gpus == none ]]; then export CUDA_VISIBLE_DEVICES=; else export CUDA_VISIBLE_DEVICES=$gpus; fi
   echo "$1: GPUs $gpus" >&2
   "${launch[@]}" -m vllm_odb.tiny.train --format "$1" --out "$WORK/tiny-$1" --steps 1000000 --max-minutes "$MAXMIN" \
     ${INIT_DIR:+--init "$INIT_DIR/tiny-$1"} ${TRAIN_ARGS:-}
@@ -112,11 +116,15 @@ train_one() {  # $1 format, $2 its GPUs: python3 alone on one GPU (or the CPU), 
 if [[ $PHASE == gpus ]]; then  # the split, without training
   echo "llada: GPUs $(gpus_of 0)"; echo "dream: GPUs $(gpus_of 1)"; exit 0
 fi
+LIMIT=${LIMIT:-100}; JUMP_LIMIT=${JUMP_LIMIT:-48}; TRACE_GENS=${TRACE_GENS:-256,1024}; EVAL_TIMEOUT=${EVAL_TIMEOUT:-480}
+mkdir -p "$OUT" "$WORK"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 gpu_at() {  # the eval phase's process $1 on GPU number $1 of TRAIN_GPUS (round robin)
   [[ $TRAIN_GPUS == none ]] && return
   local all=(${TRAIN_GPUS//,/ }); echo "${all[$(( $1 % ${#all[@]} ))]}"
 }
 if [[ $PHASE == train || $PHASE == all ]]; then
+  echo "$TRAIN_GPUS" > "$WORK/gpus"  # scripts/gpu_fanout.sh keeps its timed parts off these
   i=0
   for fmt in llada dream; do
     ( train_one $fmt "$(gpus_of $i)" ) > "$WORK/train-$fmt.log" 2>&1 &

@@ -61,6 +61,14 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         got["drift"] = None
     except RuntimeError as e:
         got["drift"] = str(e)
+    with torch.no_grad():
+        if rank == 0:
+            model.weight[0, 0] = float("nan")  # one rank diverges: both ranks say so, neither waits
+    try:
+        r.check_in_step(model, "cpu")
+        got["nan"] = None
+    except RuntimeError as e:
+        got["nan"] = str(e)
     with open(f"{out}.{rank}", "w") as f:
         json.dump(got, f)
     r.stop()
@@ -77,6 +85,8 @@ def test_ranks_average_gradients_agree_on_rank_0_and_catch_drift(tmp_path):
         assert g["agree"] == 10.0  # rank 0's value
         assert g["mean"] == 0.5
         assert "disagree on bias" in g["drift"]
+        assert "diverged" in g["nan"]
+    assert "weight holds NaN" in got[0]["nan"] and "another rank" in got[1]["nan"]
     assert got[0]["weights"] == got[1]["weights"]  # rank 0's start on both
 
 

@@ -77,6 +77,8 @@ def test_several_gpus_are_split_between_the_formats():
         got = _script({"PHASE": "gpus", "TRAIN_GPUS": gpus}, timeout=60)
         assert got.returncode == 0, got.stderr
         assert got.stdout.split("\n")[:2] == [f"llada: GPUs {want[0]}", f"dream: GPUs {want[1]}"]
+    masked = _script({"PHASE": "gpus", "CUDA_VISIBLE_DEVICES": "4,5,6,7"}, timeout=60)  # the caller's GPUs, by id
+    assert masked.stdout.split("\n")[:2] == ["llada: GPUs 4,5", "dream: GPUs 6,7"], masked.stderr
 
 
 @pytest.mark.slow
@@ -112,9 +114,30 @@ def test_fanout_runs_one_timed_part_a_gpu_and_refuses_shared_ones():
     beside = _fanout("3:PART=speed", TRAIN_GPUS="1,2")
     assert beside.returncode == 0 and "TRAIN_WORK=/nonexistent" in beside.stdout  # skips the quiet-GPU wait
     for jobs, train, msg in (("0:PART=speed;0:PART=kernel", "", "two jobs on GPU 0"),
+                             ("0:PART=speed;00:PART=kernel", "", "two jobs on GPU 0"),
                              ("1:PART=speed", "1,2", "GPU 1 is training"),
                              ("x:PART=speed", "", "does not start with a GPU number"),
                              ("2:TAG=a", "", "names no PART"),
+                             ("1:PART=speed;2:PART=speed TAG=gpu1", "", "two jobs write overlap-speed-gpu1"),
                              (";".join(f"{g}:PART=speed" for g in range(9)), "", "9 jobs")):
         bad = _fanout(jobs, TRAIN_GPUS=train)
         assert bad.returncode == 2 and msg in bad.stderr, (jobs, bad.stderr)
+
+
+def test_fanout_reads_the_gpus_a_background_training_run_holds(tmp_path):
+    """A training run going in TRAIN_WORK (train_tiny.sh BACKGROUND=1) wrote the GPUs it trains on:
+    the fan-out refuses a job on one of them without being told, and refuses to guess when the run
+    names none; a run that has ended holds nothing."""
+    work = tmp_path / "train"
+    (work / "code").mkdir(parents=True)
+    (work / "gpus").write_text("2,3\n")
+    bad = _fanout("2:PART=speed", TRAIN_WORK=str(work))
+    assert bad.returncode == 2 and "GPU 2 is training" in bad.stderr
+    ok = _fanout("0:PART=speed", TRAIN_WORK=str(work))
+    assert ok.returncode == 0 and "TRAIN_WORK=/nonexistent" in ok.stdout
+    (work / "gpus").unlink()
+    unnamed = _fanout("0:PART=speed", TRAIN_WORK=str(work))
+    assert unnamed.returncode == 2 and "give TRAIN_GPUS" in unnamed.stderr
+    (work / "done").write_text("0\n")
+    ended = _fanout("2:PART=speed", TRAIN_WORK=str(work))
+    assert ended.returncode == 0 and "TRAIN_WORK=" not in ended.stdout

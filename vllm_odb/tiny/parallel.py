@@ -128,7 +128,8 @@ class Ranks:
 
     def check_in_step(self, model: torch.nn.Module, device: str) -> None:
         """Raise if the ranks' weights have drifted apart (the averaged gradients keep them equal
-        to the bit; a rank that differs trained on something else)."""
+        to the bit; a rank that differs trained on something else), or hold NaN or inf. Rank 0
+        has saved its weights by then."""
         if not self.parallel:
             return
         import torch.distributed as dist
@@ -136,6 +137,13 @@ class Ranks:
         with torch.no_grad():
             sums = torch.stack([p.detach().double().abs().sum() + p.detach().double().sum() for p in model.parameters()])
         sums = sums.to(device)
+        finite = torch.isfinite(sums)  # NaN never equals itself: found first, on every rank at once
+        everywhere = finite.all().to(torch.float64).reshape(1)
+        dist.all_reduce(everywhere, op=dist.ReduceOp.MIN)
+        if not bool(everywhere.item()):
+            names = [n for n, _ in model.named_parameters()]
+            where = names[int((~finite).nonzero()[0, 0])] if not bool(finite.all()) else "a parameter of another rank"
+            raise RuntimeError(f"training diverged: {where} holds NaN or inf (rank {self.rank} of {self.world})")
         low, high = sums.clone(), sums.clone()
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
         dist.all_reduce(high, op=dist.ReduceOp.MAX)

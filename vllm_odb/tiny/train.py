@@ -392,6 +392,8 @@ def _train(args, tasks, ranks: Ranks) -> int:
                 _fit_steps(args, step, t0, since)
             args.steps = int(ranks.agree(args.steps, args.device))
             since = (time.time(), step)
+            if step >= args.steps:  # the fit ends the run here (steps_done is what --steps replays)
+                break
         if args.max_minutes is not None and (not ranks.parallel or step % STOP_CHECK_EVERY == 0):
             if ranks.agree(time.time() - t0 > 60 * args.max_minutes, args.device):
                 stopped_early = True
@@ -416,9 +418,9 @@ def _train(args, tasks, ranks: Ranks) -> int:
             _save(model, tokenizer, config, args, {**record(), "partial": True})
             model.train()
             last_save = time.time()
-    ranks.check_in_step(model, args.device)
-    if ranks.main:
+    if ranks.main:  # saved first: a failed check below still leaves the run's weights
         _save(model, tokenizer, config, args, record())
+    ranks.check_in_step(model, args.device)
     return 0
 
 
