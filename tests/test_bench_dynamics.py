@@ -71,7 +71,9 @@ def test_jump_methods_take_a_draft_budget():
 
 
 def test_suite_registry_reads_the_training_log(tmp_path):
-    assert suites.suite_name("checkpoints/tiny-llada") == "basic"  # trained before the log named it
+    (tmp_path / "training_log.json").write_text(json.dumps({"args": {"steps": 3}}))
+    assert suites.suite_name(str(tmp_path)) == "basic"  # trained before the log named it
+    assert suites.suite_name(str(tmp_path / "nowhere")) == "basic"
     (tmp_path / "training_log.json").write_text(json.dumps({"args": {"suite": "worked"}}))
     assert suites.for_checkpoint(str(tmp_path)).__name__ == "vllm_odb.tiny.worked"
     (tmp_path / "training_log.json").write_text("{broken")

@@ -104,11 +104,12 @@ def test_stop_strings_are_the_requests_end_markers():
     the checkpoint's end ids; each request has its own."""
     tok = load_tokenizer(str(TINY["llada"]))
     table = _stop_table(lambda: tok)
-    a = table.add(0, "a", [1, 2, 3], None, SamplingParams(temperature=0, max_tokens=20, stop=["+", " s"]))
+    # " zqx": several tokens with any of the shipped tokenizers (characters, or the worked suite's words)
+    a = table.add(0, "a", [1, 2, 3], None, SamplingParams(temperature=0, max_tokens=20, stop=["+", " zqx"]))
     b = table.add(1, "b", [1, 2, 3], None, SamplingParams(temperature=0, max_tokens=20))
     c = table.add(2, "c", [1, 2, 3], None, SamplingParams(temperature=0, max_tokens=20, stop="+"))
-    want = tuple(tuple(tok(s, add_special_tokens=False)["input_ids"]) for s in ("+", " s"))
-    assert a.markers == ((EOS,),) + want and len(want[1]) == 2
+    want = tuple(tuple(tok(s, add_special_tokens=False)["input_ids"]) for s in ("+", " zqx"))
+    assert a.markers == ((EOS,),) + want and len(want[1]) >= 2
     assert b.markers == ((EOS,),)
     assert c.markers == ((EOS,), want[0])
 
