@@ -42,7 +42,6 @@ def tiny_checkpoint(fmt: str):
         _TINY[fmt] = load_checkpoint(str(Path(__file__).resolve().parents[1] / "checkpoints" / f"tiny-{fmt}"))
     return _TINY[fmt]
 
-BLOCKS_PER_SLOT = 64
 
 
 class EmulatedEngine:
@@ -55,7 +54,10 @@ class EmulatedEngine:
         self.width = self.table.width
         kbs = 4
         self.paged = PagedCache(kernel_block_size=kbs)
-        self.slot_of_kv = lambda kv_slot: int(kv_slot) // (BLOCKS_PER_SLOT * kbs)
+        # Each request's own range of kernel blocks: prompt + canvas up to max_model_len, and the
+        # widest step's query past it.
+        self.blocks_per_slot = -(-(max_model_len + self.width + self.table.block) // kbs)
+        self.slot_of_kv = lambda kv_slot: int(kv_slot) // (self.blocks_per_slot * kbs)
         stand_in = types.SimpleNamespace(model=types.SimpleNamespace(refresh_forward=self._refresh_forward),
                                          compute_logits=lambda h: h)
         self.draft_tokens = torch.zeros(slots, self.width, dtype=torch.long)
@@ -115,7 +117,7 @@ class EmulatedEngine:
 
     def _tables(self, slots: list[int]) -> None:
         """Each batch row's block table: its request's own range of blocks."""
-        self.paged.block_tables = torch.stack([torch.arange(s * BLOCKS_PER_SLOT, (s + 1) * BLOCKS_PER_SLOT)
+        self.paged.block_tables = torch.stack([torch.arange(s * self.blocks_per_slot, (s + 1) * self.blocks_per_slot)
                                                for s in slots])
 
     def _step(self, slots: list[int], prefill: bool):

@@ -11,14 +11,17 @@ import pytest
 from vllm_odb.bench import full_size, speed
 from vllm_odb.bench.__main__ import main
 
+from shipped import ANSWER_GEN
+
 KEYS = {"method", "engine", "model", "replay", "trace_model", "gen_length", "batch", "requests", "tokens_per_s",
         "latency_p50_s", "latency_p90_s", "nfe", "tokens_per_forward", "refresh_tokens", "gpu_mem_gb"}
 
 
 def test_reference_rows_on_the_tiny_checkpoint(tmp_path):
     out = tmp_path / "speed.json"
+    gen = str(ANSWER_GEN)  # a canvas the answers end in, so ALP has a cut to make
     assert main(["speed", "--engine", "reference", "--model", "checkpoints/tiny-llada", "--methods", "fast-dllm,odb",
-                 "--gen-lengths", "64", "--batches", "1,2", "--requests", "2", "--out", str(out)]) == 0
+                 "--gen-lengths", gen, "--batches", "1,2", "--requests", "2", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert len(data["rows"]) == 4 and all(KEYS <= set(r) for r in data["rows"])
     by = {(r["method"], r["batch"]): r for r in data["rows"]}
@@ -28,7 +31,7 @@ def test_reference_rows_on_the_tiny_checkpoint(tmp_path):
     # The calibrated reference by default; jump-share (odb) has no research-code layout.
     assert by[("fast-dllm", 1)]["attention_impl"] == "research" and by[("odb", 1)]["attention_impl"] == "plain"
     assert main(["speed", "--engine", "reference", "--model", "checkpoints/tiny-llada", "--methods", "fast-dllm",
-                 "--gen-lengths", "64", "--batches", "1", "--requests", "2", "--reference-impl", "plain",
+                 "--gen-lengths", gen, "--batches", "1", "--requests", "2", "--reference-impl", "plain",
                  "--out", str(out)]) == 0
     one = by[("fast-dllm", 1)]  # batch-1 rows list each request, in order
     assert len(one["request_latency_s"]) == len(one["request_tokens"]) == one["requests"] == 2

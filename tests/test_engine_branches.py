@@ -520,21 +520,24 @@ def test_planning_a_batch_gives_each_request_its_own_plan(shift):
 
 
 def _batched_jump_engine_run():
-    """Three suite requests at once on a jump-share engine (threshold 1.0, a budget of 53 rows
-    each: 1 to 5 drafted positions), their responses and the reference loop's alone."""
+    """Three suite requests at once on a jump-share engine (threshold 1.0), their responses and
+    the reference loop's for each alone. The budget holds every request's largest plan (block 16:
+    8 drafted positions, up to 497 rows with Dream's count), so a request drafts in the batch what
+    it drafts alone: drafts change what is committed wherever a step commits several positions
+    (the worked checkpoints are exactly 1.0 sure of many), so only equal plans give equal tokens."""
     from engine_emulator import EmulatedEngine, tiny_checkpoint
 
+    from shipped import make_suite
     from vllm_odb.engine.knobs import engine_config
     from vllm_odb.reference.generate import generate, response_ids
-    from vllm_odb.tiny.suite import make_suite
 
     ck = tiny_checkpoint("llada")
     engine_cfg = engine_config({"odb": {"block_length": 16, "gen_length": 64, "method": "odb", "threshold": 1.0,
-                                        "ridge_rows": 160}})
-    engine = EmulatedEngine(ck, engine_cfg, slots=3)
+                                        "ridge_rows": 3 * 497}})
+    engine = EmulatedEngine(ck, engine_cfg, slots=3, max_model_len=2048)  # room for the wide canvas past a prompt
     prompts = [ck.encode_chat(e.prompt) for e in make_suite(43, 3)]
     got = engine.generate(prompts, types.SimpleNamespace(temperature=0.0, max_tokens=64, extra_args=None, stop=None))
-    refs = [generate(ck.model, [p], engine_cfg.replace(gen_length=64, jump=False), ck.special) for p in prompts]
+    refs = [generate(ck.model, [p], engine_cfg.replace(gen_length=64), ck.special) for p in prompts]
     return engine, got, [response_ids(r.tokens[0], ck.special) for r in refs]
 
 

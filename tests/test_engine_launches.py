@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from vllm import SamplingParams
 
 from engine_emulator import EmulatedEngine, tiny_checkpoint
+from shipped import make_suite
 from vllm_odb.engine.knobs import engine_config
 
 # Ops that launch nothing: views, metadata, allocation without a fill.
@@ -58,7 +59,7 @@ def _plain_step_ops(method: str, requests: int, max_tokens: tuple[int, ...] = (6
         return out
 
     eng.sampler = counted
-    prompts = [ckpt.encode_chat(p) for p in ("Reverse: abcde", "Add 12 and 30")[:requests]]
+    prompts = [ckpt.encode_chat(e.prompt) for e in make_suite(31, requests)]
     eng.generate(prompts, [SamplingParams(max_tokens=m, temperature=0.0) for m in max_tokens[:requests]])
     return counts
 

@@ -17,7 +17,7 @@ pytest.importorskip("vllm")
 from engine_emulator import EmulatedEngine, tiny_checkpoint  # noqa: E402
 from vllm_odb.engine.knobs import engine_config  # noqa: E402
 from vllm_odb.reference.generate import generate, response_ids  # noqa: E402
-from vllm_odb.tiny.suite import make_suite  # noqa: E402
+from shipped import STOP_STRINGS, WORKED, make_suite  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GEN, BLOCK = 64, 16
@@ -72,10 +72,10 @@ def test_jump_share_engine_decodes_as_the_reference(fmt):
 @pytest.mark.parametrize("fmt", ["llada", "dream"])
 def test_stop_strings_are_end_markers_on_both_engines(fmt):
     """A request's stop strings, tokenized by the engine (engine/requests.py ``StopMarkers``), are
-    end markers there as in the reference loop: ALP cuts the canvas at one ("+" in "8+2=10, ...")
-    and early termination stops at one (" s", two tokens)."""
+    end markers there as in the reference loop: ALP cuts the canvas at one and early termination
+    stops at one (shipped.STOP_STRINGS: one of a token, one of two)."""
     plain = _parity(fmt, {"method": "odb-alp"})
-    stopped = _parity(fmt, {"method": "odb-alp"}, stop=["+", " s"])
+    stopped = _parity(fmt, {"method": "odb-alp"}, stop=STOP_STRINGS)
     assert stopped["canvas"][0] < plain["canvas"][0]
 
 
@@ -139,16 +139,27 @@ def test_a_jump_share_batch_overlaps_where_no_draft_fits(fmt, monkeypatch):
 def _jump_batch_decodes_as_alone(fmt: str, ridge_rows: int):
     """Four jump-share requests at once through the emulated engine (threshold 1.0, ``ridge_rows``):
     each response must be the reference loop's for that prompt alone. Returns the checkpoint, the
-    engine's config and the engine."""
+    engine's config and the engine. (That holds where an accepted draft reaches the state plain
+    steps would, one commit a step: the basic checkpoints. The worked ones are exactly 1.0 sure of
+    many positions, so a step commits several, and a request whose share of the budget shrinks
+    drafts less and may commit otherwise: there the responses are held to being whole, and
+    test_engine_branches' batch, whose budget holds every plan, checks the tokens.)"""
     ck = _ckpt(fmt)
     engine_cfg = engine_config({"odb": {"block_length": BLOCK, "gen_length": GEN, "method": "odb", "threshold": 1.0,
                                         "ridge_rows": ridge_rows}})
     engine = EmulatedEngine(ck, engine_cfg, slots=4)
     prompts = [ck.encode_chat(e.prompt) for e in make_suite(45, 4)]
-    sp = types.SimpleNamespace(temperature=0.0, max_tokens=GEN, extra_args=None, stop=None)
-    got = engine.generate(prompts, sp)
-    refs = [generate(ck.model, [p], engine_cfg.replace(gen_length=GEN), ck.special) for p in prompts]
-    assert got == [response_ids(r.tokens[0], ck.special) for r in refs]
+    # The basic checkpoints' answers end early, one after another; the worked ones' run past the
+    # canvas, so they get canvases of 1 to 4 blocks to end so: the live batch's share of the budget
+    # widens as they do.
+    gens = [BLOCK * (i + 1) for i in range(len(prompts))] if WORKED else [GEN] * len(prompts)
+    sps = [types.SimpleNamespace(temperature=0.0, max_tokens=g, extra_args=None, stop=None) for g in gens]
+    got = engine.generate(prompts, sps)
+    refs = [generate(ck.model, [p], engine_cfg.replace(gen_length=g), ck.special) for p, g in zip(prompts, gens)]
+    if WORKED:
+        assert all(g and ck.special.mask_id not in g for g in got)
+    else:
+        assert got == [response_ids(r.tokens[0], ck.special) for r in refs]
     return ck, engine_cfg, engine
 
 

@@ -13,7 +13,8 @@ from vllm_odb.policies import DecodeConfig, decide
 from vllm_odb.policies.step import branch_step, plan_branches
 from vllm_odb.reference.generate import branch_forward, generate, response_ids
 from vllm_odb.reference.loader import load_checkpoint
-from vllm_odb.tiny.suite import make_suite, score
+
+from shipped import ANSWER_GEN, STOP_CASE, WORKED, correct, make_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = ("llada", "dream")
@@ -30,32 +31,36 @@ def _answers(ckpt, out):
 
 def _accuracy(ckpt, suite, cfg):
     out = generate(ckpt.model, [ckpt.encode_chat(e.prompt) for e in suite], cfg, ckpt.special)
-    return sum(score(a, e.answer) for a, e in zip(_answers(ckpt, out), suite)) / len(suite), out
+    return sum(correct(a, e) for a, e in zip(_answers(ckpt, out), suite)) / len(suite), out
 
 
-@pytest.mark.slow  # 40 prompts, vanilla at one token per forward: minutes on a CPU
+@pytest.mark.slow  # vanilla at one token per forward: minutes on a CPU
 def test_suite_subset_accuracy(ckpt):
-    """Held-out seed: vanilla >= 90 %, Fast-dLLM threshold 0.9 >= 85 % (gen 64 >= 2x answers)."""
-    suite = make_suite(7, 40)
-    acc_vanilla, out = _accuracy(ckpt, suite, DecodeConfig.for_method("vanilla", gen_length=64))
-    assert acc_vanilla >= 0.9
-    assert out.nfe == [64] * len(suite)  # one token per step
-    acc_fast, out = _accuracy(ckpt, suite, DecodeConfig.for_method("fast-dllm", gen_length=64))
-    assert acc_fast >= 0.85
-    assert max(out.nfe) < 64
+    """Held-out seed, a canvas the answers end in: vanilla >= 90 %, Fast-dLLM threshold 0.9 >= 85 %
+    (basic suite, 40 prompts). The worked suite's answers are long, so 10 prompts and a smoke bar
+    (vanilla >= 80 %, Fast-dLLM within 10 points): #19's accuracy table (BENCHMARKS.md) is the
+    measurement, on 100 prompts."""
+    suite = make_suite(7, 10 if WORKED else 40)
+    acc_vanilla, out = _accuracy(ckpt, suite, DecodeConfig.for_method("vanilla", gen_length=ANSWER_GEN))
+    assert acc_vanilla >= (0.8 if WORKED else 0.9)
+    assert out.nfe == [ANSWER_GEN] * len(suite)  # one token per step
+    acc_fast, out = _accuracy(ckpt, suite, DecodeConfig.for_method("fast-dllm", gen_length=ANSWER_GEN))
+    assert acc_fast >= (acc_vanilla - 0.1 if WORKED else 0.85)
+    assert max(out.nfe) < ANSWER_GEN
 
 
 def test_eos_fills_the_canvas_confidently(ckpt):
     """After the answer the model predicts EOS over the rest of the canvas with high confidence."""
-    suite = make_suite(11, 10)
+    suite = make_suite(11, 4 if WORKED else 10)
+    gen = ANSWER_GEN if WORKED else 128
     out = generate(ckpt.model, [ckpt.encode_chat(e.prompt) for e in suite],
-                   DecodeConfig.for_method("fast-dllm", gen_length=128), ckpt.special)
+                   DecodeConfig.for_method("fast-dllm", gen_length=gen), ckpt.special)
     m, shift = ckpt.special.mask_id, ckpt.model.spec.logits_shift
     for ex, canvas in zip(suite, out.tokens):
         prompt = ckpt.encode_chat(ex.prompt)
         resp = response_ids(canvas, ckpt.special)
         keep = len(resp) + 1  # answer and its end-of-turn marker
-        ids = torch.tensor([prompt + canvas[:keep] + [m] * (128 - keep)])
+        ids = torch.tensor([prompt + canvas[:keep] + [m] * (gen - keep)])
         logits = ckpt.model(ids, torch.arange(ids.shape[1])[None])
         pred = logits[0, len(prompt) + keep - shift: ids.shape[1] - shift].softmax(-1)
         conf, tok = pred.max(-1)
@@ -67,11 +72,16 @@ def test_eos_fills_the_canvas_confidently(ckpt):
                                           ("fast-dllm", "none"), ("fast-dllm", "prefix"), ("fast-dllm", "dual"),
                                           ("odb", "dual")])
 def test_batch_invariance(ckpt, method, cache):
-    """Each request decodes the same alone and inside a batch of prompts of other lengths."""
+    """Each request decodes the same alone and inside a batch of prompts of other lengths. (For
+    jump-share, whose draft budget the batch shares, a budget that holds every request's largest
+    plan: a smaller share drafts less, and drafts change what is committed at threshold 0.9.)"""
     suite = make_suite(3, 5)
     prompts = [ckpt.encode_chat(e.prompt) for e in suite]
     assert len({len(p) for p in prompts}) > 1
     cfg = DecodeConfig.for_method(method, gen_length=64, cache=cache)
+    if cfg.jump:
+        most = cfg.block_length + 1 + (2 * cfg.max_draft_positions - 1) * 2 * cfg.block_length  # Dream: 2 rows a mask
+        cfg = cfg.replace(ridge_rows=len(prompts) * most)
     together = generate(ckpt.model, prompts, cfg, ckpt.special)
     for i, p in enumerate(prompts):
         alone = generate(ckpt.model, [p], cfg, ckpt.special)
@@ -100,16 +110,19 @@ def test_cached_steps_differ_from_uncached_only_by_cache_staleness(ckpt):
 
 
 def test_odb_shortens_and_stops_early_without_losing_answers(ckpt):
-    suite = make_suite(13, 12)
-    acc_fast, fast = _accuracy(ckpt, suite, DecodeConfig.for_method("fast-dllm", gen_length=128))
-    acc_odb, odb = _accuracy(ckpt, suite, DecodeConfig.for_method("odb", gen_length=128))
+    suite = make_suite(13, 6 if WORKED else 12)
+    gen = ANSWER_GEN if WORKED else 128
+    acc_fast, fast = _accuracy(ckpt, suite, DecodeConfig.for_method("fast-dllm", gen_length=gen))
+    acc_odb, odb = _accuracy(ckpt, suite, DecodeConfig.for_method("odb", gen_length=gen))
     assert acc_odb >= acc_fast - 1 / len(suite)
-    assert sum(odb.nfe) <= 0.5 * sum(fast.nfe)
+    # Basic answers take a forward a block, so early stop's saved EOS blocks halve the forwards; worked
+    # answers take most of them (~2 tokens a forward), and drafts and early stop save about 40%.
+    assert sum(odb.nfe) <= (0.7 if WORKED else 0.5) * sum(fast.nfe)
     assert sum(odb.stats["refresh_tokens"]) <= 0.6 * sum(fast.stats["refresh_tokens"])
     for canvas, length, resp_len in zip(odb.tokens, odb.stats["canvas_length"], map(len, (
             response_ids(c, ckpt.special) for c in odb.tokens))):
-        assert length % 32 == 0 and resp_len < length <= 128
-        assert len(canvas) == 128 and ckpt.special.mask_id not in canvas
+        assert length % 32 == 0 and resp_len < length <= gen
+        assert len(canvas) == gen and ckpt.special.mask_id not in canvas
 
 
 def test_jump_share_step_equals_two_plain_steps(ckpt):
@@ -161,15 +174,23 @@ def test_jump_share_step_equals_two_plain_steps(ckpt):
 
 
 def test_jump_share_accepts_drafts_and_saves_forwards(ckpt):
+    """At threshold 1.0 a plain step commits one position (the basic checkpoints' confidences stay
+    below 1.0), so an accepted draft reaches the very state plain steps would: the same response in
+    fewer forwards. The worked checkpoints are exactly 1.0 sure of many positions, so a plain step
+    commits several and drafts are not lossless there: the responses are held to the same
+    verdicts instead (#19 measures the accuracy gap on 100 prompts)."""
     suite = make_suite(17, 4)
     prompts = [ckpt.encode_chat(e.prompt) for e in suite]
     base = DecodeConfig.for_method("fast-dllm", gen_length=64, threshold=1.0).replace(early_stop=True)
     jump = base.replace(jump=True)
     nfe_plain, nfe_jump, accepted = 0, 0, 0
-    for p in prompts:  # batch 1: the whole draft budget is one request's
+    for p, ex in zip(prompts, suite):  # batch 1: the whole draft budget is one request's
         a = generate(ckpt.model, [p], base, ckpt.special)
         b = generate(ckpt.model, [p], jump, ckpt.special)
-        assert response_ids(a.tokens[0], ckpt.special) == response_ids(b.tokens[0], ckpt.special)
+        if WORKED:
+            assert correct(*_answers(ckpt, b), ex) >= correct(*_answers(ckpt, a), ex)
+        else:
+            assert response_ids(a.tokens[0], ckpt.special) == response_ids(b.tokens[0], ckpt.special)
         nfe_plain += a.nfe[0]
         nfe_jump += b.nfe[0]
         accepted += b.stats["drafted_accepted"][0]
@@ -200,13 +221,15 @@ def test_jump_share_off_at_temperature(ckpt, caplog):
 
 
 def test_stop_strings_end_the_response(ckpt):
-    """A stop string is an end marker: ALP may cut at it and early termination stops there."""
-    prompt = ckpt.encode_chat("Sort these letters: q d m a")
-    stop = ckpt.tokenizer(" m", add_special_tokens=False)["input_ids"]
-    cfg = DecodeConfig.for_method("odb", gen_length=96)
+    """A stop string is an end marker: ALP may cut at it and early termination stops there: the
+    response is the block that completes it (the text after a stop string is vLLM's to drop)."""
+    prompt_text, stop_text, start = STOP_CASE
+    prompt = ckpt.encode_chat(prompt_text)
+    stop = ckpt.tokenizer(stop_text, add_special_tokens=False)["input_ids"]
+    cfg = DecodeConfig.for_method("odb", gen_length=ANSWER_GEN + 32)
     out = generate(ckpt.model, [prompt], cfg, ckpt.special, stop=[stop])
     text = ckpt.tokenizer.decode(response_ids(out.tokens[0], ckpt.special), skip_special_tokens=True)
-    assert text.startswith("a d m")
+    assert text.startswith(start) and stop_text.strip() in text, text
     assert out.stats["canvas_length"] == [32]
 
 
