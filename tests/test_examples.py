@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from shipped import WORKED
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 GPU_EXAMPLES = ["offline_batch", "serve_and_stream"]
@@ -32,8 +34,10 @@ def test_reference_example_runs_on_cpu(capsys):
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.strip().splitlines()
     assert [line.split()[0] for line in lines] == ["vanilla", "fast-dllm", "odb"]
-    for line in lines:  # the shipped checkpoint answers both questions right with every method
-        assert "'9+3=12, 5+6+1=12, so 122', '3'" in line, line
+    for line in lines:  # the basic checkpoint answers both of its suite's questions right with every method
+        assert "forwards per request [" in line, line
+        if not WORKED:  # (the worked suite's answers are long: the canvas of 32 holds their start)
+            assert "['7+8=15, 4+3+1=8, so 85', 'a d m q']" in line, line
     # a missing checkpoint: one line naming it, exit 2 (in this process: no second interpreter start)
     try:
         code = _module("reference_generate").main(["--model", str(ROOT / "nowhere")])

@@ -12,7 +12,8 @@ from vllm_odb.policies import DecodeConfig
 from vllm_odb.policies.forcing import force_commits, forced_counts, forced_ends, forced_lengths
 from vllm_odb.reference.loader import load_checkpoint
 from vllm_odb.reference.model import DiffusionLM, init_weights
-from vllm_odb.tiny.suite import make_suite
+
+from shipped import ANSWER_GEN, WORKED, make_suite
 
 SHAPE_STATS = ("canvas_length", "refresh_tokens", "query_rows", "cached_forwards")
 
@@ -78,10 +79,12 @@ def test_recorder_counts_commits_per_forward():
 def test_replay_makes_the_recorded_forwards(fmt, method):
     """Same shapes (NFE, query rows, refresh tokens, live canvas) on the trained model and on a
     random-weight model of the same shape, where nothing is ever confident. (Threshold 0.999:
-    the tiny models commit most blocks in one forward at 0.9.)"""
+    the basic checkpoints commit most blocks in one forward at 0.9; the worked ones decode at 0.9,
+    on a canvas their answers end in when ALP is on, so that it cuts.)"""
     ck = _ck(fmt)
-    glen = 32 if method == "vanilla" else 64
-    knobs = {} if method == "vanilla" else {"threshold": 0.999}
+    alp = DecodeConfig.for_method(method).alp
+    glen = 32 if method == "vanilla" else ANSWER_GEN if WORKED and alp else 64
+    knobs = {} if method == "vanilla" else {"threshold": 0.9 if WORKED else 0.999}
     if method == "odb":
         knobs["ridge_rows"] = 64  # the draft budget (a knob of jump-share methods only)
     cfg = DecodeConfig.for_method(method, gen_length=glen, block_length=16, **knobs)
@@ -97,7 +100,15 @@ def test_replay_makes_the_recorded_forwards(fmt, method):
         rep = generate_traced(model, prompts, cfg, ck.special, replay=traces, record=True)
         assert rep.nfe == rec.nfe and rep.forwards == rec.forwards
         for key in SHAPE_STATS:
-            assert rep.stats[key] == rec.stats[key], key
+            if key == "query_rows" and cfg.jump and WORKED:
+                # A trace holds commit counts, not positions: where the worked model's steps commit
+                # several positions, a replay may commit others, and Dream's draft rows follow where
+                # the masked positions lie (2 rows each, shared by neighbours): up to ~5% on v8.
+                # (The engine's jump-share steps run their scheduled canvas whatever rows the drafts
+                # fill, and the roofline counts that canvas: the speed rows are unaffected.)
+                assert all(abs(a - b) <= 0.06 * b for a, b in zip(rep.stats[key], rec.stats[key])), key
+            else:
+                assert rep.stats[key] == rec.stats[key], key
         if not cfg.jump:
             assert rep.stats["trace"] == rec.stats["trace"]
     if not cfg.jump:  # on its own model the forced commits are the threshold's own

@@ -29,7 +29,8 @@ from vllm_odb.reference.dcu import DCUForward
 from vllm_odb.reference.generate import generate, left_pad, response_ids
 from vllm_odb.reference.loader import load_checkpoint
 from vllm_odb.reference.streaming import suffix_view
-from vllm_odb.tiny.suite import make_suite, score
+
+from shipped import ANSWER_GEN, MULTI_STEP_THRESHOLD, WORKED, correct, make_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 M = 9  # mask id of the hand-built rule tests
@@ -421,30 +422,40 @@ def test_streaming_early_exit(ckpt):
     """The preset stops after the block holding the end marker: same responses, fewer forwards,
     the rest of the canvas is EOS."""
     prompts = _prompts(ckpt, 11, 4)
-    cfg = DecodeConfig.for_method("streaming", gen_length=128, threshold=1.0)
+    gen = ANSWER_GEN + 64  # a canvas the answers end in, and EOS blocks after them
+    cfg = DecodeConfig.for_method("streaming", gen_length=gen, threshold=MULTI_STEP_THRESHOLD)
     stop = generate(ckpt.model, prompts, cfg, ckpt.special)
     full = generate(ckpt.model, prompts, cfg.replace(early_stop=False), ckpt.special)
     for a, b, na, nb in zip(stop.tokens, full.tokens, stop.nfe, full.nfe):
         resp = response_ids(a, ckpt.special)
         assert resp == response_ids(b, ckpt.special)
         assert na < nb
-        assert len(a) == 128 and set(a[32:]) == {ckpt.special.eos_id}  # answers fit in block 0
+        after = (len(resp) // 32 + 1) * 32  # past the block holding the end of the answer
+        assert len(a) == gen and set(a[after:]) == {ckpt.special.eos_id}
 
 
 @pytest.mark.parametrize("method", ["streaming", "odb-streaming", "dynamic", "dynamic-apd"])
 def test_batch_invariance(ckpt, method):
-    """Each request decodes the same alone and inside a batch of prompts of other lengths
-    (threshold 1.0: blocks take several steps, so APD, DCU and the dynamic threshold act)."""
+    """Each request decodes the same alone and inside a batch of prompts of other lengths (a
+    threshold at which blocks take several steps, so APD, DCU and the dynamic threshold act; for
+    jump-share, a draft budget that holds every request's plans, as in test_generate)."""
     prompts = _prompts(ckpt, 3, 4)
     assert len({len(p) for p in prompts}) > 1
-    cfg = DecodeConfig.for_method(method, gen_length=64, threshold=1.0)
+    cfg = DecodeConfig.for_method(method, gen_length=64, threshold=MULTI_STEP_THRESHOLD)
+    if cfg.jump:
+        most = cfg.block_length + 1 + (2 * cfg.max_draft_positions - 1) * 2 * cfg.block_length
+        cfg = cfg.replace(ridge_rows=len(prompts) * most)
     together = generate(ckpt.model, prompts, cfg, ckpt.special)
     for i, p in enumerate(prompts):
         alone = generate(ckpt.model, [p], cfg, ckpt.special)
         assert alone.tokens[0] == together.tokens[i]
         assert alone.nfe[0] == together.nfe[i]
         if cfg.dcu:
-            assert alone.stats["dcu_recomputed"][0] == together.stats["dcu_recomputed"][i]
+            a, b = alone.stats["dcu_recomputed"][0], together.stats["dcu_recomputed"][i]
+            # DCU's layer budgets are floor(total * softmax(200 * s)): a last-bit difference between a
+            # lone and a batched forward moves one by a token now and then where blocks take many
+            # steps (the worked checkpoints: 4 of 16,590 on v8), with the same tokens and forwards.
+            assert a == b if not WORKED else abs(a - b) <= max(2, a // 1000), (a, b)
 
 
 def test_odb_streaming_without_draft_room_is_streaming_on_the_dual_cache(ckpt):
@@ -460,19 +471,20 @@ def test_odb_streaming_without_draft_room_is_streaming_on_the_dual_cache(ckpt):
 
 @pytest.mark.slow  # an accuracy check over three decodes of a suite (~15 s a format)
 def test_new_methods_answer_and_save_forwards(ckpt):
-    """On a held-out subset the new methods keep Fast-dLLM's answers (within one prompt), and at
-    threshold 1.0 the dynamic threshold and APD cut its forwards."""
+    """On a held-out subset the new methods keep Fast-dLLM's answers (within one prompt), and where
+    blocks take several steps the dynamic threshold and APD cut its forwards."""
     suite = make_suite(17, 8)
     prompts = [ckpt.encode_chat(e.prompt) for e in suite]
 
     def run(cfg):
         out = generate(ckpt.model, prompts, cfg, ckpt.special)
         texts = [ckpt.tokenizer.decode(response_ids(c, ckpt.special), skip_special_tokens=True) for c in out.tokens]
-        return sum(score(t, e.answer) for t, e in zip(texts, suite)), sum(out.nfe)
+        return sum(correct(t, e) for t, e in zip(texts, suite)), sum(out.nfe)
 
-    acc_fast, nfe_fast = run(DecodeConfig.for_method("fast-dllm", gen_length=128, threshold=1.0))
+    gen, thr = (ANSWER_GEN, MULTI_STEP_THRESHOLD) if WORKED else (128, 1.0)
+    acc_fast, nfe_fast = run(DecodeConfig.for_method("fast-dllm", gen_length=gen, threshold=thr))
     for method in ("streaming", "dynamic", "dynamic-apd"):
-        acc, nfe = run(DecodeConfig.for_method(method, gen_length=128, threshold=1.0))
+        acc, nfe = run(DecodeConfig.for_method(method, gen_length=gen, threshold=thr))
         assert acc >= acc_fast - 1, method
         assert nfe < nfe_fast, method
 

@@ -14,6 +14,8 @@ import pytest
 from vllm_odb.tiny.formats import FORMATS, build_tokenizer
 from vllm_odb.tiny.suite import LONGEST_ANSWER, TASKS, make_suite, score
 
+from shipped import SUITE, WORKED
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -106,12 +108,15 @@ def test_quality_command_json_and_errors(capsys):
 def test_generate_command(capsys):
     from vllm_odb.generate import main
 
-    r = _run("vllm_odb.generate", "--model", "checkpoints/tiny-llada", "Reverse the word planet.")
+    question = SUITE.SHOWCASE[-1]  # the basic suite's "Reverse the word planet."
+    r = _run("vllm_odb.generate", "--model", "checkpoints/tiny-llada", question)
     assert r.returncode == 0, r.stderr
     prompt, answer, figures, blank, total = r.stdout.splitlines()
-    assert (prompt, answer, blank) == ("> Reverse the word planet.", "tenalp", "")
-    assert re.fullmatch(r"  tokens 6 · forwards \d+ · [\d.]+ tok/forward · \d+ tok/s · method odb", figures), figures
-    assert re.fullmatch(r"total: 1 prompt in one batch · tokens 6 · forwards \d+ · [\d.]+ s · \d+ tok/s · "
+    assert (prompt, blank) == (f"> {question}", "") and answer
+    n = r"\d+" if WORKED else "6"  # the basic checkpoint answers "tenalp", 6 tokens
+    assert WORKED or answer == "tenalp"
+    assert re.fullmatch(rf"  tokens {n} · forwards \d+ · [\d.]+ tok/forward · \d+ tok/s · method odb", figures), figures
+    assert re.fullmatch(rf"total: 1 prompt in one batch · tokens {n} · forwards \d+ · [\d.]+ s · \d+ tok/s · "
                         r"method odb on cpu", total), total
     code, err = _in_process(main, ["--model", str(ROOT / "checkpoints" / "tiny-llada"), "--threshold", "1.5", "hi"],
                             capsys)
@@ -122,10 +127,13 @@ def test_generate_json_is_one_object_per_prompt(capsys):
     from vllm_odb.generate import main
 
     argv = ["--model", str(ROOT / "checkpoints" / "tiny-llada"), "--json", "--gen-length", "32"]
-    assert main([*argv, "Reverse the word planet.", "Sort these letters: q d m a"]) == 0
+    questions = [SUITE.SHOWCASE[-1], SUITE.SHOWCASE[1]]
+    assert main([*argv, *questions]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [(r["prompt"], r["text"], r["tokens"], r["method"]) for r in rows] == [
-        ("Reverse the word planet.", "tenalp", 6, "odb"), ("Sort these letters: q d m a", "a d m q", 7, "odb")]
+    assert [(r["prompt"], r["method"]) for r in rows] == [(q, "odb") for q in questions]
+    assert all(r["text"] and r["tokens"] > 0 for r in rows)
+    if not WORKED:
+        assert [(r["text"], r["tokens"]) for r in rows] == [("tenalp", 6), ("a d m q", 7)]
     for r in rows:
         assert {"nfe", "canvas_length", "drafted_accepted", "wall_s"} <= set(r)
 

@@ -25,8 +25,6 @@ import torch
 from vllm_odb.errors import USER_ERRORS, ODBError, cli_error
 from vllm_odb.policies.config import METHODS, DecodeConfig
 
-DEFAULT_PROMPTS = ["What is 47+38? Show the column sums.", "Sort these letters: q d m a", "Reverse the word planet."]
-
 
 def check_prompts(prompts: list[str], stops: list[str]) -> None:
     """An empty prompt would decode to noise, an empty stop string would end every answer at once:
@@ -48,10 +46,12 @@ def _figures(tokens: int, nfe: int, wall: float, method: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vllm_odb.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("prompts", nargs="*", help="user messages (default: three suite questions)")
+    ap.add_argument("prompts", nargs="*", help="user messages (default: three questions of the suite the "
+                                               "checkpoint was trained on)")
     ap.add_argument("--model", default="checkpoints/tiny-llada")
     ap.add_argument("--method", default="odb", help=f"one of {sorted(METHODS)}")
-    ap.add_argument("--gen-length", type=int, default=128)
+    ap.add_argument("--gen-length", type=int, default=None,
+                    help="canvas length (default: one the checkpoint's suite answers end in: 128 or 512)")
     ap.add_argument("--block-length", type=int, default=32)
     ap.add_argument("--threshold", type=float, default=None, help="commit threshold (threshold and adaptive rules)")
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
@@ -61,7 +61,12 @@ def main(argv=None) -> int:
     from vllm_odb.reference.generate import generate, response_ids
     from vllm_odb.reference.loader import load_checkpoint
 
-    prompts = args.prompts or DEFAULT_PROMPTS
+    from vllm_odb.tiny.suites import showcase
+
+    questions, canvas = showcase(args.model)
+    prompts = args.prompts or list(questions)
+    if args.gen_length is None:
+        args.gen_length = canvas
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         check_prompts(prompts, args.stop)

@@ -69,6 +69,9 @@ def _word_problem(rng: random.Random) -> tuple[str, str]:
 
 TASKS = {"add": _add, "sort": _sort, "reverse": _reverse, "count": _count, "word": _word_problem}
 LONGEST_ANSWER = 24  # "9+9=18, 9+9+1=19, so 198"-style answers; checked by a test
+# What a command shows by default (tiny/suites.py ``showcase``), and a canvas its answers end in.
+SHOWCASE = ("What is 47+38? Show the column sums.", "Sort these letters: q d m a", "Reverse the word planet.")
+CANVAS = 128
 
 
 def make_suite(seed: int, n: int, tasks: tuple[str, ...] | None = None) -> list[Example]:

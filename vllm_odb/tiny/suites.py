@@ -38,6 +38,14 @@ def for_checkpoint(checkpoint: str) -> ModuleType:
     return get(suite_name(checkpoint))
 
 
+def showcase(checkpoint: str) -> tuple[tuple[str, ...], int]:
+    """The questions a command answers when given none, and the canvas their answers end in, for
+    ``checkpoint``'s suite (``SHOWCASE`` and ``CANVAS`` of the suite module): questions of another
+    suite would be out of the checkpoint's distribution."""
+    module = for_checkpoint(checkpoint)
+    return module.SHOWCASE, module.CANVAS
+
+
 def cycle_tasks(tasks: dict, seed: int, n: int, names: tuple[str, ...] | None = None) -> list:
     """``n`` examples cycling through ``names`` (default: every task of ``tasks``, a name -> maker
     of one example from a ``random.Random``), drawn from ``random.Random(seed)``."""

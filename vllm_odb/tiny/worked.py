@@ -280,6 +280,12 @@ def make_suite(seed: int, n: int, tasks: tuple[str, ...] | None = None) -> list[
     return cycle_tasks(TASKS, seed, n, tasks)
 
 
+# What a command shows by default (tiny/suites.py ``showcase``): held-out questions of the tasks with
+# the shortest prompts; and a canvas the answers end in (92-335 tokens, the #19 tables' gen 512).
+SHOWCASE = tuple(e.prompt for e in make_suite(0, 3, ("sort", "shop", "story")))
+CANVAS = 512
+
+
 # ---------------------------------------------------------------------------------------- verifier
 
 _NUM = re.compile(r"\d+")
