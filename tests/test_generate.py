@@ -110,7 +110,7 @@ def test_cached_steps_differ_from_uncached_only_by_cache_staleness(ckpt):
 
 
 def test_odb_shortens_and_stops_early_without_losing_answers(ckpt):
-    suite = make_suite(13, 6 if WORKED else 12)
+    suite = make_suite(13, 4 if WORKED else 12)
     gen = ANSWER_GEN if WORKED else 128
     acc_fast, fast = _accuracy(ckpt, suite, DecodeConfig.for_method("fast-dllm", gen_length=gen))
     acc_odb, odb = _accuracy(ckpt, suite, DecodeConfig.for_method("odb", gen_length=gen))

@@ -422,7 +422,7 @@ def test_streaming_early_exit(ckpt):
     """The preset stops after the block holding the end marker: same responses, fewer forwards,
     the rest of the canvas is EOS."""
     prompts = _prompts(ckpt, 11, 4)
-    gen = ANSWER_GEN + 64  # a canvas the answers end in, and EOS blocks after them
+    gen = ANSWER_GEN  # a canvas the answers (at most 335 tokens) end in, and EOS blocks after them
     cfg = DecodeConfig.for_method("streaming", gen_length=gen, threshold=MULTI_STEP_THRESHOLD)
     stop = generate(ckpt.model, prompts, cfg, ckpt.special)
     full = generate(ckpt.model, prompts, cfg.replace(early_stop=False), ckpt.special)
