@@ -37,8 +37,8 @@ SLOW_VARIANTS = (
     "test_generate.py::test_research_attention_decodes_the_same[llada-fast-dllm-prefix-1.0]",  # dual, odb-alp stay
 )
 # With worked-suite checkpoints shipped (#19; tests/shipped.py) blocks take ~10 forwards, not one, and
-# the default run took 6 min 20 s on v8 (4 min 55 s with these Dream twins of LLaDA tests that stay,
-# and two more, as slow: ~95 s).
+# the default run took 6 min 20 s on v8: these twins of tests that stay go too (the first fifteen
+# took it to 4 min 55 s; the last two leave a margin).
 WORKED_SLOW_VARIANTS = (
     "test_streaming_dynamic.py::test_streaming_early_exit[dream]",
     "test_generate.py::test_batch_invariance[dream-odb-dual]",

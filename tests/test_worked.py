@@ -235,7 +235,7 @@ def test_tight_batches_spend_their_positions_on_answers():
     from vllm_odb.tiny.train import TIGHT_FILL, Batches, _new_model, _parser, encode_pool, fill_share
 
     args = argparse.Namespace(format="llada", seed=0, device="cpu", tokens_per_batch=8192, init=None, tight_canvas=1.0)
-    tok, _, spec, _ = _new_model(args)
+    tok, _, spec, model = _new_model(args)
     pool = encode_pool(tok, "llada", 300, 7, workers=2)
     special = special_tokens(spec, tok)
     tight = Batches(pool, args, special, random.Random(0), 0)
@@ -248,6 +248,9 @@ def test_tight_batches_spend_their_positions_on_answers():
     for p in (0.0, 1.0):
         args.tight_canvas = p
         shares[p] = fill_share(Batches(pool, args, special, random.Random(1), 1), 60)
+    args.tokens_per_batch = 1024  # 8 rows a batch: a quick forward
+    with_loss = fill_share(Batches(pool, args, special, random.Random(2), 2), 1, model.eval(), spec.logits_shift)
+    assert with_loss["loss_answer"] > 0 and with_loss["loss_fill"] > 0  # a checkpoint's loss on each kind
     assert shares[1.0]["fill"] < 0.75 * shares[0.0]["fill"]
     assert shares[1.0]["masked_answer"] > 1.2 * shares[0.0]["masked_answer"]
     assert _parser().parse_args(["--format", "llada", "--out", "x"]).tight_canvas == 0.6

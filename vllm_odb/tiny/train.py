@@ -268,17 +268,32 @@ class Batches:
         return make_batch(self.pool, idx, width, self.special.eos_id, self.special.mask_id, 32, self.gen)
 
 
-def fill_share(batches: Batches, n: int = 200) -> dict[str, float]:
+def fill_share(batches: Batches, n: int = 200, model=None, shift: int = 0) -> dict[str, float]:
     """Where ``n`` batches' positions go: the share of all positions in the EOS fill, and of masked
-    (trained) positions in answers and in the fill."""
+    (trained) positions in answers and in the fill. With ``model`` (a checkpoint being continued),
+    also its mean loss on each kind of masked position: what a step still has to learn there."""
     pos = fill = m_answer = m_fill = 0
+    loss, counted = {"answer": 0.0, "fill": 0.0}, {"answer": 0, "fill": 0}
     for _ in range(n):
-        _, _, masked, is_pad = batches.draw()
+        x, target, masked, is_pad = batches.draw()
         pos += masked.numel()
         fill += int(is_pad.sum())
         m_answer += int((masked & ~is_pad).sum())
         m_fill += int((masked & is_pad).sum())
-    return {"fill": fill / pos, "masked_answer": m_answer / pos, "masked_fill": m_fill / pos}
+        if model is not None:
+            with torch.no_grad():
+                logits = model(x, torch.arange(x.shape[1], device=x.device)[None].expand_as(x))
+            if shift:  # Dream: position i-1 predicts token i
+                logits, target, masked, is_pad = logits[:, :-1], target[:, 1:], masked[:, 1:], is_pad[:, 1:]
+            ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                 reduction="none").view_as(target)
+            for kind, where in (("answer", masked & ~is_pad), ("fill", masked & is_pad)):
+                loss[kind] += float(ce[where].sum())
+                counted[kind] += int(where.sum())
+    out = {"fill": fill / pos, "masked_answer": m_answer / pos, "masked_fill": m_fill / pos}
+    if model is not None:
+        out.update({f"loss_{k}": v / max(1, counted[k]) for k, v in loss.items()})
+    return out
 
 
 class StepLoss:
@@ -364,8 +379,9 @@ def _train(args, tasks, ranks: Ranks) -> int:
     batches = Batches(pool, args, special_tokens(spec, tokenizer), random.Random(seed), seed)
     if args.fill_share:
         if ranks.main:
-            print(json.dumps({"tight_canvas": args.tight_canvas, **{k: round(v, 4) for k, v in
-                                                                     fill_share(batches, args.fill_share).items()}}))
+            model.eval()  # with --init, the checkpoint's loss on each kind of position too
+            got = fill_share(batches, args.fill_share, model if args.init else None, spec.logits_shift)
+            print(json.dumps({"tight_canvas": args.tight_canvas, **{k: round(v, 4) for k, v in got.items()}}))
         return 0
     step_loss = StepLoss(model, spec.logits_shift, args)
     params = list(model.parameters())
