@@ -23,8 +23,7 @@ WORKED = SUITE_NAME == "worked"
 # A canvas the checkpoint's answers end in (with room for ALP to cut and early stop to stop).
 ANSWER_GEN = 384 if WORKED else 64
 # A threshold at which a block takes several forwards: the basic checkpoints decide most blocks in
-# their refresh at 0.9; the worked ones commit ~2 tokens a forward there (and at 1.0 many of their
-# confidences are exactly 1.0 in fp32, which makes commit order hang on the last bit).
+# their refresh at 0.9; the worked ones commit ~2 tokens a forward there.
 MULTI_STEP_THRESHOLD = 0.9 if WORKED else 1.0
 
 
@@ -40,16 +39,17 @@ def correct(prediction: str, example) -> bool:
 
 
 def _stop_case() -> tuple[str, str, str]:
-    """A prompt, a stop string its answer holds in its first block, and how the answer starts: the
-    basic suite's sort answer ("a d m" of "a d m q"); the worked suite's chain answer, whose first
-    sentence names the first box ("I start at the rose box and follow the cards.", in one of
-    several wordings: no start is fixed)."""
+    """A prompt, a stop string of two tokens its answer holds in its first block, and how the
+    answer starts: the basic suite's sort answer ("a d m" of "a d m q"); the worked suite's chain
+    answer, whose first sentence starts at the first box ("I start at the rose box and follow the
+    cards.", in one of several wordings: no start is fixed)."""
     if not WORKED:
         return "Sort these letters: q d m a", " m", "a d m"
-    return make_suite(21, 1, ("chain",))[0].prompt, " box", ""
+    return make_suite(21, 1, ("chain",))[0].prompt, " start at", ""
 
 
 STOP_CASE = _stop_case()
 # Stop strings the answers hold early, one of a single token and one of two: the basic suite's
-# "+" (in "8+2=10, ...") and " s"; the worked suite's "." (every sentence) and " so we".
-STOP_STRINGS = [".", " so we"] if WORKED else ["+", " s"]
+# "+" (in "8+2=10, ...") and " s"; the worked suite's "." (every sentence) and " start at" (chain's
+# first sentence).
+STOP_STRINGS = [".", " start at"] if WORKED else ["+", " s"]

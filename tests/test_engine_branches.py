@@ -523,8 +523,8 @@ def _batched_jump_engine_run():
     """Three suite requests at once on a jump-share engine (threshold 1.0), their responses and
     the reference loop's for each alone. The budget holds every request's largest plan (block 16:
     8 drafted positions, up to 497 rows with Dream's count), so a request drafts in the batch what
-    it drafts alone: drafts change what is committed wherever a step commits several positions
-    (the worked checkpoints are exactly 1.0 sure of many), so only equal plans give equal tokens."""
+    it drafts alone: a smaller share takes the shared-KV layout, which reads the base branch's keys
+    for the drafted positions and is not exact (tokens change on the worked checkpoints)."""
     from engine_emulator import EmulatedEngine, tiny_checkpoint
 
     from shipped import make_suite

@@ -174,23 +174,19 @@ def test_jump_share_step_equals_two_plain_steps(ckpt):
 
 
 def test_jump_share_accepts_drafts_and_saves_forwards(ckpt):
-    """At threshold 1.0 a plain step commits one position (the basic checkpoints' confidences stay
-    below 1.0), so an accepted draft reaches the very state plain steps would: the same response in
-    fewer forwards. The worked checkpoints are exactly 1.0 sure of many positions, so a plain step
-    commits several and drafts are not lossless there: the responses are held to the same
-    verdicts instead (#19 measures the accuracy gap on 100 prompts)."""
+    """At threshold 1.0 a plain step commits one position, so an accepted full-block draft reaches
+    the very state plain steps would: the same response in fewer forwards. (A budget that holds
+    full-block drafts: the shared-KV layout a smaller one takes reads the base branch's keys for
+    the drafted positions, an approximation that changes tokens on the worked checkpoints.)"""
     suite = make_suite(17, 4)
     prompts = [ckpt.encode_chat(e.prompt) for e in suite]
     base = DecodeConfig.for_method("fast-dllm", gen_length=64, threshold=1.0).replace(early_stop=True)
-    jump = base.replace(jump=True)
+    jump = base.replace(jump=True, ridge_rows=1024)
     nfe_plain, nfe_jump, accepted = 0, 0, 0
-    for p, ex in zip(prompts, suite):  # batch 1: the whole draft budget is one request's
+    for p in prompts:  # batch 1: the whole draft budget is one request's
         a = generate(ckpt.model, [p], base, ckpt.special)
         b = generate(ckpt.model, [p], jump, ckpt.special)
-        if WORKED:
-            assert correct(*_answers(ckpt, b), ex) >= correct(*_answers(ckpt, a), ex)
-        else:
-            assert response_ids(a.tokens[0], ckpt.special) == response_ids(b.tokens[0], ckpt.special)
+        assert response_ids(a.tokens[0], ckpt.special) == response_ids(b.tokens[0], ckpt.special)
         nfe_plain += a.nfe[0]
         nfe_jump += b.nfe[0]
         accepted += b.stats["drafted_accepted"][0]

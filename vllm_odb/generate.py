@@ -63,12 +63,12 @@ def main(argv=None) -> int:
 
     from vllm_odb.tiny.suites import showcase
 
-    questions, canvas = showcase(args.model)
-    prompts = args.prompts or list(questions)
-    if args.gen_length is None:
-        args.gen_length = canvas
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        questions, canvas = showcase(args.model)  # a log naming an unknown suite: one line, exit 2
+        prompts = args.prompts or list(questions)
+        if args.gen_length is None:
+            args.gen_length = canvas
         check_prompts(prompts, args.stop)
         cfg = DecodeConfig.for_method(args.method, gen_length=args.gen_length, block_length=args.block_length,
                                       threshold=args.threshold)
