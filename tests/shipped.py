@@ -53,3 +53,11 @@ STOP_CASE = _stop_case()
 # "+" (in "8+2=10, ...") and " s"; the worked suite's "." (every sentence) and " start at" (chain's
 # first sentence).
 STOP_STRINGS = [".", " start at"] if WORKED else ["+", " s"]
+
+
+def roomy_ridge(block_length: int, max_positions: int, requests: int) -> int:
+    """A draft budget (``ridge_rows``) whose share holds every request's largest plan, whatever its
+    masks: the window (+1 for Dream's shift) and 2p - 1 shared-KV drafts of two rows a masked
+    position (Dream's count; LLaDA's one is within it). A request then drafts in a batch what it
+    drafts alone."""
+    return requests * (block_length + 1 + (2 * max_positions - 1) * 2 * block_length)

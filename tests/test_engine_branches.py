@@ -527,13 +527,13 @@ def _batched_jump_engine_run():
     for the drafted positions and is not exact (tokens change on the worked checkpoints)."""
     from engine_emulator import EmulatedEngine, tiny_checkpoint
 
-    from shipped import make_suite
+    from shipped import make_suite, roomy_ridge
     from vllm_odb.engine.knobs import engine_config
     from vllm_odb.reference.generate import generate, response_ids
 
     ck = tiny_checkpoint("llada")
     engine_cfg = engine_config({"odb": {"block_length": 16, "gen_length": 64, "method": "odb", "threshold": 1.0,
-                                        "ridge_rows": 3 * 497}})
+                                        "ridge_rows": roomy_ridge(16, DecodeConfig().max_draft_positions, 3)}})
     engine = EmulatedEngine(ck, engine_cfg, slots=3, max_model_len=2048)  # room for the wide canvas past a prompt
     prompts = [ck.encode_chat(e.prompt) for e in make_suite(43, 3)]
     got = engine.generate(prompts, types.SimpleNamespace(temperature=0.0, max_tokens=64, extra_args=None, stop=None))

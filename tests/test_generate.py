@@ -14,7 +14,7 @@ from vllm_odb.policies.step import branch_step, plan_branches
 from vllm_odb.reference.generate import branch_forward, generate, response_ids
 from vllm_odb.reference.loader import load_checkpoint
 
-from shipped import ANSWER_GEN, STOP_CASE, WORKED, correct, make_suite
+from shipped import ANSWER_GEN, STOP_CASE, WORKED, correct, make_suite, roomy_ridge
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = ("llada", "dream")
@@ -80,8 +80,7 @@ def test_batch_invariance(ckpt, method, cache):
     assert len({len(p) for p in prompts}) > 1
     cfg = DecodeConfig.for_method(method, gen_length=64, cache=cache)
     if cfg.jump:
-        most = cfg.block_length + 1 + (2 * cfg.max_draft_positions - 1) * 2 * cfg.block_length  # Dream: 2 rows a mask
-        cfg = cfg.replace(ridge_rows=len(prompts) * most)
+        cfg = cfg.replace(ridge_rows=roomy_ridge(cfg.block_length, cfg.max_draft_positions, len(prompts)))
     together = generate(ckpt.model, prompts, cfg, ckpt.special)
     for i, p in enumerate(prompts):
         alone = generate(ckpt.model, [p], cfg, ckpt.special)

@@ -30,7 +30,7 @@ from vllm_odb.reference.generate import generate, left_pad, response_ids
 from vllm_odb.reference.loader import load_checkpoint
 from vllm_odb.reference.streaming import suffix_view
 
-from shipped import ANSWER_GEN, MULTI_STEP_THRESHOLD, WORKED, correct, make_suite
+from shipped import ANSWER_GEN, MULTI_STEP_THRESHOLD, WORKED, correct, make_suite, roomy_ridge
 
 ROOT = Path(__file__).resolve().parents[1]
 M = 9  # mask id of the hand-built rule tests
@@ -443,8 +443,7 @@ def test_batch_invariance(ckpt, method):
     assert len({len(p) for p in prompts}) > 1
     cfg = DecodeConfig.for_method(method, gen_length=64, threshold=MULTI_STEP_THRESHOLD)
     if cfg.jump:
-        most = cfg.block_length + 1 + (2 * cfg.max_draft_positions - 1) * 2 * cfg.block_length
-        cfg = cfg.replace(ridge_rows=len(prompts) * most)
+        cfg = cfg.replace(ridge_rows=roomy_ridge(cfg.block_length, cfg.max_draft_positions, len(prompts)))
     together = generate(ckpt.model, prompts, cfg, ckpt.special)
     for i, p in enumerate(prompts):
         alone = generate(ckpt.model, [p], cfg, ckpt.special)
